@@ -1,0 +1,1 @@
+"""Launchers, validation and autograd around the kernels in moe_tune.kernels."""

@@ -1,0 +1,296 @@
+"""Launchers and autograd for the grouped-GEMM kernels.
+
+Data flow: a caller hands tensors plus a ``Routing`` (see ``moe_tune.ops.routing``) and the forward
+GEMM's layout flags; the launcher validates them (``InvalidInputError``, a ``ValueError``, for a
+caller's mistake), describes the call as a ``Problem``, takes the config the caller passed or asks
+the runtime loader for one (a memoised cache lookup, never a benchmark), checks it against the
+device, allocates the output and launches one persistent grid.
+
+Layouts, with M = T·k routed rows, ``W[E, N, K]``:
+
+=========  ===================================  =====================================
+pass       input                                output
+=========  ===================================  =====================================
+forward    X ``[T, K]`` if gather else ``[M, K]``  Y ``[M, N]``: slot order if scatter,
+                                                 else expert order
+dx         dY in Y's layout                      dX in X's layout (token order summed
+                                                 over the k slots when gathering)
+dw         dY in Y's layout, X in X's layout     dW ``[E, N, K]``
+=========  ===================================  =====================================
+
+``weights`` (``[M]``, one routing weight per token slot ``t·k + j``) multiplies the forward output
+rows; dx and dw apply it too, so the three passes stay each other's exact gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import triton
+
+from moe_tune.device import DeviceInfo, query_device
+from moe_tune.errors import InvalidInputError
+from moe_tune.kernels.grouped_mm import grouped_mm_dw_kernel, grouped_mm_kernel
+from moe_tune.ops.routing import Routing
+from moe_tune.problem import KernelConfig, Problem
+from moe_tune.space import check_config
+
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+# -------------------------------------------------------------------------------------------------
+# Validation
+# -------------------------------------------------------------------------------------------------
+
+
+def _fail(message: str) -> None:
+    raise InvalidInputError(message)
+
+
+def _check_tensor(name: str, t, shape: tuple, device: torch.device, dtype=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        _fail(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if t.device != device:
+        _fail(f"{name} is on {t.device} but the weights are on {device}")
+    if dtype is not None and t.dtype != dtype:
+        _fail(f"{name} must be {dtype}, got {t.dtype}")
+    if t.numel() and not t.is_contiguous():
+        _fail(f"{name} must be contiguous (call .contiguous() first)")
+
+
+def _check_routing(routing: Routing, num_experts: int, device: torch.device) -> None:
+    if not isinstance(routing, Routing):
+        _fail(f"routing must be a moe_tune.ops.routing.Routing, got {type(routing).__name__}")
+    if routing.num_experts != num_experts:
+        _fail(f"routing covers {routing.num_experts} experts but the weight has {num_experts}")
+    if routing.topk > num_experts:
+        _fail(f"topk ({routing.topk}) exceeds the number of experts ({num_experts})")
+    rows = routing.num_tokens * routing.topk
+    _check_tensor("routing.expert_offsets", routing.expert_offsets, (num_experts + 1,), device, torch.int32)
+    _check_tensor("routing.sorted_slots", routing.sorted_slots, (rows,), device, torch.int32)
+    if device.type == "cpu":
+        # Cheap only where no device sync is involved (the interpreter's CPU tensors).
+        offs = routing.expert_offsets
+        if offs[0].item() != 0 or offs[-1].item() != rows or bool((offs[1:] < offs[:-1]).any()):
+            _fail(f"routing.expert_offsets must rise from 0 to {rows}")
+        if rows and (routing.sorted_slots.min().item() < 0 or routing.sorted_slots.max().item() >= rows):
+            _fail(f"routing.sorted_slots must hold slot ids in [0, {rows})")
+
+
+def _check_weight(w) -> None:
+    if not isinstance(w, torch.Tensor) or w.dim() != 3:
+        _fail(f"w must be a [E, N, K] tensor, got {getattr(w, 'shape', type(w).__name__)}")
+    if w.dtype not in _DTYPE_NAMES:
+        _fail(f"w must be bfloat16, float16 or float32, got {w.dtype}")
+    if not w.is_contiguous():
+        _fail("w must be contiguous (call .contiguous() first)")
+
+
+def _check_weights_vector(weights, rows: int, device: torch.device) -> None:
+    if weights is None:
+        return
+    if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+        _fail("weights must be a floating-point tensor of one routing weight per token slot")
+    _check_tensor("weights", weights, (rows,), device)
+
+
+def _problem(pass_: str, w: torch.Tensor, routing: Routing, gather: bool, scatter: bool, weighted: bool) -> Problem:
+    E, N, K = w.shape
+    return Problem(pass_, E, N, K, routing.topk, _DTYPE_NAMES[w.dtype], gather, scatter, weighted)
+
+
+def _resolve(problem: Problem, config: KernelConfig | None, routing: Routing, device: DeviceInfo) -> KernelConfig:
+    if config is None:
+        from moe_tune import runtime
+
+        config = runtime.get_config(problem, routing.num_tokens, device=device)
+    elif not isinstance(config, KernelConfig):
+        _fail(f"config must be a KernelConfig, got {type(config).__name__}")
+    check_config(problem, config, device)
+    return config
+
+
+def _ensure_allocator(cfg: KernelConfig, device: torch.device) -> None:
+    # Device-side tensor descriptors need scratch memory from an allocator Triton can call.
+    if (cfg.TMA_LOAD or cfg.TMA_STORE) and device.type == "cuda":
+        triton.set_allocator(_descriptor_scratch)
+
+
+def _descriptor_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+# -------------------------------------------------------------------------------------------------
+# Launchers
+# -------------------------------------------------------------------------------------------------
+
+
+def _launch_mm(a, w, c, routing, weights, *, trans_w, gather_a, gather_div, scatter_c, cfg, info):
+    E, N, K = w.shape
+    out_cols, red = (K, N) if trans_w else (N, K)
+    if trans_w:
+        stride_w_red, stride_w_out = w.stride(1), w.stride(2)
+    else:
+        stride_w_red, stride_w_out = w.stride(2), w.stride(1)
+    _ensure_allocator(cfg, w.device)
+    grouped_mm_kernel[(info.sm_count,)](
+        a, w, c, routing.expert_offsets, routing.sorted_slots, weights if weights is not None else c,
+        a.shape[0], out_cols, red, gather_div,
+        a.stride(0), a.stride(1),
+        w.stride(0), stride_w_red, stride_w_out,
+        c.stride(0), c.stride(1),
+        E=E, E_POW2=triton.next_power_of_2(E + 1),
+        TRANS_W=trans_w, GATHER_A=gather_a, SCATTER_C=scatter_c, WEIGHTED=weights is not None,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def forward(x, w, routing: Routing, *, gather=False, scatter=False, weights=None,
+            config: KernelConfig | None = None) -> torch.Tensor:
+    """Y = X·W[e]ᵀ per expert (see the module docstring for layouts)."""
+    _check_weight(w)
+    _check_routing(routing, w.shape[0], w.device)
+    E, N, K = w.shape
+    rows = routing.num_rows
+    _check_tensor("x", x, (routing.num_tokens if gather else rows, K), w.device, w.dtype)
+    _check_weights_vector(weights, rows, w.device)
+    info = query_device(w.device)
+    cfg = _resolve(_problem("forward", w, routing, gather, scatter, weights is not None), config, routing, info)
+    y = torch.empty(rows, N, dtype=w.dtype, device=w.device)
+    if rows:
+        _launch_mm(x, w, y, routing, weights, trans_w=False, gather_a=gather, gather_div=routing.topk,
+                   scatter_c=scatter, cfg=cfg, info=info)
+    return y
+
+
+def backward_dx(dy, w, routing: Routing, *, gather=False, scatter=False, weights=None,
+                config: KernelConfig | None = None) -> torch.Tensor:
+    """dX = dY·W[e] per expert, returned in the forward input's layout."""
+    _check_weight(w)
+    _check_routing(routing, w.shape[0], w.device)
+    E, N, K = w.shape
+    rows = routing.num_rows
+    _check_tensor("dy", dy, (rows, N), w.device, w.dtype)
+    _check_weights_vector(weights, rows, w.device)
+    info = query_device(w.device)
+    cfg = _resolve(_problem("dx", w, routing, gather, scatter, weights is not None), config, routing, info)
+    # Gathered forward input: write each slot's row in slot order, then sum the k slots of a token.
+    d_rows = torch.empty(rows, K, dtype=w.dtype, device=w.device)
+    if rows:
+        _launch_mm(dy, w, d_rows, routing, weights, trans_w=True, gather_a=scatter, gather_div=1,
+                   scatter_c=gather, cfg=cfg, info=info)
+    if gather:
+        return d_rows.view(routing.num_tokens, routing.topk, K).sum(1)
+    return d_rows
+
+
+def backward_dw(dy, x, w_shape, routing: Routing, *, gather=False, scatter=False, weights=None,
+                dtype=None, config: KernelConfig | None = None) -> torch.Tensor:
+    """dW[e] = dY_eᵀ·X_e, shape ``w_shape`` = (E, N, K)."""
+    E, N, K = w_shape
+    if not isinstance(dy, torch.Tensor) or not isinstance(x, torch.Tensor):
+        _fail("dy and x must be tensors")
+    device = dy.device
+    dtype = dtype or dy.dtype
+    if dtype not in _DTYPE_NAMES:
+        _fail(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+    _check_routing(routing, E, device)
+    rows = routing.num_rows
+    _check_tensor("dy", dy, (rows, N), device, dtype)
+    _check_tensor("x", x, (routing.num_tokens if gather else rows, K), device, dtype)
+    _check_weights_vector(weights, rows, device)
+    info = query_device(device)
+    problem = Problem("dw", E, N, K, routing.topk, _DTYPE_NAMES[dtype], gather, scatter, weights is not None)
+    cfg = _resolve(problem, config, routing, info)
+    dw = torch.empty(E, N, K, dtype=dtype, device=device)
+    _ensure_allocator(cfg, device)
+    grouped_mm_dw_kernel[(info.sm_count,)](
+        dy, x, dw, routing.expert_offsets, routing.sorted_slots, weights if weights is not None else dy,
+        dy.shape[0], x.shape[0], N, K, 1, routing.topk,
+        dy.stride(0), dy.stride(1),
+        x.stride(0), x.stride(1),
+        dw.stride(0), dw.stride(1), dw.stride(2),
+        E=E, GATHER_DY=scatter, GATHER_X=gather, WEIGHTED=weights is not None,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dw
+
+
+# -------------------------------------------------------------------------------------------------
+# Autograd
+# -------------------------------------------------------------------------------------------------
+
+
+def _rows_to_slots(values: torch.Tensor, routing: Routing, scatter: bool) -> torch.Tensor:
+    """Per-row values of Y's layout → per-slot values (identity when Y is in slot order)."""
+    if scatter:
+        return values
+    out = torch.empty_like(values)
+    out[routing.sorted_slots.long()] = values
+    return out
+
+
+class _GroupedGemm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, weights, routing, gather, scatter, configs):
+        fused_weights = weights if weights is not None and not weights.requires_grad else None
+        y = forward(x, w, routing, gather=gather, scatter=scatter, weights=fused_weights,
+                    config=configs.get("forward"))
+        y_raw = None
+        if weights is not None and fused_weights is None:
+            # The routing weights need a gradient, which needs the unweighted output: keep it and
+            # apply the weights outside the kernel.
+            y_raw = y
+            w_rows = weights if scatter else weights[routing.sorted_slots.long()]
+            y = (y_raw.float() * w_rows.float()[:, None]).to(y_raw.dtype)
+        ctx.save_for_backward(x, w, weights, y_raw)
+        ctx.routing, ctx.gather, ctx.scatter, ctx.configs = routing, gather, scatter, configs
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, weights, y_raw = ctx.saved_tensors
+        routing, gather, scatter, configs = ctx.routing, ctx.gather, ctx.scatter, ctx.configs
+        dy = dy.contiguous()
+        dx = dw = d_weights = None
+        if ctx.needs_input_grad[0]:
+            dx = backward_dx(dy, w, routing, gather=gather, scatter=scatter, weights=weights,
+                             config=configs.get("dx"))
+        if ctx.needs_input_grad[1]:
+            dw = backward_dw(dy, x, w.shape, routing, gather=gather, scatter=scatter, weights=weights,
+                             dtype=w.dtype, config=configs.get("dw"))
+        if weights is not None and ctx.needs_input_grad[2]:
+            per_row = (dy.float() * y_raw.float()).sum(-1)
+            d_weights = _rows_to_slots(per_row, routing, scatter).to(weights.dtype)
+        return dx, dw, d_weights, None, None, None, None
+
+
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, routing: Routing, *, gather: bool = False,
+                 scatter: bool = False, routing_weights: torch.Tensor | None = None,
+                 configs: Mapping[str, KernelConfig] | None = None) -> torch.Tensor:
+    """Differentiable grouped GEMM ``Y[rows of e] = X[rows of e]·W[e]ᵀ``.
+
+    Args:
+        x: ``[T, K]`` in token order when ``gather`` (row of slot s is ``s // k``), else ``[M, K]``
+            in expert order.
+        w: ``[E, N, K]`` expert weights.
+        routing: from ``moe_tune.ops.routing.build_routing(top_k_index, E)``.
+        gather: read X rows in token order.
+        scatter: write Y rows in token-slot order (``[M, N]``, row ``t·k + j``) instead of expert
+            order.
+        routing_weights: optional ``[M]`` (flattened ``top_k_weights``) multiplying each output row.
+        configs: optional ``{"forward"|"dx"|"dw": KernelConfig}``; a missing pass is resolved by
+            the runtime loader (cache, else the heuristic default).
+    """
+    configs = dict(configs or {})
+    unknown = set(configs) - {"forward", "dx", "dw"}
+    if unknown:
+        _fail(f"configs keys must be forward, dx or dw; got {', '.join(sorted(unknown))}")
+    return _GroupedGemm.apply(x, w, routing_weights, routing, bool(gather), bool(scatter), configs)

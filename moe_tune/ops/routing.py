@@ -1,0 +1,62 @@
+"""Routing metadata for the grouped-GEMM kernels, built on the device with no host sync.
+
+From the router's top-k expert ids ``[T, k]`` to:
+
+* ``expert_offsets`` ``[E+1]`` int32 — rows of expert e are ``[offs[e], offs[e+1])`` in
+  expert order (``offs[1:]`` is what ``torch._grouped_mm`` calls ``offs``);
+* ``sorted_slots`` ``[M]`` int32 — the token-slot id ``t·k + j`` of each expert-ordered row
+  (stable, so rows of one expert stay in token order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moe_tune.errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class Routing:
+    expert_offsets: torch.Tensor  # (E + 1,) int32
+    sorted_slots: torch.Tensor  # (M,) int32
+    num_tokens: int
+    topk: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.expert_offsets.numel() - 1
+
+    @property
+    def num_rows(self) -> int:
+        return self.sorted_slots.numel()
+
+
+def build_routing(top_k_index: torch.Tensor, num_experts: int) -> Routing:
+    """Sort token slots by expert. Shapes only are read on the host; no ``.item()``."""
+    if top_k_index.dim() != 2:
+        raise InvalidInputError(f"top_k_index must be [T, k], got shape {tuple(top_k_index.shape)}")
+    if top_k_index.dtype not in (torch.int32, torch.int64):
+        raise InvalidInputError(f"top_k_index must be int32 or int64, got {top_k_index.dtype}")
+    if num_experts <= 0:
+        raise InvalidInputError(f"num_experts must be positive, got {num_experts}")
+    num_tokens, topk = top_k_index.shape
+    flat = top_k_index.reshape(-1).long()
+    sorted_slots = torch.argsort(flat, stable=True).to(torch.int32)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=flat.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return Routing(offsets, sorted_slots, num_tokens, topk)
+
+
+def random_routing(num_tokens: int, num_experts: int, topk: int, *, device=None, generator=None,
+                   skew: float = 0.0) -> torch.Tensor:
+    """Top-k expert ids from random router logits (``skew`` > 0 biases towards low expert ids,
+    Zipf-like, to mimic an unbalanced router). Returns ``[T, k]`` int64."""
+    logits = torch.randn(num_tokens, num_experts, device=device, generator=generator)
+    if skew:
+        ranks = torch.arange(1, num_experts + 1, device=logits.device, dtype=logits.dtype)
+        logits = logits - skew * torch.log(ranks)
+    return torch.topk(logits, topk, dim=-1).indices

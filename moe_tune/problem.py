@@ -1,0 +1,192 @@
+"""The two values every layer of moe-tune passes around: a tuning ``Problem`` (the cache key)
+and a ``KernelConfig`` (what the cache stores per token bucket).
+
+Pure Python on purpose: the cache, the runtime loader and the CLI import this module without
+importing torch or triton.
+
+A problem is one grouped GEMM of one MoE layer in one pass. Its shape is always given in the
+orientation the model stores the weight, ``W[E, N, K]`` with ``y = x·Wᵀ``, so the three passes
+of one GEMM share E, N and K:
+
+    forward  Y[rows, N]  = X[rows, K] · W[e]ᵀ
+    dx       dX[rows, K] = dY[rows, N] · W[e]
+    dw       dW[e]       = dY[rows of e]ᵀ · X[rows of e]      ([N, K] per expert)
+
+The flags always describe the forward GEMM (gather: X rows read in token order, row = slot // k;
+scatter: Y rows written in token-slot order; weighted: Y rows multiplied by their routing weight);
+each pass's launcher derives from them where it gathers and scatters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from moe_tune.errors import InvalidInputError
+
+PASSES = ("forward", "dx", "dw")
+DTYPES = ("bfloat16", "float16", "float32")
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise InvalidInputError(message)
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    _require(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _as_pos_int(value: Any, name: str) -> int:
+    # bool is an int subclass: refuse it explicitly so `true` never reads as 1.
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        f"{name} must be a positive integer, got {value!r}",
+    )
+    return value
+
+
+def _is_pow2(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+@dataclass(frozen=True, order=True)
+class KernelConfig:
+    """Every tunable parameter of the grouped-GEMM kernels.
+
+    Field names equal the kernels' constexpr names and the cache's JSON keys (no translation).
+    BLOCK_M tiles the routed rows, BLOCK_N the output columns, BLOCK_K the reduction (for dw:
+    BLOCK_N × BLOCK_K is the output tile of W's shape and BLOCK_M steps over the expert's rows).
+    TMA_LOAD reads every operand that is contiguous in memory (the weight always, activations
+    unless gathered) through tensor descriptors; TMA_STORE writes a non-scattered output that way.
+    """
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    GROUP_M: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    TMA_LOAD: bool = False
+    TMA_STORE: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
+            value = _as_pos_int(getattr(self, name), name)
+            _require(_is_pow2(value), f"{name} must be a power of two, got {value}")
+        _as_pos_int(self.GROUP_M, "GROUP_M")
+        _as_pos_int(self.num_stages, "num_stages")
+        _as_bool(self.TMA_LOAD, "TMA_LOAD")
+        _as_bool(self.TMA_STORE, "TMA_STORE")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "KernelConfig":
+        _require(isinstance(data, Mapping), f"a kernel config must be an object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        _require(not unknown, f"unknown kernel config keys: {', '.join(sorted(unknown))}")
+        missing = {"BLOCK_M", "BLOCK_N", "BLOCK_K"} - set(data)
+        _require(not missing, f"kernel config lacks {', '.join(sorted(missing))}")
+        return cls(**dict(data))
+
+    def short(self) -> str:
+        """Compact one-line form for tables and logs, e.g. ``128x128x64 g8 w4 s3 tma:LS``."""
+        tma = ("L" if self.TMA_LOAD else "") + ("S" if self.TMA_STORE else "")
+        return (
+            f"{self.BLOCK_M}x{self.BLOCK_N}x{self.BLOCK_K} g{self.GROUP_M} "
+            f"w{self.num_warps} s{self.num_stages}" + (f" tma:{tma}" if tma else "")
+        )
+
+
+@dataclass(frozen=True, order=True)
+class Problem:
+    """One tuning problem: the identity of a compiled kernel plus the data layout it serves.
+
+    The token count is not part of it (one compile serves every T); it selects the bucket inside
+    the problem's cache entry.
+    """
+
+    pass_: str
+    E: int
+    N: int
+    K: int
+    topk: int
+    dtype: str = "bfloat16"
+    gather: bool = False
+    scatter: bool = False
+    weighted: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.pass_ in PASSES, f"pass must be one of {', '.join(PASSES)}, got {self.pass_!r}")
+        _require(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("E", "N", "K", "topk"):
+            _as_pos_int(getattr(self, name), name)
+        for name in ("gather", "scatter", "weighted"):
+            _as_bool(getattr(self, name), name)
+
+    @property
+    def key(self) -> str:
+        """Clear-text cache key, e.g. ``forward/E128/N1536/K2048/k8/bfloat16/gather``."""
+        flags = [f for f in ("gather", "scatter", "weighted") if getattr(self, f)]
+        parts = [self.pass_, f"E{self.E}", f"N{self.N}", f"K{self.K}", f"k{self.topk}", self.dtype]
+        return "/".join(parts + (flags or ["plain"]))
+
+    @property
+    def gemm(self) -> str:
+        """Which GEMM of the layer this is, by its layout: ``up`` gathers, ``down`` scatters."""
+        if self.gather and not self.scatter:
+            return "up"
+        if self.scatter and not self.gather:
+            return "down"
+        return "custom"
+
+    def flops(self, num_tokens: int) -> int:
+        """2·M·N·K for every pass, M = T·k routed rows."""
+        return 2 * num_tokens * self.topk * self.N * self.K
+
+    def with_pass(self, pass_: str) -> "Problem":
+        return dataclasses.replace(self, pass_=pass_)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["pass"] = data.pop("pass_")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Problem":
+        _require(isinstance(data, Mapping), f"a problem must be an object, got {type(data).__name__}")
+        fields = dict(data)
+        _require("pass" in fields, "problem lacks 'pass'")
+        fields["pass_"] = fields.pop("pass")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(fields) - names
+        _require(not unknown, f"unknown problem keys: {', '.join(sorted(unknown))}")
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    """Per-expert shapes of one MoE layer (after expert/tensor parallel splitting)."""
+
+    E: int
+    H: int
+    I: int
+    topk: int
+
+    def __post_init__(self) -> None:
+        for name in ("E", "H", "I", "topk"):
+            _as_pos_int(getattr(self, name), name)
+        _require(self.topk <= self.E, f"topk ({self.topk}) cannot exceed the expert count ({self.E})")
+
+    def problems(self, dtype: str = "bfloat16") -> list[Problem]:
+        """The six problems: up (gate_up, gathered) and down (scattered, routing-weighted) in
+        forward, dx and dw."""
+        up = Problem("forward", self.E, 2 * self.I, self.H, self.topk, dtype, gather=True)
+        down = Problem("forward", self.E, self.H, self.I, self.topk, dtype, scatter=True, weighted=True)
+        return [g.with_pass(p) for g in (up, down) for p in PASSES]

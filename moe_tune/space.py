@@ -1,0 +1,249 @@
+"""The kernel config space and its pruning rules, as data plus named predicates.
+
+Everything that decides whether a ``KernelConfig`` can run a ``Problem`` on a device lives here:
+the launchers call ``check_config`` (a clear ``ConfigError`` instead of a Triton failure), the
+runtime loader calls ``default_config`` (the heuristic fallback, picked by rule from the device's
+shared memory), and the tuner enumerates ``candidates``. Pure Python: no torch, no triton.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Iterator
+
+from moe_tune.device import DeviceInfo
+from moe_tune.errors import ConfigError
+from moe_tune.problem import DTYPE_BYTES, KernelConfig, Problem
+
+# Search spaces by name. `quick` screens in seconds, `default` is what `moe-tune sweep` runs,
+# `full` is the exhaustive reference the fast search is checked against.
+SPACES: dict[str, dict[str, tuple]] = {
+    "quick": {
+        "BLOCK_M": (64, 128),
+        "BLOCK_N": (64, 128),
+        "BLOCK_K": (64,),
+        "GROUP_M": (8,),
+        "num_warps": (4, 8),
+        "num_stages": (3, 4),
+        "TMA_LOAD": (False, True),
+        "TMA_STORE": (False,),
+    },
+    "default": {
+        "BLOCK_M": (64, 128),
+        "BLOCK_N": (64, 128, 256),
+        "BLOCK_K": (32, 64, 128),
+        "GROUP_M": (8,),
+        "num_warps": (4, 8),
+        "num_stages": (3, 4, 5),
+        "TMA_LOAD": (False, True),
+        "TMA_STORE": (False, True),
+    },
+    "full": {
+        "BLOCK_M": (16, 32, 64, 128, 256),
+        "BLOCK_N": (32, 64, 128, 256),
+        "BLOCK_K": (32, 64, 128, 256),
+        "GROUP_M": (1, 4, 8, 16),
+        "num_warps": (4, 8),
+        "num_stages": (2, 3, 4, 5, 6),
+        "TMA_LOAD": (False, True),
+        "TMA_STORE": (False, True),
+    },
+}
+
+# Bytes the compiler keeps beside the pipelined operand buffers (barriers, layout conversion
+# scratch); measured kernels on H100 sit a few KiB above stages·BK·(BM+BN)·bytes.
+_SMEM_SLACK = 4096
+
+
+def tile_dims(problem: Problem, cfg: KernelConfig) -> tuple[int, int, int]:
+    """(rows of A per stage, columns of B per stage, reduction per stage) in elements, i.e. the
+    two operand tiles are [a_rows, red] and [red, b_cols] for forward/dx, [red, a_rows] and
+    [red, b_cols] for dw (the reduction runs over the expert's rows there)."""
+    if problem.pass_ == "dw":
+        return cfg.BLOCK_N, cfg.BLOCK_K, cfg.BLOCK_M
+    return cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K
+
+
+def output_tile(problem: Problem, cfg: KernelConfig) -> tuple[int, int]:
+    return (cfg.BLOCK_N, cfg.BLOCK_K) if problem.pass_ == "dw" else (cfg.BLOCK_M, cfg.BLOCK_N)
+
+
+def shared_mem_bytes(problem: Problem, cfg: KernelConfig) -> int:
+    """Estimated shared memory: stages·red·(a_rows+b_cols)·bytes, plus the output tile when it is
+    staged through shared memory for a TMA store."""
+    nbytes = DTYPE_BYTES[problem.dtype]
+    a_rows, b_cols, red = tile_dims(problem, cfg)
+    total = cfg.num_stages * red * (a_rows + b_cols) * nbytes + _SMEM_SLACK
+    if cfg.TMA_STORE:
+        rows, cols = output_tile(problem, cfg)
+        total += rows * cols * nbytes
+    return total
+
+
+def output_dims(problem: Problem) -> tuple[str, int, str, int]:
+    """(name, size) of the output columns and of the reduction for forward/dx."""
+    if problem.pass_ == "dx":
+        return "K", problem.K, "N", problem.N
+    return "N", problem.N, "K", problem.K
+
+
+def output_scattered(problem: Problem) -> bool:
+    """Whether the pass writes rows in token-slot order (never possible through TMA)."""
+    if problem.pass_ == "forward":
+        return problem.scatter
+    if problem.pass_ == "dx":
+        return problem.gather
+    return False
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# ---------------------------------------------------------------------------------------------
+# Named predicates: each returns None when the config is fine, else the reason it is not.
+# ---------------------------------------------------------------------------------------------
+
+Predicate = Callable[[Problem, KernelConfig, DeviceInfo], "str | None"]
+
+
+def fits_shared_memory(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> str | None:
+    need = shared_mem_bytes(problem, cfg)
+    if need > device.max_shared_mem:
+        return f"needs ~{need} bytes of shared memory, the device has {device.max_shared_mem}"
+    return None
+
+
+def tma_supported(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> str | None:
+    if (cfg.TMA_LOAD or cfg.TMA_STORE) and not device.supports_tma:
+        return f"TMA needs compute capability 9.0+, {device.name} is {device.capability[0]}.{device.capability[1]}"
+    return None
+
+
+def tma_aligned(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> str | None:
+    # Tensor descriptors need 16-byte aligned row strides; rows are N or K elements long.
+    if cfg.TMA_LOAD or cfg.TMA_STORE:
+        nbytes = DTYPE_BYTES[problem.dtype]
+        for name, size in (("N", problem.N), ("K", problem.K)):
+            if size * nbytes % 16:
+                return f"TMA needs 16-byte row strides; {name}={size} {problem.dtype} rows are {size * nbytes} bytes"
+    return None
+
+
+def tma_store_possible(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> str | None:
+    if cfg.TMA_STORE and output_scattered(problem):
+        return "TMA_STORE cannot write scattered rows (this pass writes in token-slot order)"
+    return None
+
+
+def blocks_fit_problem(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> str | None:
+    # A block more than twice the padded dimension only adds masked work.
+    if problem.pass_ == "dw":
+        checks = (("BLOCK_N", cfg.BLOCK_N, problem.N), ("BLOCK_K", cfg.BLOCK_K, problem.K))
+    else:
+        col_name, cols, red_name, red = output_dims(problem)
+        checks = (("BLOCK_N", cfg.BLOCK_N, cols), ("BLOCK_K", cfg.BLOCK_K, red))
+    for name, block, size in checks:
+        if block > max(16, _next_pow2(size)):
+            return f"{name}={block} is larger than the dimension it tiles ({size})"
+    return None
+
+
+def warps_fit_tile(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> str | None:
+    rows, cols = output_tile(problem, cfg)
+    # Fewer than 16 accumulator elements per thread leaves warps idle in the MMA.
+    if rows * cols < cfg.num_warps * 32 * 16:
+        return f"{cfg.num_warps} warps are too many for a {rows}x{cols} output tile"
+    return None
+
+
+PREDICATES: tuple[Predicate, ...] = (
+    fits_shared_memory,
+    tma_supported,
+    tma_aligned,
+    tma_store_possible,
+    blocks_fit_problem,
+    warps_fit_tile,
+)
+
+# Rules the launcher enforces on any explicit config (the others only prune the search).
+HARD_PREDICATES: tuple[Predicate, ...] = (fits_shared_memory, tma_supported, tma_aligned, tma_store_possible)
+
+
+def why_illegal(problem: Problem, cfg: KernelConfig, device: DeviceInfo, predicates=PREDICATES) -> str | None:
+    for predicate in predicates:
+        reason = predicate(problem, cfg, device)
+        if reason is not None:
+            return reason
+    return None
+
+
+def check_config(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> None:
+    """Raise ``ConfigError`` when ``cfg`` cannot run ``problem`` on ``device``."""
+    reason = why_illegal(problem, cfg, device, HARD_PREDICATES)
+    if reason is not None:
+        raise ConfigError(f"config {cfg.short()} cannot run {problem.key}: {reason}")
+
+
+def rows_block_fits_tokens(problem: Problem, cfg: KernelConfig, num_tokens: int) -> bool:
+    """Token-dependent pruning: a BLOCK_M far above the average rows per expert wastes the MMA."""
+    avg_rows = max(1, num_tokens * problem.topk // problem.E)
+    return cfg.BLOCK_M <= max(64, 2 * _next_pow2(avg_rows))
+
+
+def iter_space(space: str) -> Iterator[KernelConfig]:
+    grid = SPACES[space]
+    names = list(grid)
+    for values in itertools.product(*(grid[n] for n in names)):
+        yield KernelConfig(**dict(zip(names, values)))
+
+
+def candidates(problem: Problem, device: DeviceInfo, space: str = "default", num_tokens: int | None = None) -> list[KernelConfig]:
+    """Every legal config of ``space`` for ``problem`` on ``device``, pruned before compiling."""
+    if space not in SPACES:
+        raise ConfigError(f"unknown search space {space!r}; choose one of {', '.join(SPACES)}")
+    out = []
+    for cfg in iter_space(space):
+        if why_illegal(problem, cfg, device) is not None:
+            continue
+        if num_tokens is not None and not rows_block_fits_tokens(problem, cfg, num_tokens):
+            continue
+        out.append(cfg)
+    return out
+
+
+def default_config(problem: Problem, device: DeviceInfo) -> KernelConfig:
+    """The heuristic config used when no cache entry exists.
+
+    Rule: 128-wide output tiles with a 64-deep reduction step (128x128 for dw, stepping 64 rows),
+    as many pipeline stages as the device's shared memory holds up to 4, and halving the row
+    block on devices too small for two stages. TMA stays off: it is a tuning decision.
+    """
+    if device.is_interpreter:
+        return KernelConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+    if problem.pass_ == "dw":
+        base = KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+    else:
+        base = KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+    for cfg in _shrinking(base):
+        if fits_shared_memory(problem, cfg, device) is None:
+            return cfg
+    return KernelConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1)
+
+
+def _shrinking(cfg: KernelConfig) -> Iterator[KernelConfig]:
+    """Fewer stages first (down to 2), then smaller tiles: 4, 3, 2 stages, then halve and retry."""
+    from dataclasses import replace
+
+    while True:
+        for stages in range(cfg.num_stages, 1, -1):
+            yield replace(cfg, num_stages=stages)
+        if max(cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K) <= 32:
+            return
+        cfg = replace(
+            cfg,
+            BLOCK_M=max(32, cfg.BLOCK_M // 2),
+            BLOCK_N=max(32, cfg.BLOCK_N // 2),
+            BLOCK_K=max(32, cfg.BLOCK_K // 2),
+            num_warps=4,
+        )
