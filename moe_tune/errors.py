@@ -30,3 +30,8 @@ class CacheMissError(MoeTuneError, LookupError):
 
 class NoGPUError(MoeTuneError):
     """A command that must run kernels on a CUDA GPU found none (CLI exit 2)."""
+
+
+class CacheWarning(UserWarning):
+    """A cache problem the runtime survives: a miss (heuristic default used), a skipped
+    unreadable file, a Triton-version or kernel-source mismatch. Emitted once per problem or file."""

@@ -1,0 +1,66 @@
+"""The software a measurement depends on, read without importing triton.
+
+Data flow: package metadata (Triton, torch versions) and the text of ``moe_tune/kernels/*.py``
+→ ``Software`` (``schema.Software``) recorded beside every cached config. The runtime compares the
+Triton version (which file to trust) and the kernel hash (whether the kernels changed since the
+sweep) against the running process; writers call ``current_software()``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import sys
+from pathlib import Path
+
+from moe_tune import __version__
+
+# Distributions that install the `triton` module: upstream, PyTorch's pinned build, nightlies.
+_TRITON_DISTS = ("triton", "pytorch-triton", "triton-nightly", "pytorch-triton-rocm")
+
+KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_version() -> str:
+    """The installed Triton's version from package metadata (importing triton costs ~1 s and
+    the runtime must not pay it just to pick a cache file)."""
+    for dist in _TRITON_DISTS:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    module = sys.modules.get("triton")
+    return str(getattr(module, "__version__", "unknown"))
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_source_hash(kernels_dir: Path = KERNELS_DIR) -> str:
+    """sha256 (first 16 hex digits) over the kernel sources, read as files: each ``*.py`` by
+    name order, as name, NUL, bytes, NUL. Any edit to a kernel changes it, which is the point:
+    configs tuned for other kernel code may no longer be the fastest."""
+    digest = hashlib.sha256()
+    for path in sorted(kernels_dir.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def current_software():
+    """The running process's ``Software`` record. Imports torch (for its CUDA version): meant for
+    writers, which have torch loaded anyway."""
+    from moe_tune.cache.schema import Software
+
+    try:
+        import torch
+
+        torch_version, cuda = torch.__version__, torch.version.cuda
+    except ImportError:
+        torch_version, cuda = "none", None
+    return Software(
+        triton=triton_version(),
+        torch=str(torch_version),
+        cuda=cuda,
+        moe_tune=__version__,
+        kernel_hash=kernel_source_hash(),
+    )
