@@ -9,6 +9,7 @@ shared memory), and the tuner enumerates ``candidates``. Pure Python: no torch, 
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from typing import Callable, Iterator
 
 from moe_tune.device import DeviceInfo
@@ -213,28 +214,35 @@ def candidates(problem: Problem, device: DeviceInfo, space: str = "default", num
 
 
 def default_config(problem: Problem, device: DeviceInfo) -> KernelConfig:
-    """The heuristic config used when no cache entry exists.
+    """The heuristic config used when no cache entry exists, picked by rule from the device.
 
-    Rule: 128-wide output tiles with a 64-deep reduction step (128x128 for dw, stepping 64 rows),
-    as many pipeline stages as the device's shared memory holds up to 4, and halving the row
-    block on devices too small for two stages. TMA stays off: it is a tuning decision.
+    Rules (from a scan of Qwen3-30B-A3B's six problems on an H200, 2026-11-27, see BENCHMARKS.md):
+    forward/dx take a 128x256 output tile stepping 64 deep; dw takes a 64-row reduction step and
+    a 256-wide block on whichever operand arrives through TMA (the gathered one gets 128), since
+    the copy engine feeds the wide side at full rate while gathered rows go through the LSU.
+    TMA loads are on where the device and the row strides allow (sm90+, 16-byte rows): they
+    measured 1.1-1.3x the pointer path. Stages: as many as shared memory holds, up to 4; tiles
+    halve on devices too small for two stages.
     """
     if device.is_interpreter:
         return KernelConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     if problem.pass_ == "dw":
-        base = KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+        wide_n = problem.gather or not problem.scatter  # dY comes through TMA unless gathered
+        base = KernelConfig(BLOCK_M=64, BLOCK_N=256 if wide_n else 128, BLOCK_K=128 if wide_n else 256,
+                            GROUP_M=8, num_warps=8, num_stages=3)
     else:
-        base = KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+        base = KernelConfig(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    tma = replace(base, TMA_LOAD=True)
+    if tma_supported(problem, tma, device) is None and tma_aligned(problem, tma, device) is None:
+        base = tma
     for cfg in _shrinking(base):
-        if fits_shared_memory(problem, cfg, device) is None:
+        if why_illegal(problem, cfg, device, HARD_PREDICATES) is None and blocks_fit_problem(problem, cfg, device) is None:
             return cfg
     return KernelConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1)
 
 
 def _shrinking(cfg: KernelConfig) -> Iterator[KernelConfig]:
-    """Fewer stages first (down to 2), then smaller tiles: 4, 3, 2 stages, then halve and retry."""
-    from dataclasses import replace
-
+    """Fewer stages first (down to 2), then smaller tiles: halve every block and retry."""
     while True:
         for stages in range(cfg.num_stages, 1, -1):
             yield replace(cfg, num_stages=stages)

@@ -180,7 +180,6 @@ def grouped_mm_dw_kernel(
     sorted_slots_ptr,  # (M,) int32
     weights_ptr,  # (M,) routing weight per token slot, scales dY rows when WEIGHTED
     # Sizes -------------------------------------------------------------------------------------
-    dy_rows, x_rows,  # bound the TMA descriptors
     N, K,
     dy_div, x_div,
     # Strides -----------------------------------------------------------------------------------
@@ -209,15 +208,6 @@ def grouped_mm_dw_kernel(
     tiles_per_expert = num_n_blocks * num_k_blocks
     num_tiles = E * tiles_per_expert
 
-    if TMA_LOAD:
-        if not GATHER_DY:
-            dy_desc = tl.make_tensor_descriptor(
-                dy_ptr, shape=[dy_rows, N], strides=[stride_dy_m, 1], block_shape=[BLOCK_M, BLOCK_N],
-            )
-        if not GATHER_X:
-            x_desc = tl.make_tensor_descriptor(
-                x_ptr, shape=[x_rows, K], strides=[stride_x_m, 1], block_shape=[BLOCK_M, BLOCK_K],
-            )
     if TMA_STORE:
         dw_desc = tl.make_tensor_descriptor(
             dw_ptr, shape=[E, N, K], strides=[stride_dw_e, stride_dw_n, 1], block_shape=[1, BLOCK_N, BLOCK_K],
@@ -240,6 +230,19 @@ def grouped_mm_dw_kernel(
         n_mask = ns < N
         k_mask = ks < K
 
+        if TMA_LOAD:
+            # Descriptors end at the expert's last row: TMA zero-fills the rows past it, so the
+            # tiles go straight from the copy engine to the tensor cores with no masking in registers
+            # (a tl.where on a TMA tile measured 227 -> 175 TFLOP/s on Qwen3-30B-A3B's up dW).
+            if not GATHER_DY:
+                dy_desc = tl.make_tensor_descriptor(
+                    dy_ptr, shape=[row_end, N], strides=[stride_dy_m, 1], block_shape=[BLOCK_M, BLOCK_N],
+                )
+            if not GATHER_X:
+                x_desc = tl.make_tensor_descriptor(
+                    x_ptr, shape=[row_end, K], strides=[stride_x_m, 1], block_shape=[BLOCK_M, BLOCK_K],
+                )
+
         # -- Reduce over the expert's rows (an empty expert leaves zeros) -------------------------
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for m0 in range(row_start, row_end, BLOCK_M):
@@ -251,7 +254,6 @@ def grouped_mm_dw_kernel(
 
             if TMA_LOAD and not GATHER_DY:
                 dy = dy_desc.load([m0, n_block * BLOCK_N])
-                dy = tl.where(row_mask[:, None], dy, 0.0)
             else:
                 if GATHER_DY:
                     dy_row_ids = slots // dy_div
@@ -264,7 +266,6 @@ def grouped_mm_dw_kernel(
 
             if TMA_LOAD and not GATHER_X:
                 x = x_desc.load([m0, k_block * BLOCK_K])
-                x = tl.where(row_mask[:, None], x, 0.0)
             else:
                 if GATHER_X:
                     x_row_ids = slots // x_div

@@ -1,0 +1,230 @@
+"""Grouped-GEMM kernels against the float64 references, in Triton's CPU interpreter.
+
+Every case draws fresh random inputs and routing, poisons the output with NaN before the launch
+(an element the kernel forgets to write fails), and compares ‖out − ref‖ / ‖ref‖.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from moe_tune.errors import ConfigError, InvalidInputError
+from moe_tune.ops import grouped_gemm as gg
+from moe_tune.ops.routing import build_routing, random_routing
+from moe_tune.problem import KernelConfig
+from moe_tune.reference import reference_dw, reference_dx, reference_forward, relative_error
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter tests; GPU has its own")
+
+# dtype, relative-error bound (outputs are rounded to the dtype; fp32 dots are exact in the interpreter)
+TOLERANCES = {torch.float16: 2e-3, torch.float32: 1e-5}
+
+PLAIN = KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1)
+TMA = KernelConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1, TMA_LOAD=True)
+TMA_ALL = dataclasses.replace(TMA, TMA_STORE=True)
+
+# gather, scatter, weighted: the two GEMMs of an MoE layer plus every other combination
+FLAGS = [
+    (True, False, False),  # up (gate_up): token-order input
+    (False, True, True),  # down: slot-order output times routing weight
+    (False, False, False),  # both sides in expert order
+    (True, True, False),
+    (True, False, True),
+    (False, True, False),
+    (False, False, True),
+    (True, True, True),
+]
+
+
+def make_routing(num_tokens, num_experts, topk, mode="random"):
+    if mode == "random":
+        idx = random_routing(num_tokens, num_experts, topk)
+    elif mode == "skewed":  # leaves most experts empty, one or two crowded
+        idx = random_routing(num_tokens, num_experts, topk, skew=6.0)
+    elif mode == "subset":  # experts 0 and E-1 get nothing
+        inner = torch.stack([torch.randperm(num_experts - 2)[:topk] + 1 for _ in range(num_tokens)])
+        idx = inner
+    elif mode == "one":  # every row on one expert (topk == 1)
+        idx = torch.full((num_tokens, topk), int(torch.randint(num_experts, ())), dtype=torch.long)
+    else:
+        raise AssertionError(mode)
+    return build_routing(idx, num_experts)
+
+
+def make_inputs(T, E, N, K, topk, dtype, gather, scatter, weighted, mode="random"):
+    routing = make_routing(T, E, topk, mode)
+    M = T * topk
+    x = torch.randn(T if gather else M, K, dtype=dtype)
+    w = (torch.randn(E, N, K) / K**0.5).to(dtype)
+    dy = torch.randn(M, N, dtype=dtype)
+    weights = torch.rand(M, dtype=torch.float32) if weighted else None
+    return routing, x, w, dy, weights
+
+
+def nan_like(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def run_three_passes(cfg, T, E, N, K, topk, dtype, flags, mode="random", dx_cfg=None):
+    gather, scatter, weighted = flags
+    routing, x, w, dy, weights = make_inputs(T, E, N, K, topk, dtype, gather, scatter, weighted, mode)
+    tol = TOLERANCES[dtype]
+    M = T * topk
+    kw = dict(gather=gather, scatter=scatter, weights=weights)
+
+    y = gg.forward(x, w, routing, config=cfg, out=nan_like((M, N), dtype), **kw)
+    assert relative_error(y, reference_forward(x, w, routing, **kw)) < tol
+
+    dx = gg.backward_dx(dy, w, routing, config=dx_cfg or cfg, out=nan_like((M, K), dtype), **kw)
+    assert relative_error(dx, reference_dx(dy, w, routing, **kw)) < tol
+
+    dw = gg.backward_dw(dy, x, w.shape, routing, config=cfg, out=nan_like(w.shape, dtype), **kw)
+    assert relative_error(dw, reference_dw(dy, x, routing, **kw)) < tol
+
+
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "gather{:d}-scatter{:d}-weighted{:d}".format(*f))
+def test_every_flag_combination(flags):
+    # N, K not multiples of the 16-wide blocks: exercises the column and reduction masks.
+    run_three_passes(PLAIN, T=23, E=5, N=40, K=24, topk=2, dtype=torch.float16, flags=flags)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("flags", FLAGS[:2], ids=["up", "down"])
+def test_tma_loads(dtype, flags):
+    run_three_passes(TMA, T=19, E=4, N=64, K=48, topk=2, dtype=dtype, flags=flags)
+
+
+def test_tma_store_where_rows_are_contiguous():
+    # Forward output in expert order and dW go through the TMA store; dx of a gathered input is
+    # scattered, so it needs a config without it.
+    run_three_passes(TMA_ALL, T=21, E=4, N=64, K=32, topk=2, dtype=torch.float16,
+                     flags=(False, False, True), dx_cfg=TMA_ALL)
+    run_three_passes(TMA_ALL, T=21, E=4, N=64, K=32, topk=2, dtype=torch.float16,
+                     flags=(True, False, False), dx_cfg=TMA)
+
+
+@pytest.mark.parametrize(
+    "T, E, topk, mode, cfg",
+    [
+        (1, 4, 2, "random", PLAIN),  # T = 1: two rows in all
+        (1, 8, 1, "random", TMA),  # a single routed row
+        (40, 6, 2, "subset", PLAIN),  # empty experts (first and last): dW must be zero there
+        (30, 4, 1, "one", PLAIN),  # every row on one expert, others empty
+        (30, 4, 1, "one", TMA_ALL),
+        (9, 8, 2, "random", KernelConfig(64, 16, 16, num_stages=1)),  # experts far below BLOCK_M
+        (64, 16, 4, "skewed", TMA),  # Zipf-like router: crowded and empty experts together
+    ],
+    ids=["T1", "T1-one-row", "empty-experts", "one-expert", "one-expert-tma", "rows<BLOCK_M", "skewed"],
+)
+@pytest.mark.parametrize("flags", FLAGS[:2], ids=["up", "down"])
+def test_edge_cases(T, E, topk, mode, cfg, flags):
+    if cfg.TMA_STORE and flags[1]:
+        cfg_fwd = dataclasses.replace(cfg, TMA_STORE=False)
+    else:
+        cfg_fwd = cfg
+    dx_cfg = dataclasses.replace(cfg, TMA_STORE=False)
+    run_three_passes(cfg_fwd, T=T, E=E, N=32, K=32, topk=topk, dtype=torch.float32, flags=flags, mode=mode,
+                     dx_cfg=dx_cfg)
+
+
+def test_empty_expert_weight_gradient_is_zero_not_garbage():
+    routing, x, w, dy, _ = make_inputs(12, 5, 32, 16, 2, torch.float32, True, False, False, "subset")
+    dw = gg.backward_dw(dy, x, w.shape, routing, gather=True, config=PLAIN, out=nan_like(w.shape, torch.float32))
+    assert torch.equal(dw[0], torch.zeros_like(dw[0]))
+    assert torch.equal(dw[-1], torch.zeros_like(dw[-1]))
+
+
+def test_no_rows_at_all():
+    routing = build_routing(torch.empty(0, 2, dtype=torch.long), 4)
+    w = torch.randn(4, 16, 16, dtype=torch.float16)
+    y = gg.forward(torch.empty(0, 16, dtype=torch.float16), w, routing, gather=True, config=PLAIN)
+    assert y.shape == (0, 16)
+    dw = gg.backward_dw(torch.empty(0, 16, dtype=torch.float16), torch.empty(0, 16, dtype=torch.float16),
+                        w.shape, routing, gather=True, config=PLAIN)
+    assert torch.equal(dw, torch.zeros_like(dw))
+
+
+@pytest.mark.parametrize("flags", [(True, False, True), (False, True, True)], ids=["up", "down"])
+@pytest.mark.parametrize("weights_need_grad", [False, True])
+def test_autograd_matches_reference_gradients(flags, weights_need_grad):
+    gather, scatter, weighted = flags
+    T, E, N, K, topk = 17, 4, 32, 24, 2
+    routing, x, w, dy, weights = make_inputs(T, E, N, K, topk, torch.float32, gather, scatter, weighted)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    weights.requires_grad_(weights_need_grad)
+    y = gg.grouped_gemm(x, w, routing, gather=gather, scatter=scatter, routing_weights=weights,
+                        configs={"forward": PLAIN, "dx": PLAIN, "dw": TMA})
+    y.backward(dy)
+
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    weights64 = weights.detach().double().requires_grad_(weights_need_grad)
+    ref = reference_forward(x64, w64, routing, gather=gather, scatter=scatter, weights=weights64)
+    ref.backward(dy.double())
+
+    assert relative_error(y.detach(), ref.detach()) < 1e-5
+    assert relative_error(x.grad, x64.grad) < 1e-5
+    assert relative_error(w.grad, w64.grad) < 1e-5
+    if weights_need_grad:
+        assert relative_error(weights.grad, weights64.grad) < 1e-5
+    else:
+        assert weights.grad is None
+
+
+def test_default_config_is_used_when_none_given():
+    # The heuristic default (interpreter: 32-wide tiles) must produce correct results too.
+    run_three_passes(None, T=13, E=3, N=48, K=40, topk=2, dtype=torch.float16, flags=(True, False, False))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: a clear ValueError, never a Triton stack trace
+# ------------------------------------------------------------------------------------------------
+
+
+def _good():
+    routing, x, w, dy, weights = make_inputs(8, 4, 16, 16, 2, torch.float16, True, False, True)
+    return routing, x, w, weights
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r, x, w, wt: (r, x[:, :8], w, wt), "x must have shape"),
+        (lambda r, x, w, wt: (r, x.float(), w, wt), "x must be torch.float16"),
+        (lambda r, x, w, wt: (r, x, w[:, :, :8], wt), "must be contiguous"),
+        (lambda r, x, w, wt: (r, x, w.double(), wt), "w must be bfloat16, float16 or float32"),
+        (lambda r, x, w, wt: (r, x, w[0], wt), "w must be a [E, N, K] tensor"),
+        (lambda r, x, w, wt: (r, x, w, wt[:3]), "weights must have shape"),
+        (lambda r, x, w, wt: (dataclasses.replace(r, expert_offsets=r.expert_offsets.long()), x, w, wt),
+         "expert_offsets must be torch.int32"),
+        (lambda r, x, w, wt: (dataclasses.replace(r, expert_offsets=r.expert_offsets[:-1]), x, w, wt),
+         "routing covers 3 experts"),
+        (lambda r, x, w, wt: (dataclasses.replace(r, sorted_slots=r.sorted_slots + 100), x, w, wt),
+         "sorted_slots must hold slot ids"),
+        (lambda r, x, w, wt: (dataclasses.replace(r, expert_offsets=r.expert_offsets.flip(0).contiguous()), x, w, wt),
+         "expert_offsets must rise"),
+    ],
+    ids=["x-shape", "x-dtype", "w-noncontiguous", "w-dtype", "w-rank", "weights-shape", "offsets-dtype",
+         "offsets-length", "slots-range", "offsets-order"],
+)
+def test_bad_input_raises_value_error(mutate, message):
+    routing, x, w, weights = mutate(*_good())
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")) as info:
+        gg.forward(x, w, routing, gather=True, weights=weights, config=PLAIN)
+    assert isinstance(info.value, InvalidInputError)
+
+
+def test_illegal_config_is_a_config_error():
+    routing, x, w, weights = _good()
+    too_big = KernelConfig(256, 256, 256, num_stages=8)
+    with pytest.raises(ConfigError, match="shared memory"):
+        gg.forward(x, w, routing, gather=True, config=too_big)
+    scattered_tma_store = dataclasses.replace(TMA, TMA_STORE=True)
+    with pytest.raises(ConfigError, match="TMA_STORE cannot write scattered rows"):
+        gg.forward(x, w, routing, gather=True, scatter=True, config=scattered_tma_store)
+    with pytest.raises(InvalidInputError, match="config must be a KernelConfig"):
+        gg.forward(x, w, routing, gather=True, config={"BLOCK_M": 16})

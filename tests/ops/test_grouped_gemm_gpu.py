@@ -1,0 +1,112 @@
+"""Grouped-GEMM kernels on a CUDA GPU in bf16/fp16, against a float64 reference.
+
+Shapes: Qwen3-30B-A3B's two expert GEMMs, a large-E shape (Qwen3-Next: E=512, k=10), and
+DeepSeek-V3's gate_up weight, whose E·N·K = 7.5e9 elements needs 64-bit offsets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from moe_tune.device import query_device
+from moe_tune.ops import grouped_gemm as gg
+from moe_tune.ops.routing import build_routing, random_routing
+from moe_tune.problem import KernelConfig, Problem
+from moe_tune.reference import reference_dw, reference_dx, reference_forward, relative_error
+from moe_tune.space import default_config
+
+pytestmark = pytest.mark.gpu
+
+# dtype, relative-error bound against float64 (bf16 operands land between 1e-3 and 1e-2)
+TOLERANCES = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+# (name, E, H, I, k, T)
+SHAPES = [
+    ("qwen3-30b-a3b", 128, 2048, 768, 8, 4096),  # the main target
+    ("qwen3-next-80b-a3b", 512, 2048, 512, 10, 2048),  # large E: many small or empty experts
+]
+
+TMA_OFF = None  # the heuristic default: TMA off
+TMA_ON = KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, TMA_LOAD=True)
+DW_TMA_ON = KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3,
+                         TMA_LOAD=True, TMA_STORE=True)
+
+
+def _nan(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["tma-off", "tma-on"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("gemm", ["up", "down"])
+@pytest.mark.parametrize("name, E, H, I, topk, T", SHAPES, ids=[s[0] for s in SHAPES])
+def test_three_passes_at_model_shapes(name, E, H, I, topk, T, gemm, dtype, tma):
+    torch.manual_seed(hash((name, gemm, str(dtype), tma)) % 2**31)
+    routing = build_routing(random_routing(T, E, topk, device="cuda"), E)
+    M = T * topk
+    if gemm == "up":
+        N, K, gather, scatter, weights = 2 * I, H, True, False, None
+    else:
+        N, K, gather, scatter = H, I, False, True
+        weights = torch.rand(M, device="cuda")
+    x = torch.randn(T if gather else M, K, device="cuda", dtype=dtype)
+    w = (torch.randn(E, N, K, device="cuda") / K**0.5).to(dtype)
+    dy = torch.randn(M, N, device="cuda", dtype=dtype)
+    kw = dict(gather=gather, scatter=scatter, weights=weights)
+    tol = TOLERANCES[dtype]
+    fwd_cfg = dx_cfg = TMA_ON if tma else None
+    dw_cfg = DW_TMA_ON if tma else None
+    if tma and gemm == "up":
+        fwd_cfg = dataclasses.replace(TMA_ON, TMA_STORE=True)  # expert-order output: TMA store allowed
+
+    y = gg.forward(x, w, routing, config=fwd_cfg, out=_nan((M, N), dtype), **kw)
+    assert relative_error(y, reference_forward(x, w, routing, **kw)) < tol
+    dx = gg.backward_dx(dy, w, routing, config=dx_cfg, out=_nan((M, K), dtype), **kw)
+    assert relative_error(dx, reference_dx(dy, w, routing, **kw)) < tol
+    dw = gg.backward_dw(dy, x, w.shape, routing, config=dw_cfg, out=_nan(w.shape, dtype), **kw)
+    assert relative_error(dw, reference_dw(dy, x, routing, **kw)) < tol
+
+
+def test_64bit_offsets_deepseek_v3_gate_up():
+    # W is [256, 4096, 7168] bf16 (15 GB): rows of the last experts start past 2^31 elements.
+    E, N, K, topk, T = 256, 4096, 7168, 8, 64
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip("needs ~24 GB of free GPU memory")
+    torch.manual_seed(0)
+    w = torch.empty(E, N, K, device="cuda", dtype=torch.bfloat16)
+    w.normal_(0, K**-0.5)
+    used = list(range(E - 8, E))
+    idx = torch.stack([torch.randperm(8, device="cuda")[:topk] + (E - 8) for _ in range(T)])
+    routing = build_routing(idx, E)
+    x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(T * topk, N, device="cuda", dtype=torch.bfloat16)
+    y = gg.forward(x, w, routing, gather=True, out=_nan((T * topk, N), torch.bfloat16))
+    dx = gg.backward_dx(dy, w, routing, gather=True)
+    dw = gg.backward_dw(dy, x, w.shape, routing, gather=True, out=_nan(w.shape, torch.bfloat16))
+
+    # float64 reference over the eight used experts only (all 256 in float64 would be 60 GB)
+    offs = routing.expert_offsets.tolist()
+    slots = routing.sorted_slots.long()
+    y_ref = torch.zeros(T * topk, N, device="cuda", dtype=torch.float64)
+    dx_rows = torch.zeros(T * topk, K, device="cuda", dtype=torch.float64)
+    for e in used:
+        rows = slice(offs[e], offs[e + 1])
+        w64 = w[e].double()
+        y_ref[rows] = x[slots[rows] // topk].double() @ w64.T
+        dx_rows[slots[rows]] = dy[rows].double() @ w64
+        assert relative_error(dw[e], dy[rows].double().T @ x[slots[rows] // topk].double()) < 1e-2
+    assert relative_error(y, y_ref) < 1e-2
+    assert relative_error(dx, dx_rows.view(T, topk, K).sum(1)) < 1e-2
+    assert not dw[: E - 8].any()  # empty experts: zeros written
+
+
+def test_default_config_fits_this_device():
+    info = query_device()
+    for pass_ in ("forward", "dx", "dw"):
+        problem = Problem(pass_, 128, 1536, 2048, 8, "bfloat16", gather=True)
+        cfg = default_config(problem, info)
+        assert cfg.num_stages >= 2
