@@ -17,7 +17,8 @@ from moe_tune.errors import ConfigError
 from moe_tune.problem import DTYPE_BYTES, KernelConfig, Problem
 
 # Search spaces by name. `quick` screens in seconds, `default` is what `moe-tune sweep` runs,
-# `full` is the exhaustive reference the fast search is checked against.
+# `full` is the exhaustive reference the fast search is checked against, `interpret` is for
+# Triton's CPU interpreter (tests).
 SPACES: dict[str, dict[str, tuple]] = {
     "quick": {
         "BLOCK_M": (64, 128),
@@ -46,6 +47,19 @@ SPACES: dict[str, dict[str, tuple]] = {
         "GROUP_M": (1, 4, 8, 16),
         "num_warps": (4, 8),
         "num_stages": (2, 3, 4, 5, 6),
+        "TMA_LOAD": (False, True),
+        "TMA_STORE": (False, True),
+    },
+    # What `moe-tune sweep --interpret` searches: blocks the tiny test preset (E=4, H=64, I=32)
+    # admits, one warp so that 16x32 tiles pass `warps_fit_tile`. The interpreter ignores warps
+    # and stages; the tilings and the TMA paths are what differ.
+    "interpret": {
+        "BLOCK_M": (16, 32),
+        "BLOCK_N": (32,),
+        "BLOCK_K": (16, 32),
+        "GROUP_M": (4,),
+        "num_warps": (1,),
+        "num_stages": (1,),
         "TMA_LOAD": (False, True),
         "TMA_STORE": (False, True),
     },
