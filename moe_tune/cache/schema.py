@@ -634,13 +634,13 @@ class Pack:
         return cls.from_json(loads(text, source), source)
 
 
-def load_any(text: str | bytes, source: str) -> list[CacheFile]:
-    """A cache file or a pack, as the cache files it holds (for commands that take either)."""
+def load_any(text: str | bytes, source: str) -> tuple[str, list[CacheFile]]:
+    """A cache file or a pack → (its kind, the cache files it holds), for commands taking either."""
     data = loads(text, source)
     kind = data.get("kind") if isinstance(data, Mapping) else None
     if kind == PACK_KIND:
-        return Pack.from_json(data, source).caches
-    return [CacheFile.from_json(data, source)]
+        return PACK_KIND, Pack.from_json(data, source).caches
+    return CACHE_KIND, [CacheFile.from_json(data, source)]
 
 
 def merge_all(caches: Iterable[CacheFile]) -> tuple[list[CacheFile], MergeStats]:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from moe_tune.cache import paths
-from moe_tune.cache.schema import CacheFile, MergeStats
+from moe_tune.cache.schema import PACK_KIND, CacheFile, MergeStats, load_any
 from moe_tune.device import DeviceInfo
 from moe_tune.errors import CacheError, CacheVersionError, CacheWarning
 
@@ -67,6 +67,24 @@ def read_cache_file(source: Any) -> CacheFile:
     except OSError as exc:
         raise CacheError(f"{source}: cannot read ({exc.strerror or exc})") from None
     return CacheFile.loads(data, str(source))
+
+
+def read_inputs(path: str | os.PathLike) -> list[tuple[str, CacheFile]]:
+    """What a command-line input holds, as (origin, cache file) pairs: a directory's cache files,
+    a cache file, or a pack's caches (checksum verified). A missing path is a ``CacheError``."""
+    path = Path(path)
+    if path.is_dir():
+        return [(str(f), read_cache_file(f)) for f in paths.Layer("input", path).cache_files()]
+    if not path.exists():
+        raise CacheError(f"{path}: no such file or directory")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CacheError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    kind, caches = load_any(data, str(path))
+    if kind == PACK_KIND:
+        return [(f"{path}[{c.name}]", c) for c in caches]
+    return [(str(path), c) for c in caches]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
