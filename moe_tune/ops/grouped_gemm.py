@@ -32,6 +32,7 @@ import triton
 from moe_tune.device import DeviceInfo, query_device
 from moe_tune.errors import InvalidInputError
 from moe_tune.kernels.grouped_mm import grouped_mm_dw_kernel, grouped_mm_kernel
+from moe_tune.ops import launch
 from moe_tune.ops.routing import Routing
 from moe_tune.problem import KernelConfig, Problem
 from moe_tune.space import check_config
@@ -128,7 +129,9 @@ def _descriptor_scratch(size: int, alignment: int, stream):
 # -------------------------------------------------------------------------------------------------
 
 
-def _launch_mm(a, w, c, routing, weights, *, trans_w, gather_a, gather_div, scatter_c, cfg, info):
+def _launch_mm(a, w, c, routing, weights, *, trans_w, gather_a, gather_div, scatter_c, cfg, info,
+               traceable=False):
+    """``traceable``: called from a torch.library op body (see ``moe_tune.ops.launch``)."""
     E, N, K = w.shape
     out_cols, red = (K, N) if trans_w else (N, K)
     if trans_w:
@@ -136,7 +139,8 @@ def _launch_mm(a, w, c, routing, weights, *, trans_w, gather_a, gather_div, scat
     else:
         stride_w_red, stride_w_out = w.stride(2), w.stride(1)
     _ensure_allocator(cfg, w.device)
-    grouped_mm_kernel[(info.sm_count,)](
+    kernel = launch.traceable(grouped_mm_kernel, a, c) if traceable else grouped_mm_kernel
+    kernel[(info.sm_count,)](
         a, w, c, routing.expert_offsets, routing.sorted_slots, weights if weights is not None else c,
         a.shape[0], out_cols, red, gather_div,
         a.stride(0), a.stride(1),
@@ -144,6 +148,24 @@ def _launch_mm(a, w, c, routing, weights, *, trans_w, gather_a, gather_div, scat
         c.stride(0), c.stride(1),
         E=E, E_POW2=triton.next_power_of_2(E + 1),
         TRANS_W=trans_w, GATHER_A=gather_a, SCATTER_C=scatter_c, WEIGHTED=weights is not None,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _launch_dw(dy, x, dw, routing, weights, *, gather_dy, dy_div, gather_x, x_div, cfg, info, traceable=False):
+    """dW[e] = dY_eᵀ·X_e into ``dw`` ``[E, N, K]``; a gathered row is ``slot // div``."""
+    E, N, K = dw.shape
+    _ensure_allocator(cfg, dw.device)
+    kernel = launch.traceable(grouped_mm_dw_kernel, dy, dw) if traceable else grouped_mm_dw_kernel
+    kernel[(info.sm_count,)](
+        dy, x, dw, routing.expert_offsets, routing.sorted_slots, weights if weights is not None else dy,
+        N, K, dy_div, x_div,
+        dy.stride(0), dy.stride(1),
+        x.stride(0), x.stride(1),
+        dw.stride(0), dw.stride(1), dw.stride(2),
+        E=E, GATHER_DY=gather_dy, GATHER_X=gather_x, WEIGHTED=weights is not None,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -208,18 +230,8 @@ def backward_dw(dy, x, w_shape, routing: Routing, *, gather=False, scatter=False
     problem = Problem("dw", E, N, K, routing.topk, _DTYPE_NAMES[dtype], gather, scatter, weights is not None)
     cfg = _resolve(problem, config, routing, info)
     dw = torch.empty(E, N, K, dtype=dtype, device=device)
-    _ensure_allocator(cfg, device)
-    grouped_mm_dw_kernel[(info.sm_count,)](
-        dy, x, dw, routing.expert_offsets, routing.sorted_slots, weights if weights is not None else dy,
-        dy.shape[0], x.shape[0], N, K, 1, routing.topk,
-        dy.stride(0), dy.stride(1),
-        x.stride(0), x.stride(1),
-        dw.stride(0), dw.stride(1), dw.stride(2),
-        E=E, GATHER_DY=scatter, GATHER_X=gather, WEIGHTED=weights is not None,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    _launch_dw(dy, x, dw, routing, weights, gather_dy=scatter, dy_div=1, gather_x=gather, x_div=routing.topk,
+               cfg=cfg, info=info)
     return dw
 
 

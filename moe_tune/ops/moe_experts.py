@@ -1,0 +1,96 @@
+"""``moe_experts``: the whole experts block of an MoE layer, forward and backward, on moe-tune's
+kernels.
+
+Checks the caller's tensors (shapes, dtypes, devices: metadata only, nothing read from the device)
+and calls the ``moe_tune::moe_experts_fwd`` op, whose registered autograd runs
+``moe_tune::moe_experts_bwd`` (see ``moe_tune.ops.custom_ops`` for the data flow). Traceable by
+torch.compile with ``fullgraph=True``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_tune.errors import InvalidInputError
+from moe_tune.ops import custom_ops
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _fail(message: str) -> None:
+    raise InvalidInputError(message)
+
+
+def _shape(t: torch.Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def _check(hidden, gate_up_w, down_w, top_k_index, top_k_weights, activation) -> None:
+    for name, t in (("hidden", hidden), ("gate_up_w", gate_up_w), ("down_w", down_w),
+                    ("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
+        if not isinstance(t, torch.Tensor):
+            _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if activation not in custom_ops.ACTIVATIONS:
+        _fail(f"activation must be one of {', '.join(custom_ops.ACTIVATIONS)}, got {activation!r}")
+    if hidden.dim() != 2:
+        _fail(f"hidden must be [T, H], got shape {_shape(hidden)}")
+    if gate_up_w.dim() != 3 or down_w.dim() != 3:
+        _fail(f"gate_up_w must be [E, 2I, H] and down_w [E, H, I], got {_shape(gate_up_w)} and {_shape(down_w)}")
+    T, H = hidden.shape
+    E, two_i, h_w = gate_up_w.shape
+    if h_w != H or two_i % 2:
+        _fail(f"gate_up_w must be [E, 2I, H] with H={H}, got {_shape(gate_up_w)}")
+    I = two_i // 2
+    if tuple(down_w.shape) != (E, H, I):
+        _fail(f"down_w must be [E, H, I] = {[E, H, I]}, got {_shape(down_w)}")
+    if top_k_index.dim() != 2 or top_k_index.shape[0] != T:
+        _fail(f"top_k_index must be [T, k] with T={T}, got shape {_shape(top_k_index)}")
+    if top_k_index.dtype not in (torch.int32, torch.int64):
+        _fail(f"top_k_index must be int32 or int64, got {top_k_index.dtype}")
+    k = top_k_index.shape[1]
+    if not 1 <= k <= E:
+        _fail(f"top-k must be between 1 and the number of experts ({E}), got {k}")
+    if tuple(top_k_weights.shape) != (T, k):
+        _fail(f"top_k_weights must be [T, k] = {[T, k]}, got {_shape(top_k_weights)}")
+    if top_k_weights.dtype not in _FLOAT_DTYPES:
+        _fail(f"top_k_weights must be bfloat16, float16 or float32, got {top_k_weights.dtype}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        _fail(f"hidden must be bfloat16, float16 or float32, got {hidden.dtype}")
+    if gate_up_w.dtype != hidden.dtype or down_w.dtype != hidden.dtype:
+        _fail(f"hidden, gate_up_w and down_w must share a dtype, got {hidden.dtype}, {gate_up_w.dtype}, "
+              f"{down_w.dtype} (cast the activations to the weights' dtype first)")
+    for name, t in (("gate_up_w", gate_up_w), ("down_w", down_w), ("top_k_index", top_k_index),
+                    ("top_k_weights", top_k_weights)):
+        if t.device != hidden.device:
+            _fail(f"{name} is on {t.device} but hidden is on {hidden.device}")
+
+
+def moe_experts(
+    hidden: torch.Tensor,
+    gate_up_w: torch.Tensor,
+    down_w: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    *,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """``out[t] = Σ_j top_k_weights[t, j] · down_e(silu(gate_e(x_t)) · up_e(x_t))``, e = top_k_index[t, j].
+
+    Args:
+        hidden: ``[T, H]`` token activations.
+        gate_up_w: ``[E, 2I, H]``; rows ``[0, I)`` are the gate projection, ``[I, 2I)`` the up
+            projection (transformers v5's concatenated layout, ``y = x·Wᵀ``).
+        down_w: ``[E, H, I]``.
+        top_k_index: ``[T, k]`` expert ids (int32 or int64), each in ``[0, E)``.
+        top_k_weights: ``[T, k]`` routing weights; differentiable.
+        activation: ``"silu"`` (SwiGLU), the only one supported so far.
+
+    Returns ``[T, H]`` in ``hidden``'s dtype. Gradients flow to ``hidden``, both weights and
+    ``top_k_weights``. Every GEMM takes its config from the runtime loader (``moe_tune.runtime``).
+    """
+    _check(hidden, gate_up_w, down_w, top_k_index, top_k_weights, activation)
+    out, _gate_up_out, _offsets, _slots = custom_ops.moe_experts_fwd(
+        hidden.contiguous(), gate_up_w.contiguous(), down_w.contiguous(), top_k_index.contiguous(),
+        top_k_weights.contiguous(), activation,
+    )
+    return out
