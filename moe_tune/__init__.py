@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 from moe_tune.errors import MoeTuneError
 from moe_tune.problem import KernelConfig, Problem
 
-__all__ = ["__version__", "MoeTuneError", "KernelConfig", "Problem", "grouped_gemm", "routing"]
+__all__ = ["__version__", "MoeTuneError", "KernelConfig", "Problem", "grouped_gemm", "moe_experts", "routing"]
 
 
 def __getattr__(name: str):
@@ -20,6 +20,10 @@ def __getattr__(name: str):
         from moe_tune.ops.grouped_gemm import grouped_gemm
 
         return grouped_gemm
+    if name == "moe_experts":
+        from moe_tune.ops.moe_experts import moe_experts
+
+        return moe_experts
     if name == "routing":
         from moe_tune.ops import routing
 

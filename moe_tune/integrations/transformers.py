@@ -1,0 +1,114 @@
+"""moe-tune as a transformers v5 experts implementation.
+
+    from moe_tune.integrations.transformers import register
+    register()                                   # once per process, before the model runs
+    model = AutoModelForCausalLM.from_pretrained(name, experts_implementation="moe_tune")
+    # or, on a model already built: model.set_experts_implementation("moe_tune")
+
+transformers v5 routes the forward of every experts module decorated with
+``@use_experts_implementation`` through ``ExpertsInterface`` by the name in
+``config._experts_implementation``, calling ``fn(self, hidden_states, top_k_index, top_k_weights)``.
+``register`` adds ``experts_forward`` under a name; it reads the module's ``gate_up_proj``
+``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` and runs ``moe_tune.moe_experts``.
+
+Supported: the Qwen3-MoE family's layout (concatenated gate|up rows, weights stored ``[N, K]``, no
+bias, SiLU, no custom gate, no expert parallelism). Any other layout raises
+``UnsupportedExpertsLayout`` naming what differs, never wrong numbers: gpt-oss (interleaved
+gate/up, biases, a clamped gate) is the known case.
+
+Importing this module does not import transformers; ``register`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_tune.errors import InvalidInputError
+from moe_tune.ops.moe_experts import moe_experts
+
+DEFAULT_NAME = "moe_tune"
+
+# transformers' names for SiLU in config.hidden_act
+_SILU_NAMES = ("silu", "swish")
+
+
+class UnsupportedExpertsLayout(InvalidInputError):
+    """An experts module whose weight layout or activation moe-tune's block does not implement."""
+
+
+def register(name: str = DEFAULT_NAME) -> str:
+    """Register moe-tune in transformers' ``ExpertsInterface`` under ``name`` (idempotent) and
+    return the name to pass as ``experts_implementation``."""
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+    except ImportError as exc:
+        raise ImportError(
+            "moe_tune.integrations.transformers needs transformers>=5 (ExpertsInterface); "
+            "install it with: pip install 'transformers>=5'"
+        ) from exc
+    ExpertsInterface.register(name, experts_forward)
+    return name
+
+
+def _layout_problems(module: torch.nn.Module) -> list[str]:
+    """What about ``module`` the block cannot run as stored, read from transformers'
+    ``use_experts_implementation`` flags where present and from the module's tensors otherwise."""
+    problems = []
+    if not getattr(module, "has_gate", True) or not isinstance(getattr(module, "gate_up_proj", None), torch.Tensor):
+        problems.append("no concatenated gate_up_proj (a non-gated MLP)")
+    if not isinstance(getattr(module, "down_proj", None), torch.Tensor):
+        problems.append("no down_proj tensor")
+    if not getattr(module, "is_concatenated", True):
+        problems.append("gate and up rows interleaved (is_concatenated=False)")
+    if getattr(module, "is_transposed", False) or getattr(module, "experts_are_transposed", False):
+        problems.append("weights stored transposed ([E, K, N], is_transposed=True)")
+    has_bias = getattr(module, "has_bias", False) or any(
+        getattr(module, name, None) is not None for name in ("gate_up_proj_bias", "down_proj_bias", "up_proj_bias")
+    )
+    if has_bias:
+        problems.append("expert biases")
+    if getattr(module, "has_post_expert_norm", False):
+        problems.append("a post-expert norm")
+    gate = getattr(type(module), "_apply_gate", None)
+    if gate is not None and getattr(gate, "__name__", "") != "_default_apply_gate":
+        problems.append(f"a custom gate ({type(module).__name__}._apply_gate)")
+    act = _activation_name(module)
+    if act not in _SILU_NAMES:
+        problems.append(f"activation {act!r} (only SiLU, i.e. SwiGLU, is implemented)")
+    if getattr(module, "_is_expert_parallel", False):
+        problems.append("expert parallelism (sentinel expert ids)")
+    return problems
+
+
+def _activation_name(module: torch.nn.Module) -> str:
+    config = getattr(module, "config", None)
+    name = getattr(config, "hidden_act", None)
+    if isinstance(name, str):
+        return name
+    act = getattr(module, "act_fn", None)
+    if isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation":
+        return "silu"
+    return type(act).__name__
+
+
+def check_layout(module: torch.nn.Module) -> None:
+    """Raise ``UnsupportedExpertsLayout`` unless ``module`` is an experts module moe-tune runs."""
+    problems = _layout_problems(module)
+    if problems:
+        raise UnsupportedExpertsLayout(
+            f"experts_implementation='moe_tune' does not support {type(module).__name__}: "
+            + "; ".join(problems)
+            + ". Use experts_implementation='grouped_mm' for this model."
+        )
+
+
+def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' experts signature: ``hidden_states [T, H]``, ``top_k_index [T, k]``,
+    ``top_k_weights [T, k]`` → ``[T, H]`` in ``hidden_states``' dtype."""
+    check_layout(self)
+    weight_dtype = self.gate_up_proj.dtype
+    # Like transformers' grouped_mm path: activations may arrive in float32 under autocast.
+    out = moe_experts(hidden_states.to(weight_dtype), self.gate_up_proj, self.down_proj, top_k_index,
+                      top_k_weights, activation="silu")
+    return out.to(hidden_states.dtype)

@@ -1,0 +1,167 @@
+"""The experts block (``moe_tune.moe_experts``) against the float64 plain-torch reference, in
+Triton's CPU interpreter: forward, every gradient, the registered ops under ``opcheck`` and the
+block under ``torch.compile(fullgraph=True)``.
+
+Fresh random inputs and routing per case; every buffer the ops write through a kernel starts as
+NaN (``custom_ops._alloc`` is poisoned), so an element a kernel forgets fails the comparison.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_tune.errors import InvalidInputError
+from moe_tune.ops import custom_ops
+from moe_tune.ops.moe_experts import moe_experts
+from moe_tune.ops.routing import build_routing
+from moe_tune.reference import relative_error
+from moe_tune.reference.moe_experts import reference_moe_experts
+
+pytestmark = [
+    pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter tests; GPU has its own"),
+    # Tiny shapes have no tuned cache entry: the runtime's heuristic-default warning is expected.
+    pytest.mark.filterwarnings("ignore::moe_tune.errors.CacheWarning"),
+]
+
+# dtype, relative-error bound: fp16 rounds H, A and the down output once each; fp32 is exact
+# up to summation order in the interpreter.
+TOLERANCES = {torch.float16: 5e-3, torch.float32: 1e-5}
+
+# name, T, H, I, E, k
+SHAPES = [
+    ("one-token", 1, 32, 16, 4, 2),  # T=1: most experts empty, M=2 rows
+    ("empty-expert", 6, 32, 16, 4, 2),  # expert E-1 never routed: its dW must be exactly zero
+    ("ragged", 7, 48, 24, 3, 3),  # H, I not multiples of the 32-wide blocks; k = E
+    ("top-1", 9, 32, 32, 5, 1),  # one slot per token: the combine is a copy
+]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    def nan_alloc(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(custom_ops, "_alloc", nan_alloc)
+
+
+def make_block(T, H, I, E, k, dtype, *, leave_last_expert_empty=True, weights_dtype=None):
+    experts = E - 1 if leave_last_expert_empty and k < E else E
+    top_k_index = torch.stack([torch.randperm(experts)[:k] for _ in range(T)])
+    return dict(
+        hidden=torch.randn(T, H, dtype=dtype),
+        gate_up_w=(torch.randn(E, 2 * I, H) / H**0.5).to(dtype),
+        down_w=(torch.randn(E, H, I) / I**0.5).to(dtype),
+        top_k_index=top_k_index,
+        top_k_weights=torch.rand(T, k, dtype=weights_dtype or dtype),
+    )
+
+
+DIFFERENTIABLE = ("hidden", "gate_up_w", "down_w", "top_k_weights")
+
+
+def run_block(fn, inputs, grad_out):
+    leaves = {name: t.clone().requires_grad_(name in DIFFERENTIABLE) for name, t in inputs.items()}
+    out = fn(**leaves)
+    grads = torch.autograd.grad(out, [leaves[n] for n in DIFFERENTIABLE], grad_out.to(out.dtype))
+    return out, dict(zip(DIFFERENTIABLE, grads))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name, T, H, I, E, k", SHAPES, ids=[s[0] for s in SHAPES])
+def test_forward_and_gradients_match_reference(name, T, H, I, E, k, dtype):
+    # fp16 activations with float32 routing weights: the weights keep their own dtype end to end.
+    weights_dtype = torch.float32 if dtype == torch.float16 else None
+    inputs = make_block(T, H, I, E, k, dtype, weights_dtype=weights_dtype)
+    grad_out = torch.randn(T, H, dtype=dtype)
+
+    out, grads = run_block(moe_experts, inputs, grad_out)
+    ref_inputs = {n: t.double() if t.is_floating_point() else t for n, t in inputs.items()}
+    ref, ref_grads = run_block(reference_moe_experts, ref_inputs, grad_out.double())
+
+    tol = TOLERANCES[dtype]
+    assert out.dtype == dtype and out.shape == (T, H)
+    assert relative_error(out, ref) < tol
+    for grad_name in DIFFERENTIABLE:
+        assert grads[grad_name].dtype == inputs[grad_name].dtype, grad_name
+        assert relative_error(grads[grad_name], ref_grads[grad_name]) < tol, grad_name
+    routed = set(inputs["top_k_index"].flatten().tolist())
+    for e in set(range(E)) - routed:  # an expert with no rows gets an exact zero gradient
+        assert torch.equal(grads["gate_up_w"][e], torch.zeros_like(grads["gate_up_w"][e]))
+        assert torch.equal(grads["down_w"][e], torch.zeros_like(grads["down_w"][e]))
+
+
+def test_frozen_inputs_get_no_gradient_work():
+    # Only the routing weights train: the op returns no hidden or weight gradients.
+    inputs = make_block(5, 32, 16, 4, 2, torch.float32)
+    w = inputs["top_k_weights"].clone().requires_grad_()
+    out = moe_experts(inputs["hidden"], inputs["gate_up_w"], inputs["down_w"], inputs["top_k_index"], w)
+    (grad_w,) = torch.autograd.grad(out.sum(), [w])
+    w_ref = inputs["top_k_weights"].double().requires_grad_()
+    ref = reference_moe_experts(inputs["hidden"], inputs["gate_up_w"], inputs["down_w"], inputs["top_k_index"], w_ref)
+    (ref_grad_w,) = torch.autograd.grad(ref.sum(), [w_ref])
+    assert relative_error(grad_w, ref_grad_w) < TOLERANCES[torch.float32]
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compiles_without_graph_breaks(dynamic):
+    # The interpreter's ops are opaque (moe_tune.ops.launch): this checks Dynamo traces the block
+    # whole, the fake implementations and the registered autograd; Inductor tracing into the
+    # kernels is exercised by the GPU tests.
+    torch._dynamo.reset()
+    compiled = torch.compile(moe_experts, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for T in (5, 7):  # a second token count: recompiles (static) or reuses the graph (dynamic)
+        inputs = make_block(T, 32, 16, 4, 2, torch.float32)
+        grad_out = torch.randn(T, 32)
+        out, grads = run_block(compiled, inputs, grad_out)
+        eager_out, eager_grads = run_block(moe_experts, inputs, grad_out)
+        assert torch.equal(out, eager_out)
+        for name in DIFFERENTIABLE:
+            assert torch.equal(grads[name], eager_grads[name]), name
+
+
+def test_opcheck_forward_op():
+    inputs = make_block(6, 32, 16, 4, 2, torch.float32)
+    for name in DIFFERENTIABLE:
+        inputs[name].requires_grad_()
+    args = (*inputs.values(), "silu")
+    torch.library.opcheck(custom_ops.moe_experts_fwd, args)
+
+
+@pytest.mark.parametrize("needs", [(True, True, True), (False, True, False)], ids=["all", "gate-up-only"])
+def test_opcheck_backward_op(needs):
+    T, H, I, E, k = 6, 32, 16, 4, 2
+    inputs = make_block(T, H, I, E, k, torch.float32)
+    routing = build_routing(inputs["top_k_index"], E)
+    args = (torch.randn(T, H), inputs["hidden"], inputs["gate_up_w"], inputs["down_w"], inputs["top_k_weights"],
+            torch.randn(T * k, 2 * I), routing.expert_offsets, routing.sorted_slots, "silu", *needs)
+    torch.library.opcheck(custom_ops.moe_experts_bwd, args)
+
+
+def _bad(**changes):
+    inputs = make_block(4, 32, 16, 4, 2, torch.float32)
+    inputs.update(changes)
+    return inputs
+
+
+# what is wrong, the inputs, a phrase the error must contain
+BAD_INPUTS = [
+    ("down-shape", lambda: _bad(down_w=torch.randn(4, 32, 8)), "down_w must be [E, H, I]"),
+    ("odd-gate-up", lambda: _bad(gate_up_w=torch.randn(4, 31, 32)), "gate_up_w must be [E, 2I, H]"),
+    ("dtype-mix", lambda: _bad(hidden=torch.randn(4, 32, dtype=torch.float16)), "share a dtype"),
+    ("k-above-E", lambda: _bad(top_k_index=torch.zeros(4, 5, dtype=torch.long), top_k_weights=torch.rand(4, 5)),
+     "top-k must be between 1"),
+    ("weights-shape", lambda: _bad(top_k_weights=torch.rand(4, 3)), "top_k_weights must be [T, k]"),
+    ("float-index", lambda: _bad(top_k_index=torch.zeros(4, 2)), "int32 or int64"),
+]
+
+
+@pytest.mark.parametrize("name, make, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_invalid_inputs_raise(name, make, message):
+    with pytest.raises(InvalidInputError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        moe_experts(**make())
+
+
+def test_unknown_activation_raises():
+    with pytest.raises(InvalidInputError, match="activation must be one of silu"):
+        moe_experts(**make_block(4, 32, 16, 4, 2, torch.float32), activation="gelu")
