@@ -10,22 +10,23 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.metadata
 import sys
-from pathlib import Path
 
 from moe_tune import __version__
 
 # Distributions that install the `triton` module: upstream, PyTorch's pinned build, nightlies.
 _TRITON_DISTS = ("triton", "pytorch-triton", "triton-nightly", "pytorch-triton-rocm")
 
-KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
+UNKNOWN_KERNEL_HASH = "unknown"
 
 
 @functools.lru_cache(maxsize=None)
 def triton_version() -> str:
     """The installed Triton's version from package metadata (importing triton costs ~1 s and
-    the runtime must not pay it just to pick a cache file)."""
+    the runtime must not pay it just to pick a cache file). importlib.metadata itself costs ~10 ms
+    to import, hence here and not at the top: only a memo miss pays it."""
+    import importlib.metadata
+
     for dist in _TRITON_DISTS:
         try:
             return importlib.metadata.version(dist)
@@ -36,14 +37,25 @@ def triton_version() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def kernel_source_hash(kernels_dir: Path = KERNELS_DIR) -> str:
-    """sha256 (first 16 hex digits) over the kernel sources, read as files: each ``*.py`` by
-    name order, as name, NUL, bytes, NUL. Any edit to a kernel changes it, which is the point:
-    configs tuned for other kernel code may no longer be the fastest."""
-    digest = hashlib.sha256()
-    for path in sorted(kernels_dir.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
+def kernel_source_hash() -> str:
+    """sha256 (first 16 hex digits) over the kernel sources, read as files: each
+    ``moe_tune/kernels/*.py`` by name order, as name, NUL, bytes, NUL. Any edit to a kernel changes
+    it, which is the point: configs tuned for other kernel code may no longer be the fastest.
+
+    Read through ``importlib.resources`` on the ``moe_tune`` package (a zip or wheel works too)
+    without importing ``moe_tune.kernels``, which would import triton. ``"unknown"`` when the
+    sources cannot be read (then nothing is compared)."""
+    import importlib.resources
+
+    try:
+        folder = importlib.resources.files("moe_tune") / "kernels"
+        sources = sorted((f for f in folder.iterdir() if f.name.endswith(".py")), key=lambda f: f.name)
+        digest = hashlib.sha256()
+        for source in sources:
+            digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    except (OSError, ModuleNotFoundError):
+        return UNKNOWN_KERNEL_HASH
+    return digest.hexdigest()[:16] if sources else UNKNOWN_KERNEL_HASH
 
 
 def current_software():

@@ -42,7 +42,7 @@ from typing import Sequence
 
 from moe_tune.cache import paths
 from moe_tune.cache.schema import BucketEntry, CacheFile
-from moe_tune.cache.software import kernel_source_hash, triton_version
+from moe_tune.cache.software import UNKNOWN_KERNEL_HASH, kernel_source_hash, triton_version
 from moe_tune.cache.store import read_cache_file
 from moe_tune.device import DeviceInfo
 from moe_tune.errors import CacheError, CacheMissError, CacheWarning, InvalidInputError
@@ -307,9 +307,10 @@ def _eligible(problem: Problem, device: DeviceInfo, layer: paths.Layer, source: 
     if not entries:
         return None
     hashes = {e.software.kernel_hash for e in entries.values()}
-    if hashes != {kernel_source_hash()}:
+    installed = kernel_source_hash()
+    if installed != UNKNOWN_KERNEL_HASH and hashes != {installed}:
         _warn_once(f"kernels:{source}", (
             f"moe-tune: {source} was tuned against other kernel sources (hash {', '.join(sorted(hashes))}, "
-            f"installed {kernel_source_hash()}); its configs still run but may no longer be the fastest"))
+            f"installed {installed}); its configs still run but may no longer be the fastest"))
     log.debug("%s: %s from %s", problem.key, layer.name, source)
     return _Table(tuple(sorted(entries)), entries, layer.name, source, cache.triton)
