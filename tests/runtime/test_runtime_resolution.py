@@ -251,6 +251,8 @@ BUCKET_CASES = [
     ([128, 1024, 8192], 0, 128),  # an empty batch counts as one token
     ([128, 1024, 8192], 10**7, 8192),  # above the largest
     ([4096], 3, 4096),  # a single bucket takes everything
+    ([1024, 4096], 2047, 1024),  # docs/cache.md's example: 2047² < 1024·4096
+    ([1024, 4096], 2048, 4096),  # 2048² = 1024·4096, the tie goes up
 ]
 
 
