@@ -27,8 +27,9 @@ TOLERANCES = {torch.float32: 1e-4, torch.float16: 5e-3}
 
 CACHED = KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1)
 
-# Names under moe_tune.tuning that time, search or tune (anything matching is rigged to raise).
-_TIMING_NAME = re.compile(r"bench|tim(e|ing|er)|measure|sweep|tune|search|profil", re.IGNORECASE)
+# Names under moe_tune.tuning that time, search, tune or start timing workers (anything matching
+# is rigged to raise; exception classes are left alone so `except` clauses keep working).
+_TIMING_NAME = re.compile(r"bench|tim(e|ing|er)|measure|sweep|tune|search|profil|engine|worker", re.IGNORECASE)
 
 
 class Benchmarked(AssertionError):
@@ -60,6 +61,8 @@ def _rig_timing(monkeypatch) -> list[str]:
         except Exception:  # a colleague's module mid-edit cannot be on the runtime path either
             continue
         for name, obj in list(vars(module).items()):
+            if isinstance(obj, type) and issubclass(obj, BaseException):
+                continue
             if callable(obj) and getattr(obj, "__module__", None) == module.__name__ and _TIMING_NAME.search(name):
                 monkeypatch.setattr(module, name, _raiser(f"{module.__name__}.{name}"))
                 rigged.append(f"{module.__name__}.{name}")
