@@ -1,0 +1,207 @@
+"""``moe-tune sweep``: tune a model's six problems on this GPU and write them to the cache.
+
+Data flow: flags → ``tuning.sweep.SweepOptions`` → ``run_sweep`` (progress bars with ETA per
+problem on stderr) → a summary table (problem × bucket: best config, TFLOP/s, speedup over the
+heuristic default) on stdout, or the whole report as JSON with ``--json``. Exit 0 when every
+bucket has a tuned config; 1 when the budget stopped the sweep or a bucket found no config that
+passed the correctness gate; 2 for bad input or no GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from moe_tune.cli.models import EpOption, HfConfigOption, ShapeOption, TpOption
+from moe_tune.cli.options import JsonOption
+from moe_tune.errors import InvalidInputError
+
+# The shared --cache-dir, plus the -o short form `sweep` has always documented (it is the
+# command's output directory).
+SweepCacheDirOption = Annotated[
+    Optional[Path],
+    typer.Option("--cache-dir", "-o", help="Cache directory to write (default: $MOE_TUNE_CACHE_DIR, else the user "
+                 "cache dir); the journal goes to its journals/ folder.", show_default=False),
+]
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    values = []
+    for part in text.replace(",", " ").split():
+        scale = 1
+        if part[-1:].lower() == "k":
+            part, scale = part[:-1], 1024
+        try:
+            values.append(int(part) * scale)
+        except ValueError:
+            raise InvalidInputError(f"{flag} takes integers like 1024,4096 (or 1k,4k); cannot read {part!r}") from None
+    if not values:
+        raise InvalidInputError(f"{flag} needs at least one value")
+    return tuple(values)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(p for p in text.replace(",", " ").split() if p)
+
+
+class _RichProgress:
+    """One progress bar per problem on stderr, with the ETA of the problem's planned measurements."""
+
+    def __init__(self):
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.console = Console(stderr=True)
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                 console=self.console, transient=False)
+        self.task = None
+        self.started = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.started:
+            self.progress.stop()
+
+    def start_problem(self, problem, total: int) -> None:
+        # Started on the first problem, so that an early error leaves stderr a single line.
+        if not self.started:
+            self.progress.start()
+            self.started = True
+        self.task = self.progress.add_task(f"{problem.gemm:>4} {problem.pass_:<7}", total=total)
+
+    def advance(self) -> None:
+        if self.task is not None:
+            task = self.progress.tasks[-1]
+            if task.completed + 1 >= task.total:  # the plan was an estimate: grow rather than stall at 100%
+                self.progress.update(self.task, total=task.completed + 2)
+            self.progress.advance(self.task)
+
+    def set_completed(self, done: int) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, completed=done, total=max(done, self.progress.tasks[-1].total or 0))
+
+    def finish_problem(self, problem) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, total=self.progress.tasks[-1].completed)
+
+    def note(self, message: str) -> None:
+        self.console.print(f"[yellow]moe-tune: {message}[/yellow]")
+
+
+def sweep(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="A model preset (see `moe-tune models`).",
+                                                 show_default=False)] = None,
+    hf_config: HfConfigOption = None,
+    shape: ShapeOption = None,
+    ep: EpOption = 1,
+    tp: TpOption = 1,
+    tokens: Annotated[Optional[str], typer.Option(
+        "--tokens", help="Token buckets (tokens per micro-batch), e.g. 1024,4096,16384 "
+        "[default: 1024..32768 by powers of two; 32,64 with --interpret].", show_default=False)] = None,
+    passes: Annotated[str, typer.Option("--passes", help="Passes to tune: forward,dx,dw.")] = "forward,dx,dw",
+    gemms: Annotated[str, typer.Option("--gemms", help="GEMMs to tune: up (gate_up), down.")] = "up,down",
+    dtype: Annotated[Optional[str], typer.Option(
+        "--dtype", help="bfloat16, float16 or float32 [default: bfloat16; float32 with --interpret].",
+        show_default=False)] = None,
+    routing: Annotated[str, typer.Option(
+        "--routing", help="Token routing while tuning: uniform, zipf:S (skewed) or trace:FILE (.pt/.npy of int [T,k]).")
+    ] = "uniform",
+    space: Annotated[Optional[str], typer.Option(
+        "--space", help="Config space: quick, default or full [default: default; interpret with --interpret].",
+        show_default=False)] = None,
+    budget: Annotated[Optional[float], typer.Option(
+        "--budget", help="Wall-clock cap in seconds; finished buckets are written, --resume continues.",
+        show_default=False)] = None,
+    cache_dir: SweepCacheDirOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the journal of an interrupted sweep.")] = False,
+    exhaustive: Annotated[bool, typer.Option(
+        "--exhaustive", help="Compile, screen and re-time every legal config (to check the fast search).")] = False,
+    interpret: Annotated[bool, typer.Option(
+        "--interpret", help="Run the whole pipeline in Triton's CPU interpreter (tiny shapes; times are meaningless).")
+    ] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random routing and inputs.")] = 0,
+    candidate_timeout: Annotated[float, typer.Option(
+        "--candidate-timeout", help="Seconds a candidate may take before its worker is killed.")] = 120.0,
+    compile_workers: Annotated[Optional[int], typer.Option(
+        "--compile-workers", help="Processes compiling candidates ahead of timing [default: CPU cores - 2].",
+        show_default=False)] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Tune the grouped-GEMM kernels of a model's MoE layer on this GPU and write the cache."""
+    from moe_tune.models import resolve_model
+    from moe_tune.tuning.sweep import SweepOptions, run_sweep
+    from moe_tune.tuning.timing import RoutingSpec
+
+    if interpret and not (model or hf_config or shape):
+        model = "tiny"
+    spec = resolve_model(model=model, hf_config=hf_config, shape=shape, ep=ep, tp=tp)
+    options = SweepOptions(
+        model=spec,
+        tokens=_int_list(tokens, "--tokens") if tokens else None,
+        passes=_names(passes),
+        gemms=_names(gemms),
+        dtype=dtype,
+        routing=RoutingSpec.parse(routing),
+        space=space,
+        exhaustive=exhaustive,
+        budget_s=budget,
+        cache_dir=cache_dir,
+        resume=resume,
+        interpret=interpret,
+        seed=seed,
+        candidate_timeout_s=candidate_timeout,
+        compile_workers=compile_workers,
+    )
+    with _RichProgress() as progress:
+        report = run_sweep(options, progress=progress)
+    if json_output:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_summary(report)
+    failed = report.failed_buckets
+    if report.stopped:
+        print(f"moe-tune: {report.stopped}", file=sys.stderr)
+    if failed:
+        names = ", ".join(f"{b.problem.key}@{b.tokens}" for b in failed)
+        print(f"moe-tune: no config passed the correctness gate for {names}", file=sys.stderr)
+    if report.stopped or failed:
+        raise typer.Exit(1)
+
+
+def _print_summary(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    device = report.device
+    table = Table(title=f"{report.model.name} on {device.name}: {report.options.dtype}, routing "
+                        f"{report.options.routing}, {report.elapsed_s:.0f} s")
+    for column in ("gemm", "pass", "tokens", "best config", "ms", "TFLOP/s", "vs default"):
+        table.add_column(column, justify="left" if column in ("gemm", "pass", "best config") else "right")
+    for problem, buckets in report.results.items():
+        for b in buckets:
+            if b.ok:
+                speedup = f"{b.speedup:.2f}x" if b.speedup else "-"
+                table.add_row(problem.gemm, problem.pass_, str(b.tokens), b.winner.short(), f"{b.median_ms:.4g}",
+                              f"{b.tflops:.1f}", speedup)
+            else:
+                table.add_row(problem.gemm, problem.pass_, str(b.tokens), "[red]no config passed[/red]", "-", "-", "-")
+    console = Console()
+    console.print(table)
+    stats = report.stats.to_dict()
+    console.print(f"cache: {report.cache_path or '(nothing written)'}")
+    console.print(f"journal: {report.journal_path}")
+    console.print(f"{stats['measurements']} measurements ({stats['failed_measurements']} failed, "
+                  f"{stats['replayed_from_journal']} replayed from the journal), {stats['compiles']} compiles, "
+                  f"{stats['worker_restarts']} worker restarts")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sweep")(sweep)

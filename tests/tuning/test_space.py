@@ -1,0 +1,112 @@
+"""The config space and its pruning predicates (moe_tune/space.py), on every preset's problems:
+what the sweep compiles is legal, and each named rule prunes what it claims to."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from moe_tune.device import INTERPRETER_DEVICE, DeviceInfo
+from moe_tune.models import list_presets, load_preset
+from moe_tune.problem import DTYPE_BYTES, KernelConfig, MoeShape, Problem
+from moe_tune.space import (
+    HARD_PREDICATES,
+    PREDICATES,
+    SPACES,
+    candidates,
+    default_config,
+    output_scattered,
+    output_tile,
+    rows_block_fits_tokens,
+    shared_mem_bytes,
+    why_illegal,
+)
+
+H100 = DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0), sm_count=132, max_shared_mem=232448)
+A100 = DeviceInfo("NVIDIA A100-SXM4-80GB", (8, 0), sm_count=108, max_shared_mem=166912)
+SMALL = DeviceInfo("small-smem", (8, 6), sm_count=84, max_shared_mem=101376)  # sm_86: 99 KiB per block
+
+
+def all_problems(dtype="bfloat16"):
+    return [p for preset in list_presets(include_test=False) for p in preset.shape.problems(dtype)]
+
+
+@pytest.mark.parametrize("space", ["quick", "default"])
+@pytest.mark.parametrize("device", [H100, A100, SMALL], ids=["h100", "a100", "small-smem"])
+def test_every_candidate_passes_every_predicate(space, device, rng):
+    for problem in rng.sample(all_problems(rng.choice(["bfloat16", "float16", "float32"])), 12):
+        for cfg in candidates(problem, device, space):
+            assert why_illegal(problem, cfg, device, PREDICATES) is None
+
+
+def test_shared_memory_rule_depends_on_the_device():
+    problem = load_preset("qwen3-30b-a3b").problems()[0]
+    big = KernelConfig(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=5)
+    assert shared_mem_bytes(problem, big) > SMALL.max_shared_mem
+    assert big not in candidates(problem, SMALL, "full")
+    assert all(shared_mem_bytes(problem, c) <= SMALL.max_shared_mem for c in candidates(problem, SMALL, "default"))
+    # fp32 doubles every operand buffer: fewer deep pipelines fit.
+    fp32 = dataclasses.replace(problem, dtype="float32")
+    assert len(candidates(fp32, H100, "default")) < len(candidates(problem, H100, "default"))
+
+
+def test_tma_needs_sm90_and_aligned_rows():
+    problem = load_preset("qwen3-30b-a3b").problems()[0]
+    assert any(c.TMA_LOAD for c in candidates(problem, H100, "default"))
+    assert not any(c.TMA_LOAD or c.TMA_STORE for c in candidates(problem, A100, "default"))
+    # K = 1004 bf16 rows are 2008 bytes, not a multiple of 16: no tensor descriptor can read them.
+    odd = Problem("forward", 8, 512, 1004, 2, "bfloat16", gather=True)
+    assert not any(c.TMA_LOAD or c.TMA_STORE for c in candidates(odd, H100, "default"))
+
+
+def test_scattered_outputs_never_store_through_tma():
+    for problem in load_preset("qwen3-30b-a3b").problems():
+        stores = {c.TMA_STORE for c in candidates(problem, H100, "default")}
+        assert stores == ({False} if output_scattered(problem) else {False, True}), problem.key
+
+
+def test_blocks_larger_than_the_problem_are_pruned():
+    # tiny: N and K are 64 or 32; a 256-wide block would be three quarters masked.
+    for problem in load_preset("tiny").problems("float32"):
+        for cfg in candidates(problem, INTERPRETER_DEVICE, "full"):
+            rows, cols = output_tile(problem, cfg)
+            assert cols <= 64 and (problem.pass_ != "dw" or rows <= 64)
+
+
+def test_token_rule_drops_row_blocks_far_above_the_rows_per_expert():
+    problem = load_preset("qwen3-30b-a3b").problems()[0]  # E=128, k=8: T/16 rows per expert
+    few = candidates(problem, H100, "full", num_tokens=64)  # 4 rows per expert
+    many = candidates(problem, H100, "full", num_tokens=65536)
+    assert max(c.BLOCK_M for c in few) == 64 and max(c.BLOCK_M for c in many) == 256
+    assert all(rows_block_fits_tokens(problem, c, 64) for c in few)
+
+
+def test_default_space_size_is_what_the_search_is_designed_for():
+    # The search compiles ~56 of these per problem; the full space is the exhaustive reference.
+    for problem in load_preset("qwen3-30b-a3b").problems():
+        assert 100 <= len(candidates(problem, H100, "default")) <= 400
+        assert len(candidates(problem, H100, "full")) > 1000
+
+
+@pytest.mark.parametrize("device", [H100, A100, SMALL, INTERPRETER_DEVICE], ids=["h100", "a100", "small", "interp"])
+def test_default_config_is_always_runnable(device):
+    for problem in all_problems() + all_problems("float32"):
+        assert why_illegal(problem, default_config(problem, device), device, HARD_PREDICATES) is None
+
+
+def test_interpret_space_covers_the_tiny_preset():
+    for dtype in ("float32", "float16"):
+        for problem in load_preset("tiny").problems(dtype):
+            found = candidates(problem, INTERPRETER_DEVICE, "interpret", num_tokens=32)
+            assert 8 <= len(found) <= 16
+            assert {c.TMA_LOAD for c in found} == {False, True}
+
+
+def test_unknown_space_is_a_clear_error():
+    from moe_tune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown search space"):
+        candidates(MoeShape(4, 64, 32, 2).problems()[0], H100, "huge")
+    assert set(SPACES) >= {"quick", "default", "full", "interpret"}
+    assert DTYPE_BYTES["float32"] == 4
