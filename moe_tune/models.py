@@ -63,11 +63,22 @@ def _preset_from_json(data: Mapping[str, Any], origin: str) -> Preset:
         raise InvalidInputError(f"model preset {origin} lacks {exc}") from None
 
 
-@functools.lru_cache(maxsize=1)
-def _load_all() -> tuple[Preset, ...]:
+def _presets_folder():
     import importlib.resources
 
-    folder = importlib.resources.files(PRESET_PACKAGE) / "models"
+    try:
+        return importlib.resources.files(PRESET_PACKAGE) / "models"
+    except ModuleNotFoundError:
+        # A source checkout on PYTHONPATH, not installed (how GPU boxes often run it): the
+        # resource package is the repository's configs/ folder.
+        from pathlib import Path
+
+        return Path(__file__).resolve().parent.parent / "configs" / "models"
+
+
+@functools.lru_cache(maxsize=1)
+def _load_all() -> tuple[Preset, ...]:
+    folder = _presets_folder()
     presets = []
     for entry in sorted(folder.iterdir(), key=lambda f: f.name):
         if not entry.name.endswith(".json"):
@@ -242,9 +253,11 @@ def resolve_model(model: str | None = None, hf_config: str | None = None, shape:
     if len(given) != 1:
         raise InvalidInputError("give exactly one of --model, --hf-config, --shape"
                                 + (f" (got {', '.join(given)})" if given else ""))
+    details: dict[str, Any] = {"ep": ep, "tp": tp}
     if model:
         preset = find_preset(model)
         name, base, source = preset.name, preset.shape, "preset"
+        details["preset"] = preset.name
     elif hf_config:
         base, source = shape_from_hf_config(hf_config), "hf-config"
         name = os.path.basename(os.path.dirname(os.path.abspath(hf_config))) or "hf-config"
@@ -254,4 +267,4 @@ def resolve_model(model: str | None = None, hf_config: str | None = None, shape:
     per_rank = split_parallel(base, ep, tp)
     if ep > 1 or tp > 1:
         name = f"{name}-ep{ep}-tp{tp}"
-    return ModelSpec(name, per_rank, source, {"ep": ep, "tp": tp})
+    return ModelSpec(name, per_rank, source, details)

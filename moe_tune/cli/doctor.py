@@ -80,7 +80,12 @@ def _caches(cache_dir) -> list[dict[str, Any]]:
     from moe_tune.cache.store import read_cache_file
 
     layers = []
-    for layer in paths.search_layers(cache_dir):
+    try:
+        found = paths.search_layers(cache_dir)
+    except ImportError as exc:  # platformdirs missing (GPU images often lack it): report, keep going
+        found = [paths.Layer("explicit", Path(cache_dir))] if cache_dir is not None else []
+        layers.append({"layer": "user", "root": None, "files": [], "error": f"cannot locate: {exc}"})
+    for layer in found:
         entry: dict[str, Any] = {"layer": layer.name, "root": str(layer.root), "files": []}
         try:
             files = layer.cache_files()

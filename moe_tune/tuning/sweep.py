@@ -496,7 +496,8 @@ def run_sweep(options: SweepOptions, progress: Progress | None = None) -> SweepR
                 progress.finish_problem(problem)
             finally:
                 if options.write_cache and any(b.ok for b in buckets):
-                    cache_path = str(write_results(cache_dir, device, problem, buckets, time.monotonic() - started))
+                    cache_path = str(write_results(cache_dir, device, problem, buckets, time.monotonic() - started,
+                                                   sweep_command(options)))
     except BudgetExhausted as exc:
         stopped = f"{exc}; rerun with --resume to finish"
         progress.note(stopped)
@@ -508,6 +509,28 @@ def run_sweep(options: SweepOptions, progress: Progress | None = None) -> SweepR
                        engine.stats, cache_path, str(jpath), stopped)
 
 
+def sweep_command(options: SweepOptions) -> str:
+    """The resolved options as a ``moe-tune sweep`` command line (the cache's provenance)."""
+    import shlex
+
+    spec = options.model
+    if "preset" in spec.details:
+        parts = ["--model", spec.details["preset"]]
+        for flag in ("ep", "tp"):
+            if spec.details.get(flag, 1) > 1:
+                parts += [f"--{flag}", str(spec.details[flag])]
+    else:  # a config.json path means nothing on another machine: record the per-rank shape
+        s = spec.shape
+        parts = ["--shape", f"E={s.E},H={s.H},I={s.I},topk={s.topk}"]
+    parts += ["--tokens", ",".join(map(str, options.tokens)), "--passes", ",".join(options.passes),
+              "--gemms", ",".join(options.gemms), "--dtype", options.dtype, "--routing", str(options.routing),
+              "--space", options.space, "--seed", str(options.seed)]
+    for flag, on in (("--exhaustive", options.exhaustive), ("--interpret", options.interpret)):
+        if on:
+            parts.append(flag)
+    return shlex.join(["moe-tune", "sweep", *parts])
+
+
 def _seeds(previous: list[BucketResult]) -> list[KernelConfig]:
     """The previous bucket's winner and runner-up."""
     if not previous or not previous[-1].careful:
@@ -516,11 +539,11 @@ def _seeds(previous: list[BucketResult]) -> list[KernelConfig]:
 
 
 def write_results(cache_dir: Path, device: DeviceInfo, problem: Problem, buckets: list[BucketResult],
-                  elapsed_s: float) -> Path:
+                  elapsed_s: float, command: str | None = None) -> Path:
     """Merge one problem's passing buckets into the cache file (locked; see ``cache.store``)."""
     from moe_tune.cache import CacheFile, CacheStore, Measurement
 
-    cache = CacheFile.new(device, sweep_seconds=elapsed_s)
+    cache = CacheFile.new(device, command=command, sweep_seconds=elapsed_s)
     for b in buckets:
         if not b.ok:
             continue  # no config passed the gate: nothing trustworthy to write

@@ -378,8 +378,6 @@ class Bench:
         self._cycles_per_ms = None
         if not self.interpreter:
             torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference must be exact
-            l2 = getattr(torch.cuda.get_device_properties(self.device), "L2_cache_size", 0) or (50 << 20)
-            self._flush = torch.empty(2 * l2, dtype=torch.int8, device=self.device)
 
     # -- protocol -------------------------------------------------------------------------------
 
@@ -522,6 +520,9 @@ class Bench:
     def _event_times(self, run: Callable[[], Any], n: int, cpu_ms: float) -> list[float]:
         import torch
 
+        if self._flush is None:  # allocated on first use: compile workers never time anything
+            l2 = getattr(torch.cuda.get_device_properties(self.device), "L2_cache_size", 0) or (50 << 20)
+            self._flush = torch.empty(2 * l2, dtype=torch.int8, device=self.device)
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         torch.cuda.synchronize()
@@ -567,7 +568,7 @@ class Bench:
                                               with_reference=False, weight_values=False)
                     self._compile_key = key
                 with _kernels_compile_only():
-                    self._compile_case.launch(cfg, self._compile_case.new_output(0.0))
+                    self._compile_case.launch(cfg)
         except Exception as exc:
             return {"ok": False, "error": f"{type(exc).__name__}: {str(exc).strip()[:500]}",
                     "seconds": time.perf_counter() - start}

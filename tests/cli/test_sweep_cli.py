@@ -56,7 +56,7 @@ def test_sweep_interpret_end_to_end(cli, tmp_path, rng):
         assert entry.measurement.correct and entry.measurement.max_rel_err <= 5e-3
         assert why_illegal(problem, entry.config, INTERPRETER_DEVICE, HARD_PREDICATES) is None
         assert entry.config.to_dict() == reported[problem.key]["winner"]
-    assert "sweep" in cache.provenance.writes[-1].command
+    assert cache.provenance.writes[-1].command.startswith("moe-tune sweep --model tiny --tokens 32 ")
 
     # What training sees: the runtime loader resolves every problem from this file.
     runtime.set_cache_dir(out)
