@@ -189,8 +189,9 @@ def _print_summary(report) -> None:
         for b in buckets:
             if b.ok:
                 speedup = f"{b.speedup:.2f}x" if b.speedup else "-"
+                tflops = f"{b.tflops:.1f}" if b.tflops is not None else "-"
                 table.add_row(problem.gemm, problem.pass_, str(b.tokens), b.winner.short(), f"{b.median_ms:.4g}",
-                              f"{b.tflops:.1f}", speedup)
+                              tflops, speedup)
             else:
                 table.add_row(problem.gemm, problem.pass_, str(b.tokens), "[red]no config passed[/red]", "-", "-", "-")
     console = Console()
@@ -198,8 +199,11 @@ def _print_summary(report) -> None:
     stats = report.stats.to_dict()
     console.print(f"cache: {report.cache_path or '(nothing written)'}")
     console.print(f"journal: {report.journal_path}")
+    compiles = f"{stats['compiles']} compiles"
+    if stats["compile_workers"]:
+        compiles += f" on {stats['compile_workers']} processes ({stats['compile_wall_s']} s wall)"
     console.print(f"{stats['measurements']} measurements ({stats['failed_measurements']} failed, "
-                  f"{stats['replayed_from_journal']} replayed from the journal), {stats['compiles']} compiles, "
+                  f"{stats['replayed_from_journal']} replayed from the journal), {compiles}, "
                   f"{stats['worker_restarts']} worker restarts")
 
 

@@ -180,6 +180,8 @@ class EngineStats:
     replayed: int = 0  # answered from a resumed journal
     failures: int = 0
     worker_restarts: int = 0
+    compile_workers: int = 0
+    compile_wall_s: float | None = None  # first compile submitted → last one finished
     first_launch_ms: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,6 +190,8 @@ class EngineStats:
             "compiles": self.compiles,
             "compile_failures": self.compile_failures,
             "compile_cpu_seconds": round(self.compile_seconds, 3),
+            "compile_workers": self.compile_workers,
+            "compile_wall_s": round(self.compile_wall_s, 3) if self.compile_wall_s is not None else None,
             "measurements": self.measurements,
             "replayed_from_journal": self.replayed,
             "failed_measurements": self.failures,
@@ -234,6 +238,9 @@ class Engine:
         self.stats = EngineStats()
         self.worker = WorkerProcess(faults=faults, name="moe-tune-timing")
         self.pool = WorkerPool(compile_workers, faults=faults) if compile_workers > 0 else None
+        self.stats.compile_workers = compile_workers
+        self._compile_started: float | None = None
+        self._compile_finished: list[float] = []
         self._compiles: dict[tuple[str, KernelConfig], Future] = {}
         self._compile_errors: dict[tuple[str, KernelConfig], str] = {}
         self._memo: dict[tuple[str, int, str, str], Outcome] = {}
@@ -257,6 +264,8 @@ class Engine:
             self.pool.close(cancel_pending=True)
             self.stats.worker_restarts += self.pool.restarts
             self.pool = None
+        if self._compile_started is not None and self._compile_finished:
+            self.stats.compile_wall_s = max(self._compile_finished) - self._compile_started
         self.stats.worker_restarts += self.worker.restarts
         self.worker.close()
 
@@ -275,7 +284,11 @@ class Engine:
                 continue
             request = {"op": "compile", "problem": problem.to_dict(), "config": cfg.to_dict(),
                        "tokens": list(self.buckets)}
-            self._compiles[key] = self.pool.submit(request, timeout=max(self.timeout, 300.0))
+            if self._compile_started is None:
+                self._compile_started = time.monotonic()
+            future = self.pool.submit(request, timeout=max(self.timeout, 300.0))
+            future.add_done_callback(lambda f: f.cancelled() or self._compile_finished.append(time.monotonic()))
+            self._compiles[key] = future
 
     def _compile_error(self, problem: Problem, cfg: KernelConfig) -> str | None:
         key = (problem.key, cfg)

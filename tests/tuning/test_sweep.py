@@ -67,6 +67,20 @@ def test_budget_stops_before_measuring_and_resume_finishes(tmp_path):
     assert finished.complete and finished.cache_path is not None
 
 
+def test_compile_pool_builds_candidates_ahead_of_timing(tmp_path):
+    # Under the interpreter a compile is a no-op launch, but the path is the GPU's: every
+    # candidate goes through a pool worker (a spawned process) before the timing worker sees it.
+    options = SweepOptions(model=TINY, tokens=(32,), passes=("dx",), gemms=("up",), interpret=True,
+                           cache_dir=tmp_path, compile_workers=1)
+    report = run_sweep(options)
+    assert report.complete
+    stats = report.stats.to_dict()
+    assert stats["compile_workers"] == 1 and stats["compiles"] >= 4 and stats["compile_failures"] == 0
+    assert stats["compile_wall_s"] > 0
+    compiles = [r for r in read_records(report.journal_path) if r["type"] == "compile"]
+    assert len(compiles) == stats["compiles"] and all(r["ok"] for r in compiles)
+
+
 def test_options_are_validated_before_anything_runs(tmp_path):
     with pytest.raises(InvalidInputError, match="bfloat16 wrongly"):
         SweepOptions(model=TINY, interpret=True, dtype="bfloat16").resolved()

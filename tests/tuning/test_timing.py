@@ -134,7 +134,9 @@ def test_gate_sees_an_output_the_kernel_never_wrote(monkeypatch):
         result = case.launch(default_config(problem, INTERPRETER_DEVICE), out)
     from moe_tune.reference import relative_error
 
-    assert torch.isnan(out).all() and math.isinf(relative_error(result, case.reference))
+    assert not relative_error(result, case.reference) <= GATE_TOLERANCE["float32"]
+    if result.data_ptr() == out.data_ptr():  # launchers that write into `out`: the poison is still there
+        assert torch.isnan(out).all() and math.isinf(relative_error(result, case.reference))
 
 
 def test_config_errors_are_failures_not_crashes():
