@@ -7,7 +7,8 @@ Two steps, each sized for one 10-minute command (``--step all`` runs both in one
   default token grid and space, cold Triton cache unless the machine is warm), timed end to end
   with ``--budget`` as a safety cap. Writes ``sweep.json`` (the sweep's own JSON report),
   ``sweep.log`` (its stderr), ``sweep_summary.json`` (wall time, the ≤ 5 min target, per
-  problem × bucket: config, TFLOP/s, speedup over the heuristic default).
+  problem × bucket: config, TFLOP/s, speedup over the heuristic default), ``sweep_cache.json``
+  and ``sweep_journal.jsonl`` (the cache file written and the journal).
 * ``check`` — for 6 (problem, bucket) points (up forward, down dx, up dW at 4096 and 16384
   tokens), in one process and one timing worker: the fast search exactly as the sweep runs it
   (same plan, seeded by the previous bucket), then every legal config of the default space
@@ -30,9 +31,11 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +46,8 @@ sys.path.insert(0, str(REPO))  # a source checkout works without `pip install -e
 CHECK_POINTS = (("up", "forward"), ("down", "dx"), ("up", "dw"))
 CHECK_TOKENS = (4096, 16384)
 HEAD_TO_HEAD_ROUNDS = 3
+# A healthy candidate takes well under a second; a hung one must not eat a 10-minute command.
+CANDIDATE_TIMEOUT_S = 60
 
 
 class Setup:
@@ -98,18 +103,19 @@ def subprocess_env() -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def step_sweep(out: Path, setup: Setup, budget: float, env_info: dict) -> bool:
-    cache_dir = out / "cache_sweep"
+def step_sweep(out: Path, setup: Setup, budget: float, env_info: dict, cache_dir: Path) -> bool:
     cmd = [sys.executable, "-m", "moe_tune", "sweep", "--model", setup.model, "-o", str(cache_dir), "--json",
-           "--budget", str(budget)]
+           "--budget", str(budget), "--candidate-timeout", str(CANDIDATE_TIMEOUT_S)]
     if setup.interpret:
         cmd += ["--interpret", "--tokens", ",".join(map(str, setup.grid))]
     log(f"sweep: {' '.join(cmd[1:])}")
     start = time.monotonic()
     with open(out / "sweep.log", "w") as stderr:
         try:
+            # The budget is checked between measurements: one more candidate (bounded by its
+            # timeout) and the cache write can follow it.
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=stderr, env=subprocess_env(),
-                                  timeout=budget + 150, cwd=REPO)
+                                  timeout=budget + CANDIDATE_TIMEOUT_S + 30, cwd=REPO)
             code, stdout = proc.returncode, proc.stdout.decode()
         except subprocess.TimeoutExpired as exc:
             code, stdout = "timeout", (exc.stdout or b"").decode()
@@ -143,6 +149,12 @@ def step_sweep(out: Path, setup: Setup, budget: float, env_info: dict) -> bool:
             speedup = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
             ms = f"{r['ms']:.4f}" if r["ms"] else "-"
             print(f"{r['gemm']:5} {r['pass']:8} {r['tokens']:>6}  {str(r['config']):30} {ms:>8} {tflops:>8} {speedup:>10}")
+    # The cache file and the journal, copied flat beside the reports (a results folder that
+    # travels back from a GPU box keeps at most two levels).
+    for pattern, name in (("*__triton-*.json", "sweep_cache.json"), ("journals/*.jsonl", "sweep_journal.jsonl")):
+        found = sorted(cache_dir.glob(pattern))
+        if found:
+            shutil.copyfile(found[0], out / name)
     write_json(out / "sweep_summary.json", summary)
     return code == 0
 
@@ -179,7 +191,7 @@ def step_check(out: Path, setup: Setup, budget: float, env_info: dict) -> bool:
         return smaller[-1] if smaller else None
 
     engine = Engine(device, routing=RoutingSpec(), seed=0, buckets=grid, compile_workers=workers,
-                    deadline=start + budget)
+                    candidate_timeout_s=CANDIDATE_TIMEOUT_S, deadline=start + budget)
     try:
         engine.start()
         for p in problems:  # fast lists first: they are timed first
@@ -260,6 +272,9 @@ def main() -> int:
                         help="seconds (default 450 for --step sweep, 300 within --step all)")
     parser.add_argument("--check-budget", type=float, default=None,
                         help="seconds (default 480 for --step check; what is left of 9 min within --step all)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="where the sweep writes its cache and journal (default: a fresh temp dir; the cache "
+                        "file and journal are copied into OUT as sweep_cache.json and sweep_journal.jsonl)")
     parser.add_argument("--interpret", action="store_true",
                         help="CPU dry run of this script on the tiny preset under Triton's interpreter")
     args = parser.parse_args()
@@ -277,7 +292,8 @@ def main() -> int:
     ok = True
     if args.step in ("sweep", "all"):
         budget = args.sweep_budget or (300.0 if args.step == "all" else 450.0)
-        ok &= step_sweep(args.out, setup, budget, env_info)
+        cache_dir = args.cache_dir or Path(tempfile.mkdtemp(prefix="moe-tune-sweep-"))
+        ok &= step_sweep(args.out, setup, budget, env_info, cache_dir)
     if args.step in ("check", "all"):
         budget = args.check_budget or (480.0 if args.step == "check" else max(120.0, 540.0 - (time.monotonic() - started)))
         ok &= step_check(args.out, setup, budget, env_info)
