@@ -25,3 +25,22 @@ def reference_moe_experts(hidden, gate_up_w, down_w, top_k_index, top_k_weights,
         y = (torch.nn.functional.silu(gate) * up) @ w2[e].T
         out = out.index_add(0, tokens, y * w[tokens, slots, None])
     return out
+
+
+def routing_weight_grad_scale(hidden, gate_up_w, down_w, top_k_index, grad_out) -> torch.Tensor:
+    """``[T, k]``: ``Σ_i |(G_t·D_e)_i · A_i|`` per slot, in float64.
+
+    The gradient of a routing weight is one dot product over I whose terms can cancel, so a
+    relative error of the sum says little; rounding bounds its error by a few units of the
+    dtype's precision times this sum of absolute terms.
+    """
+    x, w1, w2, g = hidden.double(), gate_up_w.double(), down_w.double(), grad_out.double()
+    scale = torch.zeros(top_k_index.shape, dtype=torch.float64, device=x.device)
+    for e in range(w1.shape[0]):
+        tokens, slots = torch.nonzero(top_k_index == e, as_tuple=True)
+        if tokens.numel() == 0:
+            continue
+        gate, up = (x[tokens] @ w1[e].T).chunk(2, dim=-1)
+        act = torch.nn.functional.silu(gate) * up
+        scale[tokens, slots] = ((g[tokens] @ w2[e]).abs() * act.abs()).sum(-1)
+    return scale

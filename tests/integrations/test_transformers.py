@@ -103,7 +103,7 @@ def test_causal_lm_loss_and_step_match():
     ids = torch.randint(0, 64, (2, 8))
     losses = []
     for model in (ref, ours):
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         losses.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     assert losses[0][0] == pytest.approx(losses[1][0], rel=TOL)
@@ -151,3 +151,18 @@ def test_no_autotuning_through_the_transformers_path(monkeypatch):
     x = torch.randn(1, 4, config.hidden_size)
     out, dx, grads = fwd_bwd(ours, x, torch.ones_like(x))
     assert torch.isfinite(out).all() and torch.isfinite(dx).all()
+
+
+def test_causal_lm_compiles_fullgraph():
+    # The whole model, router and attention included, traces into one graph with moe-tune's ops.
+    register()
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(tiny_config(num_hidden_layers=2))
+    model.set_experts_implementation("moe_tune")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ids = torch.randint(0, 64, (2, 8))
+    eager_loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss = compiled(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    assert loss.item() == pytest.approx(eager_loss.item(), rel=TOL)

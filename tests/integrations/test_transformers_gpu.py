@@ -90,7 +90,7 @@ def test_training_steps_match_grouped_mm():
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         losses[name] = []
         for ids in batches:
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -108,8 +108,8 @@ def test_compiled_causal_lm_trains_without_graph_breaks():
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
     ids = torch.randint(0, 512, (2, 64), device="cuda")
-    eager_loss = model(input_ids=ids, labels=ids).loss
-    loss = compiled(input_ids=ids, labels=ids).loss
+    eager_loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss = compiled(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     assert loss.item() == pytest.approx(eager_loss.item(), rel=1e-2)
 
