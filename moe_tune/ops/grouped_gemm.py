@@ -98,6 +98,13 @@ def _check_weights_vector(weights, rows: int, device: torch.device) -> None:
     _check_tensor("weights", weights, (rows,), device)
 
 
+def _output(name: str, out, shape: tuple, dtype, device: torch.device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    _check_tensor(name, out, shape, device, dtype)
+    return out
+
+
 def _problem(pass_: str, w: torch.Tensor, routing: Routing, gather: bool, scatter: bool, weighted: bool) -> Problem:
     E, N, K = w.shape
     return Problem(pass_, E, N, K, routing.topk, _DTYPE_NAMES[w.dtype], gather, scatter, weighted)
@@ -173,8 +180,9 @@ def _launch_dw(dy, x, dw, routing, weights, *, gather_dy, dy_div, gather_x, x_di
 
 
 def forward(x, w, routing: Routing, *, gather=False, scatter=False, weights=None,
-            config: KernelConfig | None = None) -> torch.Tensor:
-    """Y = X·W[e]ᵀ per expert (see the module docstring for layouts)."""
+            config: KernelConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Y = X·W[e]ᵀ per expert (see the module docstring for layouts); ``out`` ``[M, N]`` is
+    written in place when given."""
     _check_weight(w)
     _check_routing(routing, w.shape[0], w.device)
     E, N, K = w.shape
@@ -183,7 +191,7 @@ def forward(x, w, routing: Routing, *, gather=False, scatter=False, weights=None
     _check_weights_vector(weights, rows, w.device)
     info = query_device(w.device)
     cfg = _resolve(_problem("forward", w, routing, gather, scatter, weights is not None), config, routing, info)
-    y = torch.empty(rows, N, dtype=w.dtype, device=w.device)
+    y = _output("out", out, (rows, N), w.dtype, w.device)
     if rows:
         _launch_mm(x, w, y, routing, weights, trans_w=False, gather_a=gather, gather_div=routing.topk,
                    scatter_c=scatter, cfg=cfg, info=info)
@@ -191,8 +199,9 @@ def forward(x, w, routing: Routing, *, gather=False, scatter=False, weights=None
 
 
 def backward_dx(dy, w, routing: Routing, *, gather=False, scatter=False, weights=None,
-                config: KernelConfig | None = None) -> torch.Tensor:
-    """dX = dY·W[e] per expert, returned in the forward input's layout."""
+                config: KernelConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """dX = dY·W[e] per expert, returned in the forward input's layout. ``out`` ``[M, K]``
+    receives the per-slot rows (slot order when gathering, before the sum over k)."""
     _check_weight(w)
     _check_routing(routing, w.shape[0], w.device)
     E, N, K = w.shape
@@ -202,7 +211,7 @@ def backward_dx(dy, w, routing: Routing, *, gather=False, scatter=False, weights
     info = query_device(w.device)
     cfg = _resolve(_problem("dx", w, routing, gather, scatter, weights is not None), config, routing, info)
     # Gathered forward input: write each slot's row in slot order, then sum the k slots of a token.
-    d_rows = torch.empty(rows, K, dtype=w.dtype, device=w.device)
+    d_rows = _output("out", out, (rows, K), w.dtype, w.device)
     if rows:
         _launch_mm(dy, w, d_rows, routing, weights, trans_w=True, gather_a=scatter, gather_div=1,
                    scatter_c=gather, cfg=cfg, info=info)
@@ -212,8 +221,8 @@ def backward_dx(dy, w, routing: Routing, *, gather=False, scatter=False, weights
 
 
 def backward_dw(dy, x, w_shape, routing: Routing, *, gather=False, scatter=False, weights=None,
-                dtype=None, config: KernelConfig | None = None) -> torch.Tensor:
-    """dW[e] = dY_eᵀ·X_e, shape ``w_shape`` = (E, N, K)."""
+                dtype=None, config: KernelConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """dW[e] = dY_eᵀ·X_e, shape ``w_shape`` = (E, N, K); ``out`` is written in place when given."""
     E, N, K = w_shape
     if not isinstance(dy, torch.Tensor) or not isinstance(x, torch.Tensor):
         _fail("dy and x must be tensors")
@@ -229,7 +238,7 @@ def backward_dw(dy, x, w_shape, routing: Routing, *, gather=False, scatter=False
     info = query_device(device)
     problem = Problem("dw", E, N, K, routing.topk, _DTYPE_NAMES[dtype], gather, scatter, weights is not None)
     cfg = _resolve(problem, config, routing, info)
-    dw = torch.empty(E, N, K, dtype=dtype, device=device)
+    dw = _output("out", out, (E, N, K), dtype, device)
     _launch_dw(dy, x, dw, routing, weights, gather_dy=scatter, dy_div=1, gather_x=gather, x_div=routing.topk,
                cfg=cfg, info=info)
     return dw
