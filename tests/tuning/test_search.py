@@ -20,6 +20,7 @@ from moe_tune.tuning.search import (
     INTERPRETER,
     SearchPolicy,
     estimate_ms,
+    neighbours,
     plan_problem,
     policy_for,
     rank,
@@ -74,7 +75,7 @@ def test_plan_caps_compiles_and_puts_the_default_first():
             assert len(screened) == FAST.screen
             assert set(screened) <= set(plan.compile)
             legal = set(candidates(problem, H100, "default", num_tokens=tokens))
-            assert set(screened) <= legal
+            assert set(screened) <= legal | set(neighbours(problem, plan.default, H100, tokens))
 
 
 def test_plan_screens_every_output_tile_shape():
@@ -84,14 +85,28 @@ def test_plan_screens_every_output_tile_shape():
         plan = plan_problem(problem, H100, "default", BUCKETS, FAST)
         for tokens in BUCKETS:
             tiles = {output_tile(problem, c) for c in candidates(problem, H100, "default", num_tokens=tokens)}
-            assert {output_tile(problem, c) for c in plan.screen[tokens]} == tiles
+            assert {output_tile(problem, c) for c in plan.screen[tokens]} >= tiles
+
+
+def test_the_defaults_neighbourhood_is_screened_first():
+    # The heuristic default comes from a measured scan; one step away along any parameter of the
+    # full space is where a better config most likely sits, even outside the default space.
+    for problem in QWEN.problems():
+        plan = plan_problem(problem, H100, "default", BUCKETS, FAST)
+        for tokens in BUCKETS:
+            near = neighbours(problem, plan.default, H100, tokens)
+            assert 5 <= len(near) and plan.screen[tokens][: len(near)] == sorted(
+                near, key=lambda c: (estimate_ms(problem, c, tokens, H100), c))
+            for cfg in near:
+                changed = [f for f in cfg.to_dict() if cfg.to_dict()[f] != plan.default.to_dict()[f]]
+                assert len(changed) == 1
 
 
 def test_exhaustive_plan_keeps_everything():
     problem = QWEN.problems()[2]
     plan = plan_problem(problem, H100, "default", (4096,), EXHAUSTIVE)
-    legal = candidates(problem, H100, "default", num_tokens=4096)
-    assert set(plan.screen[4096]) == set(legal) and set(plan.compile) == set(legal) | {plan.default}
+    legal = set(candidates(problem, H100, "default", num_tokens=4096)) | set(neighbours(problem, plan.default, H100, 4096))
+    assert set(plan.screen[4096]) == legal and set(plan.compile) == legal | {plan.default}
     assert policy_for("default", exhaustive=True) is EXHAUSTIVE
     assert policy_for("interpret", interpreter=True) is INTERPRETER
 
@@ -201,8 +216,8 @@ def test_exhaustive_search_finds_the_brute_force_optimum(rng):
     plan = plan_problem(problem, H100, "default", (4096,), EXHAUSTIVE)
     timer = FakeTimer(rng.getrandbits(32))
     result = search_bucket(problem, 4096, plan.screen[4096], plan.default, timer, EXHAUSTIVE)
-    legal = candidates(problem, H100, "default", num_tokens=4096) + [plan.default]
-    assert result.winner == min(legal, key=lambda c: timer.true_ms(c, 4096))
+    legal = candidates(problem, H100, "default", num_tokens=4096) + neighbours(problem, plan.default, H100, 4096)
+    assert result.winner == min(legal + [plan.default], key=lambda c: timer.true_ms(c, 4096))
 
 
 def test_fast_search_on_a_cost_model_world_lands_near_the_exhaustive_best(rng):
