@@ -62,6 +62,9 @@ class KernelConfig:
     BLOCK_N × BLOCK_K is the output tile of W's shape and BLOCK_M steps over the expert's rows).
     TMA_LOAD reads every operand that is contiguous in memory (the weight always, activations
     unless gathered) through tensor descriptors; TMA_STORE writes a non-scattered output that way.
+    GATHER_COPY (dw only, the one host-side knob) copies the gathered operand into expert order
+    before the kernel, so both operands stream through TMA: M·K elements of scratch for a kernel
+    that no longer waits on gathered rows (up dW on an H200: 391 → 583 TFLOP/s for the kernel).
     """
 
     BLOCK_M: int
@@ -72,6 +75,7 @@ class KernelConfig:
     num_stages: int = 3
     TMA_LOAD: bool = False
     TMA_STORE: bool = False
+    GATHER_COPY: bool = False
 
     def __post_init__(self) -> None:
         for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
@@ -81,6 +85,7 @@ class KernelConfig:
         _as_pos_int(self.num_stages, "num_stages")
         _as_bool(self.TMA_LOAD, "TMA_LOAD")
         _as_bool(self.TMA_STORE, "TMA_STORE")
+        _as_bool(self.GATHER_COPY, "GATHER_COPY")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -96,11 +101,12 @@ class KernelConfig:
         return cls(**dict(data))
 
     def short(self) -> str:
-        """Compact one-line form for tables and logs, e.g. ``128x128x64 g8 w4 s3 tma:LS``."""
+        """Compact one-line form for tables and logs, e.g. ``128x128x64 g8 w4 s3 tma:LS copy``."""
         tma = ("L" if self.TMA_LOAD else "") + ("S" if self.TMA_STORE else "")
         return (
             f"{self.BLOCK_M}x{self.BLOCK_N}x{self.BLOCK_K} g{self.GROUP_M} "
             f"w{self.num_warps} s{self.num_stages}" + (f" tma:{tma}" if tma else "")
+            + (" copy" if self.GATHER_COPY else "")
         )
 
 

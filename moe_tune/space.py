@@ -29,6 +29,7 @@ SPACES: dict[str, dict[str, tuple]] = {
         "num_stages": (3, 4),
         "TMA_LOAD": (False, True),
         "TMA_STORE": (False,),
+        "GATHER_COPY": (False,),
     },
     "default": {
         "BLOCK_M": (64, 128),
@@ -39,6 +40,7 @@ SPACES: dict[str, dict[str, tuple]] = {
         "num_stages": (3, 4, 5),
         "TMA_LOAD": (False, True),
         "TMA_STORE": (False, True),
+        "GATHER_COPY": (False, True),
     },
     "full": {
         "BLOCK_M": (16, 32, 64, 128, 256),
@@ -49,6 +51,7 @@ SPACES: dict[str, dict[str, tuple]] = {
         "num_stages": (2, 3, 4, 5, 6),
         "TMA_LOAD": (False, True),
         "TMA_STORE": (False, True),
+        "GATHER_COPY": (False, True),
     },
     # What `moe-tune sweep --interpret` searches: blocks the tiny test preset (E=4, H=64, I=32)
     # admits, one warp so that 16x32 tiles pass `warps_fit_tile`. The interpreter ignores warps
@@ -62,6 +65,7 @@ SPACES: dict[str, dict[str, tuple]] = {
         "num_stages": (1,),
         "TMA_LOAD": (False, True),
         "TMA_STORE": (False, True),
+        "GATHER_COPY": (False,),  # tests/ops covers the copy; keeps the CI sweep small
     },
 }
 
@@ -151,6 +155,12 @@ def tma_store_possible(problem: Problem, cfg: KernelConfig, device: DeviceInfo) 
     return None
 
 
+def gather_copy_applies(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> str | None:
+    if cfg.GATHER_COPY and not (problem.pass_ == "dw" and (problem.gather or problem.scatter)):
+        return "GATHER_COPY applies to dw with a gathered operand only"
+    return None
+
+
 def blocks_fit_problem(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> str | None:
     # A block more than twice the padded dimension only adds masked work.
     if problem.pass_ == "dw":
@@ -177,12 +187,15 @@ PREDICATES: tuple[Predicate, ...] = (
     tma_supported,
     tma_aligned,
     tma_store_possible,
+    gather_copy_applies,
     blocks_fit_problem,
     warps_fit_tile,
 )
 
 # Rules the launcher enforces on any explicit config (the others only prune the search).
-HARD_PREDICATES: tuple[Predicate, ...] = (fits_shared_memory, tma_supported, tma_aligned, tma_store_possible)
+HARD_PREDICATES: tuple[Predicate, ...] = (
+    fits_shared_memory, tma_supported, tma_aligned, tma_store_possible, gather_copy_applies,
+)
 
 
 def why_illegal(problem: Problem, cfg: KernelConfig, device: DeviceInfo, predicates=PREDICATES) -> str | None:

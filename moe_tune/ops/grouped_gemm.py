@@ -164,6 +164,18 @@ def _launch_mm(a, w, c, routing, weights, *, trans_w, gather_a, gather_div, scat
 def _launch_dw(dy, x, dw, routing, weights, *, gather_dy, dy_div, gather_x, x_div, cfg, info, traceable=False):
     """dW[e] = dY_eᵀ·X_e into ``dw`` ``[E, N, K]``; a gathered row is ``slot // div``."""
     E, N, K = dw.shape
+    if cfg.GATHER_COPY and (gather_dy or gather_x):
+        # Copy the gathered rows into expert order (folding the routing weight into dY's copy), so
+        # the kernel streams both operands through TMA instead of waiting on scattered rows.
+        slots = routing.sorted_slots.long()
+        if gather_x:
+            x, gather_x, x_div = x.index_select(0, slots // x_div), False, 1
+        if gather_dy:
+            dy = dy.index_select(0, slots // dy_div)
+            if weights is not None:
+                dy = (dy.float() * weights.float().index_select(0, slots)[:, None]).to(dy.dtype)
+                weights = None
+            gather_dy, dy_div = False, 1
     _ensure_allocator(cfg, dw.device)
     kernel = launch.traceable(grouped_mm_dw_kernel, dy, dw) if traceable else grouped_mm_dw_kernel
     kernel[(info.sm_count,)](

@@ -228,3 +228,21 @@ def test_illegal_config_is_a_config_error():
         gg.forward(x, w, routing, gather=True, scatter=True, config=scattered_tma_store)
     with pytest.raises(InvalidInputError, match="config must be a KernelConfig"):
         gg.forward(x, w, routing, gather=True, config={"BLOCK_M": 16})
+
+
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "gather{:d}-scatter{:d}-weighted{:d}".format(*f))
+def test_gather_copy_dw(flags):
+    # GATHER_COPY re-lays the gathered operand(s) out in expert order before the dW kernel; with
+    # nothing gathered the config is refused rather than silently ignored.
+    gather, scatter, weighted = flags
+    cfg = dataclasses.replace(TMA_ALL, GATHER_COPY=True)
+    routing, x, w, dy, weights = make_inputs(21, 5, 48, 32, 2, torch.float16, gather, scatter, weighted, "subset")
+    kw = dict(gather=gather, scatter=scatter, weights=weights)
+    if not (gather or scatter):
+        with pytest.raises(ConfigError, match="GATHER_COPY applies to dw"):
+            gg.backward_dw(dy, x, w.shape, routing, config=cfg, **kw)
+        return
+    dw = gg.backward_dw(dy, x, w.shape, routing, config=cfg, out=nan_like(w.shape, torch.float16), **kw)
+    assert relative_error(dw, reference_dw(dy, x, routing, **kw)) < TOLERANCES[torch.float16]
+    with pytest.raises(ConfigError, match="GATHER_COPY applies to dw"):
+        gg.forward(x, w, routing, config=dataclasses.replace(TMA, GATHER_COPY=True), **kw)

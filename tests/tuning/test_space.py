@@ -84,8 +84,9 @@ def test_token_rule_drops_row_blocks_far_above_the_rows_per_expert():
 
 def test_default_space_size_is_what_the_search_is_designed_for():
     # The search compiles ~56 of these per problem; the full space is the exhaustive reference.
+    # dw doubles with GATHER_COPY (its gathered operand copied to expert order or not).
     for problem in load_preset("qwen3-30b-a3b").problems():
-        assert 100 <= len(candidates(problem, H100, "default")) <= 400
+        assert 100 <= len(candidates(problem, H100, "default")) <= (600 if problem.pass_ == "dw" else 400)
         assert len(candidates(problem, H100, "full")) > 1000
 
 
