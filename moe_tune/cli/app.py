@@ -49,7 +49,7 @@ def _register_commands() -> None:
         importlib.import_module(f"moe_tune.cli.{name}").register(app)
 
 
-COMMAND_MODULES: tuple[str, ...] = ("show", "pack", "models", "sweep", "doctor", "verify")
+COMMAND_MODULES: tuple[str, ...] = ("show", "pack", "models", "sweep", "doctor", "verify", "bench")
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
