@@ -1,0 +1,171 @@
+"""The benchmark's cases and runner in Triton's CPU interpreter (float32, tiny shapes): every
+``torch._grouped_mm`` path computes what moe-tune's kernel computes (so the baseline times the
+same work), dense matmuls carry the same FLOPs, the runner times each variant once, reuses the
+default's time when the tuned config is the default, says where a cached config came from, and
+builds and times the experts block against transformers (or says why not)."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+
+import pytest
+import torch
+
+from moe_tune import runtime
+from moe_tune.bench import block as block_mod
+from moe_tune.bench.gemms import bench_gemms, build_cases, relative_difference
+from moe_tune.bench.results import Timing
+from moe_tune.bench.run import BenchOptions, planned_steps, run_bench
+from moe_tune.cache import CacheFile, CacheStore
+from moe_tune.cache.testing import random_measurement
+from moe_tune.device import INTERPRETER_DEVICE, query_device
+from moe_tune.models import find_preset
+from moe_tune.problem import MoeShape
+from moe_tune.space import candidates, default_config
+
+pytestmark = pytest.mark.filterwarnings("ignore::moe_tune.errors.CacheWarning")
+
+TINY = find_preset("tiny").shape  # E=4, H=64, I=32, k=2
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+
+
+class CountingTimer:
+    """Runs ``fn`` once per measurement (so every path executes) and returns 1, 2, 3... ms."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, fn, grad_to_none=None) -> Timing:
+        fn()
+        self.calls += 1
+        return Timing.from_samples([float(self.calls)])
+
+    def describe(self) -> dict:
+        return {"timer": "counting (test)"}
+
+
+class RecordingProgress:
+    def __init__(self):
+        self.total, self.begun, self.ended, self.notes = None, [], 0, []
+
+    def start(self, total):
+        self.total = total
+
+    def begin(self, what):
+        self.begun.append(what)
+
+    def end(self):
+        self.ended += 1
+
+    def note(self, message):
+        self.notes.append(message)
+
+
+@pytest.mark.parametrize("shape, tokens", [
+    (TINY, 16),  # the tiny preset
+    (MoeShape(E=8, H=64, I=48, topk=3), 9),  # 2I = 96 and k = 3: masked columns, odd row counts
+    (MoeShape(E=16, H=32, I=32, topk=1), 5),  # more experts than rows: most experts empty
+], ids=["tiny", "masked", "empty-experts"])
+def test_grouped_mm_paths_compute_what_the_kernels_compute(device, shape, tokens):
+    info = query_device(device)
+    tol = 1e-5 if info.is_interpreter else 5e-3  # float32 runs the GPU's MMA in TF32
+    for case in build_cases(shape, tokens, "float32", device, seed=3):
+        reference = case.grouped_mm()
+        legal = candidates(case.problem, info, "interpret") if info.is_interpreter else []
+        for cfg in [default_config(case.problem, info), *legal[-1:]]:  # the default and a TMA config
+            out = case.moe_tune(cfg)()
+            assert out.shape == reference.shape, case.problem.key
+            assert relative_difference(out, reference) < tol, (case.problem.key, cfg.short())
+
+
+def test_dense_ceiling_has_the_same_flops():
+    for case in build_cases(TINY, 16, "float32", "cpu"):
+        m, k, n = case.dense_mnk
+        assert 2 * m * n * k == case.problem.flops(16), case.problem.key
+
+
+def test_relative_difference_catches_nan():
+    ref = torch.ones(4, 4)
+    out = ref.clone()
+    out[1, 2] = float("nan")
+    assert relative_difference(out, ref) == float("inf")
+    assert relative_difference(ref * 1.01, ref) == pytest.approx(0.01, rel=1e-3)
+
+
+def test_without_a_cache_tuned_is_the_default_timed_once(device):
+    timer, progress = CountingTimer(), RecordingProgress()
+    rows = bench_gemms(TINY, 16, dtype="float32", device=device, timer=timer, progress=progress)
+    assert [r.problem for r in rows] == TINY.problems("float32")
+    assert timer.calls == 6 * 3  # grouped_mm, default, dense; tuned reuses the default's time
+    assert len(progress.begun) == progress.ended == 6 * 4
+    for row in rows:
+        assert row.tuned_from.source == "default" and row.tuned_is_default
+        assert row.timings["tuned"] is row.timings["default"]
+        assert len({row.timings[v].ms for v in ("grouped_mm", "default", "dense")}) == 3
+        assert not row.failed_checks
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter run")
+def test_a_cached_config_is_named_and_timed(tmp_path):
+    problem = TINY.problems("float32")[0]  # up forward
+    default = default_config(problem, INTERPRETER_DEVICE)
+    tuned = next(c for c in reversed(candidates(problem, INTERPRETER_DEVICE, "interpret")) if c != default)
+    cache = CacheFile.new(INTERPRETER_DEVICE)
+    cache.add(problem, 32, tuned, random_measurement(random.Random(0)))
+    CacheStore(tmp_path / "cache").write(cache)
+    runtime.set_cache_dir(tmp_path / "cache")
+
+    timer = CountingTimer()
+    rows = bench_gemms(TINY, 16, dtype="float32", device="cpu", timer=timer)
+    assert timer.calls == 6 * 3 + 1
+    row = rows[0]
+    assert row.tuned_config == tuned and row.default_config == default
+    assert (row.tuned_from.source, row.tuned_from.bucket) == ("explicit", 32)
+    assert row.tuned_from.path.endswith(".json")
+    assert row.timings["tuned"] != row.timings["default"]
+    assert row.errors["tuned"] < 1e-5
+    assert all(r.tuned_from.source == "default" for r in rows[1:])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter run")
+def test_run_bench_whole_report_in_the_interpreter():
+    preset = find_preset("tiny")
+    options = BenchOptions(model="tiny", shape=preset.shape, family=preset.family, tokens=(8, 16), dtype="float32",
+                           device="cpu", seed=5)
+    timer, progress = CountingTimer(), RecordingProgress()
+    report = run_bench(options, timer, progress)
+    assert report.environment["card"] == "triton-interpreter (CPU)"
+    assert report.environment["triton"] and report.environment["torch"] == torch.__version__
+    assert [r.tokens for r in report.gemms] == [8] * 6 + [16] * 6
+    assert progress.total == planned_steps(options, block_runs=HAS_TRANSFORMERS)
+    assert progress.ended == progress.total
+    assert any("moe-tune sweep --model tiny --dtype float32" in n for n in progress.notes)
+    assert not report.failed_checks
+    if HAS_TRANSFORMERS:
+        assert report.block.skipped is None
+        assert [(r.tokens, r.implementation) for r in report.block.rows] == [
+            (8, "grouped_mm"), (8, "moe_tune"), (16, "grouped_mm"), (16, "moe_tune")]
+        ours = report.block.rows[1]
+        assert set(ours.errors) == {"out", "hidden", "top_k_weights", "gate_up_proj", "down_proj"}
+        assert max(ours.errors.values()) < 1e-4
+        assert ours.peak_mib is None  # CUDA only
+    else:
+        assert "transformers is not installed" in report.block.skipped
+
+
+def test_block_skip_reasons(monkeypatch):
+    assert "mixtral-8x7b is a mixtral model" in block_mod.block_skip_reason("mixtral", "mixtral-8x7b")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else real(name, *a))
+    assert block_mod.block_skip_reason("qwen3_moe", "qwen3-30b-a3b") == \
+        "transformers is not installed (pip install 'transformers>=5')"
+
+
+def test_no_block_means_not_requested():
+    preset = find_preset("tiny")
+    options = BenchOptions(model="tiny", shape=preset.shape, family=preset.family, tokens=(8,), dtype="float32",
+                           device="cpu", gemms=False, block=False)
+    report = run_bench(options, CountingTimer())
+    assert report.gemms == () and report.block.skipped == "not requested"
