@@ -81,8 +81,13 @@ def user_cache_dir() -> Path:
     if "user" in _overrides:
         return _overrides["user"]
     # platformdirs costs ~4 ms to import; only a resolution (a memo miss) gets here.
-    import platformdirs
-
+    try:
+        import platformdirs
+    except ImportError:
+        # A declared dependency, but images built with --no-deps lack it (the GPU boxes this was
+        # measured on did): a missing helper must not stop training from finding its caches.
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return Path(base) / APP_NAME
     return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
 
 

@@ -76,3 +76,22 @@ def test_layer_lists_only_its_device(tmp_path):
     assert len(layer.cache_files()) == 3
     assert paths.Layer("user", tmp_path / "missing").cache_files() == []
     assert paths.Layer("explicit", tmp_path / "README.md").cache_files() == [tmp_path / "README.md"]
+
+
+def test_user_dir_without_platformdirs_falls_back_to_xdg(monkeypatch, tmp_path):
+    # Images installed with --no-deps may lack platformdirs; the runtime must still find caches.
+    import builtins
+
+    from moe_tune.cache import paths
+
+    real_import = builtins.__import__
+
+    def no_platformdirs(name, *args, **kwargs):
+        if name == "platformdirs":
+            raise ImportError("no platformdirs here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_platformdirs)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(paths, "_overrides", {})  # no test override: the real lookup runs
+    assert paths.user_cache_dir() == tmp_path / "moe-tune"
