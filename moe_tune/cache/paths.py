@@ -101,7 +101,10 @@ def shipped_root() -> Any:
     try:
         return importlib.resources.files(SHIPPED_PACKAGE)
     except ModuleNotFoundError:
-        return None
+        # A source checkout on PYTHONPATH, not installed (how GPU boxes often run it): the
+        # resource package is the repository's caches/ folder, beside the moe_tune package.
+        checkout = Path(__file__).resolve().parents[2] / "caches"
+        return checkout if (checkout / "__init__.py").is_file() else None
 
 
 def default_store_dir(explicit: str | os.PathLike | None = None) -> Path:

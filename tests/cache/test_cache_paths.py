@@ -95,3 +95,18 @@ def test_user_dir_without_platformdirs_falls_back_to_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(paths, "_overrides", {})  # no test override: the real lookup runs
     assert paths.user_cache_dir() == tmp_path / "moe-tune"
+
+
+def test_shipped_layer_from_a_source_checkout_not_installed():
+    # GPU boxes often run the repository from PYTHONPATH with nothing installed: the resource
+    # package does not exist there, and the shipped layer is the checkout's caches/ folder.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    code = "from moe_tune.cache import paths; print(paths.shipped_root())"
+    # -S: no site-packages, so no editable-install finder can map the resource package.
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=repo, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(repo)}, check=True).stdout.strip()
+    assert Path(out) == repo / "caches"
