@@ -1,10 +1,12 @@
-"""``moe-tune sweep``: tune a model's six problems on this GPU and write them to the cache.
+"""``moe-tune sweep``: tune a model's six problems on this host's GPUs and write them to the cache.
 
 Data flow: flags → ``tuning.sweep.SweepOptions`` → ``run_sweep`` (progress bars with ETA per
 problem on stderr) → a summary table (problem × bucket: best config, TFLOP/s, speedup over the
 heuristic default) on stdout, or the whole report as JSON with ``--json``. Exit 0 when every
-bucket has a tuned config; 1 when the budget stopped the sweep or a bucket found no config that
-passed the correctness gate; 2 for bad input or no GPU.
+bucket has a tuned config; 1 when the budget stopped the sweep, a torchrun rank did not report or
+a bucket found no config that passed the correctness gate; 2 for bad input or no GPU. Under
+torchrun only rank 0 prints the report (every rank's results); the other ranks print one line on
+stderr. ``docs/multi-gpu.md`` describes ``--gpus``, torchrun and ``--shard``.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class _RichProgress:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                                  console=self.console, transient=False)
-        self.task = None
+        self.tasks = {}
         self.started = False
 
     def __enter__(self):
@@ -75,22 +77,30 @@ class _RichProgress:
         if not self.started:
             self.progress.start()
             self.started = True
-        self.task = self.progress.add_task(f"{problem.gemm:>4} {problem.pass_:<7}", total=total)
+        self.tasks[problem] = self.progress.add_task(f"{problem.gemm:>4} {problem.pass_:<7}", total=total)
 
-    def advance(self) -> None:
-        if self.task is not None:
-            task = self.progress.tasks[-1]
+    def _task(self, problem):
+        task_id = self.tasks.get(problem)
+        if task_id is None:
+            return None, None
+        return task_id, next(t for t in self.progress.tasks if t.id == task_id)
+
+    def advance(self, problem) -> None:
+        task_id, task = self._task(problem)
+        if task_id is not None:
             if task.completed + 1 >= task.total:  # the plan was an estimate: grow rather than stall at 100%
-                self.progress.update(self.task, total=task.completed + 2)
-            self.progress.advance(self.task)
+                self.progress.update(task_id, total=task.completed + 2)
+            self.progress.advance(task_id)
 
-    def set_completed(self, done: int) -> None:
-        if self.task is not None:
-            self.progress.update(self.task, completed=done, total=max(done, self.progress.tasks[-1].total or 0))
+    def set_completed(self, problem, done: int) -> None:
+        task_id, task = self._task(problem)
+        if task_id is not None:
+            self.progress.update(task_id, completed=done, total=max(done, task.total or 0))
 
     def finish_problem(self, problem) -> None:
-        if self.task is not None:
-            self.progress.update(self.task, total=self.progress.tasks[-1].completed)
+        task_id, task = self._task(problem)
+        if task_id is not None:
+            self.progress.update(task_id, total=task.completed)
 
     def note(self, message: str) -> None:
         self.console.print(f"[yellow]moe-tune: {message}[/yellow]")
@@ -133,10 +143,17 @@ def sweep(
     compile_workers: Annotated[Optional[int], typer.Option(
         "--compile-workers", help="Processes compiling candidates ahead of timing [default: CPU cores - 2].",
         show_default=False)] = None,
+    gpus: Annotated[Optional[str], typer.Option(
+        "--gpus", help="GPUs to time on, e.g. 0,2 or 1 [default: every visible GPU; under torchrun each rank's "
+        "LOCAL_RANK GPU]. With --interpret: how many CPU lanes, e.g. 0,1.", show_default=False)] = None,
+    shard: Annotated[Optional[str], typer.Option(
+        "--shard", help="i/n: run this job's deterministic 1/n of the problems (scheduler arrays); merge the "
+        "shards' caches with `moe-tune merge`.", show_default=False)] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Tune the grouped-GEMM kernels of a model's MoE layer on this GPU and write the cache."""
+    """Tune the grouped-GEMM kernels of a model's MoE layer on this host's GPUs and write the cache."""
     from moe_tune.models import resolve_model
+    from moe_tune.tuning.distribute import parse_gpus, parse_shard
     from moe_tune.tuning.sweep import SweepOptions, run_sweep
     from moe_tune.tuning.timing import RoutingSpec
 
@@ -159,9 +176,16 @@ def sweep(
         seed=seed,
         candidate_timeout_s=candidate_timeout,
         compile_workers=compile_workers,
+        gpus=parse_gpus(gpus, _lanes_available(interpret)) if gpus is not None else None,
+        shard=parse_shard(shard) if shard is not None else None,
     )
     with _RichProgress() as progress:
         report = run_sweep(options, progress=progress)
+    if report.rank not in (None, 0):
+        done = sum(len(b) for b in report.results.values())
+        print(f"moe-tune: rank {report.rank}: {done} buckets of {len(report.results)} problems tuned; "
+              f"rank 0 writes the cache", file=sys.stderr)
+        raise typer.Exit(1 if report.stopped or report.failed_buckets else 0)
     if json_output:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -174,6 +198,17 @@ def sweep(
         print(f"moe-tune: no config passed the correctness gate for {names}", file=sys.stderr)
     if report.stopped or failed:
         raise typer.Exit(1)
+
+
+def _lanes_available(interpret: bool) -> int:
+    """How many indices --gpus may name: the visible GPUs, or the CPU cores under --interpret."""
+    import os
+
+    if interpret:
+        return os.cpu_count() or 1
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _print_summary(report) -> None:
@@ -199,6 +234,9 @@ def _print_summary(report) -> None:
     stats = report.stats.to_dict()
     console.print(f"cache: {report.cache_path or '(nothing written)'}")
     console.print(f"journal: {report.journal_path}")
+    if len(report.lanes) > 1 or report.split["kind"] != "all":
+        console.print(f"{len(report.lanes)} timing lane(s) ({', '.join(report.lanes)}), split {report.split['kind']} "
+                      f"{report.split['index']}/{report.split['count']}")
     compiles = f"{stats['compiles']} compiles"
     if stats["compile_workers"]:
         compiles += f" on {stats['compile_workers']} processes ({stats['compile_wall_s']} s wall)"

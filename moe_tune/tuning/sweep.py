@@ -25,12 +25,14 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from moe_tune import __version__
 from moe_tune.device import INTERPRETER_DEVICE, DeviceInfo
@@ -95,6 +97,11 @@ class SweepOptions:
     faults: Mapping[str, str] = field(default_factory=dict)  # test hook, see timing.Bench
     policy: SearchPolicy | None = None  # None: search.policy_for(space, exhaustive)
     write_cache: bool = True
+    gpus: tuple[int, ...] | None = None  # None: every visible GPU (one CPU lane with interpret)
+    shard: tuple[int, int] | None = None  # (i, n): this job runs its deterministic 1/n of the units
+    devices: tuple[str, ...] | None = None  # test hook: the lanes' devices, e.g. ("cpu", "cpu")
+    timer: Callable[..., Outcome] | None = None  # test hook, see Engine
+    gather_timeout_s: float | None = None  # None: distribute.GATHER_TIMEOUT
 
     def resolved(self) -> "SweepOptions":
         """A copy with every default filled in, validated (``InvalidInputError`` otherwise)."""
@@ -115,6 +122,13 @@ class SweepOptions:
         for cfg, kind in self.faults.items():
             if kind not in FAULT_KINDS:
                 raise InvalidInputError(f"fault for {cfg} must be one of {', '.join(FAULT_KINDS)}, got {kind!r}")
+        if self.shard is not None:
+            i, n = self.shard
+            if not 0 <= i < n:
+                raise InvalidInputError(f"--shard takes i/n with 0 <= i < n, got {i}/{n}")
+        if self.gpus is not None and (not self.gpus or len(set(self.gpus)) != len(self.gpus)
+                                      or min(self.gpus) < 0):
+            raise InvalidInputError(f"--gpus takes distinct GPU indices, got {list(self.gpus)}")
         if self.budget_s is not None and not self.budget_s > 0:
             raise InvalidInputError(f"--budget must be a positive number of seconds, got {self.budget_s}")
         if self.interpret:
@@ -184,6 +198,15 @@ class EngineStats:
     compile_wall_s: float | None = None  # first compile submitted → last one finished
     first_launch_ms: list[float] = field(default_factory=list)
 
+    def merge(self, other: "EngineStats") -> None:
+        """Add another process's counts (a torchrun rank's, on rank 0)."""
+        for name in ("compiles", "compile_failures", "compile_seconds", "measurements", "replayed", "failures",
+                     "worker_restarts", "compile_workers"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        if other.compile_wall_s is not None:
+            self.compile_wall_s = max(self.compile_wall_s or 0.0, other.compile_wall_s)
+        self.first_launch_ms.extend(other.first_launch_ms)
+
     def to_dict(self) -> dict[str, Any]:
         launches = sorted(self.first_launch_ms)
         return {
@@ -202,7 +225,10 @@ class EngineStats:
         }
 
 
-def _compile_workers(requested: int | None, interpreter: bool, problems: list[Problem]) -> int:
+def _compile_workers(requested: int | None, interpreter: bool, problems: list[Problem], *, lanes: int = 1,
+                     processes_per_host: int = 1, gpu: int | None = None) -> int:
+    """Processes of the compile pool: the host's cores less one per timing lane and one for this
+    process, shared among the sweep processes of the host (torchrun's ``LOCAL_WORLD_SIZE``)."""
     if requested is not None:
         return max(0, requested)
     if interpreter:
@@ -211,22 +237,33 @@ def _compile_workers(requested: int | None, interpreter: bool, problems: list[Pr
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 2
-    count = max(1, min(16, cores - 2))  # leave a core to the timing worker and one to this process
+    count = max(1, min(16, (cores - processes_per_host * (lanes + 1)) // processes_per_host))
     # Each compile worker allocates the problem's weight tensor (never read) and a CUDA context.
     import torch
 
-    free, _ = torch.cuda.mem_get_info()
+    free, _ = torch.cuda.mem_get_info(gpu if gpu is not None else torch.cuda.current_device())
     per_worker = max(p.E * p.N * p.K * DTYPE_BYTES[p.dtype] for p in problems) + (600 << 20)
     return max(1, min(count, int(0.4 * free // per_worker)))
 
 
 class Engine:
-    """Compile pool + timing worker + journal memo; an ``Evaluator`` for ``search_bucket``."""
+    """Compile pool + one timing worker per device (a ``Lane`` each) + journal memo.
+
+    ``devices``: one entry per timing lane, ``"cuda:I"`` (the worker sees this process's GPU I as
+    its only GPU), ``"cpu"`` (the interpreter) or ``"default"`` (the worker inherits this
+    process's device). The compile pool, the memo and the journal are shared by the lanes (a
+    lock serialises them); each lane's worker is started by its first measurement, so lanes
+    start in parallel when they run in threads. ``Engine.measure`` is lane 0's (one-GPU callers
+    use the engine itself as the ``Evaluator``). ``timer`` (test hook) answers measurements in
+    this process instead of the workers: ``timer(problem, tokens, cfg, stage) -> Outcome``.
+    """
 
     def __init__(self, device: DeviceInfo, *, routing: RoutingSpec, seed: int, buckets: tuple[int, ...],
                  candidate_timeout_s: float = DEFAULT_CANDIDATE_TIMEOUT_S, compile_workers: int = 0,
                  faults: Mapping[str, str] | None = None, journal: Journal | None = None,
-                 deadline: float | None = None, on_measure: Callable[[], None] | None = None):
+                 deadline: float | None = None, on_measure: Callable[[Problem], None] | None = None,
+                 devices: Sequence[str] = ("default",), memo_records: Iterable[Mapping[str, Any]] = (),
+                 timer: Callable[[Problem, int, KernelConfig, str], Outcome] | None = None):
         from moe_tune.tuning.workers import WorkerPool, WorkerProcess
 
         self.device = device
@@ -235,8 +272,13 @@ class Engine:
         self.journal = journal
         self.deadline = deadline
         self.on_measure = on_measure
+        self.timer = timer
         self.stats = EngineStats()
-        self.worker = WorkerProcess(faults=faults, name="moe-tune-timing")
+        self._lock = threading.RLock()
+        self.lanes = [Lane(self, i, name, WorkerProcess(faults=faults, name=f"moe-tune-timing-{i}",
+                                                        env=_lane_env(name)))
+                      for i, name in enumerate(devices)]
+        self.worker = self.lanes[0].worker
         self.pool = WorkerPool(compile_workers, faults=faults) if compile_workers > 0 else None
         self.stats.compile_workers = compile_workers
         self._compile_started: float | None = None
@@ -244,14 +286,14 @@ class Engine:
         self._compiles: dict[tuple[str, KernelConfig], Future] = {}
         self._compile_errors: dict[tuple[str, KernelConfig], str] = {}
         self._memo: dict[tuple[str, int, str, str], Outcome] = {}
-        if journal is not None:
-            for record in journal.of_type("measure"):
+        records = list(journal.records) if journal is not None else []
+        for record in [*records, *memo_records]:
+            if record.get("type") == "measure":
                 key = (record["problem"], record["tokens"], record["stage"], record["config_short"])
                 self._memo[key] = Outcome.from_dict(record["outcome"])
-            for record in journal.of_type("compile"):
-                if not record.get("ok"):
-                    cfg = KernelConfig.from_dict(record["config"])
-                    self._compile_errors[(record["problem"], cfg)] = record.get("error") or "compile failed"
+            elif record.get("type") == "compile" and not record.get("ok"):
+                cfg = KernelConfig.from_dict(record["config"])
+                self._compile_errors[(record["problem"], cfg)] = record.get("error") or "compile failed"
 
     def __enter__(self) -> "Engine":
         return self
@@ -266,12 +308,29 @@ class Engine:
             self.pool = None
         if self._compile_started is not None and self._compile_finished:
             self.stats.compile_wall_s = max(self._compile_finished) - self._compile_started
-        self.stats.worker_restarts += self.worker.restarts
-        self.worker.close()
+        for lane in self.lanes:
+            self.stats.worker_restarts += lane.worker.restarts
+            lane.worker.close()
 
     def start(self) -> None:
-        """Start the timing worker now (it imports torch and creates a CUDA context: seconds)."""
-        self.worker.start()
+        """Start every lane's timing worker now, in parallel (each imports torch and creates a
+        CUDA context: seconds)."""
+        if self.timer is not None:
+            return
+        threads = [threading.Thread(target=lane.worker.start, daemon=True) for lane in self.lanes]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for lane in self.lanes:  # a worker that failed to start raises its WorkerStartError here
+            if not lane.worker.alive():
+                lane.worker.start()
+
+    def record(self, record: Mapping[str, Any]) -> None:
+        """Append to the journal (shared by the lanes)."""
+        if self.journal is not None:
+            with self._lock:
+                self.journal.append(record)
 
     # -- compile --------------------------------------------------------------------------------
 
@@ -292,9 +351,10 @@ class Engine:
 
     def _compile_error(self, problem: Problem, cfg: KernelConfig) -> str | None:
         key = (problem.key, cfg)
-        if key in self._compile_errors:
-            return self._compile_errors[key]
-        future = self._compiles.pop(key, None)
+        with self._lock:
+            if key in self._compile_errors:
+                return self._compile_errors[key]
+            future = self._compiles.get(key)
         if future is None:
             return None
         remaining = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
@@ -304,15 +364,17 @@ class Engine:
             raise BudgetExhausted("the time budget ran out while candidates were compiling") from None
         except Exception as exc:  # the pool could not start a worker: compile in the timing worker
             reply = {"ok": True, "seconds": 0.0, "note": f"precompile unavailable: {exc}"}
-        self.stats.compiles += 1
-        self.stats.compile_seconds += float(reply.get("seconds", 0.0))
-        error = None if reply.get("ok") else (reply.get("error") or "compile failed")
-        if self.journal is not None:
-            self.journal.append({"type": "compile", "problem": problem.key, "config": cfg.to_dict(),
-                                 "ok": error is None, "error": error, "seconds": reply.get("seconds")})
-        if error is not None:
-            self.stats.compile_failures += 1
-            self._compile_errors[key] = error
+        with self._lock:
+            if self._compiles.pop(key, None) is None:  # another lane accounted for it meanwhile
+                return self._compile_errors.get(key)
+            self.stats.compiles += 1
+            self.stats.compile_seconds += float(reply.get("seconds", 0.0))
+            error = None if reply.get("ok") else (reply.get("error") or "compile failed")
+            self.record({"type": "compile", "problem": problem.key, "config": cfg.to_dict(),
+                         "ok": error is None, "error": error, "seconds": reply.get("seconds")})
+            if error is not None:
+                self.stats.compile_failures += 1
+                self._compile_errors[key] = error
         return error
 
     # -- measure (the Evaluator protocol) -------------------------------------------------------
@@ -322,33 +384,63 @@ class Engine:
             raise BudgetExhausted("the time budget ran out")
 
     def measure(self, problem: Problem, tokens: int, cfg: KernelConfig, stage: str) -> Outcome:
+        return self.lanes[0].measure(problem, tokens, cfg, stage)
+
+    def _measure(self, lane: "Lane", problem: Problem, tokens: int, cfg: KernelConfig, stage: str) -> Outcome:
         key = (problem.key, tokens, stage, cfg.short())
-        if key in self._memo:
-            self.stats.replayed += 1
+        with self._lock:
+            memo = self._memo.get(key)
+            if memo is not None:
+                self.stats.replayed += 1
+        if memo is not None:
             if self.on_measure:
-                self.on_measure()
-            return self._memo[key]
+                self.on_measure(problem)
+            return memo
         self.check_budget()
         compile_error = self._compile_error(problem, cfg)
         if compile_error is not None:
             outcome = Outcome.failed(f"compile failed: {compile_error}")
+        elif self.timer is not None:
+            outcome = self.timer(problem, tokens, cfg, stage)
         else:
             request = {"op": "measure", "problem": problem.to_dict(), "tokens": tokens,
                        "routing": {"kind": self.routing.kind, "skew": self.routing.skew, "path": self.routing.path},
                        "seed": self.seed, "config": cfg.to_dict(), "stage": stage}
-            outcome = Outcome.from_dict(self.worker.call(request, self.timeout))
-        self.stats.measurements += 1
-        if not outcome.ok:
-            self.stats.failures += 1
-        elif outcome.first_launch_ms is not None:
-            self.stats.first_launch_ms.append(outcome.first_launch_ms)
-        if self.journal is not None:
-            self.journal.append({"type": "measure", "problem": problem.key, "tokens": tokens, "stage": stage,
-                                 "config_short": cfg.short(), "config": cfg.to_dict(), "outcome": outcome.to_dict()})
-        self._memo[key] = outcome
+            outcome = Outcome.from_dict(lane.worker.call(request, self.timeout))
+        with self._lock:
+            self.stats.measurements += 1
+            if not outcome.ok:
+                self.stats.failures += 1
+            elif outcome.first_launch_ms is not None:
+                self.stats.first_launch_ms.append(outcome.first_launch_ms)
+            self.record({"type": "measure", "problem": problem.key, "tokens": tokens, "stage": stage,
+                         "config_short": cfg.short(), "config": cfg.to_dict(), "outcome": outcome.to_dict()})
+            self._memo[key] = outcome
         if self.on_measure:
-            self.on_measure()
+            self.on_measure(problem)
         return outcome
+
+
+@dataclass
+class Lane:
+    """One timing worker on one device: the ``Evaluator`` a unit's searches run on."""
+
+    engine: Engine
+    index: int
+    device: str
+    worker: Any
+
+    def measure(self, problem: Problem, tokens: int, cfg: KernelConfig, stage: str) -> Outcome:
+        return self.engine._measure(self, problem, tokens, cfg, stage)
+
+
+def _lane_env(device: str) -> dict[str, str]:
+    """The worker's environment for a lane: a ``cuda:I`` lane sees only this process's GPU I."""
+    if device.startswith("cuda:"):
+        from moe_tune.tuning.distribute import physical_gpu
+
+        return {"CUDA_VISIBLE_DEVICES": physical_gpu(int(device.split(":", 1)[1]))}
+    return {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,11 +449,12 @@ class Engine:
 
 
 class Progress(Protocol):
-    """Where the sweep reports progress (the CLI draws rich progress bars on stderr)."""
+    """Where the sweep reports progress (the CLI draws rich progress bars on stderr). With
+    several GPUs, several problems are in flight at once, from several threads."""
 
     def start_problem(self, problem: Problem, total: int) -> None: ...
-    def advance(self) -> None: ...
-    def set_completed(self, done: int) -> None: ...
+    def advance(self, problem: Problem) -> None: ...
+    def set_completed(self, problem: Problem, done: int) -> None: ...
     def finish_problem(self, problem: Problem) -> None: ...
     def note(self, message: str) -> None: ...
 
@@ -370,10 +463,10 @@ class _Silent:
     def start_problem(self, problem: Problem, total: int) -> None:
         pass
 
-    def advance(self) -> None:
+    def advance(self, problem: Problem) -> None:
         pass
 
-    def set_completed(self, done: int) -> None:
+    def set_completed(self, problem: Problem, done: int) -> None:
         pass
 
     def finish_problem(self, problem: Problem) -> None:
@@ -400,6 +493,15 @@ class SweepReport:
     cache_path: str | None
     journal_path: str
     stopped: str | None = None  # why the sweep stopped early
+    split: dict[str, Any] = field(default_factory=lambda: {"kind": "all", "index": 0, "count": 1})
+    lanes: tuple[str, ...] = ()
+    units: list[dict[str, Any]] = field(default_factory=list)  # per problem: cost estimate, who ran it
+    balance_bound: float | None = None
+
+    @property
+    def rank(self) -> int | None:
+        """This process's torchrun rank (None outside torchrun)."""
+        return self.split["index"] if self.split["kind"] == "torchrun" else None
 
     @property
     def failed_buckets(self) -> list[BucketResult]:
@@ -423,6 +525,10 @@ class SweepReport:
             "stats": self.stats.to_dict(),
             "cache_path": self.cache_path,
             "journal_path": self.journal_path,
+            "split": self.split,
+            "lanes": list(self.lanes),
+            "units": self.units,
+            "balance_bound": round(self.balance_bound, 3) if self.balance_bound is not None else None,
             "problems": [
                 {"problem": p.key, "gemm": p.gemm, "pass": p.pass_, "buckets": [b.to_dict() for b in buckets]}
                 for p, buckets in self.results.items()
@@ -456,70 +562,248 @@ def journal_settings(options: SweepOptions, device: DeviceInfo, problems: list[P
     }
 
 
-def journal_path(cache_dir: Path, model: ModelSpec, device: DeviceInfo, dtype: str) -> Path:
-    return cache_dir / "journals" / f"sweep-{_slug(model.name)}-{dtype}-{device.slug}.jsonl"
+def journal_path(cache_dir: Path, model: ModelSpec, device: DeviceInfo, dtype: str,
+                 split: Mapping[str, Any] | None = None) -> Path:
+    """``journals/sweep-<model>-<dtype>-<device>[-shard{i}of{n} | -rank{r}of{n}].jsonl``: one file
+    per process that writes, so ranks and shards never share one."""
+    suffix = ""
+    if split is not None and split["kind"] != "all":
+        suffix = f"-{'rank' if split['kind'] == 'torchrun' else 'shard'}{split['index']}of{split['count']}"
+    return cache_dir / "journals" / f"sweep-{_slug(model.name)}-{dtype}-{device.slug}{suffix}.jsonl"
+
+
+def sibling_records(path: Path, settings: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The records of the other journals of the same sweep (same settings but the split) beside
+    ``path``: what other ranks, shards or a run with other GPUs already finished."""
+    from moe_tune.tuning.journal import read_records
+
+    base = dict(settings, split=None)
+    stem = path.name.split("-rank")[0].split("-shard")[0].removesuffix(".jsonl")
+    found = []
+    for other in sorted(path.parent.glob(f"{stem}*.jsonl")):
+        if other == path:
+            continue
+        rest = other.name[len(stem):].removesuffix(".jsonl")
+        if rest and not re.fullmatch(r"-(rank|shard)\d+of\d+", rest):
+            continue  # another model whose slug extends this one
+        try:
+            records = read_records(other)
+        except MoeTuneError:
+            continue  # a damaged sibling is not this sweep's problem
+        header = records[0] if records else {}
+        if header.get("type") == "header" and dict(header.get("settings", {}), split=None) == base:
+            found.extend(records[1:])
+    return found
+
+
+def lane_devices(options: SweepOptions, launch) -> tuple[str, ...]:
+    """The timing lanes of this process: ``cuda:I`` per GPU, ``cpu`` under the interpreter."""
+    if options.devices is not None:
+        return tuple(options.devices)
+    if launch is not None and options.gpus is not None:
+        raise InvalidInputError("under torchrun each rank times on its LOCAL_RANK GPU: drop --gpus "
+                                "(torchrun's --nproc-per-node picks how many GPUs a node uses)")
+    if options.interpret:
+        return ("cpu",) * len(options.gpus or (0,))
+    if launch is not None:
+        return (f"cuda:{launch.local_rank}",)
+    import torch
+
+    count = torch.cuda.device_count()
+    gpus = options.gpus if options.gpus is not None else tuple(range(count))
+    missing = [g for g in gpus if g >= count]
+    if missing:
+        raise InvalidInputError(f"--gpus {missing[0]}: no such GPU (GPUs 0..{count - 1} are visible)")
+    return tuple(f"cuda:{g}" for g in gpus)
+
+
+def _lane_device_info(lanes: tuple[str, ...], interpret: bool) -> DeviceInfo:
+    """The device every lane times on; lanes of different GPU models are refused (a cache file
+    holds one device)."""
+    if interpret or not lanes[0].startswith("cuda:"):
+        return detect_device(interpret)
+    from moe_tune.device import query_device
+
+    infos = {lane: query_device(lane) for lane in lanes}
+    names = sorted({i.name for i in infos.values()})
+    if len(names) > 1:
+        raise InvalidInputError(f"the GPUs differ ({', '.join(names)}): a cache file holds one device; "
+                                f"pick GPUs of one kind with --gpus")
+    return infos[lanes[0]]
 
 
 def run_sweep(options: SweepOptions, progress: Progress | None = None) -> SweepReport:
     """Tune ``options.model``'s problems on this device (module docstring)."""
     from moe_tune.cache import paths
+    from moe_tune.tuning.distribute import (GATHER_TIMEOUT, Gather, Launch, assign, balance_bound, largest_first,
+                                            split_settings, unit_cost)
 
     started = time.monotonic()
     options = options.resolved()
     progress = progress or _Silent()
-    device = detect_device(options.interpret)
+    launch = Launch.from_env()
+    if launch is not None and options.shard is not None:
+        raise InvalidInputError("--shard is for independent jobs; under torchrun the ranks split the work")
+    if options.devices is None or options.interpret:
+        detect_device(options.interpret)  # no GPU: NoGPUError before anything else
+    lanes = lane_devices(options, launch)
+    device = _lane_device_info(lanes, options.interpret)
     problems = select_problems(options)
     plans = {p: plan_problem(p, device, options.space, options.tokens, options.policy) for p in problems}
+    costs = {p: unit_cost(plans[p], options.policy, device) for p in problems}
+
+    # -- this process's units ---------------------------------------------------------------------
+    if options.shard is not None:
+        split = split_settings("shard", *options.shard)
+    elif launch is not None:
+        split = split_settings("torchrun", launch.rank, launch.world_size)
+    else:
+        split = split_settings("all")
+    owner = {p: b for b, units in enumerate(assign(costs, split["count"])) for p in units}
+    mine = [p for p in problems if owner[p] == split["index"]]
+    # One lane runs the problems in their usual order; several pull the largest unit left.
+    order = largest_first({p: costs[p] for p in mine}) if len(lanes) > 1 else mine
+    writes_cache = options.write_cache and (launch is None or launch.rank == 0)
+    gather = None
+    if launch is not None:  # join the group now: a failed rendezvous costs no tuning
+        timeout = GATHER_TIMEOUT if options.gather_timeout_s is None else timedelta(seconds=options.gather_timeout_s)
+        gather = Gather(launch, timeout)
+
     cache_dir = paths.default_store_dir(options.cache_dir)
-    jpath = journal_path(cache_dir, options.model, device, options.dtype)
-    journal = Journal.open(jpath, journal_settings(options, device, problems), resume=options.resume)
-    done = {(r["problem"], r["tokens"]): r["result"] for r in journal.of_type("bucket")}
+    jpath = journal_path(cache_dir, options.model, device, options.dtype, split)
+    settings = {**journal_settings(options, device, problems), "split": split}
+    journal = Journal.open(jpath, settings, resume=options.resume)
+    others = sibling_records(jpath, settings) if options.resume else []
+    done = {(r["problem"], r["tokens"]): r["result"] for r in [*others, *journal.records] if r.get("type") == "bucket"}
     deadline = started + options.budget_s if options.budget_s else None
     results: dict[Problem, list[BucketResult]] = {}
+    ran_on: dict[Problem, str] = {}
     cache_path = None
     stopped = None
+    write_lock = threading.Lock()
+    todo = any((p.key, t) not in done for p in mine for t in options.tokens)
+    gpu = int(lanes[0].split(":")[1]) if lanes[0].startswith("cuda:") else None
+    workers = (_compile_workers(options.compile_workers, options.interpret or options.timer is not None, mine,
+                                lanes=len(lanes), processes_per_host=launch.local_world_size if launch else 1, gpu=gpu)
+               if todo else 0)
     engine = Engine(device, routing=options.routing, seed=options.seed, buckets=options.tokens,
-                    candidate_timeout_s=options.candidate_timeout_s,
-                    compile_workers=_compile_workers(options.compile_workers, options.interpret, problems)
-                    if any((p.key, t) not in done for p in problems for t in options.tokens) else 0,
-                    faults=options.faults, journal=journal, deadline=deadline, on_measure=progress.advance)
+                    candidate_timeout_s=options.candidate_timeout_s, compile_workers=workers,
+                    faults=options.faults, journal=journal, deadline=deadline, on_measure=progress.advance,
+                    devices=lanes, memo_records=others, timer=options.timer)
+
+    def write(problem: Problem, buckets: list[BucketResult]) -> None:
+        nonlocal cache_path
+        if writes_cache and any(b.ok for b in buckets):
+            with write_lock:
+                cache_path = str(write_results(cache_dir, device, problem, buckets, time.monotonic() - started,
+                                               sweep_command(options)))
+
+    def run_unit(problem: Problem, lane: Lane) -> None:
+        plan = plans[problem]
+        planned = measurements_planned(plan, options.policy)
+        progress.start_problem(problem, sum(planned.values()))
+        buckets: list[BucketResult] = []
+        results[problem] = buckets
+        ran_on[problem] = f"lane{lane.index}:{lane.device}"
+        try:
+            for tokens in options.tokens:
+                record = done.get((problem.key, tokens))
+                if record is not None:
+                    result = BucketResult.from_dict(problem, record)
+                else:
+                    engine.check_budget()
+                    result = search_bucket(problem, tokens, plan.screen[tokens], plan.default, lane,
+                                           options.policy, seeds=_seeds(buckets))
+                    engine.record({"type": "bucket", "problem": problem.key, "tokens": tokens,
+                                   "result": result.to_dict()})
+                buckets.append(result)
+                progress.set_completed(problem, sum(planned[t] for t in options.tokens if t <= tokens))
+            progress.finish_problem(problem)
+        finally:
+            write(problem, buckets)
+
     try:
-        for problem in problems:
+        for problem in order:  # compiled in the order the lanes will time them
             if any((problem.key, t) not in done for t in options.tokens):
                 engine.precompile(problem, plans[problem].compile)
-        for problem in problems:
-            plan = plans[problem]
-            planned = measurements_planned(plan, options.policy)
-            progress.start_problem(problem, sum(planned.values()))
-            buckets: list[BucketResult] = []
-            results[problem] = buckets
-            try:
-                for tokens in options.tokens:
-                    record = done.get((problem.key, tokens))
-                    if record is not None:
-                        result = BucketResult.from_dict(problem, record)
-                    else:
-                        engine.check_budget()
-                        result = search_bucket(problem, tokens, plan.screen[tokens], plan.default, engine,
-                                               options.policy, seeds=_seeds(buckets))
-                        journal.append({"type": "bucket", "problem": problem.key, "tokens": tokens,
-                                        "result": result.to_dict()})
-                    buckets.append(result)
-                    progress.set_completed(sum(planned[t] for t in options.tokens if t <= tokens))
-                progress.finish_problem(problem)
-            finally:
-                if options.write_cache and any(b.ok for b in buckets):
-                    cache_path = str(write_results(cache_dir, device, problem, buckets, time.monotonic() - started,
-                                                   sweep_command(options)))
+        _run_lanes(engine.lanes, order, run_unit)
     except BudgetExhausted as exc:
         stopped = f"{exc}; rerun with --resume to finish"
         progress.note(stopped)
     finally:
         engine.close()
         journal.close()
-    complete = stopped is None and all(len(results.get(p, [])) == len(options.tokens) for p in problems)
+
+    # -- torchrun: every rank's buckets to rank 0, which writes them ------------------------------
+    if gather is not None:
+        try:
+            payload = {"rank": launch.rank, "device": device, "results": {p: results[p] for p in results},
+                       "ran_on": ran_on, "stats": engine.stats, "stopped": stopped}
+            payloads, missing = gather.gather(payload)
+        finally:
+            gather.close()
+        for other in payloads:
+            if other["rank"] == launch.rank:
+                continue
+            if other["device"].name != device.name:
+                stopped = (f"rank {other['rank']} timed on {other['device'].name}, rank 0 on {device.name}: "
+                           f"its results were not written (a cache file holds one device)")
+                continue
+            for problem, buckets in other["results"].items():
+                results[problem] = buckets
+                ran_on[problem] = f"rank{other['rank']}:{other['ran_on'].get(problem, '?')}"
+                write(problem, buckets)
+            engine.stats.merge(other["stats"])
+            if other["stopped"] and not stopped:
+                stopped = f"rank {other['rank']}: {other['stopped']}"
+        if missing:
+            stopped = (f"rank(s) {', '.join(map(str, missing))} did not report; their journals keep what they "
+                       f"finished: rerun with --resume to finish")
+            progress.note(stopped)
+    results = {p: results[p] for p in problems if p in results}
+    expected = problems if launch is not None and launch.rank == 0 else mine
+    complete = stopped is None and all(len(results.get(p, [])) == len(options.tokens) for p in expected)
+    units = [{"problem": p.key, "cost_ms": round(costs[p], 1), "bin": owner[p], "ran_on": ran_on.get(p)}
+             for p in problems if p in mine or p in results]
     return SweepReport(options.model, device, options, results, complete, time.monotonic() - started,
-                       engine.stats, cache_path, str(jpath), stopped)
+                       engine.stats, cache_path, str(jpath), stopped, split=split, lanes=lanes, units=units,
+                       balance_bound=balance_bound({p: costs[p] for p in mine}, len(lanes)))
+
+
+def _run_lanes(lanes: list[Lane], order: list[Problem], run_unit: Callable[[Problem, Lane], None]) -> None:
+    """Run the units: in this thread with one lane; with several, one thread per lane, each taking
+    the next unit of ``order`` when it finishes one (so no lane idles while units are left). The
+    first error stops the lanes from taking new units and is raised once they are done."""
+    if len(lanes) == 1:
+        for problem in order:
+            run_unit(problem, lanes[0])
+        return
+    pending = list(order)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work(lane: Lane) -> None:
+        while True:
+            with lock:
+                if errors or not pending:
+                    return
+                problem = pending.pop(0)
+            try:
+                run_unit(problem, lane)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+                with lock:
+                    errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=work, args=(lane,), name=f"moe-tune-lane-{lane.index}", daemon=True)
+               for lane in lanes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        budget = [e for e in errors if isinstance(e, BudgetExhausted)]
+        raise (budget[0] if len(budget) == len(errors) else next(e for e in errors if not isinstance(e, BudgetExhausted)))
 
 
 def sweep_command(options: SweepOptions) -> str:

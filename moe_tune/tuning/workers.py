@@ -41,8 +41,10 @@ class WorkerStartError(MoeTuneError):
     """A worker process could not start (import failure, no device): nothing can be measured."""
 
 
-def _serve(conn, faults: Mapping[str, str]) -> None:
-    """The worker process's main loop."""
+def _serve(conn, faults: Mapping[str, str], env: Mapping[str, str] | None = None) -> None:
+    """The worker process's main loop. ``env`` is applied before torch is imported (a timing
+    worker's ``CUDA_VISIBLE_DEVICES`` pins it to one GPU, which it then sees as device 0)."""
+    os.environ.update(env or {})
     try:
         from moe_tune.tuning.timing import Bench
 
@@ -74,8 +76,10 @@ class WorkerProcess:
     """One worker process, restarted on demand after a crash or a timeout."""
 
     def __init__(self, *, faults: Mapping[str, str] | None = None,
-                 start_timeout: float = DEFAULT_START_TIMEOUT_S, name: str = "moe-tune-worker"):
+                 start_timeout: float = DEFAULT_START_TIMEOUT_S, name: str = "moe-tune-worker",
+                 env: Mapping[str, str] | None = None):
         self.faults = dict(faults or {})
+        self.env = dict(env or {})
         self.start_timeout = start_timeout
         self.name = name
         self.starts = 0
@@ -100,7 +104,7 @@ class WorkerProcess:
             raise WorkerStartError(self._broken)
         self._discard()
         parent_conn, child_conn = _SPAWN.Pipe()
-        proc = _SPAWN.Process(target=_serve, args=(child_conn, self.faults), name=self.name, daemon=True)
+        proc = _SPAWN.Process(target=_serve, args=(child_conn, self.faults, self.env), name=self.name, daemon=True)
         proc.start()
         child_conn.close()
         self._proc, self._conn = proc, parent_conn

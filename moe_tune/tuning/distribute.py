@@ -1,0 +1,229 @@
+"""Spreading a sweep over GPUs, torchrun ranks and scheduler shards.
+
+The unit of work is one problem with all its token buckets. ``search_bucket`` seeds each bucket's
+careful stage with the previous bucket's winner and runner-up, so a problem's buckets form a chain;
+cutting the chain would change which configs reach the careful stage and therefore, sometimes, the
+winner. Keeping the chain whole keeps a distributed sweep's results identical in content to a
+one-GPU sweep of the same space (the same plan, the same seeds, the same measurements: with a
+deterministic timer the same winners bit for bit, on GPUs the same up to timing noise). The price
+is granularity: a model has 6 units (more with several GEMM selections or dtypes), so with more
+GPUs than units, or units of very unequal cost, some GPUs idle at the end. ``balance_bound`` states
+that limit for a given split; bucket-level splitting (the screens of one problem's buckets do not
+depend on the seeds and could run anywhere) is the next step if a problem's cost ever dominates.
+
+Data flow:
+
+1. ``unit_cost`` — a problem's estimated timing cost: per bucket, the planned measurements times
+   the launches each one makes (``timing.LaunchPlan`` at ``search.estimate_ms``'s time of the
+   heuristic default) plus a fixed per-measurement overhead. Only ratios matter.
+2. ``assign`` — longest processing time first: units by cost, largest first (ties by problem key,
+   so every rank computes the same split), each to the least loaded of ``count`` bins. Shards
+   (``--shard i/n``) and torchrun ranks take bin ``i`` / ``RANK``; the GPUs inside one process do
+   not split statically: they pull the next-largest unit when they finish one.
+3. ``Launch.from_env`` — a torchrun rank (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+   ``LOCAL_WORLD_SIZE``): each rank times on its ``LOCAL_RANK`` GPU. ``Gather`` joins the gloo
+   process group at the start (so a bad rendezvous fails before any work) and, at the end, sends
+   every rank's finished buckets to rank 0 (``gather_object``), which writes the one cache file.
+   A rank that dies leaves its buckets in its own journal (``…-rank{r}of{n}.jsonl``); rank 0
+   writes what it has and reports the missing ranks, and ``--resume`` (any layout: all journals
+   of the sweep are read back) finishes only what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Mapping, Sequence
+
+from moe_tune.device import DeviceInfo
+from moe_tune.errors import InvalidInputError
+
+# Per measurement, beyond the launches: a pipe round trip, the gate launch, the CUDA graph capture
+# and the L2-flush writes (~30 ms on an H200 for a screen of a small kernel).
+MEASURE_OVERHEAD_MS = 30.0
+# How long rank 0 waits for the slowest rank at the final gather: a rank that hangs for this long
+# is reported missing (its journal keeps what it finished). The sweeps of the largest presets take
+# under an hour on one GPU.
+GATHER_TIMEOUT = timedelta(hours=6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing --gpus and --shard
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_gpus(text: str, available: int) -> tuple[int, ...]:
+    """``--gpus 0,2`` → (0, 2); ``all`` → every one of ``available``. One-line errors."""
+    text = text.strip()
+    if text == "all":
+        if available < 1:
+            raise InvalidInputError("--gpus all: no GPU is visible")
+        return tuple(range(available))
+    picked = []
+    for part in text.replace(",", " ").split():  # syntax first, so a typo is named before a count
+        try:
+            picked.append(int(part))
+        except ValueError:
+            raise InvalidInputError(f"--gpus takes GPU indices like 0,2 (or all); cannot read {part!r}") from None
+    for i, index in enumerate(picked):
+        if index < 0 or index >= available:
+            seen = f"GPUs 0..{available - 1} are visible" if available else "no GPU is visible"
+            raise InvalidInputError(f"--gpus {index}: no such GPU ({seen})")
+        if index in picked[:i]:
+            raise InvalidInputError(f"--gpus lists GPU {index} twice")
+    if not picked:
+        raise InvalidInputError("--gpus needs at least one GPU index")
+    return tuple(picked)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``--shard i/n`` → (i, n) with 0 ≤ i < n."""
+    index, slash, count = text.strip().partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i = n = -1
+    if not slash or n < 1 or not 0 <= i < n:
+        raise InvalidInputError(f"--shard takes i/n with 0 <= i < n, like 0/4; got {text!r}")
+    return i, n
+
+
+def physical_gpu(index: int, environ: Mapping[str, str] | None = None) -> str:
+    """What ``CUDA_VISIBLE_DEVICES`` must say for a worker to see this process's GPU ``index``
+    (as its only GPU): the index through this process's own ``CUDA_VISIBLE_DEVICES``, if set."""
+    visible = (environ if environ is not None else os.environ).get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        ids = [v.strip() for v in visible.split(",") if v.strip()]
+        if index < len(ids):
+            return ids[index]
+    return str(index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost and split
+# ---------------------------------------------------------------------------------------------
+
+
+def unit_cost(plan, policy, device: DeviceInfo) -> float:
+    """Estimated milliseconds of GPU work to search every bucket of ``plan``'s problem."""
+    from moe_tune.tuning.search import estimate_ms, measurements_planned
+    from moe_tune.tuning.timing import plan_for
+
+    total = 0.0
+    for tokens, count in measurements_planned(plan, policy).items():
+        launch_ms = estimate_ms(plan.problem, plan.default, tokens, device)
+        screens = len(plan.screen[tokens])
+        careful = count - screens
+        total += screens * (MEASURE_OVERHEAD_MS + plan_for("screen", False).launches(launch_ms) * launch_ms)
+        total += careful * (MEASURE_OVERHEAD_MS + plan_for("careful", False).launches(launch_ms) * launch_ms)
+    return total
+
+
+def largest_first(costs: Mapping[Any, float]) -> list:
+    """Units by cost, largest first; ties by key so every process orders them alike."""
+    return sorted(costs, key=lambda u: (-costs[u], _key(u)))
+
+
+def assign(costs: Mapping[Any, float], count: int) -> list[list]:
+    """Longest-processing-time split of the units into ``count`` bins (deterministic)."""
+    bins: list[list] = [[] for _ in range(count)]
+    load = [0.0] * count
+    for unit in largest_first(costs):
+        target = min(range(count), key=lambda b: (load[b], b))
+        bins[target].append(unit)
+        load[target] += costs[unit]
+    return bins
+
+
+def balance_bound(costs: Mapping[Any, float], lanes: int) -> float:
+    """Best scaling efficiency the unit granularity allows on ``lanes`` GPUs (by estimated cost):
+    total / (lanes × the most loaded lane of an LPT schedule)."""
+    if not costs or lanes < 1:
+        return 1.0
+    loads = [sum(costs[u] for u in b) for b in assign(costs, lanes)]
+    return sum(costs.values()) / (lanes * max(loads)) if max(loads) > 0 else 1.0
+
+
+def _key(unit) -> str:
+    return getattr(unit, "key", str(unit))
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Launch:
+    """This process's place in a torchrun job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Launch | None":
+        """The torchrun variables, or None outside torchrun (or a world of one)."""
+        env = environ if environ is not None else os.environ
+        if "RANK" not in env or "WORLD_SIZE" not in env:
+            return None
+        try:
+            rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+            local_rank = int(env.get("LOCAL_RANK", rank))
+            local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+        except ValueError:
+            raise InvalidInputError("RANK, WORLD_SIZE, LOCAL_RANK must be integers (set by torchrun)") from None
+        if world <= 1:
+            return None
+        if not 0 <= rank < world or not 0 <= local_rank < local_world:
+            raise InvalidInputError(f"inconsistent torchrun variables: RANK={rank} WORLD_SIZE={world} "
+                                    f"LOCAL_RANK={local_rank} LOCAL_WORLD_SIZE={local_world}")
+        return cls(rank, world, local_rank, local_world)
+
+
+class Gather:
+    """The gloo process group of a torchrun sweep: joined at the start, used once at the end.
+
+    gloo rather than NCCL: the payload is a few hundred KiB of Python objects, and it must work
+    before (and without) any CUDA context in the sweep's own process."""
+
+    def __init__(self, launch: Launch, timeout: timedelta = GATHER_TIMEOUT):
+        import torch.distributed as dist
+
+        self.launch = launch
+        self._owned = not dist.is_initialized()
+        if self._owned:
+            dist.init_process_group("gloo", rank=launch.rank, world_size=launch.world_size, timeout=timeout)
+
+    def gather(self, payload: dict[str, Any]) -> tuple[list[dict[str, Any]], list[int]]:
+        """Every rank's payload on rank 0 (others get ``[]``), and the ranks that did not answer.
+        A dead peer makes gloo raise on rank 0; then only rank 0's own payload is returned."""
+        import torch.distributed as dist
+
+        received: list | None = [None] * self.launch.world_size if self.launch.rank == 0 else None
+        try:
+            dist.gather_object(payload, received, dst=0)
+        except Exception:  # gloo raises RuntimeError/DistBackendError on a closed or silent peer
+            if self.launch.rank != 0:
+                return [], []
+            return [payload], [r for r in range(1, self.launch.world_size)]
+        if self.launch.rank != 0:
+            return [], []
+        missing = [r for r, p in enumerate(received) if p is None]
+        return [p for p in received if p is not None], missing
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self._owned and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # a broken group (a dead peer) may refuse a clean shutdown
+                pass
+
+
+def split_settings(kind: str, index: int = 0, count: int = 1) -> dict[str, Any]:
+    return {"kind": kind, "index": index, "count": count}
+

@@ -1,0 +1,241 @@
+"""Sweeps over several lanes, torchrun ranks and shards (moe_tune/tuning/distribute.py and the
+sweep engine's split), with the deterministic ``HashTimer`` standing in for the GPU: a split
+sweep must pick exactly the winners of a one-lane sweep. Ranks are real processes on the gloo
+backend (torch.multiprocessing spawn, 127.0.0.1, a free port); one of them is killed mid-sweep
+and ``--resume`` finishes only what it had not journalled."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+
+from moe_tune.cache import CacheStore
+from moe_tune.device import INTERPRETER_DEVICE
+from moe_tune.errors import InvalidInputError
+from moe_tune.models import resolve_model
+from moe_tune.tuning.distribute import Launch, assign, balance_bound, parse_gpus, parse_shard, physical_gpu
+from moe_tune.tuning.journal import read_records
+from moe_tune.tuning.sweep import SweepOptions, run_sweep
+from moe_tune.tuning.testing import HashTimer
+
+TINY = resolve_model("tiny")
+TOKENS = (16, 32)
+
+
+def options(cache_dir, salt: int, **extra) -> SweepOptions:
+    return SweepOptions(model=TINY, tokens=TOKENS, interpret=True, cache_dir=cache_dir, timer=HashTimer(salt),
+                        **extra)
+
+
+def winners(cache_dir: Path) -> dict:
+    from moe_tune.cache.software import triton_version
+
+    cache = CacheStore(cache_dir).read(INTERPRETER_DEVICE, triton_version())
+    return {(p.key, t): e.config for p, buckets in cache.entries.items() for t, e in buckets.items()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- the split itself ---------------------------------------------------------------------------
+
+
+def test_assign_is_longest_first_and_deterministic():
+    costs = {"a": 5.0, "b": 4.0, "c": 3.0, "d": 3.0, "e": 1.0}
+    assert assign(costs, 2) == [["a", "d"], ["b", "c", "e"]]  # c before d (ties by key), each to the lighter bin
+    assert assign(dict(reversed(costs.items())), 2) == assign(costs, 2)  # independent of input order
+    assert sorted(u for b in assign(costs, 3) for u in b) == sorted(costs)
+    # Six equal units on four lanes: two lanes hold two, so at best 6 / (4·2) of linear scaling.
+    assert balance_bound({i: 1.0 for i in range(6)}, 4) == pytest.approx(0.75)
+    assert balance_bound({i: 1.0 for i in range(6)}, 3) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("text, available, expected", [
+    ("0,2", 4, (0, 2)),
+    ("1", 2, (1,)),  # one GPU, not the first
+    ("all", 3, (0, 1, 2)),
+    (" 3 1 ", 4, (3, 1)),  # spaces as separators, order kept
+])
+def test_parse_gpus(text, available, expected):
+    assert parse_gpus(text, available) == expected
+
+
+@pytest.mark.parametrize("text, available, message", [
+    ("2", 2, "--gpus 2: no such GPU (GPUs 0..1 are visible)"),
+    ("0", 0, "--gpus 0: no such GPU (no GPU is visible)"),
+    ("0,x", 2, "cannot read 'x'"),
+    ("1,1", 2, "lists GPU 1 twice"),
+    ("-1", 2, "no such GPU"),
+    (",", 2, "at least one"),
+])
+def test_parse_gpus_errors(text, available, message):
+    with pytest.raises(InvalidInputError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        parse_gpus(text, available)
+
+
+def test_parse_shard_launch_and_physical_gpu():
+    assert parse_shard("1/4") == (1, 4)
+    for bad in ("4/4", "1", "a/b", "0/0", "-1/2"):
+        with pytest.raises(InvalidInputError, match="i/n"):
+            parse_shard(bad)
+    assert Launch.from_env({}) is None and Launch.from_env({"RANK": "0", "WORLD_SIZE": "1"}) is None
+    assert Launch.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}) == \
+        Launch(3, 4, 1, 2)
+    with pytest.raises(InvalidInputError, match="inconsistent"):
+        Launch.from_env({"RANK": "4", "WORLD_SIZE": "4"})
+    assert physical_gpu(1, {"CUDA_VISIBLE_DEVICES": "4,6"}) == "6" and physical_gpu(1, {}) == "1"
+
+
+# -- lanes in one process -------------------------------------------------------------------------
+
+
+def test_lanes_pick_the_winners_of_one_lane(tmp_path, rng):
+    salt = rng.getrandbits(31)
+    one = run_sweep(options(tmp_path / "one", salt, devices=("cpu",)))
+    three = run_sweep(options(tmp_path / "three", salt, devices=("cpu", "cpu", "cpu")))
+    assert one.complete and three.complete
+    assert winners(tmp_path / "three") == winners(tmp_path / "one") and len(winners(tmp_path / "one")) == 6 * 2
+    # Same measurements, each made once; every unit ran whole on one lane.
+    assert three.stats.measurements == one.stats.measurements
+    keys = [(r["problem"], r["tokens"], r["stage"], r["config_short"])
+            for r in read_records(three.journal_path) if r["type"] == "measure"]
+    assert len(keys) == len(set(keys))
+    assert {u["ran_on"] for u in three.to_dict()["units"]} <= {"lane0:cpu", "lane1:cpu", "lane2:cpu"}
+    assert three.to_dict()["lanes"] == ["cpu"] * 3 and three.balance_bound > 0.9
+
+
+def test_shards_then_merge_equal_the_unsharded_sweep(tmp_path, rng, cli_main):
+    salt = rng.getrandbits(31)
+    run_sweep(options(tmp_path / "all", salt))
+    shards = [run_sweep(options(tmp_path / f"s{i}", salt, shard=(i, 2))) for i in range(2)]
+    assert all(s.complete for s in shards)
+    mine = [set(p.key for p in s.results) for s in shards]
+    assert mine[0] and mine[1] and not mine[0] & mine[1]
+    assert Path(shards[1].journal_path).name.endswith("-shard1of2.jsonl")
+    code = cli_main("merge", tmp_path / "s0", tmp_path / "s1", "-o", tmp_path / "merged" / "m.json")
+    assert code == 0
+    merged = json.loads((tmp_path / "merged" / "m.json").read_text())
+    got = {(k, b["tokens"]): b["config"] for k, e in merged["entries"].items() for b in e["buckets"]}
+    assert got == {k: c.to_dict() for k, c in winners(tmp_path / "all").items()}
+
+
+@pytest.fixture
+def cli_main():
+    from moe_tune.cli.app import main
+
+    def run(*args) -> int:
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            return exc.code or 0
+        return 0
+
+    return run
+
+
+# -- torchrun ranks on gloo -----------------------------------------------------------------------
+
+
+def _rank(rank: int, world: int, port: int, cache_dir: str, salt: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="1")
+    report = run_sweep(options(cache_dir, salt, gather_timeout_s=60))
+    Path(out, f"rank{rank}.json").write_text(json.dumps(report.to_dict()))
+
+
+def test_torchrun_ranks_split_and_gather_to_rank_0(tmp_path, rng):
+    salt = rng.getrandbits(31)
+    run_sweep(options(tmp_path / "single", salt))
+    mp.spawn(_rank, args=(3, free_port(), str(tmp_path / "ranks"), salt, str(tmp_path)), nprocs=3)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
+    ran = [{p["problem"] for p in r["problems"]} for r in reports[1:]]
+    assert all(ran) and not ran[0] & ran[1]  # every rank worked, on its own units
+    assert reports[0]["complete"] and len(reports[0]["problems"]) == 6
+    assert reports[0]["stats"]["measurements"] == sum(r["stats"]["measurements"] for r in reports[1:]) + \
+        sum(1 for _ in read_records(reports[0]["journal_path"]) if _["type"] == "measure")
+    assert reports[1]["cache_path"] is None  # only rank 0 writes
+    assert winners(tmp_path / "ranks") == winners(tmp_path / "single")
+    journals = sorted(p.name for p in (tmp_path / "ranks" / "journals").iterdir())
+    assert journals == [f"sweep-tiny-float32-triton-interpreter-rank{r}of3.jsonl" for r in range(3)]
+
+
+RANK_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+from moe_tune.models import resolve_model
+from moe_tune.tuning.sweep import SweepOptions, run_sweep
+from moe_tune.tuning.testing import HashTimer
+cache_dir, salt, delay, resume, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
+report = run_sweep(SweepOptions(model=resolve_model("tiny"), tokens=(16, 32), interpret=True, cache_dir=cache_dir,
+                                timer=HashTimer(salt, delay), resume=resume, gather_timeout_s=60))
+Path(out).write_text(json.dumps(report.to_dict()))
+"""
+
+
+def _launch(world: int, port: int, cache_dir: Path, salt: int, delays, resume: bool, out: Path):
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "TRITON_INTERPRET": "1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", RANK_SCRIPT, str(cache_dir), str(salt), str(delays[rank]), "1" if resume else "0",
+             str(out / f"rank{rank}.json")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    return procs
+
+
+def test_killed_rank_then_resume_finishes_only_what_is_missing(tmp_path, rng):
+    salt = rng.getrandbits(31)
+    run_sweep(options(tmp_path / "single", salt))
+    cache = tmp_path / "ranks"
+    journal = cache / "journals" / "sweep-tiny-float32-triton-interpreter-rank1of2.jsonl"
+    first = tmp_path / "first"
+    first.mkdir()
+    # Rank 1 measures slowly and is killed once a few measurements are journalled.
+    procs = _launch(2, free_port(), cache, salt, (0.0, 0.2), False, first)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and procs[1].poll() is None:
+            if journal.exists() and sum(r["type"] == "measure" for r in read_records(journal)) >= 4:
+                break
+            time.sleep(0.05)
+        assert procs[1].poll() is None, procs[1].stderr.read().decode()
+        procs[1].send_signal(signal.SIGKILL)
+        assert procs[0].wait(90) == 0, procs[0].stderr.read().decode()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(30)
+    rank0 = json.loads((first / "rank0.json").read_text())
+    assert not rank0["complete"] and "rank(s) 1 did not report" in rank0["stopped"]
+    assert rank0["cache_path"] is not None  # rank 0 wrote its own units
+    before = [r for r in read_records(journal) if r["type"] == "measure"]
+
+    second = tmp_path / "second"
+    second.mkdir()
+    procs = _launch(2, free_port(), cache, salt, (0.0, 0.0), True, second)
+    for proc in procs:
+        assert proc.wait(90) == 0, proc.stderr.read().decode()
+    resumed = [json.loads((second / f"rank{r}.json").read_text()) for r in range(2)]
+    assert resumed[0]["complete"] and resumed[0]["stopped"] is None
+    own = resumed[1]["stats"]
+    # Rank 0 had finished: nothing to measure. Rank 1 replays what it journalled before the kill.
+    assert own["replayed_from_journal"] == len(before) and own["measurements"] > 0
+    after = [r for r in read_records(journal) if r["type"] == "measure"]
+    keys = [(r["problem"], r["tokens"], r["stage"], r["config_short"]) for r in after]
+    assert len(keys) == len(set(keys)) and after[: len(before)] == before
+    assert resumed[0]["stats"]["measurements"] == own["measurements"]
+    assert winners(cache) == winners(tmp_path / "single")
