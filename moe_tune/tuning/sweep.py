@@ -2,19 +2,29 @@
 
 Data flow of ``run_sweep(options)``:
 
-1. the device (``query_device``; Triton's interpreter with ``interpret``), the problems
-   (``MoeShape.problems`` filtered by pass and GEMM) and one ``search.ProblemPlan`` each;
-2. the journal (``journal.Journal``, ``<cache dir>/journals/``), resumed or fresh;
-3. an ``Engine``: a compile pool (``workers.WorkerPool``, CPU cores − 2 processes) warms
-   Triton's on-disk cache with every problem's compile list, submitted up front so timing
-   starts as soon as the first candidates are built; one timing worker
-   (``workers.WorkerProcess``) gates and times candidates one at a time, each with a timeout;
-   every outcome is journalled (fsynced) before the search sees it, and a resumed journal answers
-   the measurements it already holds;
-4. per problem, per bucket in ascending order: ``search.search_bucket``, seeded with the previous
-   bucket's winner and runner-up; the result is journalled; after each problem its buckets are
-   merged into the cache file (``cache.CacheStore``: locked, merged, provenance filled in);
-5. a ``SweepReport`` (the CLI prints it as a table or JSON).
+1. the timing lanes (``lane_devices``: one per GPU of ``--gpus``, default every visible GPU; the
+   ``LOCAL_RANK`` GPU under torchrun; CPU lanes under the interpreter), the device they share
+   (lanes of different GPU models are refused), the problems (``MoeShape.problems`` filtered by
+   pass and GEMM) and one ``search.ProblemPlan`` each;
+2. the split (``distribute``): a unit is one problem with all its buckets; ``--shard i/n`` and
+   torchrun ranks take their deterministic share (longest processing time first over the
+   estimated costs), a plain sweep takes every unit;
+3. the journal (``journal.Journal``, ``<cache dir>/journals/``, one file per shard or rank),
+   resumed or fresh; with ``--resume`` the other journals of the same sweep are read too, so a
+   re-run in any layout redoes only what no journal holds;
+4. an ``Engine``: a compile pool (``workers.WorkerPool``, the host's cores less one per timing
+   lane and one for this process) warms Triton's on-disk cache with every unit's compile list,
+   submitted up front in the order the units will be timed; one timing worker per lane
+   (``workers.WorkerProcess`` pinned to its GPU) gates and times candidates one at a time, each
+   with a timeout; every outcome is journalled (fsynced) before the search sees it, and a resumed
+   journal answers the measurements it already holds;
+5. per unit, on whichever lane is free (largest unit first when there are several lanes), per
+   bucket in ascending order: ``search.search_bucket``, seeded with the previous bucket's winner
+   and runner-up; the result is journalled; after each unit its buckets are merged into the cache
+   file (``cache.CacheStore``: locked, merged, provenance filled in);
+6. under torchrun, every rank's buckets go to rank 0 (``distribute.Gather``), which writes them;
+   a rank that did not report is named in ``stopped``;
+7. a ``SweepReport`` (the CLI prints it as a table or JSON).
 
 ``budget_s`` stops the sweep before the next measurement once the wall clock passes it;
 finished buckets are written and ``--resume`` carries on from the journal.
