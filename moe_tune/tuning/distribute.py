@@ -199,7 +199,8 @@ class Gather:
 
     def gather(self, payload: dict[str, Any]) -> tuple[list[dict[str, Any]], list[int]]:
         """Every rank's payload on rank 0 (others get ``[]``), and the ranks that did not answer.
-        A dead peer makes gloo raise on rank 0; then only rank 0's own payload is returned."""
+        A dead peer makes gloo raise on rank 0; then only rank 0's own payload is returned. On
+        another rank, ``[0]`` missing means rank 0 never took this rank's results."""
         import torch.distributed as dist
 
         received: list | None = [None] * self.launch.world_size if self.launch.rank == 0 else None
@@ -207,7 +208,7 @@ class Gather:
             dist.gather_object(payload, received, dst=0)
         except Exception:  # gloo raises RuntimeError/DistBackendError on a closed or silent peer
             if self.launch.rank != 0:
-                return [], []
+                return [], [0]
             return [payload], [r for r in range(1, self.launch.world_size)]
         if self.launch.rank != 0:
             return [], []

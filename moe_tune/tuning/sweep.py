@@ -766,7 +766,11 @@ def run_sweep(options: SweepOptions, progress: Progress | None = None) -> SweepR
             engine.stats.merge(other["stats"])
             if other["stopped"] and not stopped:
                 stopped = f"rank {other['rank']}: {other['stopped']}"
-        if missing:
+        if missing and launch.rank != 0:
+            stopped = ("rank 0 did not take this rank's results (its journal keeps them): rerun with --resume "
+                       "to finish")
+            progress.note(stopped)
+        elif missing:
             stopped = (f"rank(s) {', '.join(map(str, missing))} did not report; their journals keep what they "
                        f"finished: rerun with --resume to finish")
             progress.note(stopped)
