@@ -1,4 +1,5 @@
-"""Test-wide setup: without a CUDA GPU, kernels run in Triton's CPU interpreter.
+"""Test-wide setup: without a CUDA GPU, kernels run in Triton's CPU interpreter; ``rng`` gives
+every test a fresh, printed seed.
 
 TRITON_INTERPRET must be set before triton decorates the kernels, i.e. before moe_tune.kernels
 is imported, which is why it happens here at collection time.
@@ -7,6 +8,7 @@ is imported, which is why it happens here at collection time.
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 import torch
@@ -28,3 +30,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    """A fresh seed per test, printed so a failure can be replayed."""
+    seed = random.SystemRandom().getrandbits(32)
+    print(f"seed={seed}")
+    return random.Random(seed)

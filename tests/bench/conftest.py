@@ -1,22 +1,14 @@
-"""Fixtures for the benchmark tests: a fresh seed (printed, so a failure can be replayed), isolated
+"""Fixtures for the benchmark tests: isolated
 cache layers (tmp dirs through ``paths.override_roots``) and a clean runtime memo."""
 
 from __future__ import annotations
 
-import random
 from types import SimpleNamespace
 
 import pytest
 
 from moe_tune import runtime
 from moe_tune.cache import paths
-
-
-@pytest.fixture
-def rng() -> random.Random:
-    seed = random.SystemRandom().getrandbits(32)
-    print(f"seed={seed}")
-    return random.Random(seed)
 
 
 @pytest.fixture(autouse=True)

@@ -1,10 +1,9 @@
 """Fixtures for the CLI tests: isolated cache layers (tmp dirs through the documented
-``paths.override_roots`` hook), a fresh seed, and ``cli`` — the real entry point ``main`` (with
+``paths.override_roots`` hook) and ``cli`` — the real entry point ``main`` (with
 its error boundary) run inside ``typer.testing.CliRunner``'s isolation, stdout and stderr apart."""
 
 from __future__ import annotations
 
-import random
 import sys
 from types import SimpleNamespace
 
@@ -14,13 +13,6 @@ from typer.testing import CliRunner
 from moe_tune import runtime
 from moe_tune.cache import paths
 from moe_tune.cli.app import main
-
-
-@pytest.fixture
-def rng() -> random.Random:
-    seed = random.SystemRandom().getrandbits(32)
-    print(f"seed={seed}")
-    return random.Random(seed)
 
 
 @pytest.fixture(autouse=True)

@@ -1,23 +1,14 @@
 """Fixtures for the runtime tests: every test gets its own env, user and shipped layers (tmp
-dirs, through the documented ``paths.override_roots`` hook), no strict mode, a clean memo, and a
-fresh seed (printed, so a failure can be replayed)."""
+dirs, through the documented ``paths.override_roots`` hook), no strict mode and a clean memo."""
 
 from __future__ import annotations
 
-import random
 from types import SimpleNamespace
 
 import pytest
 
 from moe_tune import runtime
 from moe_tune.cache import paths
-
-
-@pytest.fixture
-def rng() -> random.Random:
-    seed = random.SystemRandom().getrandbits(32)
-    print(f"seed={seed}")
-    return random.Random(seed)
 
 
 @pytest.fixture(autouse=True)

@@ -1,23 +1,14 @@
-"""Fixtures for the tuning tests: a fresh seed per test (printed, so a failure can be replayed)
-and isolated cache layers (tmp dirs through ``paths.override_roots``). Kernels run in Triton's
+"""Fixtures for the tuning tests: isolated cache layers (tmp dirs through ``paths.override_roots``). Kernels run in Triton's
 interpreter here (``tests/conftest.py`` sets TRITON_INTERPRET before anything imports them), and
 so do the worker processes the sweep spawns: they inherit the environment."""
 
 from __future__ import annotations
 
-import random
 from types import SimpleNamespace
 
 import pytest
 
 from moe_tune.cache import paths
-
-
-@pytest.fixture
-def rng() -> random.Random:
-    seed = random.SystemRandom().getrandbits(32)
-    print(f"seed={seed}")
-    return random.Random(seed)
 
 
 @pytest.fixture(autouse=True)
