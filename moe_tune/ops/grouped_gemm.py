@@ -274,8 +274,16 @@ class _GroupedGemm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, weights, routing, gather, scatter, configs):
         fused_weights = weights if weights is not None and not weights.requires_grad else None
-        y = forward(x, w, routing, gather=gather, scatter=scatter, weights=fused_weights,
-                    config=configs.get("forward"))
+        config = configs.get("forward")
+        if config is None and weights is not None and fused_weights is None:
+            # The unweighted launch below is the weighted problem's kernel minus its epilogue
+            # multiply: take the config tuned for the weighted problem (what the sweep tunes and
+            # the cache holds) instead of missing the cache on a problem nobody tunes.
+            from moe_tune import runtime
+
+            config = runtime.get_config(_problem("forward", w, routing, gather, scatter, True),
+                                        routing.num_tokens, device=query_device(w.device))
+        y = forward(x, w, routing, gather=gather, scatter=scatter, weights=fused_weights, config=config)
         y_raw = None
         if weights is not None and fused_weights is None:
             # The routing weights need a gradient, which needs the unweighted output: keep it and

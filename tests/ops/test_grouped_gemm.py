@@ -246,3 +246,23 @@ def test_gather_copy_dw(flags):
     assert relative_error(dw, reference_dw(dy, x, routing, **kw)) < TOLERANCES[torch.float16]
     with pytest.raises(ConfigError, match="GATHER_COPY applies to dw"):
         gg.forward(x, w, routing, config=dataclasses.replace(TMA, GATHER_COPY=True), **kw)
+
+
+def test_routing_weight_gradient_uses_the_weighted_problems_config(monkeypatch):
+    # With weights that need a gradient the forward runs unweighted; it must still look up the
+    # weighted problem (the one the sweep tunes), or it would always miss the cache.
+    from moe_tune import runtime
+
+    asked = []
+    real = runtime.get_config
+
+    def recording(problem, num_tokens, device=None):
+        asked.append(problem)
+        return real(problem, num_tokens, device=device)
+
+    monkeypatch.setattr(runtime, "get_config", recording)
+    routing, x, w, dy, weights = make_inputs(9, 4, 32, 16, 2, torch.float32, False, True, True)
+    weights.requires_grad_(True)
+    gg.grouped_gemm(x, w, routing, scatter=True, routing_weights=weights)
+    forward_problems = [p for p in asked if p.pass_ == "forward"]
+    assert forward_problems and all(p.weighted for p in forward_problems)
