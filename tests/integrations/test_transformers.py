@@ -14,10 +14,13 @@ import torch
 transformers = pytest.importorskip("transformers", minversion="5.0")
 
 from transformers import Qwen3MoeConfig  # noqa: E402
-from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeSparseMoeBlock  # noqa: E402
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM  # noqa: E402
 
 from moe_tune.integrations.transformers import UnsupportedExpertsLayout, register  # noqa: E402
 from moe_tune.reference import relative_error  # noqa: E402
+
+import qwen3_blocks  # noqa: E402
+from qwen3_blocks import qwen3_config  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter tests; GPU has its own"),
@@ -27,25 +30,18 @@ pytestmark = [
 TOL = 1e-5  # float32 in the interpreter: summation order only
 
 
+TINY = dict(hidden_size=32, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+            norm_topk_prob=True, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=16, vocab_size=64, max_position_embeddings=64)
+
+
 def tiny_config(**overrides) -> Qwen3MoeConfig:
-    fields = dict(hidden_size=32, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
-                  norm_topk_prob=True, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=16, vocab_size=64, max_position_embeddings=64)
-    fields.update(overrides)
-    return Qwen3MoeConfig(**fields)
+    return qwen3_config(TINY, **overrides)
 
 
 def block_pair(config):
     """(transformers eager block, moe-tune block) with the same random weights."""
-    register()
-    torch.manual_seed(0)
-    ref = Qwen3MoeSparseMoeBlock(copy.deepcopy(config))
-    for p in ref.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    ours = copy.deepcopy(ref)
-    ref.experts.config._experts_implementation = "eager"
-    ours.experts.config._experts_implementation = "moe_tune"
-    return ref, ours
+    return qwen3_blocks.block_pair(config, reference="eager", std=0.3)
 
 
 def fwd_bwd(block, x, grad):

@@ -16,10 +16,13 @@ import torch
 transformers = pytest.importorskip("transformers", minversion="5.0")
 
 from transformers import Qwen3MoeConfig  # noqa: E402
-from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeSparseMoeBlock  # noqa: E402
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM  # noqa: E402
 
 from moe_tune.integrations.transformers import register  # noqa: E402
 from moe_tune.reference import relative_error  # noqa: E402
+
+import qwen3_blocks  # noqa: E402
+from qwen3_blocks import qwen3_config  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::moe_tune.errors.CacheWarning")]
 
@@ -29,26 +32,18 @@ pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::moe_tune.erro
 TOL = {"out": 1e-2, "hidden": 1e-2, "experts.gate_up_proj": 1e-2, "experts.down_proj": 1e-2, "gate.weight": 2e-2}
 
 
+SMALL = dict(hidden_size=512, moe_intermediate_size=256, num_experts=16, num_experts_per_tok=4,
+             norm_topk_prob=True, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=64, vocab_size=512, max_position_embeddings=256)
+
+
 def block_config(**overrides) -> Qwen3MoeConfig:
-    fields = dict(hidden_size=512, moe_intermediate_size=256, num_experts=16, num_experts_per_tok=4,
-                  norm_topk_prob=True, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=64, vocab_size=512, max_position_embeddings=256)
-    fields.update(overrides)
-    return Qwen3MoeConfig(**fields)
+    return qwen3_config(SMALL, **overrides)
 
 
 def block_pair(config):
     """(transformers grouped_mm block, moe-tune block), same random bf16 weights, on the GPU."""
-    register()
-    torch.manual_seed(0)
-    ref = Qwen3MoeSparseMoeBlock(copy.deepcopy(config))
-    for p in ref.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    ref = ref.to("cuda", torch.bfloat16)
-    ours = copy.deepcopy(ref)
-    ref.experts.config._experts_implementation = "grouped_mm"
-    ours.experts.config._experts_implementation = "moe_tune"
-    return ref, ours
+    return qwen3_blocks.block_pair(config, reference="grouped_mm", std=0.02, device="cuda", dtype=torch.bfloat16)
 
 
 def fwd_bwd(block, x, grad):
