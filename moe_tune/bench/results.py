@@ -32,6 +32,13 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
+def _failed_checks(errors: Mapping[str, float], tolerance: float | None) -> list[str]:
+    """Names whose sanity-check error exceeds ``tolerance`` (NaN fails; no tolerance, no check)."""
+    if tolerance is None:
+        return []
+    return [name for name, err in errors.items() if not err <= tolerance]
+
+
 @dataclass(frozen=True)
 class Timing:
     """Median and spread of repeated runs, in milliseconds: ``p20``–``p80`` is the middle 60% of
@@ -137,9 +144,7 @@ class GemmRow:
 
     @property
     def failed_checks(self) -> list[str]:
-        if self.tolerance is None:
-            return []
-        return [name for name, err in self.errors.items() if not err <= self.tolerance]
+        return _failed_checks(self.errors, self.tolerance)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -199,9 +204,7 @@ class BlockRow:
 
     @property
     def failed_checks(self) -> list[str]:
-        if self.tolerance is None:
-            return []
-        return [name for name, err in self.errors.items() if not err <= self.tolerance]
+        return _failed_checks(self.errors, self.tolerance)
 
     def to_dict(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "implementation": self.implementation, "fwd": self.fwd.to_dict(),
