@@ -1,30 +1,29 @@
-"""`moe-tune sweep` on one GPU and on every GPU of the host: wall clock, scaling, same winners.
+"""`moe-tune sweep` on one GPU and on several GPUs of the host: wall clock, scaling, same winners.
 
-Two runs of the default sweep (``--model qwen3-30b-a3b``, the default token grid and space), each
-a fresh ``python -m moe_tune sweep`` process with its own cold Triton cache (``TRITON_CACHE_DIR``
-in a fresh folder: the second run must not load what the first compiled) and its own cache
-directory:
+Runs of the default sweep (``--model qwen3-30b-a3b``, the default token grid and space), each a
+fresh ``python -m moe_tune sweep`` process with its own cold Triton cache (``TRITON_CACHE_DIR`` in
+a fresh folder: a later run must not load what an earlier one compiled) and its own cache folder:
 
-1. ``--gpus 0``: one timing lane;
-2. every visible GPU (no ``--gpus``): one timing lane per GPU, one compile pool.
+1. ``--gpus 0``: one timing lane (the baseline);
+2. for each count of ``--counts`` above 1 (default: every visible GPU), ``--gpus 0,..,n-1``: one
+   timing lane per GPU, one compile pool;
+3. with ``--torchrun N``: ``torchrun --standalone --nproc-per-node N -m moe_tune sweep``, N ranks
+   of one lane each on the gloo exchange (what a multi-node job does, on one node).
 
-Scaling efficiency = t1 / (n · tn) (target ≥ 0.8). Two limits are reported beside it, from the
-reports: ``balance_bound`` (the unit of work is one problem, 6 per model: on 4 GPUs two lanes time
-two problems, so at best ~0.76 of linear by the cost model) and the compile phase (CPU-bound,
-shared by the lanes: its wall time does not shrink with more GPUs, and each extra timing lane
-takes one core from the pool). Winners: per (problem, bucket), the same config, or a different one
-whose time in its own run is within 3% of the other run's winner (timing noise between two
-near-equal configs).
+Scaling efficiency = t1 / (n · tn) over the processes' wall clocks, start-up included (target
+≥ 0.8). Beside it: each lane's busy time (seconds its worker spent measuring), the compile phase
+(first compile submitted → last one finished) and the cost model's bound (``balance_bound``).
+Winners: per (problem, bucket), the same config as the one-GPU run, or a different one whose time
+in its own run is within 3% of the other run's winner (timing noise between near-equal configs).
 
-Writes ``OUT/multi_sweep.json`` (the summary, with card, driver, torch and Triton versions),
-``OUT/sweep_1gpu.json`` / ``OUT/sweep_ngpu.json`` (the sweeps' own JSON reports) and their stderr
-logs. ``--budget`` (default 225 s) caps both runs together so the script finishes inside one
-4-minute command: the one-GPU run gets 62% of it (116 s of work on an H200), the rest goes to the
-all-GPU run; a run cut short by its budget is reported incomplete and no efficiency is claimed
-(pass a smaller ``--tokens`` grid then).
+Writes ``OUT/multi_sweep.json`` (the summary, with card, driver, torch and Triton versions) and,
+per run, ``OUT/sweep_<name>.json`` (the sweep's own JSON report) and its stderr log. Each run has
+``--run-budget`` seconds (default 240); a run cut short is reported incomplete and no efficiency
+is claimed for it.
 
-    python benchmarks/gpu_multi_sweep.py OUT                 # on a 2- or 4-GPU box, ~4 min
-    python benchmarks/gpu_multi_sweep.py OUT --interpret     # CPU dry run: tiny preset, 2 CPU lanes
+    python benchmarks/gpu_multi_sweep.py OUT                         # 1 GPU vs every GPU
+    python benchmarks/gpu_multi_sweep.py OUT --counts 2,4 --torchrun 4
+    python benchmarks/gpu_multi_sweep.py OUT --interpret             # CPU dry run: tiny preset, 2 CPU lanes
 """
 
 from __future__ import annotations
@@ -68,10 +67,13 @@ def environment(interpret: bool) -> dict:
     return env
 
 
-def run_sweep(name: str, gpus: str | None, args, budget: float, out: Path, scratch: Path) -> dict:
+def run_sweep(name: str, gpus: str | None, args, budget: float, out: Path, scratch: Path,
+              torchrun: int | None = None) -> dict:
     cache_dir, triton_cache = scratch / f"cache_{name}", scratch / f"triton_{name}"
     triton_cache.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "moe_tune", "sweep", "--model", args.model, "-o", str(cache_dir), "--json",
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}"]
+                if torchrun else [sys.executable])
+    cmd = [*launcher, "-m", "moe_tune", "sweep", "--model", args.model, "-o", str(cache_dir), "--json",
            "--budget", f"{budget:.0f}", "--candidate-timeout", str(CANDIDATE_TIMEOUT_S)]
     if gpus is not None:
         cmd += ["--gpus", gpus]
@@ -95,7 +97,7 @@ def run_sweep(name: str, gpus: str | None, args, budget: float, out: Path, scrat
     wall = time.monotonic() - start
     (out / f"sweep_{name}.json").write_text(stdout)
     try:
-        report = json.loads(stdout)
+        report = json.loads(stdout[stdout.index("{"):]) if "{" in stdout else json.loads(stdout)
     except ValueError:
         log(f"{name}: no JSON report (exit {code}); last lines of the log:\n"
             f"{(out / f'sweep_{name}.log').read_text()[-2000:]}")
@@ -106,6 +108,7 @@ def run_sweep(name: str, gpus: str | None, args, budget: float, out: Path, scrat
                "balance_bound": report["balance_bound"], "units": report["units"], "stats": stats,
                "compile_share": (round(stats["compile_wall_s"] / report["elapsed_s"], 3)
                                  if stats.get("compile_wall_s") and report["elapsed_s"] else None),
+               "lane_busy_s": stats.get("lane_busy_s"), "split": report.get("split"),
                "winners": {f"{p['problem']}@{b['tokens']}": {"config": b["winner_short"], "ms": b["median_ms"]}
                            for p in report["problems"] for b in p["buckets"]}}
     log(f"{name}: exit {code}, {wall:.1f} s wall, {len(report['lanes'])} lane(s), complete={report['complete']}, "
@@ -134,7 +137,10 @@ def compare(one: dict, many: dict) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="results folder")
-    parser.add_argument("--budget", type=float, default=225.0, help="seconds for both runs together")
+    parser.add_argument("--run-budget", type=float, default=240.0, help="seconds per sweep run")
+    parser.add_argument("--counts", default=None, help="GPU counts to run beside the one-GPU baseline "
+                                                       "(default: every visible GPU)")
+    parser.add_argument("--torchrun", type=int, default=None, help="also run N torchrun ranks (one GPU each)")
     parser.add_argument("--model", default="qwen3-30b-a3b")
     parser.add_argument("--tokens", default=None, help="token grid (default: the sweep's)")
     parser.add_argument("--interpret", action="store_true", help="CPU dry run: tiny preset, 2 CPU lanes")
@@ -145,36 +151,49 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     env = environment(args.interpret)
-    lanes = 2 if args.interpret else env["gpus"]
+    available = 2 if args.interpret else env["gpus"]
     log(f"env: {env}")
-    if lanes < 1:
+    if available < 1:
         log("no GPU is visible (try --interpret)")
         return 2
+    counts = [int(c) for c in args.counts.split(",")] if args.counts else [available]
+    counts = [c for c in counts if 1 < c <= available]
+    runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="moe-tune-multi-") as tmp:
         scratch = Path(tmp)
-        one = run_sweep("1gpu", "0", args, 0.62 * args.budget, args.out, scratch)
-        left = max(30.0, args.budget - (time.monotonic() - started))
-        many = run_sweep("ngpu", "0,1" if args.interpret else None, args, left, args.out, scratch)
-    summary = {"env": env, "model": args.model, "gpus": lanes, "budget_s": args.budget, "one_gpu": one,
-               "all_gpus": many, "target_efficiency": TARGET_EFFICIENCY, "interpret": args.interpret}
-    if one.get("complete") and many.get("complete"):
-        t1, tn = one["wall_s"], many["wall_s"]
+        runs["1gpu"] = run_sweep("1gpu", "0", args, args.run_budget, args.out, scratch)
+        for count in counts:
+            runs[f"{count}gpu"] = run_sweep(f"{count}gpu", ",".join(map(str, range(count))), args, args.run_budget,
+                                            args.out, scratch)
+        if args.torchrun and not args.interpret:
+            runs[f"torchrun{args.torchrun}"] = run_sweep(f"torchrun{args.torchrun}", None, args, args.run_budget,
+                                                         args.out, scratch, torchrun=args.torchrun)
+    one = runs["1gpu"]
+    summary = {"env": env, "model": args.model, "run_budget_s": args.run_budget, "runs": runs,
+               "target_efficiency": TARGET_EFFICIENCY, "interpret": args.interpret, "scaling": {}}
+    for name, run in runs.items():
+        if name == "1gpu":
+            continue
+        lanes = int(name.removeprefix("torchrun").removesuffix("gpu"))
+        if not (one.get("complete") and run.get("complete")):
+            summary["scaling"][name] = {"efficiency": None, "note": "a run did not complete within its budget"}
+            log(f"{name}: a run did not complete within its budget: no efficiency claimed")
+            continue
+        t1, tn = one["wall_s"], run["wall_s"]
         efficiency = t1 / (lanes * tn)
-        summary.update(speedup=round(t1 / tn, 3), efficiency=round(efficiency, 3),
-                       meets_target=efficiency >= TARGET_EFFICIENCY, winners=compare(one, many))
-        log(f"1 GPU {t1:.1f} s, {lanes} GPUs {tn:.1f} s: speedup {t1 / tn:.2f}x, efficiency {efficiency:.2f} "
-            f"(target {TARGET_EFFICIENCY}); balance bound {many['balance_bound']}, compile phase "
-            f"{many['stats']['compile_wall_s']} s of {many['sweep_elapsed_s']} s; winners: "
-            f"{summary['winners']['same_config']}/{summary['winners']['points']} same config, "
-            f"{len(summary['winners']['within_noise'])} within {NOISE:.0%}, {len(summary['winners']['differ'])} differ")
-    else:
-        summary["efficiency"] = None
-        log("a run did not complete within its budget: no efficiency claimed (try a smaller --tokens grid)")
+        winners = compare(one, run)
+        summary["scaling"][name] = {"gpus": lanes, "speedup": round(t1 / tn, 3), "efficiency": round(efficiency, 3),
+                                    "meets_target": efficiency >= TARGET_EFFICIENCY, "winners": winners}
+        log(f"1 GPU {t1:.1f} s, {name} {tn:.1f} s: speedup {t1 / tn:.2f}x, efficiency {efficiency:.2f} "
+            f"(target {TARGET_EFFICIENCY}); bound {run['balance_bound']}, compile phase "
+            f"{run['stats']['compile_wall_s']} s of {run['sweep_elapsed_s']} s, lanes busy {run['lane_busy_s']}; "
+            f"winners: {winners['same_config']}/{winners['points']} same config, "
+            f"{len(winners['within_noise'])} within {NOISE:.0%}, {len(winners['differ'])} differ")
     if args.interpret:
         summary["note"] = "CPU dry run under Triton's interpreter: times are meaningless"
     (args.out / "multi_sweep.json").write_text(json.dumps(summary, indent=2))
     log(f"wrote {args.out / 'multi_sweep.json'} ({time.monotonic() - started:.0f} s)")
-    return 0 if one.get("complete") and many.get("complete") else 1
+    return 0 if all(r.get("complete") for r in runs.values()) else 1
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ def step_check(out: Path, setup: Setup, budget: float, env_info: dict) -> bool:
     FAST = policy_for(setup.space, interpreter=setup.interpret)  # what `moe-tune sweep` uses
     fast_plans = {p: plan_problem(p, device, setup.space, grid, FAST) for p in problems}
     full_plans = {p: plan_problem(p, device, setup.space, setup.check_tokens, EXHAUSTIVE) for p in problems}
-    workers = _compile_workers(None, setup.interpret, problems)
+    workers = _compile_workers(None, setup.interpret, problems, ("default",))
     result = {"env": env_info, "device": device.to_dict(), "model": setup.model, "space": setup.space,
               "fast_policy": FAST.to_dict(), "exhaustive_policy": EXHAUSTIVE.to_dict(), "compile_workers": workers,
               "points": [], "complete": False}

@@ -46,6 +46,9 @@ MEASURE_OVERHEAD_MS = 30.0
 # is reported missing (its journal keeps what it finished). The sweeps of the largest presets take
 # under an hour on one GPU.
 GATHER_TIMEOUT = timedelta(hours=6)
+# Screen configs per torchrun work unit: 8 of a bucket's 32 are ~0.5 s of GPU time, small enough
+# to balance 16 ranks over one model's 36 buckets.
+SCREEN_SLICE = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,19 +108,41 @@ def physical_gpu(index: int, environ: Mapping[str, str] | None = None) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def unit_cost(plan, policy, device: DeviceInfo) -> float:
-    """Estimated milliseconds of GPU work to search every bucket of ``plan``'s problem."""
+def bucket_costs(plan, policy, device: DeviceInfo) -> dict[int, tuple[float, float]]:
+    """Per bucket of ``plan``'s problem, estimated milliseconds of GPU work: (one screen
+    measurement, the whole settle)."""
     from moe_tune.tuning.search import estimate_ms, measurements_planned
     from moe_tune.tuning.timing import plan_for
 
-    total = 0.0
+    costs = {}
     for tokens, count in measurements_planned(plan, policy).items():
         launch_ms = estimate_ms(plan.problem, plan.default, tokens, device)
-        screens = len(plan.screen[tokens])
-        careful = count - screens
-        total += screens * (MEASURE_OVERHEAD_MS + plan_for("screen", False).launches(launch_ms) * launch_ms)
-        total += careful * (MEASURE_OVERHEAD_MS + plan_for("careful", False).launches(launch_ms) * launch_ms)
-    return total
+        screen = MEASURE_OVERHEAD_MS + plan_for("screen", False).launches(launch_ms) * launch_ms
+        careful = MEASURE_OVERHEAD_MS + plan_for("careful", False).launches(launch_ms) * launch_ms
+        costs[tokens] = (screen, (count - len(plan.screen[tokens])) * careful)
+    return costs
+
+
+def unit_cost(plan, policy, device: DeviceInfo) -> float:
+    """Estimated milliseconds of GPU work to search every bucket of ``plan``'s problem."""
+    return sum(len(plan.screen[t]) * screen + settle
+               for t, (screen, settle) in bucket_costs(plan, policy, device).items())
+
+
+def chain_bound(costs: Mapping[Any, tuple[float, float]], lanes: int) -> float:
+    """Best scaling efficiency of a dynamically scheduled sweep on ``lanes`` GPUs (by estimated
+    cost): screens split freely, but each problem's settles run one after another, so the sweep
+    takes at least its longest chain. ``costs``: per problem, (all its work, its settle chain)."""
+    if not costs or lanes < 1:
+        return 1.0
+    total = sum(work for work, _ in costs.values())
+    longest = max(chain for _, chain in costs.values())
+    return min(1.0, total / (lanes * longest)) if longest > 0 else 1.0
+
+
+def screen_slices(screen: Sequence, size: int = SCREEN_SLICE) -> list[list]:
+    """A bucket's screen list cut into slices of ``size`` configs (the torchrun ranks' unit)."""
+    return [list(screen[i:i + size]) for i in range(0, len(screen), size)]
 
 
 def largest_first(costs: Mapping[Any, float]) -> list:
@@ -214,6 +239,18 @@ class Gather:
             return [], []
         missing = [r for r, p in enumerate(received) if p is None]
         return [p for p in received if p is not None], missing
+
+    def exchange(self, payload: Any) -> list[Any] | None:
+        """Every rank's payload on every rank (the screen outcomes, between the torchrun sweep's
+        two phases), or None when a rank is gone (gloo raises on a closed or silent peer)."""
+        import torch.distributed as dist
+
+        received: list = [None] * self.launch.world_size
+        try:
+            dist.all_gather_object(received, payload)
+        except Exception:
+            return None
+        return received
 
     def close(self) -> None:
         import torch.distributed as dist

@@ -31,7 +31,7 @@ import dataclasses
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Mapping, Protocol
 
 from moe_tune.device import DeviceInfo
 from moe_tune.problem import DTYPE_BYTES, KernelConfig, Problem
@@ -333,17 +333,26 @@ def search_bucket(problem: Problem, tokens: int, screen: list[KernelConfig], def
                   evaluator: Evaluator, policy: SearchPolicy, seeds: Iterable[KernelConfig] = (),
                   on_stage: Callable[[str], None] | None = None) -> BucketResult:
     """Screen, re-time the finalists, settle near-ties (module docstring)."""
+    if on_stage:
+        on_stage("screen")
+    screened = {cfg: evaluator.measure(problem, tokens, cfg, "screen") for cfg in screen}
+    return settle_bucket(problem, tokens, screen, screened, default, evaluator, policy, seeds, on_stage)
+
+
+def settle_bucket(problem: Problem, tokens: int, screen: list[KernelConfig], screened: Mapping[KernelConfig, object],
+                  default: KernelConfig, evaluator: Evaluator, policy: SearchPolicy,
+                  seeds: Iterable[KernelConfig] = (), on_stage: Callable[[str], None] | None = None) -> BucketResult:
+    """The careful and tie stages of ``search_bucket``, given the screen's outcomes (``screened``:
+    one per config of ``screen``, measured anywhere: the sweep spreads one bucket's screen over
+    several GPUs and settles it on one, so that every careful time it compares comes from one card)."""
     failed: dict[str, str] = {}
     screen_ms: dict[KernelConfig, float] = {}
 
     def note_failure(cfg: KernelConfig, outcome) -> None:
         failed[cfg.short()] = outcome.error or "failed"
 
-    # -- screen -------------------------------------------------------------------------------
-    if on_stage:
-        on_stage("screen")
     for cfg in screen:
-        outcome = evaluator.measure(problem, tokens, cfg, "screen")
+        outcome = screened[cfg]
         if outcome.ok:
             screen_ms[cfg] = outcome.median_ms
         else:

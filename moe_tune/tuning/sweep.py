@@ -51,6 +51,7 @@ from moe_tune.models import ModelSpec
 from moe_tune.problem import DTYPE_BYTES, DTYPES, PASSES, KernelConfig, Problem
 from moe_tune.space import SPACES
 from moe_tune.tuning.journal import Journal
+from moe_tune.tuning.schedule import Bucket, Scheduler
 from moe_tune.tuning.search import (
     BucketResult,
     ProblemPlan,
@@ -58,7 +59,7 @@ from moe_tune.tuning.search import (
     measurements_planned,
     plan_problem,
     policy_for,
-    search_bucket,
+    settle_bucket,
 )
 from moe_tune.tuning.timing import FAULT_KINDS, Outcome, RoutingSpec
 
@@ -207,6 +208,7 @@ class EngineStats:
     compile_workers: int = 0
     compile_wall_s: float | None = None  # first compile submitted → last one finished
     first_launch_ms: list[float] = field(default_factory=list)
+    lane_busy_s: list[float] = field(default_factory=list)  # per lane: seconds its worker spent measuring
 
     def merge(self, other: "EngineStats") -> None:
         """Add another process's counts (a torchrun rank's, on rank 0)."""
@@ -216,6 +218,7 @@ class EngineStats:
         if other.compile_wall_s is not None:
             self.compile_wall_s = max(self.compile_wall_s or 0.0, other.compile_wall_s)
         self.first_launch_ms.extend(other.first_launch_ms)
+        self.lane_busy_s.extend(other.lane_busy_s)
 
     def to_dict(self) -> dict[str, Any]:
         launches = sorted(self.first_launch_ms)
@@ -232,13 +235,20 @@ class EngineStats:
             # First launch of each candidate in the timing worker: tens of ms when the compile
             # pool built it, ~1 s when it had to compile itself.
             "first_launch_ms_median": launches[len(launches) // 2] if launches else None,
+            "lane_busy_s": [round(s, 2) for s in self.lane_busy_s],
         }
 
 
-def _compile_workers(requested: int | None, interpreter: bool, problems: list[Problem], *, lanes: int = 1,
-                     processes_per_host: int = 1, gpu: int | None = None) -> int:
+# Compile workers per sweep process at most: each holds a CUDA context (~0.5 GB of GPU memory) and
+# the problem's weight tensor; 16-30 are enough to keep ahead of the timing lanes of 1-4 GPUs.
+MAX_COMPILE_WORKERS = 32
+
+
+def _compile_workers(requested: int | None, interpreter: bool, problems: list[Problem], lanes: Sequence[str], *,
+                     processes_per_host: int = 1) -> int:
     """Processes of the compile pool: the host's cores less one per timing lane and one for this
-    process, shared among the sweep processes of the host (torchrun's ``LOCAL_WORLD_SIZE``)."""
+    process, shared among the sweep processes of the host (torchrun's ``LOCAL_WORLD_SIZE``), and
+    no more than 40% of the lanes' free GPU memory holds (the pool spreads over the lanes' GPUs)."""
     if requested is not None:
         return max(0, requested)
     if interpreter:
@@ -247,13 +257,14 @@ def _compile_workers(requested: int | None, interpreter: bool, problems: list[Pr
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 2
-    count = max(1, min(16, (cores - processes_per_host * (lanes + 1)) // processes_per_host))
+    count = max(1, min(MAX_COMPILE_WORKERS, (cores - processes_per_host * (len(lanes) + 1)) // processes_per_host))
     # Each compile worker allocates the problem's weight tensor (never read) and a CUDA context.
     import torch
 
-    free, _ = torch.cuda.mem_get_info(gpu if gpu is not None else torch.cuda.current_device())
     per_worker = max(p.E * p.N * p.K * DTYPE_BYTES[p.dtype] for p in problems) + (600 << 20)
-    return max(1, min(count, int(0.4 * free // per_worker)))
+    gpus = [int(lane.split(":")[1]) for lane in lanes if lane.startswith("cuda:")] or [torch.cuda.current_device()]
+    room = sum(int(0.4 * torch.cuda.mem_get_info(g)[0] // per_worker) for g in gpus)
+    return max(1, min(count, room))
 
 
 class Engine:
@@ -282,6 +293,7 @@ class Engine:
         self.journal = journal
         self.deadline = deadline
         self.on_measure = on_measure
+        self.on_compiled: Callable[[], None] | None = None  # the scheduler's wake-up, while it runs
         self.timer = timer
         self.stats = EngineStats()
         self._lock = threading.RLock()
@@ -289,7 +301,9 @@ class Engine:
                                                         env=_lane_env(name)))
                       for i, name in enumerate(devices)]
         self.worker = self.lanes[0].worker
-        self.pool = WorkerPool(compile_workers, faults=faults) if compile_workers > 0 else None
+        self.stats.lane_busy_s = [0.0] * len(self.lanes)
+        envs = [_lane_env(name) for name in devices]
+        self.pool = WorkerPool(compile_workers, faults=faults, envs=envs) if compile_workers > 0 else None
         self.stats.compile_workers = compile_workers
         self._compile_started: float | None = None
         self._compile_finished: list[float] = []
@@ -356,8 +370,23 @@ class Engine:
             if self._compile_started is None:
                 self._compile_started = time.monotonic()
             future = self.pool.submit(request, timeout=max(self.timeout, 300.0))
-            future.add_done_callback(lambda f: f.cancelled() or self._compile_finished.append(time.monotonic()))
+            future.add_done_callback(self._compile_done)
             self._compiles[key] = future
+
+    def _compile_done(self, future: Future) -> None:
+        if not future.cancelled():
+            self._compile_finished.append(time.monotonic())
+        if self.on_compiled is not None:
+            self.on_compiled()
+
+    def compiled(self, problem: Problem, tokens: int, cfg: KernelConfig) -> bool:
+        """Whether a screen measurement of ``cfg`` can start without waiting for its compile (the
+        journal already holds it, its compile finished or failed, or it was never sent to the pool)."""
+        with self._lock:
+            if (problem.key, tokens, "screen", cfg.short()) in self._memo:
+                return True
+            future = self._compiles.get((problem.key, cfg))
+        return future is None or future.done()
 
     def _compile_error(self, problem: Problem, cfg: KernelConfig) -> str | None:
         key = (problem.key, cfg)
@@ -410,13 +439,17 @@ class Engine:
         compile_error = self._compile_error(problem, cfg)
         if compile_error is not None:
             outcome = Outcome.failed(f"compile failed: {compile_error}")
-        elif self.timer is not None:
-            outcome = self.timer(problem, tokens, cfg, stage)
         else:
-            request = {"op": "measure", "problem": problem.to_dict(), "tokens": tokens,
-                       "routing": {"kind": self.routing.kind, "skew": self.routing.skew, "path": self.routing.path},
-                       "seed": self.seed, "config": cfg.to_dict(), "stage": stage}
-            outcome = Outcome.from_dict(lane.worker.call(request, self.timeout))
+            busy = time.monotonic()
+            if self.timer is not None:
+                outcome = self.timer(problem, tokens, cfg, stage)
+            else:
+                request = {"op": "measure", "problem": problem.to_dict(), "tokens": tokens,
+                           "routing": {"kind": self.routing.kind, "skew": self.routing.skew,
+                                       "path": self.routing.path},
+                           "seed": self.seed, "config": cfg.to_dict(), "stage": stage}
+                outcome = Outcome.from_dict(lane.worker.call(request, self.timeout))
+            self.stats.lane_busy_s[lane.index] += time.monotonic() - busy  # one thread per lane
         with self._lock:
             self.stats.measurements += 1
             if not outcome.ok:
@@ -439,6 +472,10 @@ class Lane:
     index: int
     device: str
     worker: Any
+
+    @property
+    def name(self) -> str:
+        return f"lane{self.index}:{self.device}"
 
     def measure(self, problem: Problem, tokens: int, cfg: KernelConfig, stage: str) -> Outcome:
         return self.engine._measure(self, problem, tokens, cfg, stage)
@@ -645,8 +682,8 @@ def _lane_device_info(lanes: tuple[str, ...], interpret: bool) -> DeviceInfo:
 def run_sweep(options: SweepOptions, progress: Progress | None = None) -> SweepReport:
     """Tune ``options.model``'s problems on this device (module docstring)."""
     from moe_tune.cache import paths
-    from moe_tune.tuning.distribute import (GATHER_TIMEOUT, Gather, Launch, assign, balance_bound, largest_first,
-                                            split_settings, unit_cost)
+    from moe_tune.tuning.distribute import (GATHER_TIMEOUT, Gather, Launch, assign, balance_bound, bucket_costs,
+                                            chain_bound, largest_first, split_settings)
 
     started = time.monotonic()
     options = options.resolved()
@@ -660,19 +697,24 @@ def run_sweep(options: SweepOptions, progress: Progress | None = None) -> SweepR
     device = _lane_device_info(lanes, options.interpret)
     problems = select_problems(options)
     plans = {p: plan_problem(p, device, options.space, options.tokens, options.policy) for p in problems}
-    costs = {p: unit_cost(plans[p], options.policy, device) for p in problems}
+    costs = {p: bucket_costs(plans[p], options.policy, device) for p in problems}
+    work = {p: sum(len(plans[p].screen[t]) * screen + settle for t, (screen, settle) in costs[p].items())
+            for p in problems}
+    chains = {p: sum(settle for _, settle in costs[p].values()) for p in problems}
 
-    # -- this process's units ---------------------------------------------------------------------
+    # -- this process's share ---------------------------------------------------------------------
     if options.shard is not None:
         split = split_settings("shard", *options.shard)
     elif launch is not None:
         split = split_settings("torchrun", launch.rank, launch.world_size)
     else:
         split = split_settings("all")
-    owner = {p: b for b, units in enumerate(assign(costs, split["count"])) for p in units}
+    # A shard takes whole problems: with no way to talk to the others, it must settle every bucket
+    # whose screen it ran, and a problem's settles chain. Torchrun ranks split finer (run_ranked).
+    owner = ({p: b for b, units in enumerate(assign(work, split["count"])) for p in units}
+             if split["kind"] == "shard" else {p: split["index"] for p in problems})
     mine = [p for p in problems if owner[p] == split["index"]]
-    # One lane runs the problems in their usual order; several pull the largest unit left.
-    order = largest_first({p: costs[p] for p in mine}) if len(lanes) > 1 else mine
+    priority = largest_first({p: work[p] for p in mine})
     writes_cache = options.write_cache and (launch is None or launch.rank == 0)
     gather = None
     if launch is not None:  # join the group now: a failed rendezvous costs no tuning
@@ -686,20 +728,17 @@ def run_sweep(options: SweepOptions, progress: Progress | None = None) -> SweepR
     others = sibling_records(jpath, settings) if options.resume else []
     done = {(r["problem"], r["tokens"]): r["result"] for r in [*others, *journal.records] if r.get("type") == "bucket"}
     deadline = started + options.budget_s if options.budget_s else None
-    results: dict[Problem, list[BucketResult]] = {}
-    ran_on: dict[Problem, str] = {}
-    cache_path = None
-    stopped = None
-    write_lock = threading.Lock()
     todo = any((p.key, t) not in done for p in mine for t in options.tokens)
-    gpu = int(lanes[0].split(":")[1]) if lanes[0].startswith("cuda:") else None
     workers = (_compile_workers(options.compile_workers, options.interpret or options.timer is not None, mine,
-                                lanes=len(lanes), processes_per_host=launch.local_world_size if launch else 1, gpu=gpu)
+                                lanes, processes_per_host=launch.local_world_size if launch else 1)
                if todo else 0)
     engine = Engine(device, routing=options.routing, seed=options.seed, buckets=options.tokens,
                     candidate_timeout_s=options.candidate_timeout_s, compile_workers=workers,
                     faults=options.faults, journal=journal, deadline=deadline, on_measure=progress.advance,
                     devices=lanes, memo_records=others, timer=options.timer)
+    written: set[Problem] = set()
+    write_lock = threading.Lock()
+    cache_path = None
 
     def write(problem: Problem, buckets: list[BucketResult]) -> None:
         nonlocal cache_path
@@ -707,36 +746,17 @@ def run_sweep(options: SweepOptions, progress: Progress | None = None) -> SweepR
             with write_lock:
                 cache_path = str(write_results(cache_dir, device, problem, buckets, time.monotonic() - started,
                                                sweep_command(options)))
+                written.add(problem)
 
-    def run_unit(problem: Problem, lane: Lane) -> None:
-        plan = plans[problem]
-        planned = measurements_planned(plan, options.policy)
-        progress.start_problem(problem, sum(planned.values()))
-        buckets: list[BucketResult] = []
-        results[problem] = buckets
-        ran_on[problem] = f"lane{lane.index}:{lane.device}"
-        try:
-            for tokens in options.tokens:
-                record = done.get((problem.key, tokens))
-                if record is not None:
-                    result = BucketResult.from_dict(problem, record)
-                else:
-                    engine.check_budget()
-                    result = search_bucket(problem, tokens, plan.screen[tokens], plan.default, lane,
-                                           options.policy, seeds=_seeds(buckets))
-                    engine.record({"type": "bucket", "problem": problem.key, "tokens": tokens,
-                                   "result": result.to_dict()})
-                buckets.append(result)
-                progress.set_completed(problem, sum(planned[t] for t in options.tokens if t <= tokens))
-            progress.finish_problem(problem)
-        finally:
-            write(problem, buckets)
-
+    run = _Run(options, plans, engine, progress, done, write)
+    stopped = None
     try:
-        for problem in order:  # compiled in the order the lanes will time them
-            if any((problem.key, t) not in done for t in options.tokens):
-                engine.precompile(problem, plans[problem].compile)
-        _run_lanes(engine.lanes, order, run_unit)
+        for problem in priority:
+            progress.start_problem(problem, sum(measurements_planned(plans[problem], options.policy).values()))
+        if gather is None:
+            run.phase(run.buckets(priority, settle=True))
+        else:
+            stopped = run_ranked(run, gather, priority, {p: costs[p] for p in priority})
     except BudgetExhausted as exc:
         stopped = f"{exc}; rerun with --resume to finish"
         progress.note(stopped)
@@ -744,11 +764,15 @@ def run_sweep(options: SweepOptions, progress: Progress | None = None) -> SweepR
         engine.close()
         journal.close()
 
-    # -- torchrun: every rank's buckets to rank 0, which writes them ------------------------------
-    if gather is not None:
+    results = run.results()
+    settled_on = dict(run.settled_on)
+    screened_on = {k: sorted(v) for k, v in run.screened_on.items()}
+
+    # -- torchrun: every rank's settled buckets to rank 0 ---------------------------------------------
+    if gather is not None and not run.lost_rank:
         try:
-            payload = {"rank": launch.rank, "device": device, "results": {p: results[p] for p in results},
-                       "ran_on": ran_on, "stats": engine.stats, "stopped": stopped}
+            payload = {"rank": launch.rank, "device": device, "results": results, "stats": engine.stats,
+                       "stopped": stopped, "settled_on": settled_on, "screened_on": screened_on}
             payloads, missing = gather.gather(payload)
         finally:
             gather.close()
@@ -761,8 +785,10 @@ def run_sweep(options: SweepOptions, progress: Progress | None = None) -> SweepR
                 continue
             for problem, buckets in other["results"].items():
                 results[problem] = buckets
-                ran_on[problem] = f"rank{other['rank']}:{other['ran_on'].get(problem, '?')}"
-                write(problem, buckets)
+            prefix = f"rank{other['rank']}:"
+            settled_on.update({k: prefix + v for k, v in other["settled_on"].items()})
+            for k, v in other["screened_on"].items():
+                screened_on[k] = sorted({*screened_on.get(k, []), *(prefix + lane for lane in v)})
             engine.stats.merge(other["stats"])
             if other["stopped"] and not stopped:
                 stopped = f"rank {other['rank']}: {other['stopped']}"
@@ -774,50 +800,176 @@ def run_sweep(options: SweepOptions, progress: Progress | None = None) -> SweepR
             stopped = (f"rank(s) {', '.join(map(str, missing))} did not report; their journals keep what they "
                        f"finished: rerun with --resume to finish")
             progress.note(stopped)
+    elif gather is not None:
+        gather.close()
+    for problem, buckets in results.items():  # a stopped sweep's partial problems, the other ranks' results
+        if problem not in written:
+            write(problem, buckets)
     results = {p: results[p] for p in problems if p in results}
-    expected = problems if launch is not None and launch.rank == 0 else mine
+    expected = mine if launch is None else problems if launch.rank == 0 else list(run.chains)
     complete = stopped is None and all(len(results.get(p, [])) == len(options.tokens) for p in expected)
-    units = [{"problem": p.key, "cost_ms": round(costs[p], 1), "bin": owner[p], "ran_on": ran_on.get(p)}
-             for p in problems if p in mine or p in results]
+    units = [{"problem": p.key, "tokens": t, "cost_ms": round(len(plans[p].screen[t]) * costs[p][t][0]
+                                                               + costs[p][t][1], 1),
+              "bin": owner[p], "screened_on": screened_on.get((p.key, t), []),
+              "settled_on": settled_on.get((p.key, t))}
+             for p in problems if p in mine or p in results for t in options.tokens]
+    if split["kind"] == "torchrun":
+        bound = run.rank_bound
+    else:
+        bound = chain_bound({p: (work[p], chains[p]) for p in mine}, len(lanes))
     return SweepReport(options.model, device, options, results, complete, time.monotonic() - started,
                        engine.stats, cache_path, str(jpath), stopped, split=split, lanes=lanes, units=units,
-                       balance_bound=balance_bound({p: costs[p] for p in mine}, len(lanes)))
+                       balance_bound=bound)
 
 
-def _run_lanes(lanes: list[Lane], order: list[Problem], run_unit: Callable[[Problem, Lane], None]) -> None:
-    """Run the units: in this thread with one lane; with several, one thread per lane, each taking
-    the next unit of ``order`` when it finishes one (so no lane idles while units are left). The
-    first error stops the lanes from taking new units and is raised once they are done."""
-    if len(lanes) == 1:
-        for problem in order:
-            run_unit(problem, lanes[0])
-        return
-    pending = list(order)
-    lock = threading.Lock()
-    errors: list[BaseException] = []
+class _Run:
+    """One process's share of a sweep: its buckets, the lanes' scheduler, what they settled."""
 
-    def work(lane: Lane) -> None:
-        while True:
-            with lock:
-                if errors or not pending:
-                    return
-                problem = pending.pop(0)
-            try:
-                run_unit(problem, lane)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
-                with lock:
-                    errors.append(exc)
-                return
+    def __init__(self, options: SweepOptions, plans: dict[Problem, ProblemPlan], engine: Engine, progress: Progress,
+                 done: Mapping[tuple[str, int], Mapping[str, Any]], write: Callable[[Problem, list[BucketResult]], None]):
+        self.options, self.plans, self.engine, self.progress, self.done = options, plans, engine, progress, done
+        self._write = write
+        self.chains: dict[Problem, list[Bucket]] = {}  # the problems this process settles
+        self.settled_on: dict[tuple[str, int], str] = {}
+        self.screened_on: dict[tuple[str, int], set[str]] = {}
+        self.lost_rank = False  # torchrun: a rank vanished before the screens were exchanged
+        self.rank_bound: float | None = None
+        self._lock = threading.Lock()
 
-    threads = [threading.Thread(target=work, args=(lane,), name=f"moe-tune-lane-{lane.index}", daemon=True)
-               for lane in lanes]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        budget = [e for e in errors if isinstance(e, BudgetExhausted)]
-        raise (budget[0] if len(budget) == len(errors) else next(e for e in errors if not isinstance(e, BudgetExhausted)))
+    def buckets(self, problems: Sequence[Problem], *, settle: bool,
+                mine: Mapping[tuple[Problem, int], list[KernelConfig]] | None = None,
+                screened: Mapping[tuple[str, int], Mapping[KernelConfig, Outcome]] | None = None) -> list[Bucket]:
+        """Every bucket of ``problems``, bucket-major (every problem's smallest bucket first, problems
+        in the given order). ``mine``: the screen configs this process measures per bucket (None:
+        all); ``screened``: outcomes measured elsewhere; ``settle``: this process settles them."""
+        tokens = self.options.tokens
+        made = []
+        for problem in problems:
+            screen = self.plans[problem].screen
+            chain: list[Bucket] = []
+            for t in tokens:
+                record = self.done.get((problem.key, t))
+                previous = chain[-1] if chain else None
+                if record is not None:  # journalled by this or an earlier run: nothing to measure
+                    bucket = Bucket(problem, t, screen[t], settle_here=settle, mine=[], previous=previous)
+                    bucket.result = BucketResult.from_dict(problem, record)
+                else:
+                    bucket = Bucket(problem, t, screen[t], settle_here=settle,
+                                    mine=None if mine is None else mine.get((problem, t), []), previous=previous,
+                                    screened=dict((screened or {}).get((problem.key, t), {})))
+                chain.append(bucket)
+            if settle:
+                self.chains[problem] = chain
+            made.append(chain)
+        return [chain[i] for i in range(len(tokens)) for chain in made]
+
+    def phase(self, buckets: list[Bucket]) -> None:
+        """Compile, screen and settle ``buckets`` on this process's lanes."""
+        policy = self.options.policy
+        for bucket in buckets:  # compiles go in the order the lanes will want them
+            if bucket.settled:
+                continue
+            plan = self.plans[bucket.problem]
+            ranked = sorted((c for c, o in bucket.screened.items() if o.ok), key=lambda c: (bucket.screened[c].median_ms, c))
+            wanted = [plan.default, *bucket.todo, *ranked[: policy.finalists]] if bucket.settle_here else bucket.todo
+            self.engine.precompile(bucket.problem, wanted)
+        scheduler = Scheduler(buckets, measure=self._measure, settle=self._settle, compiled=self.engine.compiled,
+                              on_settled=self._settled, stops=(BudgetExhausted,))
+        self.engine.on_compiled = scheduler.wake
+        try:
+            scheduler.run(self.engine.lanes)
+        finally:
+            self.engine.on_compiled = None
+
+    def _measure(self, lane: "Lane", problem: Problem, tokens: int, cfg: KernelConfig) -> Outcome:
+        with self._lock:
+            self.screened_on.setdefault((problem.key, tokens), set()).add(lane.name)
+        return lane.measure(problem, tokens, cfg, "screen")
+
+    def _settle(self, lane: "Lane", bucket: Bucket) -> BucketResult:
+        problem, tokens = bucket.problem, bucket.tokens
+        self.engine.check_budget()
+        for cfg in bucket.screen:  # a screen outcome no rank sent (never, unless a journal was edited)
+            if cfg not in bucket.screened:
+                bucket.screened[cfg] = lane.measure(problem, tokens, cfg, "screen")
+        previous = bucket.previous.result if bucket.previous is not None else None
+        plan = self.plans[problem]
+        result = settle_bucket(problem, tokens, bucket.screen, bucket.screened, plan.default, lane,
+                               self.options.policy, seeds=_seeds([previous] if previous else []))
+        self.engine.record({"type": "bucket", "problem": problem.key, "tokens": tokens, "result": result.to_dict()})
+        with self._lock:
+            self.settled_on[(problem.key, tokens)] = lane.name
+        return result
+
+    def _settled(self, bucket: Bucket) -> None:
+        chain = self.chains[bucket.problem]
+        if all(b.settled for b in chain):
+            self.progress.finish_problem(bucket.problem)
+            self._write(bucket.problem, [b.result for b in chain])
+
+    def results(self) -> dict[Problem, list[BucketResult]]:
+        """Per problem this process settles, its settled buckets (a prefix of the buckets: settles chain)."""
+        out = {}
+        for problem, chain in self.chains.items():
+            settled = [b.result for b in chain if b.settled]
+            if settled:
+                out[problem] = settled
+        return out
+
+
+def run_ranked(run: _Run, gather, problems: list[Problem], costs: Mapping[Problem, Mapping[int, tuple[float, float]]]
+               ) -> str | None:
+    """A torchrun rank's share, in two phases (``distribute``): the screens, split by (problem,
+    slice of its compile list) so that each config compiles on one rank only; an exchange of every
+    screen outcome (``all_gather_object``); the settles, split by problem (each problem's chain on
+    one rank). Returns why it stopped early, or None."""
+    from moe_tune.tuning.distribute import assign, screen_slices
+
+    rank, world = gather.launch.rank, gather.launch.world_size
+    tokens = run.options.tokens
+    units: dict[tuple[str, int], tuple[Problem, list[KernelConfig]]] = {}
+    unit_costs: dict[tuple[str, int], float] = {}
+    for problem in problems:
+        plan = run.plans[problem]
+        open_ = [t for t in tokens if (problem.key, t) not in run.done]
+        screened = [c for c in plan.compile if any(c in plan.screen[t] for t in open_)]
+        for i, part in enumerate(screen_slices(screened)):
+            units[(problem.key, i)] = (problem, part)
+            unit_costs[(problem.key, i)] = sum(costs[problem][t][0] for t in open_ for c in part if c in plan.screen[t])
+    bins = assign(unit_costs, world)
+    mine: dict[tuple[Problem, int], list[KernelConfig]] = {}
+    for key in bins[rank]:
+        problem, part = units[key]
+        for t in tokens:
+            mine.setdefault((problem, t), []).extend(c for c in run.plans[problem].screen[t] if c in part)
+    phase1 = run.buckets(problems, settle=False, mine=mine)
+    stopped = None
+    try:
+        run.phase(phase1)
+    except BudgetExhausted as exc:
+        stopped = f"{exc}; rerun with --resume to finish"
+    own = {(b.problem.key, b.tokens): dict(b.screened) for b in phase1 if b.screened}
+    payloads = gather.exchange({"rank": rank, "screens": own, "stopped": stopped})
+    if payloads is None:
+        run.lost_rank = True
+        return ("a rank stopped before the ranks exchanged their screens (each rank's journal keeps its "
+                "measurements): rerun with --resume to finish")
+    halted = [(p["rank"], p["stopped"]) for p in payloads if p["stopped"]]
+    if halted:
+        return stopped or f"rank {halted[0][0]}: {halted[0][1]}"
+    screened: dict[tuple[str, int], dict[KernelConfig, Outcome]] = {}
+    for payload in payloads:
+        for key, outcomes in payload["screens"].items():
+            screened.setdefault(key, {}).update(outcomes)
+    chains = {p: sum(costs[p][t][1] for t in tokens if (p.key, t) not in run.done) for p in problems}
+    owners = assign(chains, world)
+    ours = [p for p in problems if p in owners[rank]]
+    loads = [[unit_costs[k] for k in b] for b in bins], [[chains[p] for p in b] for b in owners]
+    longest = max(map(sum, loads[0]), default=0.0) + max(map(sum, loads[1]), default=0.0)
+    total = sum(unit_costs.values()) + sum(chains.values())
+    run.rank_bound = total / (world * longest) if longest > 0 else 1.0
+    run.phase(run.buckets(ours, settle=True, screened=screened))
+    return None
 
 
 def sweep_command(options: SweepOptions) -> str:

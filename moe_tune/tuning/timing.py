@@ -358,8 +358,16 @@ def _kernels_compile_only():
 # ---------------------------------------------------------------------------------------------
 
 
+# A worker keeps the inputs of its last few (problem, bucket)s: the sweep's scheduler moves a lane
+# between buckets while compiles land, and rebuilding a case (random inputs, routing, a float32
+# reference: ~3.5 GB for up-projection forward at 32k tokens) costs more than a screen measurement.
+# The memory cap keeps room for the candidates' outputs and for the largest bucket's case.
+MAX_CASES = 4
+CASE_MEMORY_FRACTION = 0.3
+
+
 class Bench:
-    """The state a worker keeps between requests: the device, the current case, the L2 flush
+    """The state a worker keeps between requests: the device, its recent cases, the L2 flush
     buffer. ``handle(request)`` is the worker's whole protocol."""
 
     def __init__(self, faults: Mapping[str, str] | None = None):
@@ -370,8 +378,7 @@ class Bench:
         self.faults = dict(faults or {})
         self.interpreter = interpreting() and not torch.cuda.is_available()
         self.device = torch.device("cpu" if self.interpreter else "cuda")
-        self._case: Case | None = None
-        self._case_key: tuple | None = None
+        self._cases: dict[tuple, Case] = {}  # least recently used first
         self._compile_case: Case | None = None
         self._compile_key: tuple | None = None
         self._flush = None
@@ -409,12 +416,22 @@ class Bench:
         routing = RoutingSpec(**request["routing"])
         seed = int(request["seed"])
         key = (problem, tokens, routing, seed)
-        if self._case is None or self._case_key != key:
-            self._case = None
-            self._release()
-            self._case = Case(problem, tokens, routing, seed, self.device)
-            self._case_key = key
-        return self._case
+        case = self._cases.pop(key, None)
+        if case is None:
+            while self._cases and (len(self._cases) >= MAX_CASES or self._memory_full()):
+                del self._cases[next(iter(self._cases))]
+                self._release()
+            case = Case(problem, tokens, routing, seed, self.device)
+        self._cases[key] = case
+        return case
+
+    def _memory_full(self) -> bool:
+        if self.interpreter:
+            return False
+        import torch
+
+        return torch.cuda.memory_allocated(self.device) > CASE_MEMORY_FRACTION * torch.cuda.get_device_properties(
+            self.device).total_memory
 
     def _release(self) -> None:
         if not self.interpreter:

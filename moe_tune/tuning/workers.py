@@ -27,7 +27,7 @@ import os
 import queue
 import threading
 from concurrent.futures import Future
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from moe_tune.errors import MoeTuneError
 
@@ -191,14 +191,18 @@ class WorkerProcess:
 
 
 class WorkerPool:
-    """``size`` workers behind ``submit``; each worker starts on its first job, in parallel."""
+    """``size`` workers behind ``submit``; each worker starts on its first job, in parallel.
+    Worker ``i`` runs with ``envs[i % len(envs)]`` (the sweep spreads its compile workers' CUDA
+    contexts over the GPUs it times on)."""
 
     def __init__(self, size: int, *, faults: Mapping[str, str] | None = None,
-                 start_timeout: float = DEFAULT_START_TIMEOUT_S, name: str = "moe-tune-compile"):
+                 start_timeout: float = DEFAULT_START_TIMEOUT_S, name: str = "moe-tune-compile",
+                 envs: Sequence[Mapping[str, str]] = ()):
         if size < 1:
             raise ValueError("a worker pool needs at least one worker")
         self._jobs: queue.Queue = queue.Queue()
-        self.workers = [WorkerProcess(faults=faults, start_timeout=start_timeout, name=f"{name}-{i}")
+        self.workers = [WorkerProcess(faults=faults, start_timeout=start_timeout, name=f"{name}-{i}",
+                                      env=envs[i % len(envs)] if envs else None)
                         for i in range(size)]
         self._threads = [threading.Thread(target=self._run, args=(w,), daemon=True, name=w.name)
                          for w in self.workers]

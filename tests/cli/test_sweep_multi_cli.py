@@ -13,12 +13,12 @@ import torch
 
 def test_two_lanes_and_a_shard_in_the_interpreter(cli, tmp_path):
     out = tmp_path / "cache"
-    # Two problems (up and down forward), one bucket: one unit per lane, in worker processes.
+    # Two problems (up and down forward), one bucket each, on two lanes in worker processes.
     result = cli("sweep", "--interpret", "--gpus", "0,1", "--passes", "forward", "--tokens", "32", "-o", out, "--json")
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["complete"] and report["lanes"] == ["cpu", "cpu"] and len(report["problems"]) == 2
-    assert {u["ran_on"] for u in report["units"]} == {"lane0:cpu", "lane1:cpu"}
+    assert {lane for u in report["units"] for lane in [*u["screened_on"], u["settled_on"]]} == {"lane0:cpu", "lane1:cpu"}
 
     shard = cli("sweep", "--interpret", "--shard", "1/2", "--passes", "forward", "--tokens", "32",
                 "-o", tmp_path / "shard1", "--json")
