@@ -209,6 +209,11 @@ class EngineStats:
     compile_wall_s: float | None = None  # first compile submitted → last one finished
     first_launch_ms: list[float] = field(default_factory=list)
     lane_busy_s: list[float] = field(default_factory=list)  # per lane: seconds its worker spent measuring
+    case_builds: int = 0  # buckets' inputs built by the timing workers (a lane that changes bucket)
+    case_build_s: float = 0.0
+    # Seconds since the sweep started: the first compile landed, the last one did; per lane, its
+    # first measurement began and its last one ended (a lane's idle time is its span less its busy time).
+    timeline: dict[str, Any] = field(default_factory=dict)
 
     def merge(self, other: "EngineStats") -> None:
         """Add another process's counts (a torchrun rank's, on rank 0)."""
@@ -219,6 +224,9 @@ class EngineStats:
             self.compile_wall_s = max(self.compile_wall_s or 0.0, other.compile_wall_s)
         self.first_launch_ms.extend(other.first_launch_ms)
         self.lane_busy_s.extend(other.lane_busy_s)
+        self.case_builds += other.case_builds
+        self.case_build_s += other.case_build_s
+        self.timeline.setdefault("ranks", []).append(other.timeline)
 
     def to_dict(self) -> dict[str, Any]:
         launches = sorted(self.first_launch_ms)
@@ -236,12 +244,17 @@ class EngineStats:
             # pool built it, ~1 s when it had to compile itself.
             "first_launch_ms_median": launches[len(launches) // 2] if launches else None,
             "lane_busy_s": [round(s, 2) for s in self.lane_busy_s],
+            "case_builds": self.case_builds,
+            "case_build_s": round(self.case_build_s, 2),
+            "timeline": self.timeline,
         }
 
 
 # Compile workers per sweep process at most: each holds a CUDA context (~0.5 GB of GPU memory) and
-# the problem's weight tensor; 16-30 are enough to keep ahead of the timing lanes of 1-4 GPUs.
-MAX_COMPILE_WORKERS = 32
+# the problem's weight tensor. A compile takes ~1.6 s of CPU, a screen measurement ~50 ms of GPU:
+# with 32 workers the 4-GPU sweep of qwen3-30b-a3b still waited ~20 s for its first compiles
+# (4 × H200, 2026-11-27).
+MAX_COMPILE_WORKERS = 64
 
 
 def _compile_workers(requested: int | None, interpreter: bool, problems: list[Problem], lanes: Sequence[str], *,
@@ -284,7 +297,8 @@ class Engine:
                  faults: Mapping[str, str] | None = None, journal: Journal | None = None,
                  deadline: float | None = None, on_measure: Callable[[Problem], None] | None = None,
                  devices: Sequence[str] = ("default",), memo_records: Iterable[Mapping[str, Any]] = (),
-                 timer: Callable[[Problem, int, KernelConfig, str], Outcome] | None = None):
+                 timer: Callable[[Problem, int, KernelConfig, str], Outcome] | None = None,
+                 epoch: float | None = None):
         from moe_tune.tuning.workers import WorkerPool, WorkerProcess
 
         self.device = device
@@ -302,6 +316,8 @@ class Engine:
                       for i, name in enumerate(devices)]
         self.worker = self.lanes[0].worker
         self.stats.lane_busy_s = [0.0] * len(self.lanes)
+        self.epoch = time.monotonic() if epoch is None else epoch
+        self._lane_span: list[list[float]] = [[] for _ in self.lanes]
         envs = [_lane_env(name) for name in devices]
         self.pool = WorkerPool(compile_workers, faults=faults, envs=envs) if compile_workers > 0 else None
         self.stats.compile_workers = compile_workers
@@ -332,23 +348,23 @@ class Engine:
             self.pool = None
         if self._compile_started is not None and self._compile_finished:
             self.stats.compile_wall_s = max(self._compile_finished) - self._compile_started
+            self.stats.timeline["first_compile_s"] = round(min(self._compile_finished) - self.epoch, 2)
+            self.stats.timeline["last_compile_s"] = round(max(self._compile_finished) - self.epoch, 2)
+        self.stats.timeline["lanes"] = [[round(t - self.epoch, 2) for t in (span[0], span[-1])] if span else None
+                                        for span in self._lane_span]
         for lane in self.lanes:
             self.stats.worker_restarts += lane.worker.restarts
             lane.worker.close()
 
     def start(self) -> None:
-        """Start every lane's timing worker now, in parallel (each imports torch and creates a
-        CUDA context: seconds)."""
+        """Start every lane's timing worker now, in the background and in parallel (each imports
+        torch and creates a CUDA context: seconds that overlap the compile pool's start). A lane's
+        first measurement waits for its worker; one that failed to start raises there."""
         if self.timer is not None:
             return
-        threads = [threading.Thread(target=lane.worker.start, daemon=True) for lane in self.lanes]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        for lane in self.lanes:  # a worker that failed to start raises its WorkerStartError here
-            if not lane.worker.alive():
-                lane.worker.start()
+        for lane in self.lanes:
+            lane.starting = threading.Thread(target=_start_quietly, args=(lane.worker,), daemon=True)
+            lane.starting.start()
 
     def record(self, record: Mapping[str, Any]) -> None:
         """Append to the journal (shared by the lanes)."""
@@ -440,6 +456,9 @@ class Engine:
         if compile_error is not None:
             outcome = Outcome.failed(f"compile failed: {compile_error}")
         else:
+            if lane.starting is not None:
+                lane.starting.join()
+                lane.starting = None
             busy = time.monotonic()
             if self.timer is not None:
                 outcome = self.timer(problem, tokens, cfg, stage)
@@ -449,13 +468,19 @@ class Engine:
                                        "path": self.routing.path},
                            "seed": self.seed, "config": cfg.to_dict(), "stage": stage}
                 outcome = Outcome.from_dict(lane.worker.call(request, self.timeout))
-            self.stats.lane_busy_s[lane.index] += time.monotonic() - busy  # one thread per lane
+            now = time.monotonic()
+            self.stats.lane_busy_s[lane.index] += now - busy  # one thread per lane
+            span = self._lane_span[lane.index]
+            span[:] = [span[0] if span else busy, now]
         with self._lock:
             self.stats.measurements += 1
             if not outcome.ok:
                 self.stats.failures += 1
             elif outcome.first_launch_ms is not None:
                 self.stats.first_launch_ms.append(outcome.first_launch_ms)
+            if outcome.case_ms is not None:
+                self.stats.case_builds += 1
+                self.stats.case_build_s += outcome.case_ms / 1e3
             self.record({"type": "measure", "problem": problem.key, "tokens": tokens, "stage": stage,
                          "config_short": cfg.short(), "config": cfg.to_dict(), "outcome": outcome.to_dict()})
             self._memo[key] = outcome
@@ -472,6 +497,7 @@ class Lane:
     index: int
     device: str
     worker: Any
+    starting: threading.Thread | None = None  # the background start of its worker (Engine.start)
 
     @property
     def name(self) -> str:
@@ -479,6 +505,15 @@ class Lane:
 
     def measure(self, problem: Problem, tokens: int, cfg: KernelConfig, stage: str) -> Outcome:
         return self.engine._measure(self, problem, tokens, cfg, stage)
+
+
+def _start_quietly(worker) -> None:
+    from moe_tune.tuning.workers import WorkerStartError
+
+    try:
+        worker.start()
+    except WorkerStartError:
+        pass  # the worker remembers why; the lane's first measurement raises it
 
 
 def _lane_env(device: str) -> dict[str, str]:
@@ -735,7 +770,9 @@ def run_sweep(options: SweepOptions, progress: Progress | None = None) -> SweepR
     engine = Engine(device, routing=options.routing, seed=options.seed, buckets=options.tokens,
                     candidate_timeout_s=options.candidate_timeout_s, compile_workers=workers,
                     faults=options.faults, journal=journal, deadline=deadline, on_measure=progress.advance,
-                    devices=lanes, memo_records=others, timer=options.timer)
+                    devices=lanes, memo_records=others, timer=options.timer, epoch=started)
+    if todo:
+        engine.start()
     written: set[Problem] = set()
     write_lock = threading.Lock()
     cache_path = None
@@ -866,13 +903,23 @@ class _Run:
     def phase(self, buckets: list[Bucket]) -> None:
         """Compile, screen and settle ``buckets`` on this process's lanes."""
         policy = self.options.policy
-        for bucket in buckets:  # compiles go in the order the lanes will want them
-            if bucket.settled:
-                continue
-            plan = self.plans[bucket.problem]
-            ranked = sorted((c for c, o in bucket.screened.items() if o.ok), key=lambda c: (bucket.screened[c].median_ms, c))
-            wanted = [plan.default, *bucket.todo, *ranked[: policy.finalists]] if bucket.settle_here else bucket.todo
-            self.engine.precompile(bucket.problem, wanted)
+        # Compiles go problem by problem, each in its plan's order (the default, then the buckets'
+        # rankings round-robin): a problem's config is screened in most of its buckets, so the
+        # lanes spread over one problem's buckets get ~5 screens per compile, where compiling
+        # bucket by bucket gave them ~1 and left 4 GPUs waiting on the compile pool.
+        for problem in dict.fromkeys(b.problem for b in buckets):
+            plan = self.plans[problem]
+            wanted: set[KernelConfig] = set()
+            for bucket in buckets:
+                if bucket.problem is not problem or bucket.settled:
+                    continue
+                wanted.update(bucket.todo)
+                if bucket.settle_here:
+                    ok = [c for c, o in bucket.screened.items() if o.ok]
+                    wanted.update(sorted(ok, key=lambda c: (bucket.screened[c].median_ms, c))[: policy.finalists])
+                    wanted.add(plan.default)
+            known = [c for c in dict.fromkeys([plan.default, *plan.compile]) if c in wanted]
+            self.engine.precompile(problem, known + sorted(wanted - set(known)))
         scheduler = Scheduler(buckets, measure=self._measure, settle=self._settle, compiled=self.engine.compiled,
                               on_settled=self._settled, stops=(BudgetExhausted,))
         self.engine.on_compiled = scheduler.wake

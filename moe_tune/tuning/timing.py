@@ -29,6 +29,8 @@ output), ``raise``, ``crash`` (the process exits mid-candidate) or ``hang``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import hashlib
 import inspect
@@ -155,6 +157,7 @@ class Outcome:
     samples: int = 0
     rel_error: float | None = None
     first_launch_ms: float | None = None  # gate launch incl. compile or load: shows precompile misses
+    case_ms: float | None = None  # building the bucket's inputs and reference, when this request had to
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,7 +165,7 @@ class Outcome:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Outcome":
-        names = {"ok", "median_ms", "spread_ms", "samples", "rel_error", "first_launch_ms", "error"}
+        names = {"ok", "median_ms", "spread_ms", "samples", "rel_error", "first_launch_ms", "case_ms", "error"}
         return cls(**{k: v for k, v in data.items() if k in names})
 
     @classmethod
@@ -362,7 +365,7 @@ def _kernels_compile_only():
 # between buckets while compiles land, and rebuilding a case (random inputs, routing, a float32
 # reference: ~3.5 GB for up-projection forward at 32k tokens) costs more than a screen measurement.
 # The memory cap keeps room for the candidates' outputs and for the largest bucket's case.
-MAX_CASES = 4
+MAX_CASES = 8
 CASE_MEMORY_FRACTION = 0.3
 
 
@@ -379,6 +382,7 @@ class Bench:
         self.interpreter = interpreting() and not torch.cuda.is_available()
         self.device = torch.device("cpu" if self.interpreter else "cuda")
         self._cases: dict[tuple, Case] = {}  # least recently used first
+        self._case_ms: float | None = None
         self._compile_case: Case | None = None
         self._compile_key: tuple | None = None
         self._flush = None
@@ -417,11 +421,15 @@ class Bench:
         seed = int(request["seed"])
         key = (problem, tokens, routing, seed)
         case = self._cases.pop(key, None)
+        self._case_ms = None
         if case is None:
             while self._cases and (len(self._cases) >= MAX_CASES or self._memory_full()):
                 del self._cases[next(iter(self._cases))]
                 self._release()
+            start = time.perf_counter()
             case = Case(problem, tokens, routing, seed, self.device)
+            self._sync()
+            self._case_ms = (time.perf_counter() - start) * 1e3
         self._cases[key] = case
         return case
 
@@ -446,6 +454,7 @@ class Bench:
         try:
             case = self._get_case(request)
             outcome = self._measure(case, cfg, stage, corrupt=fault == "corrupt")
+            outcome = dataclasses.replace(outcome, case_ms=self._case_ms)
         except Exception as exc:  # a candidate may fail in any way; the sweep records why
             outcome = Outcome.failed(f"{type(exc).__name__}: {str(exc).strip()[:500]}")
             if not self._healthy():

@@ -191,7 +191,7 @@ class WorkerProcess:
 
 
 class WorkerPool:
-    """``size`` workers behind ``submit``; each worker starts on its first job, in parallel.
+    """``size`` workers behind ``submit``; each starts at once, in parallel.
     Worker ``i`` runs with ``envs[i % len(envs)]`` (the sweep spreads its compile workers' CUDA
     contexts over the GPUs it times on)."""
 
@@ -215,6 +215,10 @@ class WorkerPool:
         return future
 
     def _run(self, worker: WorkerProcess) -> None:
+        try:  # start now, not on the first job: importing torch and a CUDA context take seconds
+            worker.start()
+        except WorkerStartError:
+            pass  # remembered by the worker: every job it takes fails with the reason
         while True:
             job = self._jobs.get()
             if job is None:
