@@ -19,9 +19,8 @@ per lane, and each loops ``_next(lane)`` → run the unit → ``_done(...)`` unt
 2. a screen config of the lane's current bucket whose kernel is compiled (the timing worker keeps
    a few recent buckets' inputs; staying on one avoids rebuilding them);
 3. a compiled screen config of the highest-priority bucket, preferring buckets no lane holds;
-4. an uncompiled one (the lane then waits for that compile: compiles are submitted in this same
-   priority order, so it is the next to land);
-5. otherwise it waits until another lane finishes something.
+4. otherwise it waits until a compile lands or another lane finishes something. (Claiming an
+   uncompiled config instead made 3 of 4 lanes wait ~10 s on compiles queued behind others.)
 
 Bucket priority is its order in ``buckets`` (the sweep passes them bucket-major: every problem's
 smallest bucket first, so every chain starts early and none is left alone at the end). Which lane
@@ -106,14 +105,17 @@ class Scheduler:
     ``measure(lane, problem, tokens, cfg)`` returns a screen outcome; ``settle(lane, bucket)``
     returns the bucket's ``BucketResult`` (its screen is in ``bucket.screened``, its seeds in
     ``bucket.previous.result``); ``compiled(problem, tokens, cfg)`` says whether a screen
-    measurement can start without waiting for a compile; ``on_settled(bucket)`` runs after each
+    measurement can start without waiting for a compile (it must turn true for every config in
+    time: a config nobody compiles must read as compiled); ``on_settled(bucket)`` runs after each
     settle (journal, cache, progress), on the lane's thread.
     """
 
     def __init__(self, buckets: Sequence[Bucket], *, measure: Callable[[Any, Problem, int, KernelConfig], Any],
                  settle: Callable[[Any, Bucket], Any], compiled: Callable[[Problem, int, KernelConfig], bool],
-                 on_settled: Callable[[Bucket], None] | None = None, stops: tuple[type, ...] = ()):
+                 on_settled: Callable[[Bucket], None] | None = None, stops: tuple[type, ...] = (),
+                 idle: Callable[[], None] = lambda: None):
         self.buckets = list(buckets)
+        self._idle = idle  # called while a lane waits (the sweep checks its budget there)
         self._stops = stops  # errors that only mean "stop now" (the budget): others win when both occur
         self._measure, self._settle, self._compiled = measure, settle, compiled
         self._on_settled = on_settled
@@ -166,10 +168,6 @@ class Scheduler:
                 cfg = self._ready_config(bucket)
                 if cfg is not None:
                     return self._claim_screen(lane_id, bucket, cfg)
-        if open_:  # 4. nothing compiled yet: the next compile to land
-            unheld = [b for b in open_ if not b._holders - {lane_id}]
-            bucket = unheld[0] if unheld else open_[0]
-            return self._claim_screen(lane_id, bucket, bucket._unclaimed[0])
         return None
 
     def _next(self, lane_id: int) -> Screen | Settle | None:
@@ -182,7 +180,13 @@ class Scheduler:
                     return work
                 if all(b.finished for b in self.buckets):
                     return None
-                self._cond.wait(_POLL_S)  # 5. another lane holds the rest
+                try:
+                    self._idle()
+                except BaseException as exc:  # noqa: BLE001 - the budget ran out while waiting
+                    self._errors.append(exc)
+                    self._cond.notify_all()
+                    return None
+                self._cond.wait(_POLL_S)  # 4. compiles or another lane's work will bring more
 
     # -- running ----------------------------------------------------------------------------------
 

@@ -251,10 +251,10 @@ class EngineStats:
 
 
 # Compile workers per sweep process at most: each holds a CUDA context (~0.5 GB of GPU memory) and
-# the problem's weight tensor. A compile takes ~1.6 s of CPU, a screen measurement ~50 ms of GPU:
-# with 32 workers the 4-GPU sweep of qwen3-30b-a3b still waited ~20 s for its first compiles
-# (4 × H200, 2026-11-27).
-MAX_COMPILE_WORKERS = 64
+# the problem's weight tensor. On a 64-thread host (4 × H200, 2026-11-27) 32 workers compiled the
+# qwen3-30b-a3b sweep's 279 configs in ~21 s at ~1.7 s each; 41-61 workers took 26-30 s at 3-5 s
+# each (the threads are 32 cores' hyperthreads; compiles do not scale past the cores).
+MAX_COMPILE_WORKERS = 32
 
 
 def _compile_workers(requested: int | None, interpreter: bool, problems: list[Problem], lanes: Sequence[str], *,
@@ -342,6 +342,11 @@ class Engine:
         self.close()
 
     def close(self) -> None:
+        # The lanes' workers and the pool shut down in parallel: each exit tears down a CUDA
+        # context (and a lane's cached cases), ~1-2 s apiece.
+        closing = [threading.Thread(target=_close_lane, args=(lane,), daemon=True) for lane in self.lanes]
+        for thread in closing:
+            thread.start()
         if self.pool is not None:
             self.pool.close(cancel_pending=True)
             self.stats.worker_restarts += self.pool.restarts
@@ -352,9 +357,10 @@ class Engine:
             self.stats.timeline["last_compile_s"] = round(max(self._compile_finished) - self.epoch, 2)
         self.stats.timeline["lanes"] = [[round(t - self.epoch, 2) for t in (span[0], span[-1])] if span else None
                                         for span in self._lane_span]
-        for lane in self.lanes:
+        for lane, thread in zip(self.lanes, closing):
+            thread.join()
             self.stats.worker_restarts += lane.worker.restarts
-            lane.worker.close()
+        self.stats.timeline["closed_s"] = round(time.monotonic() - self.epoch, 2)
 
     def start(self) -> None:
         """Start every lane's timing worker now, in the background and in parallel (each imports
@@ -505,6 +511,12 @@ class Lane:
 
     def measure(self, problem: Problem, tokens: int, cfg: KernelConfig, stage: str) -> Outcome:
         return self.engine._measure(self, problem, tokens, cfg, stage)
+
+
+def _close_lane(lane: Lane) -> None:
+    if lane.starting is not None:  # never measured: let its start finish before stopping it
+        lane.starting.join()
+    lane.worker.close()
 
 
 def _start_quietly(worker) -> None:
@@ -921,7 +933,7 @@ class _Run:
             known = [c for c in dict.fromkeys([plan.default, *plan.compile]) if c in wanted]
             self.engine.precompile(problem, known + sorted(wanted - set(known)))
         scheduler = Scheduler(buckets, measure=self._measure, settle=self._settle, compiled=self.engine.compiled,
-                              on_settled=self._settled, stops=(BudgetExhausted,))
+                              on_settled=self._settled, stops=(BudgetExhausted,), idle=self.engine.check_budget)
         self.engine.on_compiled = scheduler.wake
         try:
             scheduler.run(self.engine.lanes)
