@@ -17,7 +17,8 @@ Winners: per (problem, bucket), the same config as the one-GPU run, or a differe
 in its own run is within 3% of the other run's winner (timing noise between near-equal configs).
 
 Writes ``OUT/multi_sweep.json`` (the summary, with card, driver, torch and Triton versions) and,
-per run, ``OUT/sweep_<name>.json`` (the sweep's own JSON report) and its stderr log. Each run has
+per run, ``OUT/sweep_<name>.json`` (the sweep's own JSON report), its stderr log and the cache
+file it wrote (``OUT/cache_<name>/``). Each run has
 ``--run-budget`` seconds (default 240); a run cut short is reported incomplete and no efficiency
 is claimed for it.
 
@@ -32,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -96,6 +98,9 @@ def run_sweep(name: str, gpus: str | None, args, budget: float, out: Path, scrat
             code, stdout = "timeout", (exc.stdout or b"").decode()
     wall = time.monotonic() - start
     (out / f"sweep_{name}.json").write_text(stdout)
+    for written in cache_dir.glob("*.json"):  # the cache file itself, to ship or compare
+        (out / f"cache_{name}").mkdir(exist_ok=True)
+        shutil.copy(written, out / f"cache_{name}" / written.name)
     try:
         report = json.loads(stdout[stdout.index("{"):]) if "{" in stdout else json.loads(stdout)
     except ValueError:

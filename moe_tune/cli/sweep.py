@@ -141,14 +141,17 @@ def sweep(
     candidate_timeout: Annotated[float, typer.Option(
         "--candidate-timeout", help="Seconds a candidate may take before its worker is killed.")] = 120.0,
     compile_workers: Annotated[Optional[int], typer.Option(
-        "--compile-workers", help="Processes compiling candidates ahead of timing [default: CPU cores - 2].",
-        show_default=False)] = None,
+        "--compile-workers", help="Processes compiling candidates ahead of timing [default: the CPU cores less "
+        "one per GPU and one, at most 32].", show_default=False)] = None,
     gpus: Annotated[Optional[str], typer.Option(
         "--gpus", help="GPUs to time on, e.g. 0,2 or 1 [default: every visible GPU; under torchrun each rank's "
         "LOCAL_RANK GPU]. With --interpret: how many CPU lanes, e.g. 0,1.", show_default=False)] = None,
     shard: Annotated[Optional[str], typer.Option(
         "--shard", help="i/n: run this job's deterministic 1/n of the problems (scheduler arrays); merge the "
         "shards' caches with `moe-tune merge`.", show_default=False)] = None,
+    gather_timeout: Annotated[Optional[float], typer.Option(
+        "--gather-timeout", help="torchrun: seconds a rank waits for the others where they meet (after the "
+        "screens, at the end) before it reports them missing [default: 6 hours].", show_default=False)] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Tune the grouped-GEMM kernels of a model's MoE layer on this host's GPUs and write the cache."""
@@ -178,6 +181,7 @@ def sweep(
         compile_workers=compile_workers,
         gpus=parse_gpus(gpus, _lanes_available(interpret)) if gpus is not None else None,
         shard=parse_shard(shard) if shard is not None else None,
+        gather_timeout_s=gather_timeout,
     )
     with _RichProgress() as progress:
         report = run_sweep(options, progress=progress)

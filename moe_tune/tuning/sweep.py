@@ -140,6 +140,8 @@ class SweepOptions:
         if self.gpus is not None and (not self.gpus or len(set(self.gpus)) != len(self.gpus)
                                       or min(self.gpus) < 0):
             raise InvalidInputError(f"--gpus takes distinct GPU indices, got {list(self.gpus)}")
+        if self.gather_timeout_s is not None and not self.gather_timeout_s > 0:
+            raise InvalidInputError(f"--gather-timeout must be a positive number of seconds, got {self.gather_timeout_s}")
         if self.budget_s is not None and not self.budget_s > 0:
             raise InvalidInputError(f"--budget must be a positive number of seconds, got {self.budget_s}")
         if self.interpret:

@@ -35,6 +35,7 @@ def test_two_lanes_and_a_shard_in_the_interpreter(cli, tmp_path):
     (["--shard", "half"], None, "--shard takes i/n"),
     (["--interpret", "--shard", "0/2"], {"RANK": "0", "WORLD_SIZE": "2"}, "under torchrun the ranks split the work"),
     (["--interpret", "--gpus", "0"], {"RANK": "0", "WORLD_SIZE": "2"}, "drop --gpus"),
+    (["--interpret", "--gather-timeout", "0"], None, "--gather-timeout must be a positive number of seconds"),
 ])
 def test_bad_split_flags_exit_2_with_one_line(cli, args, env, message):
     model = [] if "--interpret" in args else ["--model", "qwen3-30b-a3b"]
