@@ -1,32 +1,38 @@
 """Spreading a sweep over GPUs, torchrun ranks and scheduler shards.
 
-The unit of work is one problem with all its token buckets. ``search_bucket`` seeds each bucket's
-careful stage with the previous bucket's winner and runner-up, so a problem's buckets form a chain;
-cutting the chain would change which configs reach the careful stage and therefore, sometimes, the
-winner. Keeping the chain whole keeps a distributed sweep's results identical in content to a
-one-GPU sweep of the same space (the same plan, the same seeds, the same measurements: with a
-deterministic timer the same winners bit for bit, on GPUs the same up to timing noise). The price
-is granularity: a model has 6 units (more with several GEMM selections or dtypes), so with more
-GPUs than units, or units of very unequal cost, some GPUs idle at the end. ``balance_bound`` states
-that limit for a given split; bucket-level splitting (the screens of one problem's buckets do not
-depend on the seeds and could run anywhere) is the next step if a problem's cost ever dominates.
+A bucket's search (``search.search_bucket``) has two parts: the screen, a short timing of each of
+its ~32 configs, independent of everything; and the settle, the careful re-timing of the fastest
+few plus the previous bucket's winner and runner-up (seeds). So a problem's settles form a chain,
+and its screens can run anywhere. Each layout keeps what a one-GPU sweep measures and seeds, so
+its winners are the one-GPU sweep's (bit for bit with a deterministic timer, up to timing noise
+on GPUs):
+
+* the GPUs of one process (``--gpus``, the default): ``schedule.Scheduler`` hands out single
+  screen measurements and whole settles, whichever lane is free;
+* torchrun ranks, which talk only where they meet: two phases. Phase 1 splits the screens by
+  (problem, slice of ``SCREEN_SLICE`` configs of its compile list): each config is compiled on one
+  rank and screened there in every bucket that lists it. The ranks exchange every screen outcome
+  (``Gather.exchange``, ``all_gather_object``). Phase 2 splits the settle chains by problem. At
+  the end rank 0 gathers the settled buckets (``Gather.gather``) and writes the one cache file;
+* shards (``--shard i/n``), which never talk: whole problems, screens and chain together.
 
 Data flow:
 
-1. ``unit_cost`` — a problem's estimated timing cost: per bucket, the planned measurements times
-   the launches each one makes (``timing.LaunchPlan`` at ``search.estimate_ms``'s time of the
-   heuristic default) plus a fixed per-measurement overhead. Only ratios matter.
-2. ``assign`` — longest processing time first: units by cost, largest first (ties by problem key,
-   so every rank computes the same split), each to the least loaded of ``count`` bins. Shards
-   (``--shard i/n``) and torchrun ranks take bin ``i`` / ``RANK``; the GPUs inside one process do
-   not split statically: they pull the next-largest unit when they finish one.
-3. ``Launch.from_env`` — a torchrun rank (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+1. ``bucket_costs`` — per bucket, the estimated milliseconds of one screen measurement and of its
+   settle: the planned measurements times the launches each makes (``timing.LaunchPlan`` at
+   ``search.estimate_ms``'s time of the heuristic default) plus a fixed per-measurement overhead.
+   Only ratios matter.
+2. ``assign`` — longest processing time first: units by cost, largest first (ties by key, so every
+   rank computes the same split), each to the least loaded of ``count`` bins. Shards and ranks
+   take bin ``i`` / ``RANK``.
+3. ``chain_bound`` (one process's lanes) and the sweep's two-phase figure (torchrun) state the best
+   scaling the split allows by the cost model: the report's ``balance_bound``.
+4. ``Launch.from_env`` — a torchrun rank (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
    ``LOCAL_WORLD_SIZE``): each rank times on its ``LOCAL_RANK`` GPU. ``Gather`` joins the gloo
-   process group at the start (so a bad rendezvous fails before any work) and, at the end, sends
-   every rank's finished buckets to rank 0 (``gather_object``), which writes the one cache file.
-   A rank that dies leaves its buckets in its own journal (``…-rank{r}of{n}.jsonl``); rank 0
-   writes what it has and reports the missing ranks, and ``--resume`` (any layout: all journals
-   of the sweep are read back) finishes only what is missing.
+   process group at the start (so a bad rendezvous fails before any work). A rank that dies
+   leaves its measurements in its own journal (``…-rank{r}of{n}.jsonl``): the others stop at the
+   next meeting (rank 0 writes what it settled and names the missing ranks), and ``--resume``
+   (any layout: all journals of the sweep are read back) finishes only what is missing.
 """
 
 from __future__ import annotations
@@ -123,12 +129,6 @@ def bucket_costs(plan, policy, device: DeviceInfo) -> dict[int, tuple[float, flo
     return costs
 
 
-def unit_cost(plan, policy, device: DeviceInfo) -> float:
-    """Estimated milliseconds of GPU work to search every bucket of ``plan``'s problem."""
-    return sum(len(plan.screen[t]) * screen + settle
-               for t, (screen, settle) in bucket_costs(plan, policy, device).items())
-
-
 def chain_bound(costs: Mapping[Any, tuple[float, float]], lanes: int) -> float:
     """Best scaling efficiency of a dynamically scheduled sweep on ``lanes`` GPUs (by estimated
     cost): screens split freely, but each problem's settles run one after another, so the sweep
@@ -159,15 +159,6 @@ def assign(costs: Mapping[Any, float], count: int) -> list[list]:
         bins[target].append(unit)
         load[target] += costs[unit]
     return bins
-
-
-def balance_bound(costs: Mapping[Any, float], lanes: int) -> float:
-    """Best scaling efficiency the unit granularity allows on ``lanes`` GPUs (by estimated cost):
-    total / (lanes × the most loaded lane of an LPT schedule)."""
-    if not costs or lanes < 1:
-        return 1.0
-    loads = [sum(costs[u] for u in b) for b in assign(costs, lanes)]
-    return sum(costs.values()) / (lanes * max(loads)) if max(loads) > 0 else 1.0
 
 
 def _key(unit) -> str:

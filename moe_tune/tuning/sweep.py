@@ -6,24 +6,24 @@ Data flow of ``run_sweep(options)``:
    ``LOCAL_RANK`` GPU under torchrun; CPU lanes under the interpreter), the device they share
    (lanes of different GPU models are refused), the problems (``MoeShape.problems`` filtered by
    pass and GEMM) and one ``search.ProblemPlan`` each;
-2. the split (``distribute``): a unit is one problem with all its buckets; ``--shard i/n`` and
-   torchrun ranks take their deterministic share (longest processing time first over the
-   estimated costs), a plain sweep takes every unit;
+2. the split (``distribute``): a shard (``--shard i/n``) takes whole problems, a torchrun rank
+   its share of two phases (``run_ranked``), a plain sweep everything;
 3. the journal (``journal.Journal``, ``<cache dir>/journals/``, one file per shard or rank),
    resumed or fresh; with ``--resume`` the other journals of the same sweep are read too, so a
    re-run in any layout redoes only what no journal holds;
-4. an ``Engine``: a compile pool (``workers.WorkerPool``, the host's cores less one per timing
-   lane and one for this process) warms Triton's on-disk cache with every unit's compile list,
-   submitted up front in the order the units will be timed; one timing worker per lane
-   (``workers.WorkerProcess`` pinned to its GPU) gates and times candidates one at a time, each
-   with a timeout; every outcome is journalled (fsynced) before the search sees it, and a resumed
-   journal answers the measurements it already holds;
-5. per unit, on whichever lane is free (largest unit first when there are several lanes), per
-   bucket in ascending order: ``search.search_bucket``, seeded with the previous bucket's winner
-   and runner-up; the result is journalled; after each unit its buckets are merged into the cache
-   file (``cache.CacheStore``: locked, merged, provenance filled in);
-6. under torchrun, every rank's buckets go to rank 0 (``distribute.Gather``), which writes them;
-   a rank that did not report is named in ``stopped``;
+4. an ``Engine``: a compile pool (``workers.WorkerPool``: the host's cores less one per timing
+   lane and one for this process, at most ``MAX_COMPILE_WORKERS``, spread over the lanes' GPUs)
+   warms Triton's on-disk cache with the configs to screen, problem by problem; one timing worker
+   per lane (``workers.WorkerProcess`` pinned to its GPU) gates and times candidates one at a time,
+   each with a timeout. Both start at once, in the background. Every outcome is journalled
+   (fsynced) before the search sees it, and a resumed journal answers what it already holds;
+5. ``_Run.phase``: the buckets (bucket-major: every problem's smallest first) go to a
+   ``schedule.Scheduler``, whose lanes take single screen measurements of compiled configs and
+   whole settles (``search.settle_bucket``, seeded with the previous bucket's winner and runner-up)
+   as they become ready; each settled bucket is journalled, and a problem's buckets are merged into
+   the cache file (``cache.CacheStore``: locked, merged, provenance filled in) once all are settled;
+6. under torchrun, every rank's settled buckets go to rank 0 (``distribute.Gather``), which writes
+   them; a rank that did not report is named in ``stopped``;
 7. a ``SweepReport`` (the CLI prints it as a table or JSON).
 
 ``budget_s`` stops the sweep before the next measurement once the wall clock passes it;
@@ -403,12 +403,17 @@ class Engine:
         if self.on_compiled is not None:
             self.on_compiled()
 
+    def answered(self, problem: Problem, tokens: int, stage: str, cfg: KernelConfig) -> bool:
+        """Whether a journal (this run's or a resumed one) already holds this measurement."""
+        with self._lock:
+            return (problem.key, tokens, stage, cfg.short()) in self._memo
+
     def compiled(self, problem: Problem, tokens: int, cfg: KernelConfig) -> bool:
         """Whether a screen measurement of ``cfg`` can start without waiting for its compile (the
         journal already holds it, its compile finished or failed, or it was never sent to the pool)."""
+        if self.answered(problem, tokens, "screen", cfg):
+            return True
         with self._lock:
-            if (problem.key, tokens, "screen", cfg.short()) in self._memo:
-                return True
             future = self._compiles.get((problem.key, cfg))
         return future is None or future.done()
 
@@ -731,7 +736,7 @@ def _lane_device_info(lanes: tuple[str, ...], interpret: bool) -> DeviceInfo:
 def run_sweep(options: SweepOptions, progress: Progress | None = None) -> SweepReport:
     """Tune ``options.model``'s problems on this device (module docstring)."""
     from moe_tune.cache import paths
-    from moe_tune.tuning.distribute import (GATHER_TIMEOUT, Gather, Launch, assign, balance_bound, bucket_costs,
+    from moe_tune.tuning.distribute import (GATHER_TIMEOUT, Gather, Launch, assign, bucket_costs,
                                             chain_bound, largest_first, split_settings)
 
     started = time.monotonic()
@@ -927,7 +932,8 @@ class _Run:
             for bucket in buckets:
                 if bucket.problem is not problem or bucket.settled:
                     continue
-                wanted.update(bucket.todo)
+                # A resumed journal answers what it holds without a kernel: nothing to compile.
+                wanted.update(c for c in bucket.todo if not self.engine.answered(problem, bucket.tokens, "screen", c))
                 if bucket.settle_here:
                     ok = [c for c, o in bucket.screened.items() if o.ok]
                     wanted.update(sorted(ok, key=lambda c: (bucket.screened[c].median_ms, c))[: policy.finalists])

@@ -22,7 +22,7 @@ from moe_tune.cache import CacheStore
 from moe_tune.device import INTERPRETER_DEVICE
 from moe_tune.errors import InvalidInputError
 from moe_tune.models import resolve_model
-from moe_tune.tuning.distribute import Launch, assign, balance_bound, parse_gpus, parse_shard, physical_gpu
+from moe_tune.tuning.distribute import Launch, assign, chain_bound, parse_gpus, parse_shard, physical_gpu, screen_slices
 from moe_tune.tuning.journal import read_records
 from moe_tune.tuning.sweep import SweepOptions, run_sweep
 from moe_tune.tuning.testing import HashTimer
@@ -57,9 +57,13 @@ def test_assign_is_longest_first_and_deterministic():
     assert assign(costs, 2) == [["a", "d"], ["b", "c", "e"]]  # c before d (ties by key), each to the lighter bin
     assert assign(dict(reversed(costs.items())), 2) == assign(costs, 2)  # independent of input order
     assert sorted(u for b in assign(costs, 3) for u in b) == sorted(costs)
-    # Six equal units on four lanes: two lanes hold two, so at best 6 / (4·2) of linear scaling.
-    assert balance_bound({i: 1.0 for i in range(6)}, 4) == pytest.approx(0.75)
-    assert balance_bound({i: 1.0 for i in range(6)}, 3) == pytest.approx(1.0)
+
+def test_chain_bound_and_screen_slices():
+    # (all of a problem's work, its settle chain): the sweep lasts at least its longest chain.
+    costs = {"a": (10.0, 2.0), "b": (10.0, 8.0)}
+    assert chain_bound(costs, 1) == 1.0 and chain_bound(costs, 2) == 1.0  # 10 of work per lane ≥ the chain of 8
+    assert chain_bound(costs, 4) == pytest.approx(20 / (4 * 8))  # four lanes, five units of work per lane < 8
+    assert screen_slices(list(range(19)), 8) == [list(range(8)), list(range(8, 16)), [16, 17, 18]]
 
 
 @pytest.mark.parametrize("text, available, expected", [
