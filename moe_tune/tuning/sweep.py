@@ -253,9 +253,9 @@ class EngineStats:
 
 
 # Compile workers per sweep process at most: each holds a CUDA context (~0.5 GB of GPU memory) and
-# the problem's weight tensor. On a 64-thread host (4 × H200, 2026-11-27) 32 workers compiled the
+# the problem's weight tensor. On a 64-core host (4 × H200, 2026-11-27) 32 workers compiled the
 # qwen3-30b-a3b sweep's 279 configs in ~21 s at ~1.7 s each; 41-61 workers took 26-30 s at 3-5 s
-# each (the threads are 32 cores' hyperthreads; compiles do not scale past the cores).
+# each (and started slower): past ~32 processes the host's shared resources, not cores, limit.
 MAX_COMPILE_WORKERS = 32
 
 
