@@ -92,11 +92,6 @@ class _RichProgress:
                 self.progress.update(task_id, total=task.completed + 2)
             self.progress.advance(task_id)
 
-    def set_completed(self, problem, done: int) -> None:
-        task_id, task = self._task(problem)
-        if task_id is not None:
-            self.progress.update(task_id, completed=done, total=max(done, task.total or 0))
-
     def finish_problem(self, problem) -> None:
         task_id, task = self._task(problem)
         if task_id is not None:

@@ -555,7 +555,6 @@ class Progress(Protocol):
 
     def start_problem(self, problem: Problem, total: int) -> None: ...
     def advance(self, problem: Problem) -> None: ...
-    def set_completed(self, problem: Problem, done: int) -> None: ...
     def finish_problem(self, problem: Problem) -> None: ...
     def note(self, message: str) -> None: ...
 
@@ -565,9 +564,6 @@ class _Silent:
         pass
 
     def advance(self, problem: Problem) -> None:
-        pass
-
-    def set_completed(self, problem: Problem, done: int) -> None:
         pass
 
     def finish_problem(self, problem: Problem) -> None:
@@ -1031,8 +1027,8 @@ def run_ranked(run: _Run, gather, problems: list[Problem], costs: Mapping[Proble
     chains = {p: sum(costs[p][t][1] for t in tokens if (p.key, t) not in run.done) for p in problems}
     owners = assign(chains, world)
     ours = [p for p in problems if p in owners[rank]]
-    loads = [[unit_costs[k] for k in b] for b in bins], [[chains[p] for p in b] for b in owners]
-    longest = max(map(sum, loads[0]), default=0.0) + max(map(sum, loads[1]), default=0.0)
+    # The phases run one after the other: each lasts as long as its most loaded rank.
+    longest = (max(sum(unit_costs[k] for k in b) for b in bins) + max(sum(chains[p] for p in b) for b in owners))
     total = sum(unit_costs.values()) + sum(chains.values())
     run.rank_bound = total / (world * longest) if longest > 0 else 1.0
     run.phase(run.buckets(ours, settle=True, screened=screened))

@@ -110,9 +110,7 @@ def test_lanes_take_compiled_configs_first(rng):
 
 def test_part_of_a_screen_and_no_settle():
     # A torchrun rank's phase 1: it screens its configs of each bucket and settles nothing.
-    buckets = chains(PROBLEMS[:1], screen_size=6, settle_here=False)
-    for b in buckets:
-        b.__init__(b.problem, b.tokens, b.screen, settle_here=False, mine=b.screen[::2], previous=b.previous)
+    buckets = chains(PROBLEMS[:1], screen_size=6, settle_here=False, mine=configs(6)[::2])
     seen = []
     Scheduler(buckets, measure=lambda lane, p, t, c: seen.append((t, c)) or FakeOutcome(),
               settle=lambda lane, b: pytest.fail("settled"), compiled=lambda *a: True).run(["a", "b", "c"])
