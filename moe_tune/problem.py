@@ -14,7 +14,8 @@ of one GEMM share E, N and K:
 
 The flags always describe the forward GEMM (gather: X rows read in token order, row = slot // k;
 scatter: Y rows written in token-slot order; weighted: Y rows multiplied by their routing weight);
-each pass's launcher derives from them where it gathers and scatters.
+each pass's launcher derives from them where it gathers and scatters. ``fusion`` names the fused
+variant the experts block launches (``FUSIONS``); "none" is the plain grouped GEMM.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from typing import Any, Mapping
 from moe_tune.errors import InvalidInputError
 
 PASSES = ("forward", "dx", "dw")
+# How the experts block runs a problem's kernel (see ``Problem``): "glu" fuses SwiGLU into the
+# up forward's epilogue and SwiGLU's backward into the down dx's; "sorted" is a dW whose
+# gathered operand a fused kernel already wrote in expert order (and, for the down GEMM, whose
+# routing weight is already folded in), so both operands stream through TMA.
+FUSIONS = ("none", "glu", "sorted")
 DTYPES = ("bfloat16", "float16", "float32")
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -127,6 +133,7 @@ class Problem:
     gather: bool = False
     scatter: bool = False
     weighted: bool = False
+    fusion: str = "none"
 
     def __post_init__(self) -> None:
         _require(self.pass_ in PASSES, f"pass must be one of {', '.join(PASSES)}, got {self.pass_!r}")
@@ -135,13 +142,23 @@ class Problem:
             _as_pos_int(getattr(self, name), name)
         for name in ("gather", "scatter", "weighted"):
             _as_bool(getattr(self, name), name)
+        _require(self.fusion in FUSIONS, f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        if self.fusion == "glu":
+            up_forward = self.pass_ == "forward" and self.gather and not self.scatter and self.N % 2 == 0
+            down_dx = self.pass_ == "dx" and self.scatter and not self.gather
+            _require(up_forward or down_dx, "fusion 'glu' is the gathered forward of a [E, 2I, H] gate_up "
+                     "weight or the dx of a scattered down GEMM")
+        if self.fusion == "sorted":
+            _require(self.pass_ == "dw" and self.gather != self.scatter,
+                     "fusion 'sorted' is the dw of a gathered or scattered GEMM")
 
     @property
     def key(self) -> str:
-        """Clear-text cache key, e.g. ``forward/E128/N1536/K2048/k8/bfloat16/gather``."""
+        """Clear-text cache key, e.g. ``forward/E128/N1536/K2048/k8/bfloat16/gather/glu``."""
         flags = [f for f in ("gather", "scatter", "weighted") if getattr(self, f)]
         parts = [self.pass_, f"E{self.E}", f"N{self.N}", f"K{self.K}", f"k{self.topk}", self.dtype]
-        return "/".join(parts + (flags or ["plain"]))
+        fusion = [self.fusion] if self.fusion != "none" else []
+        return "/".join(parts + (flags or ["plain"]) + fusion)
 
     @property
     def gemm(self) -> str:
@@ -157,7 +174,8 @@ class Problem:
         return 2 * num_tokens * self.topk * self.N * self.K
 
     def with_pass(self, pass_: str) -> "Problem":
-        return dataclasses.replace(self, pass_=pass_)
+        """The plain (unfused) problem of the same GEMM in another pass."""
+        return dataclasses.replace(self, pass_=pass_, fusion="none")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -191,8 +209,11 @@ class MoeShape:
         _require(self.topk <= self.E, f"topk ({self.topk}) cannot exceed the expert count ({self.E})")
 
     def problems(self, dtype: str = "bfloat16") -> list[Problem]:
-        """The six problems: up (gate_up, gathered) and down (scattered, routing-weighted) in
-        forward, dx and dw."""
+        """The six problems the experts block launches: up (gate_up, gathered) and down
+        (scattered, routing-weighted) in forward, dx and dw, with the block's fusions: SwiGLU in
+        the up forward, SwiGLU's backward in the down dx, both dW on expert-ordered operands."""
         up = Problem("forward", self.E, 2 * self.I, self.H, self.topk, dtype, gather=True)
         down = Problem("forward", self.E, self.H, self.I, self.topk, dtype, scatter=True, weighted=True)
-        return [g.with_pass(p) for g in (up, down) for p in PASSES]
+        fusions = {("up", "forward"): "glu", ("down", "dx"): "glu", ("up", "dw"): "sorted", ("down", "dw"): "sorted"}
+        return [dataclasses.replace(g.with_pass(p), fusion=fusions.get((name, p), "none"))
+                for name, g in (("up", up), ("down", down)) for p in PASSES]

@@ -27,17 +27,15 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
-import triton
 
 from moe_tune.device import DeviceInfo, query_device
 from moe_tune.errors import InvalidInputError
-from moe_tune.kernels.grouped_mm import grouped_mm_dw_kernel, grouped_mm_kernel
 from moe_tune.ops import launch
 from moe_tune.ops.routing import Routing
 from moe_tune.problem import KernelConfig, Problem
 from moe_tune.space import check_config
 
-_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -84,7 +82,7 @@ def _check_routing(routing: Routing, num_experts: int, device: torch.device) -> 
 def _check_weight(w) -> None:
     if not isinstance(w, torch.Tensor) or w.dim() != 3:
         _fail(f"w must be a [E, N, K] tensor, got {getattr(w, 'shape', type(w).__name__)}")
-    if w.dtype not in _DTYPE_NAMES:
+    if w.dtype not in DTYPE_NAMES:
         _fail(f"w must be bfloat16, float16 or float32, got {w.dtype}")
     if not w.is_contiguous():
         _fail("w must be contiguous (call .contiguous() first)")
@@ -107,7 +105,7 @@ def _output(name: str, out, shape: tuple, dtype, device: torch.device) -> torch.
 
 def _problem(pass_: str, w: torch.Tensor, routing: Routing, gather: bool, scatter: bool, weighted: bool) -> Problem:
     E, N, K = w.shape
-    return Problem(pass_, E, N, K, routing.topk, _DTYPE_NAMES[w.dtype], gather, scatter, weighted)
+    return Problem(pass_, E, N, K, routing.topk, DTYPE_NAMES[w.dtype], gather, scatter, weighted)
 
 
 def _resolve(problem: Problem, config: KernelConfig | None, routing: Routing, device: DeviceInfo) -> KernelConfig:
@@ -119,76 +117,6 @@ def _resolve(problem: Problem, config: KernelConfig | None, routing: Routing, de
         _fail(f"config must be a KernelConfig, got {type(config).__name__}")
     check_config(problem, config, device)
     return config
-
-
-def _ensure_allocator(cfg: KernelConfig, device: torch.device) -> None:
-    # Device-side tensor descriptors need scratch memory from an allocator Triton can call.
-    if (cfg.TMA_LOAD or cfg.TMA_STORE) and device.type == "cuda":
-        triton.set_allocator(_descriptor_scratch)
-
-
-def _descriptor_scratch(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-# -------------------------------------------------------------------------------------------------
-# Launchers
-# -------------------------------------------------------------------------------------------------
-
-
-def _launch_mm(a, w, c, routing, weights, *, trans_w, gather_a, gather_div, scatter_c, cfg, info,
-               traceable=False):
-    """``traceable``: called from a torch.library op body (see ``moe_tune.ops.launch``)."""
-    E, N, K = w.shape
-    out_cols, red = (K, N) if trans_w else (N, K)
-    if trans_w:
-        stride_w_red, stride_w_out = w.stride(1), w.stride(2)
-    else:
-        stride_w_red, stride_w_out = w.stride(2), w.stride(1)
-    _ensure_allocator(cfg, w.device)
-    kernel = launch.traceable(grouped_mm_kernel, a, c) if traceable else grouped_mm_kernel
-    kernel[(info.sm_count,)](
-        a, w, c, routing.expert_offsets, routing.sorted_slots, weights if weights is not None else c,
-        a.shape[0], out_cols, red, gather_div,
-        a.stride(0), a.stride(1),
-        w.stride(0), stride_w_red, stride_w_out,
-        c.stride(0), c.stride(1),
-        E=E, E_POW2=triton.next_power_of_2(E + 1),
-        TRANS_W=trans_w, GATHER_A=gather_a, SCATTER_C=scatter_c, WEIGHTED=weights is not None,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-
-
-def _launch_dw(dy, x, dw, routing, weights, *, gather_dy, dy_div, gather_x, x_div, cfg, info, traceable=False):
-    """dW[e] = dY_eᵀ·X_e into ``dw`` ``[E, N, K]``; a gathered row is ``slot // div``."""
-    E, N, K = dw.shape
-    if cfg.GATHER_COPY and (gather_dy or gather_x):
-        # Copy the gathered rows into expert order (folding the routing weight into dY's copy), so
-        # the kernel streams both operands through TMA instead of waiting on scattered rows.
-        slots = routing.sorted_slots.long()
-        if gather_x:
-            x, gather_x, x_div = x.index_select(0, slots // x_div), False, 1
-        if gather_dy:
-            dy = dy.index_select(0, slots // dy_div)
-            if weights is not None:
-                dy = (dy.float() * weights.float().index_select(0, slots)[:, None]).to(dy.dtype)
-                weights = None
-            gather_dy, dy_div = False, 1
-    _ensure_allocator(cfg, dw.device)
-    kernel = launch.traceable(grouped_mm_dw_kernel, dy, dw) if traceable else grouped_mm_dw_kernel
-    kernel[(info.sm_count,)](
-        dy, x, dw, routing.expert_offsets, routing.sorted_slots, weights if weights is not None else dy,
-        N, K, dy_div, x_div,
-        dy.stride(0), dy.stride(1),
-        x.stride(0), x.stride(1),
-        dw.stride(0), dw.stride(1), dw.stride(2),
-        E=E, GATHER_DY=gather_dy, GATHER_X=gather_x, WEIGHTED=weights is not None,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
 
 
 def forward(x, w, routing: Routing, *, gather=False, scatter=False, weights=None,
@@ -205,7 +133,7 @@ def forward(x, w, routing: Routing, *, gather=False, scatter=False, weights=None
     cfg = _resolve(_problem("forward", w, routing, gather, scatter, weights is not None), config, routing, info)
     y = _output("out", out, (rows, N), w.dtype, w.device)
     if rows:
-        _launch_mm(x, w, y, routing, weights, trans_w=False, gather_a=gather, gather_div=routing.topk,
+        launch.grouped_mm(x, w, y, routing, weights, trans_w=False, gather_a=gather, gather_div=routing.topk,
                    scatter_c=scatter, cfg=cfg, info=info)
     return y
 
@@ -225,7 +153,7 @@ def backward_dx(dy, w, routing: Routing, *, gather=False, scatter=False, weights
     # Gathered forward input: write each slot's row in slot order, then sum the k slots of a token.
     d_rows = _output("out", out, (rows, K), w.dtype, w.device)
     if rows:
-        _launch_mm(dy, w, d_rows, routing, weights, trans_w=True, gather_a=scatter, gather_div=1,
+        launch.grouped_mm(dy, w, d_rows, routing, weights, trans_w=True, gather_a=scatter, gather_div=1,
                    scatter_c=gather, cfg=cfg, info=info)
     if gather:
         return d_rows.view(routing.num_tokens, routing.topk, K).sum(1)
@@ -240,7 +168,7 @@ def backward_dw(dy, x, w_shape, routing: Routing, *, gather=False, scatter=False
         _fail("dy and x must be tensors")
     device = dy.device
     dtype = dtype or dy.dtype
-    if dtype not in _DTYPE_NAMES:
+    if dtype not in DTYPE_NAMES:
         _fail(f"dtype must be bfloat16, float16 or float32, got {dtype}")
     _check_routing(routing, E, device)
     rows = routing.num_rows
@@ -248,10 +176,10 @@ def backward_dw(dy, x, w_shape, routing: Routing, *, gather=False, scatter=False
     _check_tensor("x", x, (routing.num_tokens if gather else rows, K), device, dtype)
     _check_weights_vector(weights, rows, device)
     info = query_device(device)
-    problem = Problem("dw", E, N, K, routing.topk, _DTYPE_NAMES[dtype], gather, scatter, weights is not None)
+    problem = Problem("dw", E, N, K, routing.topk, DTYPE_NAMES[dtype], gather, scatter, weights is not None)
     cfg = _resolve(problem, config, routing, info)
     dw = _output("out", out, (E, N, K), dtype, device)
-    _launch_dw(dy, x, dw, routing, weights, gather_dy=scatter, dy_div=1, gather_x=gather, x_div=routing.topk,
+    launch.grouped_mm_dw(dy, x, dw, routing, weights, gather_dy=scatter, dy_div=1, gather_x=gather, x_div=routing.topk,
                cfg=cfg, info=info)
     return dw
 

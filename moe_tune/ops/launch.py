@@ -1,4 +1,10 @@
-"""How op bodies launch Triton kernels so that torch.compile can trace them.
+"""How moe-tune launches its Triton kernels: the public launchers of the grouped-GEMM kernels, and
+the wrapping that lets torch.compile trace a launch inside an op body.
+
+``grouped_mm`` and ``grouped_mm_dw`` turn tensors, a ``Routing`` and a ``KernelConfig`` into one
+persistent-grid launch; they check nothing (callers validate: ``moe_tune.ops.grouped_gemm`` for
+the public single-GEMM API, ``moe_tune.ops.block`` for the experts block). ``traced=True`` routes
+the launch through ``traceable`` below, for calls made from a ``torch.library`` op body.
 
 Inside a ``torch.library.triton_op`` body, ``traceable(kernel, *tensors)[grid](...)`` is
 ``torch.library.wrap_triton(kernel)``: run eagerly, the op launches the kernel directly; traced
@@ -16,9 +22,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import triton
 from torch._subclasses.fake_tensor import is_fake
 
-from moe_tune.device import interpreting
+from moe_tune.device import DeviceInfo, interpreting
+from moe_tune.kernels.grouped_mm import grouped_mm_dw_kernel, grouped_mm_kernel
+from moe_tune.problem import KernelConfig
 
 # Decided once, at import, like Triton's own choice between compiling and interpreting kernels.
 OPAQUE_OPS = interpreting()
@@ -59,3 +68,104 @@ def register_op(qualname: str, fn, kernels: tuple = ()):
     if isinstance(registry, dict) and not registry.get(qualname):
         registry[qualname] = list(kernels)
     return op
+
+
+# -------------------------------------------------------------------------------------------------
+# Launchers
+# -------------------------------------------------------------------------------------------------
+
+EPILOGUES = ("none", "glu", "glu_bwd")
+
+
+def _descriptor_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _allocator_missing() -> bool:
+    # Triton keeps the allocator in a ContextVar: autograd's backward thread starts without the
+    # one the forward's thread set. An allocator the user set is left alone.
+    try:
+        from triton.runtime import _allocation
+
+        return _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
+    except (ImportError, AttributeError):
+        return True
+
+
+def ensure_allocator(cfg: KernelConfig, device: torch.device) -> None:
+    """Device-side tensor descriptors need scratch memory from an allocator Triton can call."""
+    if (cfg.TMA_LOAD or cfg.TMA_STORE) and device.type == "cuda" and _allocator_missing():
+        triton.set_allocator(_descriptor_scratch)
+
+
+def _kernel(kernel, traced: bool, *tensors):
+    return traceable(kernel, *tensors) if traced else kernel
+
+
+def grouped_mm(a, w, c, routing, weights, *, trans_w: bool, gather_a: bool, gather_div: int, scatter_c: bool,
+               cfg: KernelConfig, info: DeviceInfo, epilogue: str = "none", h=None, aux=None, dsp=None,
+               sorted_a=None, traced: bool = False) -> None:
+    """One launch of ``grouped_mm_kernel``: C = A·W[e]ᵀ (``trans_w``: A·W[e]) per expert.
+
+    ``epilogue`` (see the kernel): ``"glu"`` writes gate | up into ``h`` [M, 2I] and SwiGLU into
+    ``c`` [M, I] (W is [E, 2I, K]); ``"glu_bwd"`` reads ``h``, writes dH into ``c`` [M, 2I],
+    w·A into ``aux`` [M, I] and per-column-block weight-gradient partials into ``dsp``
+    [⌈I/BLOCK_N⌉, M] float32. ``sorted_a`` [M, RED], when given, receives A's gathered rows in
+    expert order.
+    """
+    E, N, K = w.shape
+    out_cols, red = (K, N) if trans_w else (N, K)
+    if epilogue == "glu":
+        out_cols //= 2
+    if trans_w:
+        stride_w_red, stride_w_out = w.stride(1), w.stride(2)
+    else:
+        stride_w_red, stride_w_out = w.stride(2), w.stride(1)
+    ensure_allocator(cfg, w.device)
+    kernel = _kernel(grouped_mm_kernel, traced, a, c, *(t for t in (h, aux, dsp, sorted_a) if t is not None))
+    kernel[(info.sm_count,)](
+        a, w, c, routing.expert_offsets, routing.sorted_slots, weights if weights is not None else c,
+        h if h is not None else c, aux if aux is not None else c, dsp if dsp is not None else c,
+        sorted_a if sorted_a is not None else a,
+        a.shape[0], out_cols, red, gather_div, routing.sorted_slots.shape[0],
+        a.stride(0), a.stride(1),
+        w.stride(0), stride_w_red, stride_w_out,
+        c.stride(0), c.stride(1),
+        E=E, E_POW2=triton.next_power_of_2(E + 1),
+        TRANS_W=trans_w, GATHER_A=gather_a, SCATTER_C=scatter_c, WEIGHTED=weights is not None and epilogue == "none",
+        EPILOGUE=epilogue, SORT_A=sorted_a is not None,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def grouped_mm_dw(dy, x, dw, routing, weights, *, gather_dy: bool, dy_div: int, gather_x: bool, x_div: int,
+                  cfg: KernelConfig, info: DeviceInfo, traced: bool = False) -> None:
+    """dW[e] = dY_eᵀ·X_e into ``dw`` [E, N, K]; a gathered row is ``slot // div``. With
+    ``cfg.GATHER_COPY`` the gathered operands are first copied into expert order (folding the
+    routing weight into dY's copy), so the kernel streams both through TMA."""
+    E, N, K = dw.shape
+    if cfg.GATHER_COPY and (gather_dy or gather_x):
+        slots = routing.sorted_slots.long()
+        if gather_x:
+            x, gather_x, x_div = x.index_select(0, slots // x_div), False, 1
+        if gather_dy:
+            dy = dy.index_select(0, slots // dy_div)
+            if weights is not None:
+                dy = (dy.float() * weights.float().index_select(0, slots)[:, None]).to(dy.dtype)
+                weights = None
+            gather_dy, dy_div = False, 1
+    ensure_allocator(cfg, dw.device)
+    kernel = _kernel(grouped_mm_dw_kernel, traced, dy, dw)
+    kernel[(info.sm_count,)](
+        dy, x, dw, routing.expert_offsets, routing.sorted_slots, weights if weights is not None else dy,
+        N, K, dy_div, x_div,
+        dy.stride(0), dy.stride(1),
+        x.stride(0), x.stride(1),
+        dw.stride(0), dw.stride(1), dw.stride(2),
+        E=E, GATHER_DY=gather_dy, GATHER_X=gather_x, WEIGHTED=weights is not None,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )

@@ -1,10 +1,13 @@
 """``moe_experts``: the whole experts block of an MoE layer, forward and backward, on moe-tune's
 kernels.
 
-Checks the caller's tensors (shapes, dtypes, devices: metadata only, nothing read from the device)
-and calls the ``moe_tune::moe_experts_fwd`` op, whose registered autograd runs
-``moe_tune::moe_experts_bwd`` (see ``moe_tune.ops.custom_ops`` for the data flow). Traceable by
-torch.compile with ``fullgraph=True``.
+Checks the caller's tensors (shapes, dtypes, devices: metadata only, nothing read from the device),
+then takes one of two paths to the same bodies (``moe_tune.ops.block``, where the data flow is):
+
+* eager: a ``torch.autograd.Function`` that launches the kernels directly — no dispatcher, no
+  ``wrap_triton``, so a training step at a few thousand tokens is not bound by host time;
+* under torch.compile: the ``moe_tune::moe_experts_fwd`` op, whose registered autograd runs
+  ``moe_tune::moe_experts_bwd`` (``moe_tune.ops.custom_ops``), so ``fullgraph=True`` holds.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from moe_tune.errors import InvalidInputError
-from moe_tune.ops import custom_ops
+from moe_tune.ops import block, custom_ops
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -30,8 +33,8 @@ def _check(hidden, gate_up_w, down_w, top_k_index, top_k_weights, activation) ->
                     ("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
         if not isinstance(t, torch.Tensor):
             _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if activation not in custom_ops.ACTIVATIONS:
-        _fail(f"activation must be one of {', '.join(custom_ops.ACTIVATIONS)}, got {activation!r}")
+    if activation not in block.ACTIVATIONS:
+        _fail(f"activation must be one of {', '.join(block.ACTIVATIONS)}, got {activation!r}")
     if hidden.dim() != 2:
         _fail(f"hidden must be [T, H], got shape {_shape(hidden)}")
     if gate_up_w.dim() != 3 or down_w.dim() != 3:
@@ -89,8 +92,32 @@ def moe_experts(
     ``top_k_weights``. Every GEMM takes its config from the runtime loader (``moe_tune.runtime``).
     """
     _check(hidden, gate_up_w, down_w, top_k_index, top_k_weights, activation)
-    out, _gate_up_out, _offsets, _slots = custom_ops.moe_experts_fwd(
-        hidden.contiguous(), gate_up_w.contiguous(), down_w.contiguous(), top_k_index.contiguous(),
-        top_k_weights.contiguous(), activation,
-    )
-    return out
+    args = (hidden.contiguous(), gate_up_w.contiguous(), down_w.contiguous(), top_k_index.contiguous(),
+            top_k_weights.contiguous())
+    # Keep the expert-ordered rows of X for dW1 only when that gradient will be taken.
+    sort_x = torch.is_grad_enabled() and gate_up_w.requires_grad
+    if torch.compiler.is_compiling():
+        return custom_ops.moe_experts_fwd(*args, activation, sort_x)[0]
+    return _EagerBlock.apply(*args, sort_x)
+
+
+class _EagerBlock(torch.autograd.Function):
+    """The block outside torch.compile: the bodies run as plain Python, kernels launched directly."""
+
+    @staticmethod
+    def forward(ctx, hidden, gate_up_w, down_w, top_k_index, top_k_weights, sort_x):
+        out, h, x_sorted, offsets, slots = block.forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights,
+                                                         sort_x=sort_x, traced=False)
+        ctx.save_for_backward(hidden if not sort_x else None, x_sorted, gate_up_w, down_w, top_k_weights, h,
+                              offsets, slots)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, x_sorted, gate_up_w, down_w, top_k_weights, h, offsets, slots = ctx.saved_tensors
+        need_hidden, need_gate_up, need_down, _, need_weights, _ = ctx.needs_input_grad
+        d_hidden, d_gate_up, d_down, d_weights = block.backward(
+            grad_out, hidden, x_sorted, gate_up_w, down_w, top_k_weights, h, offsets, slots,
+            need_hidden=need_hidden, need_gate_up=need_gate_up, need_down=need_down, traced=False)
+        return (d_hidden if need_hidden else None, d_gate_up if need_gate_up else None,
+                d_down if need_down else None, None, d_weights if need_weights else None, None)

@@ -3,7 +3,7 @@ Triton's CPU interpreter: forward, every gradient, the registered ops under ``op
 block under ``torch.compile(fullgraph=True)``.
 
 Fresh random inputs and routing per case; every buffer the ops write through a kernel starts as
-NaN (``custom_ops._alloc`` is poisoned), so an element a kernel forgets fails the comparison.
+NaN (``block._alloc`` is poisoned), so an element a kernel forgets fails the comparison.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moe_tune.errors import InvalidInputError
-from moe_tune.ops import custom_ops
+from moe_tune.ops import block, custom_ops
 from moe_tune.ops.moe_experts import moe_experts
 from moe_tune.ops.routing import build_routing
 from moe_tune.reference import relative_error
@@ -38,6 +38,8 @@ SHAPES = [
     ("empty-expert", 6, 32, 16, 4, 2),  # expert E-1 never routed: its dW must be exactly zero
     ("ragged", 7, 48, 24, 3, 3),  # H, I not multiples of the 32-wide blocks; k = E
     ("top-1", 9, 32, 32, 5, 1),  # one slot per token: the combine is a copy
+    ("one-expert", 5, 32, 16, 1, 1),  # E=1, k=1: every row on the only expert
+    ("odd-dims", 5, 20, 12, 3, 2),  # H, I not multiples of 16: masked columns in every epilogue
 ]
 
 
@@ -46,12 +48,14 @@ def poisoned_buffers(monkeypatch):
     def nan_alloc(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(custom_ops, "_alloc", nan_alloc)
+    monkeypatch.setattr(block, "_alloc", nan_alloc)
 
 
-def make_block(T, H, I, E, k, dtype, *, leave_last_expert_empty=True, weights_dtype=None):
+def make_block(T, H, I, E, k, dtype, *, leave_last_expert_empty=True, weights_dtype=None, one_hot=False):
     experts = E - 1 if leave_last_expert_empty and k < E else E
     top_k_index = torch.stack([torch.randperm(experts)[:k] for _ in range(T)])
+    if one_hot:  # every token's first slot on one expert: a long expert, the others short or empty
+        top_k_index = torch.stack([torch.cat([torch.tensor([E - 1]), torch.randperm(E - 1)[:k - 1]]) for _ in range(T)])
     return dict(
         hidden=torch.randn(T, H, dtype=dtype),
         gate_up_w=(torch.randn(E, 2 * I, H) / H**0.5).to(dtype),
@@ -105,6 +109,37 @@ def test_forward_and_gradients_match_reference(name, T, H, I, E, k, dtype):
         assert torch.equal(grads["down_w"][e], torch.zeros_like(grads["down_w"][e]))
 
 
+def test_all_tokens_on_one_expert():
+    # 37 tokens' first slot on expert 3: its rows span several row blocks, every other expert few.
+    T, H, I, E, k = 37, 32, 16, 4, 2
+    inputs = make_block(T, H, I, E, k, torch.float32, one_hot=True)
+    grad_out = torch.randn(T, H)
+    out, grads = run_block(moe_experts, inputs, grad_out)
+    ref_inputs = {n: t.double() if t.is_floating_point() else t for n, t in inputs.items()}
+    ref, ref_grads = run_block(reference_moe_experts, ref_inputs, grad_out.double())
+    assert relative_error(out, ref) < 1e-5
+    for grad_name in ("hidden", "gate_up_w", "down_w"):
+        assert relative_error(grads[grad_name], ref_grads[grad_name]) < 1e-5, grad_name
+
+
+@pytest.mark.parametrize("trainable", [("hidden",), ("gate_up_w",), ("down_w",), ("hidden", "down_w")],
+                         ids=["hidden-only", "gate-up-only", "down-only", "hidden-and-down"])
+def test_partial_gradients(trainable):
+    # Frozen experts (hidden-only) keep X instead of its sorted rows; a lone dW1 still needs them.
+    T, H, I, E, k = 9, 32, 16, 4, 2
+    inputs = make_block(T, H, I, E, k, torch.float32)
+    leaves = {n: t.clone().requires_grad_(n in trainable) for n, t in inputs.items()}
+    out = moe_experts(**leaves)
+    grad_out = torch.randn(T, H)
+    grads = torch.autograd.grad(out, [leaves[n] for n in trainable], grad_out)
+    ref_leaves = {n: (t.double() if t.is_floating_point() else t).clone().requires_grad_(n in trainable)
+                  for n, t in inputs.items()}
+    ref = reference_moe_experts(**ref_leaves)
+    ref_grads = torch.autograd.grad(ref, [ref_leaves[n] for n in trainable], grad_out.double())
+    for name, grad, ref_grad in zip(trainable, grads, ref_grads):
+        assert relative_error(grad, ref_grad) < 1e-5, name
+
+
 def test_frozen_inputs_get_no_gradient_work():
     # Only the routing weights train: the op returns no hidden or weight gradients.
     inputs = make_block(5, 32, 16, 4, 2, torch.float32)
@@ -138,7 +173,7 @@ def test_opcheck_forward_op():
     inputs = make_block(6, 32, 16, 4, 2, torch.float32)
     for name in DIFFERENTIABLE:
         inputs[name].requires_grad_()
-    args = (*inputs.values(), "silu")
+    args = (*inputs.values(), "silu", True)
     torch.library.opcheck(custom_ops.moe_experts_fwd, args)
 
 
@@ -147,8 +182,10 @@ def test_opcheck_backward_op(needs):
     T, H, I, E, k = 6, 32, 16, 4, 2
     inputs = make_block(T, H, I, E, k, torch.float32)
     routing = build_routing(inputs["top_k_index"], E)
-    args = (torch.randn(T, H), inputs["hidden"], inputs["gate_up_w"], inputs["down_w"], inputs["top_k_weights"],
-            torch.randn(T * k, 2 * I), routing.expert_offsets, routing.sorted_slots, "silu", *needs)
+    x_sorted = inputs["hidden"][routing.sorted_slots.long() // k]
+    args = (torch.randn(T, H), inputs["hidden"], x_sorted, inputs["gate_up_w"], inputs["down_w"],
+            inputs["top_k_weights"], torch.randn(T * k, 2 * I), routing.expert_offsets, routing.sorted_slots, "silu",
+            *needs)
     torch.library.opcheck(custom_ops.moe_experts_bwd, args)
 
 
@@ -179,3 +216,37 @@ def test_invalid_inputs_raise(name, make, message):
 def test_unknown_activation_raises():
     with pytest.raises(InvalidInputError, match="activation must be one of silu"):
         moe_experts(**make_block(4, 32, 16, 4, 2, torch.float32), activation="gelu")
+
+
+# every kernel path of the fused epilogues: pointer loads, TMA loads, TMA store of A, and a BLOCK_N
+# that leaves the down dx with several column blocks of weight-gradient partials
+CONFIG_SETS = [
+    ("pointers", dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)),
+    ("tma", dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, TMA_LOAD=True)),
+    ("tma-store", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, TMA_LOAD=True, TMA_STORE=True)),
+]
+
+
+@pytest.mark.parametrize("name, fields", CONFIG_SETS, ids=[c[0] for c in CONFIG_SETS])
+def test_block_kernel_paths(name, fields, monkeypatch):
+    from moe_tune.problem import KernelConfig
+
+    def configs(E, H, I, topk, dtype, num_tokens, info):
+        out = {}
+        for (gemm, pass_), problem in block._problems(E, H, I, topk, "float32").items():
+            # TMA stores never apply to scattered outputs or the glu_bwd epilogue
+            store = fields.get("TMA_STORE", False) and (gemm, pass_) in (("up", "forward"), ("up", "dw"), ("down", "dw"))
+            out[gemm, pass_] = KernelConfig(**{**fields, "TMA_STORE": store}, GROUP_M=2, num_warps=1, num_stages=1)
+        return out
+
+    monkeypatch.setattr(block, "block_configs", configs)
+    T, H, I, E, k = 11, 64, 48, 4, 2
+    inputs = make_block(T, H, I, E, k, torch.float32)
+    grad_out = torch.randn(T, H)
+    out, grads = run_block(moe_experts, inputs, grad_out)
+    ref_inputs = {n: t.double() if t.is_floating_point() else t for n, t in inputs.items()}
+    ref, ref_grads = run_block(reference_moe_experts, ref_inputs, grad_out.double())
+    assert relative_error(out, ref) < 1e-5
+    for grad_name in ("hidden", "gate_up_w", "down_w"):
+        assert relative_error(grads[grad_name], ref_grads[grad_name]) < 1e-5, grad_name
+    assert_weight_grad_close(grads["top_k_weights"], ref_grads["top_k_weights"], inputs, grad_out, torch.float32)

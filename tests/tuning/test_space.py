@@ -63,7 +63,9 @@ def test_tma_needs_sm90_and_aligned_rows():
 def test_scattered_outputs_never_store_through_tma():
     for problem in load_preset("qwen3-30b-a3b").problems():
         stores = {c.TMA_STORE for c in candidates(problem, H100, "default")}
-        assert stores == ({False} if output_scattered(problem) else {False, True}), problem.key
+        # the SwiGLU-backward epilogue (down dx) writes its three outputs by pointer
+        pointer_only = output_scattered(problem) or (problem.fusion == "glu" and problem.pass_ == "dx")
+        assert stores == ({False} if pointer_only else {False, True}), problem.key
 
 
 def test_blocks_larger_than_the_problem_are_pruned():
