@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+from moe_tune.slug import slug
 
 APP_NAME = "moe-tune"
 ENV_CACHE_DIR = "MOE_TUNE_CACHE_DIR"
@@ -43,29 +44,18 @@ SHIPPED_PACKAGE = "moe_tune.shipped_caches"
 SEPARATOR = "__triton-"
 SUFFIX = ".json"
 
-# Long GPU names ("NVIDIA H100 80GB HBM3 MIG 1g.10gb") fit well under this; it keeps the whole
-# file name below the 255-byte limit of common file systems.
-_MAX_SLUG = 96
-
 _UNSET: Any = object()
 _overrides: dict[str, Path] = {}
 
 
-def _slug(text: str, keep: str, fallback: str) -> str:
-    text = re.sub(f"[^{keep}]+", "-", text.lower()).strip("-.")
-    # Runs of dots could read as ".." to a careless consumer; one dot is enough for versions.
-    text = re.sub(r"\.{2,}", ".", text)
-    return text[:_MAX_SLUG].strip("-.") or fallback
-
-
 def device_slug(name: str) -> str:
     """File-name-safe device name: ``NVIDIA H100 80GB HBM3`` → ``nvidia-h100-80gb-hbm3``."""
-    return _slug(name, "a-z0-9", "unknown-device")
+    return slug(name, fallback="unknown-device")
 
 
 def version_slug(version: str) -> str:
     """File-name-safe version: ``3.6.0+git1a2b`` → ``3.6.0-git1a2b``."""
-    return _slug(version, "a-z0-9.", "unknown")
+    return slug(version, dots=True, fallback="unknown")
 
 
 def file_name(device_name: str, triton_version: str) -> str:
