@@ -41,6 +41,7 @@ class Preset:
             "H": self.shape.H,
             "I": self.shape.I,
             "topk": self.shape.topk,
+            "layout": self.shape.layout,
             "aliases": list(self.aliases),
             "hf_ids": list(self.hf_ids),
             "test": self.test,
@@ -53,7 +54,8 @@ def _preset_from_json(data: Mapping[str, Any], origin: str) -> Preset:
         return Preset(
             name=str(data["name"]),
             family=str(data["family"]),
-            shape=MoeShape(E=data["E"], H=data["H"], I=data["I"], topk=data["topk"]),
+            shape=MoeShape(E=data["E"], H=data["H"], I=data["I"], topk=data["topk"],
+                           layout=data.get("layout", "concat")),
             aliases=tuple(data.get("aliases", ())),
             hf_ids=tuple(data.get("hf_ids", ())),
             test=bool(data.get("test", False)),
@@ -153,6 +155,8 @@ HF_FAMILIES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, .
                 ("num_experts_per_tok", "experts_per_token", "num_experts_per_token")),
     "olmoe": ("hidden_size", ("intermediate_size",), ("num_experts",), ("num_experts_per_tok",)),
 }
+# Families whose experts are not the Qwen3-MoE "concat" layout (``moe_tune.problem.EXPERT_LAYOUTS``).
+HF_LAYOUTS = {"gpt_oss": "gpt_oss"}
 
 
 def _pick(config: Mapping[str, Any], keys: tuple[str, ...], what: str, family: str, path: str) -> int:
@@ -190,6 +194,7 @@ def shape_from_hf_config(path: str | os.PathLike) -> MoeShape:
         )
     h_key, i_keys, e_keys, k_keys = HF_FAMILIES[family]
     return MoeShape(
+        layout=HF_LAYOUTS.get(family, "concat"),
         E=_pick(config, e_keys, "the expert count", family, path),
         H=_pick(config, (h_key,), "the hidden size", family, path),
         I=_pick(config, i_keys, "the expert intermediate size", family, path),
@@ -233,7 +238,7 @@ def split_parallel(shape: MoeShape, ep: int = 1, tp: int = 1) -> MoeShape:
         raise InvalidInputError(f"--tp {tp} does not divide the intermediate size {shape.I}")
     if shape.topk > shape.E // ep:
         raise InvalidInputError(f"--ep {ep} leaves {shape.E // ep} experts per rank, fewer than topk={shape.topk}")
-    return MoeShape(E=shape.E // ep, H=shape.H, I=shape.I // tp, topk=shape.topk)
+    return MoeShape(E=shape.E // ep, H=shape.H, I=shape.I // tp, topk=shape.topk, layout=shape.layout)
 
 
 @dataclass(frozen=True)

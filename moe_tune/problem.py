@@ -4,9 +4,9 @@ and a ``KernelConfig`` (what the cache stores per token bucket).
 Pure Python on purpose: the cache, the runtime loader and the CLI import this module without
 importing torch or triton.
 
-A problem is one grouped GEMM of one MoE layer in one pass. Its shape is always given in the
-orientation the model stores the weight, ``W[E, N, K]`` with ``y = x·Wᵀ``, so the three passes
-of one GEMM share E, N and K:
+A problem is one grouped GEMM of one MoE layer in one pass. Its shape is always given as
+``W[E, N, K]`` with ``y = x·Wᵀ`` (``weight_layout`` says whether the model stores W that way or
+as ``[E, K, N]``), so the three passes of one GEMM share E, N and K:
 
     forward  Y[rows, N]  = X[rows, K] · W[e]ᵀ
     dx       dX[rows, K] = dY[rows, N] · W[e]
@@ -31,7 +31,17 @@ PASSES = ("forward", "dx", "dw")
 # up forward's epilogue and SwiGLU's backward into the down dx's; "sorted" is a dW whose
 # gathered operand a fused kernel already wrote in expert order (and, for the down GEMM, whose
 # routing weight is already folded in), so both operands stream through TMA.
-FUSIONS = ("none", "glu", "sorted")
+# "sort" is a forward or dx that gathers its A rows and also writes them in expert order, with no
+# fused epilogue (gpt-oss's up forward and down dx, feeding its "sorted" dWs).
+FUSIONS = ("none", "glu", "sorted", "sort")
+# How a problem's weight is stored: "nk" is W[E, N, K] (y = x·Wᵀ, transformers' default); "kn" is
+# W[E, K, N] (y = x·W, transformers' ``is_transposed=True``: gpt-oss). The kernels read either
+# through swapped strides, so the passes differ in access pattern, not in FLOPs.
+WEIGHT_LAYOUTS = ("nk", "kn")
+# The experts block a ``MoeShape`` describes: "concat" is the Qwen3-MoE family (gate|up rows
+# concatenated, [E, N, K] weights, no bias, SwiGLU: ``moe_tune.ops.block``); "gpt_oss" stores
+# [E, K, N] weights with biases, gate/up interleaved, a clamped SwiGLU (``moe_tune.ops.gptoss``).
+EXPERT_LAYOUTS = ("concat", "gpt_oss")
 DTYPES = ("bfloat16", "float16", "float32")
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -134,6 +144,7 @@ class Problem:
     scatter: bool = False
     weighted: bool = False
     fusion: str = "none"
+    weight_layout: str = "nk"
 
     def __post_init__(self) -> None:
         _require(self.pass_ in PASSES, f"pass must be one of {', '.join(PASSES)}, got {self.pass_!r}")
@@ -151,14 +162,22 @@ class Problem:
         if self.fusion == "sorted":
             _require(self.pass_ == "dw" and self.gather != self.scatter,
                      "fusion 'sorted' is the dw of a gathered or scattered GEMM")
+        if self.fusion == "sort":
+            _require((self.pass_ == "forward" and self.gather and not self.scatter)
+                     or (self.pass_ == "dx" and self.scatter and not self.gather),
+                     "fusion 'sort' is the forward of a gathered GEMM or the dx of a scattered one")
+        _require(self.weight_layout in WEIGHT_LAYOUTS,
+                 f"weight_layout must be one of {', '.join(WEIGHT_LAYOUTS)}, got {self.weight_layout!r}")
 
     @property
     def key(self) -> str:
-        """Clear-text cache key, e.g. ``forward/E128/N1536/K2048/k8/bfloat16/gather/glu``."""
+        """Clear-text cache key, e.g. ``forward/E128/N1536/K2048/k8/bfloat16/gather/glu`` (a
+        ``kn`` weight layout adds ``/kn``)."""
         flags = [f for f in ("gather", "scatter", "weighted") if getattr(self, f)]
         parts = [self.pass_, f"E{self.E}", f"N{self.N}", f"K{self.K}", f"k{self.topk}", self.dtype]
         fusion = [self.fusion] if self.fusion != "none" else []
-        return "/".join(parts + (flags or ["plain"]) + fusion)
+        layout = [self.weight_layout] if self.weight_layout != "nk" else []
+        return "/".join(parts + (flags or ["plain"]) + fusion + layout)
 
     @property
     def gemm(self) -> str:
@@ -202,18 +221,35 @@ class MoeShape:
     H: int
     I: int
     topk: int
+    layout: str = "concat"  # EXPERT_LAYOUTS
 
     def __post_init__(self) -> None:
         for name in ("E", "H", "I", "topk"):
             _as_pos_int(getattr(self, name), name)
         _require(self.topk <= self.E, f"topk ({self.topk}) cannot exceed the expert count ({self.E})")
+        _require(self.layout in EXPERT_LAYOUTS,
+                 f"layout must be one of {', '.join(EXPERT_LAYOUTS)}, got {self.layout!r}")
 
     def problems(self, dtype: str = "bfloat16") -> list[Problem]:
         """The six problems the experts block launches: up (gate_up, gathered) and down
         (scattered, routing-weighted) in forward, dx and dw, with the block's fusions: SwiGLU in
         the up forward, SwiGLU's backward in the down dx, both dW on expert-ordered operands."""
+        if self.layout == "gpt_oss":
+            return self._gpt_oss_problems(dtype)
         up = Problem("forward", self.E, 2 * self.I, self.H, self.topk, dtype, gather=True)
         down = Problem("forward", self.E, self.H, self.I, self.topk, dtype, scatter=True, weighted=True)
         fusions = {("up", "forward"): "glu", ("down", "dx"): "glu", ("up", "dw"): "sorted", ("down", "dw"): "sorted"}
+        return [dataclasses.replace(g.with_pass(p), fusion=fusions.get((name, p), "none"))
+                for name, g in (("up", up), ("down", down)) for p in PASSES]
+
+    def _gpt_oss_problems(self, dtype: str) -> list[Problem]:
+        """gpt-oss's six (``moe_tune.ops.gptoss``): the same GEMM shapes on [E, K, N] weights. The
+        activation, the biases and the routing-weight gradient run in kernels of their own, so no
+        GEMM carries an epilogue; the up forward and the down dx write the rows they gather in
+        expert order ("sort") for both "sorted" dWs."""
+        up = Problem("forward", self.E, 2 * self.I, self.H, self.topk, dtype, gather=True, weight_layout="kn")
+        down = Problem("forward", self.E, self.H, self.I, self.topk, dtype, scatter=True, weighted=True,
+                       weight_layout="kn")
+        fusions = {("up", "forward"): "sort", ("down", "dx"): "sort", ("up", "dw"): "sorted", ("down", "dw"): "sorted"}
         return [dataclasses.replace(g.with_pass(p), fusion=fusions.get((name, p), "none"))
                 for name, g in (("up", up), ("down", down)) for p in PASSES]

@@ -1,0 +1,256 @@
+"""Triton kernels of the gpt-oss experts block that are not GEMMs: the clamped, interleaved SwiGLU
+with the up projection's bias, the combine with the down projection's bias, and one backward pass
+for the activation, both bias gradients and the routing-weight gradient.
+
+gpt-oss (transformers ``GptOssExperts``) interleaves gate and up: column 2j of the up projection's
+output is gate j, column 2j+1 is up j. A tile over I columns therefore reads a contiguous
+[rows, 2·BLOCK_N] slab and splits it in registers (``tl.reshape`` to [rows, BLOCK_N, 2] +
+``tl.split``); the backward joins dgate and dup the same way, so every access is coalesced.
+
+The activation, with limit and alpha from the module (7 and 1.702 in the released models)::
+
+    g = min(gate, limit)            u = clamp(up, -limit, limit)
+    a = (u + 1) · g · σ(alpha · g)
+
+Its gradient follows ``torch.clamp``'s: zero where the input lies strictly outside the limits,
+passed through at the limits themselves.
+
+Rows are in expert order (the order the grouped GEMMs write); the expert of a row is
+``top_k_index.flat[sorted_slots[row]]``, two small loads instead of a search over the offsets.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_pairs(ptr, rows, stride_m, cols2, mask2):
+    """[BLOCK_M, 2·BLOCK_N] interleaved slab → (even columns, odd columns), float32."""
+    x = tl.load(ptr + rows.to(tl.int64)[:, None] * stride_m + cols2[None, :], mask=mask2, other=0.0)
+    return tl.split(tl.reshape(x.to(tl.float32), [x.shape[0], x.shape[1] // 2, 2]))
+
+
+@triton.jit
+def _bias_pairs(b_ptr, experts, stride_b_e, cols2, mask2):
+    """The bias of each row's expert over the slab's columns, split like ``_load_pairs``."""
+    b = tl.load(b_ptr + experts.to(tl.int64)[:, None] * stride_b_e + cols2[None, :], mask=mask2, other=0.0)
+    return tl.split(tl.reshape(b.to(tl.float32), [b.shape[0], b.shape[1] // 2, 2]))
+
+
+@triton.jit
+def _clamped_glu(gate, up, limit, alpha):
+    """(a, g, u, sigmoid(alpha·g)) of the clamped SwiGLU, float32."""
+    g = tl.minimum(gate, limit)
+    u = tl.minimum(tl.maximum(up, -limit), limit)
+    sig = tl.sigmoid(alpha * g)
+    return (u + 1.0) * g * sig, g, u, sig
+
+
+@triton.jit
+def gptoss_act_fwd_kernel(
+    # Pointers --------------------------------------------------------------------------------
+    h_ptr,  # (M, 2I) expert order: X·W1[e] without its bias, gate/up interleaved
+    b1_ptr,  # (E, 2I): gate_up_proj_bias, interleaved like h
+    a_ptr,  # (M, I) expert order: the activation, the down GEMM's input
+    sorted_slots_ptr,  # (M,) int32: token-slot id of each expert-ordered row
+    top_k_index_ptr,  # (M,) int32 or int64: expert of each token slot (top_k_index flattened)
+    # Sizes -------------------------------------------------------------------------------------
+    num_rows,  # M
+    inter,  # I
+    limit,  # swiglu_limit
+    alpha,  # swiglu_alpha
+    # Strides -----------------------------------------------------------------------------------
+    stride_h_m, stride_b1_e, stride_a_m,
+    # Meta-parameters ---------------------------------------------------------------------------
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Grid: (⌈M / BLOCK_M⌉, ⌈I / BLOCK_N⌉). A = clamped SwiGLU of (H + b1[e])."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < num_rows
+    slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
+    experts = tl.load(top_k_index_ptr + slots, mask=row_mask, other=0)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols2 = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+    mask2 = row_mask[:, None] & (cols2 < 2 * inter)[None, :]
+
+    gate, up = _load_pairs(h_ptr, rows, stride_h_m, cols2, mask2)
+    b_gate, b_up = _bias_pairs(b1_ptr, experts, stride_b1_e, cols2, mask2)
+    a, _g, _u, _sig = _clamped_glu(gate + b_gate, up + b_up, limit, alpha)
+
+    mask = row_mask[:, None] & (cols < inter)[None, :]
+    tl.store(a_ptr + rows.to(tl.int64)[:, None] * stride_a_m + cols[None, :], a.to(a_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gptoss_combine_kernel(
+    # Pointers --------------------------------------------------------------------------------
+    y_ptr,  # (T·k, H) slot order: w · A·W2[e] per slot (the down GEMM, weighted in its epilogue)
+    b2_ptr,  # (E, H): down_proj_bias
+    weights_ptr,  # (T·k,): routing weight of each slot
+    top_k_index_ptr,  # (T·k,) int32 or int64
+    out_ptr,  # (T, H)
+    # Sizes -------------------------------------------------------------------------------------
+    num_tokens,  # T
+    hidden,  # H
+    topk,  # k
+    # Strides -----------------------------------------------------------------------------------
+    stride_y_m, stride_b2_e, stride_out_t,
+    # Meta-parameters ---------------------------------------------------------------------------
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Grid: (⌈T / BLOCK_T⌉, ⌈H / BLOCK_N⌉). out[t] = Σ_j (Y[t·k+j] + w[t,j]·b2[e_tj]), summed in
+    float32: the bias joins the k-slot sum the block needs anyway, so it costs no pass."""
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_mask = tokens < num_tokens
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = token_mask[:, None] & (cols < hidden)[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for j in range(topk):
+        slots = tokens.to(tl.int64) * topk + j
+        experts = tl.load(top_k_index_ptr + slots, mask=token_mask, other=0)
+        w = tl.load(weights_ptr + slots, mask=token_mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + slots[:, None] * stride_y_m + cols[None, :], mask=mask, other=0.0)
+        b = tl.load(b2_ptr + experts.to(tl.int64)[:, None] * stride_b2_e + cols[None, :], mask=mask, other=0.0)
+        acc += y.to(tl.float32) + w[:, None] * b.to(tl.float32)
+    out_ptrs = out_ptr + tokens.to(tl.int64)[:, None] * stride_out_t + cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _act_bwd_tile(
+    d_act_ptr, h_ptr, b1_ptr, weights_ptr, sorted_slots_ptr, d_h_ptr, weighted_act_ptr, dsp_ptr, db1_ptr,
+    e, row_start, row_end, n_block, num_rows, inter, limit, alpha,
+    stride_da_m, stride_h_m, stride_b1_e, stride_dh_m, stride_wa_m, stride_db1_e,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Columns [n, n+BLOCK_N) of I over every row of expert e: dH, w·A, the ⟨dA_raw, A⟩ part of
+    the routing-weight gradient and this column block of db1[e]."""
+    cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < inter
+    cols2 = n_block * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+    col_mask2 = cols2 < 2 * inter
+    # One expert per program: its bias row is loaded once, broadcast over the rows.
+    b = tl.load(b1_ptr + e.to(tl.int64) * stride_b1_e + cols2, mask=col_mask2, other=0.0).to(tl.float32)
+    b_gate, b_up = tl.split(tl.reshape(b, [BLOCK_N, 2]))
+    db_gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        rows64 = rows.to(tl.int64)
+        slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
+        w = tl.load(weights_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+        mask = row_mask[:, None] & col_mask[None, :]
+        mask2 = row_mask[:, None] & col_mask2[None, :]
+        d_act = tl.load(d_act_ptr + rows64[:, None] * stride_da_m + cols[None, :], mask=mask, other=0.0)
+        d_act = d_act.to(tl.float32)
+        gate, up = _load_pairs(h_ptr, rows, stride_h_m, cols2, mask2)
+        gate += b_gate[None, :]
+        up += b_up[None, :]
+        a, g, u, sig = _clamped_glu(gate, up, limit, alpha)
+
+        # d weight[slot] gets <dY·W2ᵀ, A> over I (this block's columns here, summed on the host
+        # side in a fixed order) plus <dY, b2[e]> from the down-bias programs.
+        tl.store(dsp_ptr + n_block.to(tl.int64) * num_rows + slots, tl.sum(d_act * a, axis=1), mask=row_mask)
+        tl.store(weighted_act_ptr + rows64[:, None] * stride_wa_m + cols[None, :],
+                 (w * a).to(weighted_act_ptr.dtype.element_ty), mask=mask)
+
+        d_a = d_act * w
+        # Clamped elements pass no gradient (torch.clamp's rule: the limits themselves pass).
+        d_up = tl.where((up >= -limit) & (up <= limit), d_a * g * sig, 0.0)
+        d_gate = tl.where(gate <= limit, d_a * (u + 1.0) * sig * (1.0 + alpha * g * (1.0 - sig)), 0.0)
+        d_up = tl.where(mask, d_up, 0.0)
+        d_gate = tl.where(mask, d_gate, 0.0)
+        db_gate += tl.sum(d_gate, axis=0)
+        db_up += tl.sum(d_up, axis=0)
+        d_h = tl.reshape(tl.join(d_gate, d_up), [BLOCK_M, 2 * BLOCK_N])
+        tl.store(d_h_ptr + rows64[:, None] * stride_dh_m + cols2[None, :], d_h.to(d_h_ptr.dtype.element_ty),
+                 mask=mask2)
+    db = tl.reshape(tl.join(db_gate, db_up), [2 * BLOCK_N])
+    tl.store(db1_ptr + e.to(tl.int64) * stride_db1_e + cols2, db.to(db1_ptr.dtype.element_ty), mask=col_mask2)
+
+
+@triton.jit
+def _down_bias_bwd_tile(
+    g_ptr, b2_ptr, weights_ptr, sorted_slots_ptr, dsp_ptr, db2_ptr,
+    e, row_start, row_end, n_block, dsp_row, num_rows, hidden, topk,
+    stride_g_t, stride_b2_e, stride_db2_e,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Columns [n, n+BLOCK_N) of H over every row of expert e: db2[e] = Σ w·dY[t] and the
+    ⟨dY[t], b2[e]⟩ part of the routing-weight gradient."""
+    cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < hidden
+    b = tl.load(b2_ptr + e.to(tl.int64) * stride_b2_e + cols, mask=col_mask, other=0.0).to(tl.float32)
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
+        w = tl.load(weights_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
+        tokens = (slots // topk).to(tl.int64)
+        mask = row_mask[:, None] & col_mask[None, :]
+        g = tl.load(g_ptr + tokens[:, None] * stride_g_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        db += tl.sum(g * w[:, None], axis=0)
+        tl.store(dsp_ptr + dsp_row.to(tl.int64) * num_rows + slots, tl.sum(g * b[None, :], axis=1), mask=row_mask)
+    tl.store(db2_ptr + e.to(tl.int64) * stride_db2_e + cols, db.to(db2_ptr.dtype.element_ty), mask=col_mask)
+
+
+@triton.jit
+def gptoss_bwd_kernel(
+    # Pointers --------------------------------------------------------------------------------
+    d_act_ptr,  # (M, I) expert order: dY[slot // k]·W2[e]ᵀ, the unweighted gradient of A
+    h_ptr,  # (M, 2I) expert order: the forward's X·W1[e] without bias, interleaved
+    b1_ptr,  # (E, 2I)
+    g_ptr,  # (T, H): dY, the gradient of the block's output
+    b2_ptr,  # (E, H)
+    weights_ptr,  # (M,) routing weight of each token slot
+    sorted_slots_ptr,  # (M,) int32
+    expert_offsets_ptr,  # (E + 1,) int32
+    d_h_ptr,  # (M, 2I) expert order: dH, interleaved (the up dx and dW operand)
+    weighted_act_ptr,  # (M, I) expert order: w·A (the down dW operand)
+    dsp_ptr,  # (⌈I/BLOCK_N⌉ + ⌈H/BLOCK_N⌉, M) float32: routing-weight gradient partials
+    db1_ptr,  # (E, 2I)
+    db2_ptr,  # (E, H)
+    # Sizes -------------------------------------------------------------------------------------
+    num_rows,  # M
+    inter,  # I
+    hidden,  # H
+    topk,  # k
+    limit,
+    alpha,
+    # Strides -----------------------------------------------------------------------------------
+    stride_da_m, stride_h_m, stride_b1_e, stride_g_t, stride_b2_e, stride_dh_m, stride_wa_m,
+    stride_db1_e, stride_db2_e,
+    # Meta-parameters ---------------------------------------------------------------------------
+    I_BLOCKS: tl.constexpr,  # ⌈I / BLOCK_N⌉: programs along dim 0 below it do the activation
+    BLOCK_M: tl.constexpr,  # rows per step of a program's loop over its expert
+    BLOCK_N: tl.constexpr,
+):
+    """Grid: (I_BLOCKS + ⌈H / BLOCK_N⌉ (or just I_BLOCKS when neither db2 nor the routing-weight
+    gradient is wanted), E). Each program owns one expert and one column block and walks the
+    expert's rows, so both bias gradients are plain register sums per expert: deterministic, no
+    atomics, and an empty expert stores zeros. Programs below I_BLOCKS run the activation's
+    backward; the rest the down bias's. One launch for both keeps a launch's host time off the
+    block (the eager step at a few thousand tokens is host-bound)."""
+    pid_n = tl.program_id(0)
+    e = tl.program_id(1)
+    row_start = tl.load(expert_offsets_ptr + e)
+    row_end = tl.load(expert_offsets_ptr + e + 1)
+    if pid_n < I_BLOCKS:
+        _act_bwd_tile(d_act_ptr, h_ptr, b1_ptr, weights_ptr, sorted_slots_ptr, d_h_ptr, weighted_act_ptr, dsp_ptr,
+                      db1_ptr, e, row_start, row_end, pid_n, num_rows, inter, limit, alpha,
+                      stride_da_m, stride_h_m, stride_b1_e, stride_dh_m, stride_wa_m, stride_db1_e,
+                      BLOCK_M, BLOCK_N)
+    else:
+        _down_bias_bwd_tile(g_ptr, b2_ptr, weights_ptr, sorted_slots_ptr, dsp_ptr, db2_ptr,
+                            e, row_start, row_end, pid_n - I_BLOCKS, pid_n, num_rows, hidden, topk,
+                            stride_g_t, stride_b2_e, stride_db2_e, BLOCK_M, BLOCK_N)

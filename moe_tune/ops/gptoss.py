@@ -1,0 +1,469 @@
+"""``gptoss_experts``: the gpt-oss experts block (transformers ``GptOssExperts``), forward and
+backward, on moe-tune's grouped-GEMM kernels plus three kernels of its own
+(``moe_tune.kernels.gptoss``).
+
+The layout, as transformers stores it: ``gate_up_w [E, H, 2I]`` and ``down_w [E, I, H]`` (y = x·W,
+``is_transposed=True``), biases ``gate_up_b [E, 2I]`` and ``down_b [E, H]``, gate/up interleaved
+along 2I, the clamped SwiGLU of ``moe_tune.kernels.gptoss``. The grouped-GEMM kernels read those
+weights as stored, through their ``trans_w`` stride swap: no transposed copies.
+
+Data flow, with T tokens, k slots per token, M = T·k routed rows, w the routing weights:
+
+forward
+    routing     = build_routing(top_k_index)            expert_offsets [E+1], sorted_slots [M]
+    H [M, 2I]   = X[slot // k]·W1[e]                    up GEMM, trans_w on W1 as stored; with
+                                                        ``sort_x`` it also writes X_s [M, H], the
+                                                        gathered rows in expert order. H is kept
+                                                        without its bias (the kernels add b1)
+    A [M, I]    = act(H + b1[e])                        activation kernel
+    Y [M, H]    = w[slot] · A·W2[e]                     down GEMM, trans_w, scattered to slot order
+    out[t]      = Σ_j (Y[t·k+j] + w[t,j]·b2[e])         combine kernel (the k-slot sum + the bias)
+
+backward (G = d out [T, H])
+    dA_raw      = G[slot // k]·W2[e]ᵀ                   down dx (expert order); G_s [M, H] = G's
+                                                        gathered rows, when dW2 is wanted
+    dH, w·A, dS, db1, db2                               one kernel (``gptoss_bwd_kernel``): per
+                                                        expert and column block, dH of dA = w·dA_raw
+                                                        (zero where clamped), w·A, the routing-weight
+                                                        gradient dS = ⟨dA_raw, A⟩ + ⟨G, b2[e]⟩ in
+                                                        float32 partials, db1[e] = Σ dH rows,
+                                                        db2[e] = Σ w·G rows
+    dW2[e]      = (w·A)_eᵀ · G_s,e                      grouped_mm_dw, operands in expert order
+    dX          = Σ_j (dH·W1[e]ᵀ)[t·k + j]              up dx, scattered to slot order, summed
+    dW1[e]      = X_s,eᵀ · dH_e                         grouped_mm_dw (X's rows gathered without X_s)
+
+Two paths reach these bodies, as for the Qwen-layout block (``moe_tune.ops.moe_experts``): an
+eager ``torch.autograd.Function`` that launches kernels directly, and, under torch.compile, the
+``moe_tune::gptoss_experts_fwd`` / ``_bwd`` ops (``register_autograd``), so ``fullgraph=True``
+holds. Every GEMM config comes from the runtime loader for the six problems of
+``MoeShape(layout="gpt_oss").problems()``; nothing reads device memory on the host.
+
+No ``from __future__ import annotations``: torch.library infers the ops' schemas from the
+annotations' runtime values.
+"""
+
+import functools
+
+import torch
+import triton
+
+from moe_tune import runtime
+from moe_tune.device import DeviceInfo, query_device
+from moe_tune.errors import InvalidInputError
+from moe_tune.kernels.gptoss import gptoss_act_fwd_kernel, gptoss_bwd_kernel, gptoss_combine_kernel
+from moe_tune.kernels.grouped_mm import grouped_mm_dw_kernel, grouped_mm_kernel
+from moe_tune.ops import launch
+from moe_tune.ops.block import size_hint
+from moe_tune.ops.grouped_gemm import DTYPE_NAMES
+from moe_tune.ops.routing import Routing, build_routing
+from moe_tune.problem import KernelConfig, MoeShape, Problem
+from moe_tune.space import check_config
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# Tiles of the three elementwise kernels. Not tuned: each streams its rows once, and 64 columns of
+# I are 128 interleaved gate/up columns, 256 bytes of bf16 per row per load.
+ACT_BLOCK_M, ACT_BLOCK_N = 32, 64
+COMBINE_BLOCK_T, COMBINE_BLOCK_N = 16, 128
+BWD_BLOCK_M, BWD_BLOCK_N = 32, 64
+ELEMENTWISE_WARPS = 4
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    """Every buffer a body writes through a kernel comes from here (the tests poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _kernel(kernel, traced: bool, *outputs: torch.Tensor):
+    return launch.traceable(kernel, *outputs) if traced else kernel
+
+
+def problem_dims(gate_up_w: torch.Tensor, topk) -> tuple[int, int, int, int]:
+    """(E, H, I, k) from ``gate_up_w [E, H, 2I]``, as ints (they name the tuning problems)."""
+    E, H, two_i = (int(d) for d in gate_up_w.shape)
+    return E, H, two_i // 2, int(topk)
+
+
+# -------------------------------------------------------------------------------------------------
+# Configs
+# -------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=256)
+def _problems(E: int, H: int, I: int, topk: int, dtype: str) -> dict[tuple[str, str], Problem]:
+    return {(p.gemm, p.pass_): p for p in MoeShape(E, H, I, topk, layout="gpt_oss").problems(dtype)}
+
+
+_checked: set[tuple[Problem, KernelConfig, DeviceInfo]] = set()
+
+
+def _config(problem: Problem, num_tokens: int, info: DeviceInfo) -> KernelConfig:
+    config = runtime.get_config(problem, num_tokens, device=info)
+    key = (problem, config, info)
+    if key not in _checked:
+        check_config(problem, config, info)
+        _checked.add(key)
+    return config
+
+
+def block_configs(E: int, H: int, I: int, topk: int, dtype: torch.dtype, num_tokens: int,
+                  info: DeviceInfo) -> dict[tuple[str, str], KernelConfig]:
+    """``{(gemm, pass): KernelConfig}`` for the block's six problems, from the runtime loader."""
+    problems = _problems(E, H, I, topk, DTYPE_NAMES[dtype])
+    return {key: _config(problem, num_tokens, info) for key, problem in problems.items()}
+
+
+def _plain_dw_config(E, H, I, topk, dtype, num_tokens, info) -> KernelConfig:
+    """Config of the up dW gathering X itself (the rare path where X_s was not kept)."""
+    problem = _problems(E, H, I, topk, DTYPE_NAMES[dtype])["up", "dw"]
+    return _config(problem.with_pass("dw"), num_tokens, info)
+
+
+def dsp_rows(I: int, H: int, with_down_bias: bool) -> tuple[int, int]:
+    """(column blocks of I, column blocks of H) of the backward kernel's grid: the rows of its
+    routing-weight-gradient partials. The H part runs only when db2 or dS is wanted."""
+    return triton.cdiv(I, BWD_BLOCK_N), triton.cdiv(H, BWD_BLOCK_N) if with_down_bias else 0
+
+
+# -------------------------------------------------------------------------------------------------
+# Forward
+# -------------------------------------------------------------------------------------------------
+
+
+def forward(hidden: torch.Tensor, gate_up_w: torch.Tensor, gate_up_b: torch.Tensor, down_w: torch.Tensor,
+            down_b: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *, limit: float,
+            alpha: float, sort_x: bool, traced: bool):
+    """Returns (out [T, H], H [M, 2I] without bias, X_s [M, H] (empty without ``sort_x``),
+    expert_offsets, sorted_slots); all but ``out`` are what the backward needs."""
+    E, H, I, k = problem_dims(gate_up_w, top_k_index.shape[1])
+    T = hidden.shape[0]
+    M = T * k
+    device, dtype = hidden.device, hidden.dtype
+    info = query_device(device)
+    cfg = block_configs(E, H, I, k, dtype, size_hint(T), info)
+    routing = build_routing(top_k_index, E)
+    flat_index = top_k_index.reshape(M)
+
+    # -- Up GEMM on W1 as stored ([E, H, 2I]: trans_w), gathered token rows in, H out in expert order
+    h = _alloc((M, 2 * I), dtype, device)
+    x_sorted = _alloc((M, H), dtype, device) if sort_x else hidden.new_empty(0)
+    launch.grouped_mm(hidden, gate_up_w, h, routing, None, trans_w=True, gather_a=True, gather_div=k,
+                      scatter_c=False, cfg=cfg["up", "forward"], info=info,
+                      sorted_a=x_sorted if sort_x else None, traced=traced)
+
+    # -- Bias + interleaved clamped SwiGLU ------------------------------------------------------
+    act = _alloc((M, I), dtype, device)
+    _kernel(gptoss_act_fwd_kernel, traced, act)[(triton.cdiv(M, ACT_BLOCK_M), triton.cdiv(I, ACT_BLOCK_N))](
+        h, gate_up_b, act, routing.sorted_slots, flat_index,
+        M, I, limit, alpha,
+        h.stride(0), gate_up_b.stride(0), act.stride(0),
+        BLOCK_M=ACT_BLOCK_M, BLOCK_N=ACT_BLOCK_N, num_warps=ELEMENTWISE_WARPS,
+    )
+
+    # -- Down GEMM on W2 as stored ([E, I, H]: trans_w), routing weight in the epilogue, slot order
+    weights = top_k_weights.reshape(M)
+    down_out = _alloc((M, H), dtype, device)
+    launch.grouped_mm(act, down_w, down_out, routing, weights, trans_w=True, gather_a=False, gather_div=1,
+                      scatter_c=True, cfg=cfg["down", "forward"], info=info, traced=traced)
+
+    # -- k-slot sum + routing-weighted down bias ---------------------------------------------------
+    out = _alloc((T, H), dtype, device)
+    _kernel(gptoss_combine_kernel, traced, out)[(triton.cdiv(T, COMBINE_BLOCK_T), triton.cdiv(H, COMBINE_BLOCK_N))](
+        down_out, down_b, weights, flat_index, out,
+        T, H, k,
+        down_out.stride(0), down_b.stride(0), out.stride(0),
+        BLOCK_T=COMBINE_BLOCK_T, BLOCK_N=COMBINE_BLOCK_N, num_warps=ELEMENTWISE_WARPS,
+    )
+    return out, h, x_sorted, routing.expert_offsets, routing.sorted_slots
+
+
+# -------------------------------------------------------------------------------------------------
+# Backward
+# -------------------------------------------------------------------------------------------------
+
+
+def backward(grad_out: torch.Tensor, hidden: torch.Tensor, x_sorted: torch.Tensor, gate_up_w: torch.Tensor,
+             gate_up_b: torch.Tensor, down_w: torch.Tensor, down_b: torch.Tensor, top_k_index: torch.Tensor,
+             top_k_weights: torch.Tensor, h: torch.Tensor, expert_offsets: torch.Tensor, sorted_slots: torch.Tensor,
+             *, limit: float, alpha: float, need_hidden: bool, need_gate_up: bool, need_down: bool,
+             need_down_b: bool, need_weights: bool, traced: bool):
+    """Returns (d hidden [T, H], d gate_up_w, d gate_up_b, d down_w, d down_b, d top_k_weights
+    [T, k]); a gradient not asked for comes back as an empty tensor (op outputs may not alias).
+    d gate_up_b is always computed: it is a register sum inside the pass that writes dH."""
+    E, H, I, k = problem_dims(gate_up_w, top_k_weights.shape[1])
+    T = grad_out.shape[0]
+    M = T * k
+    device, dtype = grad_out.device, gate_up_w.dtype
+    info = query_device(device)
+    num_tokens = size_hint(T)
+    cfg = block_configs(E, H, I, k, dtype, num_tokens, info)
+    routing = Routing(expert_offsets, sorted_slots, T, k)
+    grad_out = grad_out.contiguous()
+    weights = top_k_weights.reshape(M)
+
+    # -- Down dx: dA_raw = G·W2[e]ᵀ (W2 as stored is [I, H] per expert: no trans_w) --------------
+    d_act = _alloc((M, I), dtype, device)
+    g_sorted = _alloc((M, H), dtype, device) if need_down else None
+    launch.grouped_mm(grad_out, down_w, d_act, routing, None, trans_w=False, gather_a=True, gather_div=k,
+                      scatter_c=False, cfg=cfg["down", "dx"], info=info, sorted_a=g_sorted, traced=traced)
+
+    # -- Activation backward, both bias gradients, routing-weight gradient: one launch ------------
+    with_down_bias = need_down_b or need_weights
+    i_blocks, h_blocks = dsp_rows(I, H, with_down_bias)
+    d_h = _alloc((M, 2 * I), dtype, device)
+    weighted_act = _alloc((M, I), dtype, device)
+    dsp = _alloc((i_blocks + h_blocks, M), torch.float32, device)
+    d_gate_up_b = _alloc((E, 2 * I), gate_up_b.dtype, device)
+    d_down_b = _alloc((E, H), down_b.dtype, device) if with_down_bias else grad_out.new_empty(0)
+    db2_arg = d_down_b if with_down_bias else d_gate_up_b  # never written when h_blocks == 0
+    _kernel(gptoss_bwd_kernel, traced, d_h, weighted_act, dsp, d_gate_up_b, d_down_b)[(i_blocks + h_blocks, E)](
+        d_act, h, gate_up_b, grad_out, down_b, weights, sorted_slots, expert_offsets,
+        d_h, weighted_act, dsp, d_gate_up_b, db2_arg,
+        M, I, H, k, limit, alpha,
+        d_act.stride(0), h.stride(0), gate_up_b.stride(0), grad_out.stride(0), down_b.stride(0), d_h.stride(0),
+        weighted_act.stride(0), d_gate_up_b.stride(0), db2_arg.stride(0),
+        I_BLOCKS=i_blocks, BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, num_warps=ELEMENTWISE_WARPS,
+    )
+    d_weights = grad_out.new_empty(0)
+    if need_weights:
+        d_weights = dsp.sum(0).view(T, k).to(top_k_weights.dtype)
+    del d_act, dsp
+
+    # -- Down dW: dW2[e] [I, H] = (w·A)_eᵀ · G_s,e --------------------------------------------------
+    d_down = grad_out.new_empty(0)
+    if need_down:
+        d_down = _alloc(tuple(down_w.shape), dtype, device)
+        launch.grouped_mm_dw(weighted_act, g_sorted, d_down, routing, None, gather_dy=False, dy_div=1,
+                             gather_x=False, x_div=1, cfg=cfg["down", "dw"], info=info, traced=traced)
+    # Frees M·(H + I) before the up dx allocates its [M, H] slot rows.
+    del g_sorted, weighted_act
+
+    # -- Up dx: dH·W1[e]ᵀ (W1 as stored is [H, 2I]: no trans_w), slot order, k slots summed -------
+    d_hidden = grad_out.new_empty(0)
+    if need_hidden:
+        d_rows = _alloc((M, H), dtype, device)
+        launch.grouped_mm(d_h, gate_up_w, d_rows, routing, None, trans_w=False, gather_a=False, gather_div=1,
+                          scatter_c=True, cfg=cfg["up", "dx"], info=info, traced=traced)
+        d_hidden = d_rows.view(T, k, H).sum(1)
+        del d_rows
+
+    # -- Up dW: dW1[e] [H, 2I] = X_s,eᵀ · dH_e (X's rows gathered when X_s was not kept) -----------
+    d_gate_up = grad_out.new_empty(0)
+    if need_gate_up:
+        d_gate_up = _alloc(tuple(gate_up_w.shape), dtype, device)
+        if x_sorted.dim() == 2:
+            launch.grouped_mm_dw(x_sorted, d_h, d_gate_up, routing, None, gather_dy=False, dy_div=1,
+                                 gather_x=False, x_div=1, cfg=cfg["up", "dw"], info=info, traced=traced)
+        else:
+            dw_cfg = _plain_dw_config(E, H, I, k, dtype, num_tokens, info)
+            launch.grouped_mm_dw(hidden, d_h, d_gate_up, routing, None, gather_dy=True, dy_div=k, gather_x=False,
+                                 x_div=1, cfg=dw_cfg, info=info, traced=traced)
+    return d_hidden, d_gate_up, d_gate_up_b, d_down, d_down_b, d_weights
+
+
+# -------------------------------------------------------------------------------------------------
+# torch.library ops (the torch.compile path)
+# -------------------------------------------------------------------------------------------------
+
+_KERNELS = (grouped_mm_kernel, grouped_mm_dw_kernel, gptoss_act_fwd_kernel, gptoss_combine_kernel,
+            gptoss_bwd_kernel)
+
+
+def _gptoss_experts_fwd(
+    hidden: torch.Tensor,
+    gate_up_w: torch.Tensor,
+    gate_up_b: torch.Tensor,
+    down_w: torch.Tensor,
+    down_b: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    limit: float,
+    alpha: float,
+    sort_x: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out [T, H], H [M, 2I], X_s [M, H] or empty, expert_offsets [E+1], sorted_slots [M])."""
+    return forward(hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, limit=limit,
+                   alpha=alpha, sort_x=sort_x, traced=True)
+
+
+gptoss_experts_fwd = launch.register_op("moe_tune::gptoss_experts_fwd", _gptoss_experts_fwd, _KERNELS)
+
+
+def _gptoss_experts_bwd(
+    grad_out: torch.Tensor,
+    hidden: torch.Tensor,
+    x_sorted: torch.Tensor,
+    gate_up_w: torch.Tensor,
+    gate_up_b: torch.Tensor,
+    down_w: torch.Tensor,
+    down_b: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_out: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    limit: float,
+    alpha: float,
+    need_hidden: bool,
+    need_gate_up: bool,
+    need_down: bool,
+    need_down_b: bool,
+    need_weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (d hidden, d gate_up_w, d gate_up_b, d down_w, d down_b, d top_k_weights); a
+    gradient not asked for comes back as an empty tensor."""
+    return backward(grad_out, hidden, x_sorted, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights,
+                    gate_up_out, expert_offsets, sorted_slots, limit=limit, alpha=alpha, need_hidden=need_hidden,
+                    need_gate_up=need_gate_up, need_down=need_down, need_down_b=need_down_b,
+                    need_weights=need_weights, traced=True)
+
+
+gptoss_experts_bwd = launch.register_op("moe_tune::gptoss_experts_bwd", _gptoss_experts_bwd, _KERNELS)
+
+# needs_input_grad positions of the forward op's and the eager Function's inputs
+_HIDDEN, _GATE_UP, _GATE_UP_B, _DOWN, _DOWN_B, _WEIGHTS = 0, 1, 2, 3, 4, 6
+
+
+def _needs(needs_input_grad) -> dict[str, bool]:
+    return dict(need_hidden=needs_input_grad[_HIDDEN], need_gate_up=needs_input_grad[_GATE_UP],
+                need_down=needs_input_grad[_DOWN], need_down_b=needs_input_grad[_DOWN_B],
+                need_weights=needs_input_grad[_WEIGHTS])
+
+
+def _input_grads(needs_input_grad, grads) -> tuple:
+    """The backward's six gradients placed at their inputs' positions, None where not wanted."""
+    out = [None] * len(needs_input_grad)
+    for position, grad in zip((_HIDDEN, _GATE_UP, _GATE_UP_B, _DOWN, _DOWN_B, _WEIGHTS), grads):
+        if needs_input_grad[position]:
+            out[position] = grad
+    return tuple(out)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, limit, alpha, sort_x = inputs
+    _out, gate_up_out, x_sorted, expert_offsets, sorted_slots = output
+    ctx.mark_non_differentiable(gate_up_out, x_sorted, expert_offsets, sorted_slots)
+    # With X_s kept, X itself is not needed: save an empty stand-in instead of pinning it.
+    kept_hidden = hidden.new_empty(0) if sort_x else hidden
+    ctx.save_for_backward(kept_hidden, x_sorted, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights,
+                          gate_up_out, expert_offsets, sorted_slots)
+    ctx.limit, ctx.alpha = limit, alpha
+
+
+def _op_backward(ctx, grad_out, _grad_gate_up_out, _grad_x_sorted, _grad_offsets, _grad_slots):
+    needs = _needs(ctx.needs_input_grad)
+    grads = gptoss_experts_bwd(grad_out, *ctx.saved_tensors, ctx.limit, ctx.alpha, *needs.values())
+    return _input_grads(ctx.needs_input_grad, grads)
+
+
+gptoss_experts_fwd.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+# -------------------------------------------------------------------------------------------------
+# Eager path and the public function
+# -------------------------------------------------------------------------------------------------
+
+
+class _EagerBlock(torch.autograd.Function):
+    """The block outside torch.compile: the bodies run as plain Python, kernels launched directly."""
+
+    @staticmethod
+    def forward(ctx, hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, limit, alpha, sort_x):
+        out, h, x_sorted, offsets, slots = forward(hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index,
+                                                   top_k_weights, limit=limit, alpha=alpha, sort_x=sort_x,
+                                                   traced=False)
+        ctx.save_for_backward(None if sort_x else hidden, x_sorted, gate_up_w, gate_up_b, down_w, down_b,
+                              top_k_index, top_k_weights, h, offsets, slots)
+        ctx.limit, ctx.alpha = limit, alpha
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = backward(grad_out, *ctx.saved_tensors, limit=ctx.limit, alpha=ctx.alpha,
+                         **_needs(ctx.needs_input_grad), traced=False)
+        return _input_grads(ctx.needs_input_grad, grads)
+
+
+def _fail(message: str) -> None:
+    raise InvalidInputError(message)
+
+
+def _check(hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, limit, alpha) -> None:
+    named = (("hidden", hidden), ("gate_up_w", gate_up_w), ("gate_up_b", gate_up_b), ("down_w", down_w),
+             ("down_b", down_b), ("top_k_index", top_k_index), ("top_k_weights", top_k_weights))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, value in (("limit", limit), ("alpha", alpha)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(f"{name} must be a number, got {value!r}")
+    if not limit > 0:
+        _fail(f"limit must be positive, got {limit}")
+    if hidden.dim() != 2:
+        _fail(f"hidden must be [T, H], got shape {list(hidden.shape)}")
+    T, H = hidden.shape
+    if gate_up_w.dim() != 3 or gate_up_w.shape[1] != H or gate_up_w.shape[2] % 2:
+        _fail(f"gate_up_w must be [E, H, 2I] with H={H}, got {list(gate_up_w.shape)}")
+    E, _, two_i = gate_up_w.shape
+    I = two_i // 2
+    if tuple(down_w.shape) != (E, I, H):
+        _fail(f"down_w must be [E, I, H] = {[E, I, H]}, got {list(down_w.shape)}")
+    if tuple(gate_up_b.shape) != (E, two_i):
+        _fail(f"gate_up_b must be [E, 2I] = {[E, two_i]}, got {list(gate_up_b.shape)}")
+    if tuple(down_b.shape) != (E, H):
+        _fail(f"down_b must be [E, H] = {[E, H]}, got {list(down_b.shape)}")
+    if top_k_index.dim() != 2 or top_k_index.shape[0] != T:
+        _fail(f"top_k_index must be [T, k] with T={T}, got shape {list(top_k_index.shape)}")
+    if top_k_index.dtype not in (torch.int32, torch.int64):
+        _fail(f"top_k_index must be int32 or int64, got {top_k_index.dtype}")
+    k = top_k_index.shape[1]
+    if not 1 <= k <= E:
+        _fail(f"top-k must be between 1 and the number of experts ({E}), got {k}")
+    if tuple(top_k_weights.shape) != (T, k):
+        _fail(f"top_k_weights must be [T, k] = {[T, k]}, got {list(top_k_weights.shape)}")
+    for name, t in named:
+        if name != "top_k_index" and t.dtype not in _FLOAT_DTYPES:
+            _fail(f"{name} must be bfloat16, float16 or float32, got {t.dtype}")
+    if gate_up_w.dtype != hidden.dtype or down_w.dtype != hidden.dtype:
+        _fail(f"hidden, gate_up_w and down_w must share a dtype, got {hidden.dtype}, {gate_up_w.dtype}, "
+              f"{down_w.dtype} (cast the activations to the weights' dtype first)")
+    for name, t in named[1:]:
+        if t.device != hidden.device:
+            _fail(f"{name} is on {t.device} but hidden is on {hidden.device}")
+
+
+def gptoss_experts(
+    hidden: torch.Tensor,
+    gate_up_w: torch.Tensor,
+    gate_up_b: torch.Tensor,
+    down_w: torch.Tensor,
+    down_b: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    *,
+    limit: float,
+    alpha: float,
+) -> torch.Tensor:
+    """transformers' ``GptOssExperts`` forward: ``out[t] = Σ_j w[t,j]·(act(x_t·W1[e] + b1[e])·W2[e] + b2[e])``,
+    ``e = top_k_index[t, j]``, ``act`` the interleaved clamped SwiGLU.
+
+    Args:
+        hidden: ``[T, H]`` token activations.
+        gate_up_w: ``[E, H, 2I]`` (stored ``[K, N]``); column 2j is gate j, column 2j+1 up j.
+        gate_up_b: ``[E, 2I]``, interleaved like ``gate_up_w``'s columns.
+        down_w: ``[E, I, H]``.
+        down_b: ``[E, H]``; added before the routing weight multiplies, as transformers does.
+        top_k_index: ``[T, k]`` expert ids (int32 or int64), each in ``[0, E)``.
+        top_k_weights: ``[T, k]`` routing weights.
+        limit, alpha: the module's ``limit`` and ``alpha`` (config ``swiglu_limit``, ``swiglu_alpha``).
+
+    Returns ``[T, H]`` in ``hidden``'s dtype. Gradients flow to ``hidden``, both weights, both
+    biases and ``top_k_weights``; the activation passes none where a value was clamped.
+    """
+    _check(hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, limit, alpha)
+    args = tuple(t.contiguous() for t in (hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights))
+    # Keep the expert-ordered rows of X for dW1 only when that gradient will be taken.
+    sort_x = torch.is_grad_enabled() and gate_up_w.requires_grad
+    if torch.compiler.is_compiling():
+        return gptoss_experts_fwd(*args, float(limit), float(alpha), sort_x)[0]
+    return _EagerBlock.apply(*args, float(limit), float(alpha), sort_x)
