@@ -253,3 +253,36 @@ class MoeShape:
         fusions = {("up", "forward"): "sort", ("down", "dx"): "sort", ("up", "dw"): "sorted", ("down", "dw"): "sorted"}
         return [dataclasses.replace(g.with_pass(p), fusion=fusions.get((name, p), "none"))
                 for name, g in (("up", up), ("down", down)) for p in PASSES]
+
+    def lora_problems(self, rank: int, dtype: str = "bfloat16") -> dict[str, Problem]:
+        """The grouped GEMMs the experts block launches with LoRA of rank ``rank`` on its weights
+        (``moe_tune.ops.lora_block``), keyed ``"<matrix>.<pass>"``: ``up`` and ``down`` are the
+        frozen base weights, ``up_a``/``down_a`` the LoRA factors A ``[E, r, K]`` (N = r) and
+        ``up_b``/``down_b`` the factors B ``[E, N, r]`` (K = r). Each is a plain problem whose
+        flags describe the launch exactly, so the sweep tunes and the cache stores it like any
+        other. The base up forward and down dx run without their fused epilogues (the LoRA terms
+        join H and dA before SwiGLU and its backward), and no base dW runs at all."""
+        r = _as_pos_int(rank, "rank")
+        E, H, I, k = self.E, self.H, self.I, self.topk
+
+        def problem(pass_: str, n: int, kk: int, **flags: bool) -> Problem:
+            return Problem(pass_, E, n, kk, k, dtype, **flags)
+
+        return {
+            "up.forward": problem("forward", 2 * I, H, gather=True),
+            "up.dx": problem("dx", 2 * I, H, gather=True),
+            "down.forward": problem("forward", H, I, scatter=True, weighted=True),
+            "down.dx": problem("dx", H, I, scatter=True),  # unweighted: dA_raw feeds the weight gradient
+            "up_a.forward": problem("forward", r, H, gather=True),  # L1 = X·A1ᵀ
+            "up_a.dx": problem("dx", r, H, gather=True),  # dL1·A1, scattered to slot order
+            "up_a.dw": problem("dw", r, H, gather=True),  # dL1ᵀ·X
+            "up_b.forward": problem("forward", 2 * I, r),  # ΔH = L1·B1ᵀ
+            "up_b.dx": problem("dx", 2 * I, r),  # dL1 = dH·B1
+            "up_b.dw": problem("dw", 2 * I, r),  # dHᵀ·L1
+            "down_a.forward": problem("forward", r, I),  # L2 = A·A2ᵀ
+            "down_a.dx": problem("dx", r, I, weighted=True),  # w·(P·A2), P = G·B2
+            "down_a.dw": problem("dw", r, I),  # Pᵀ·(w·A)
+            "down_b.forward": problem("forward", H, r, scatter=True, weighted=True),  # w·L2·B2ᵀ
+            "down_b.dx": problem("dx", H, r, scatter=True),  # P = G·B2, unweighted
+            "down_b.dw": problem("dw", H, r, scatter=True, weighted=True),  # (w·G)ᵀ·L2
+        }

@@ -16,6 +16,7 @@ import torch
 
 from moe_tune.errors import InvalidInputError
 from moe_tune.ops import block, custom_ops
+from moe_tune.ops.lora import MoeLora, moe_experts_lora
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -76,6 +77,7 @@ def moe_experts(
     top_k_weights: torch.Tensor,
     *,
     activation: str = "silu",
+    lora: MoeLora | None = None,
 ) -> torch.Tensor:
     """``out[t] = Σ_j top_k_weights[t, j] · down_e(silu(gate_e(x_t)) · up_e(x_t))``, e = top_k_index[t, j].
 
@@ -87,6 +89,9 @@ def moe_experts(
         top_k_index: ``[T, k]`` expert ids (int32 or int64), each in ``[0, E)``.
         top_k_weights: ``[T, k]`` routing weights; differentiable.
         activation: ``"silu"`` (SwiGLU), the only one supported so far.
+        lora: LoRA factors on the frozen weights (``moe_tune.ops.lora``): the block adds
+            ``scaling·(x·Aᵀ)·Bᵀ`` per expert without building W + ΔW; gradients flow to the
+            factors, ``hidden`` and ``top_k_weights``, none to the weights.
 
     Returns ``[T, H]`` in ``hidden``'s dtype. Gradients flow to ``hidden``, both weights and
     ``top_k_weights``. Every GEMM takes its config from the runtime loader (``moe_tune.runtime``).
@@ -94,6 +99,8 @@ def moe_experts(
     _check(hidden, gate_up_w, down_w, top_k_index, top_k_weights, activation)
     args = (hidden.contiguous(), gate_up_w.contiguous(), down_w.contiguous(), top_k_index.contiguous(),
             top_k_weights.contiguous())
+    if lora is not None:
+        return moe_experts_lora(*args, lora)
     # Keep the expert-ordered rows of X for dW1 only when that gradient will be taken.
     sort_x = torch.is_grad_enabled() and gate_up_w.requires_grad
     if torch.compiler.is_compiling():

@@ -1,0 +1,281 @@
+"""The experts block with LoRA on its frozen weights: forward and backward bodies, shared by the
+eager autograd path (``moe_tune.ops.lora``) and the torch.library ops torch.compile traces
+(``moe_tune.ops.lora_ops``).
+
+Per expert e and projection W[e] [N, K] with LoRA factors A[e] [r, K] and B̃[e] = s·B[e] [N, r]
+(the scaling folded into B by the caller): y = x·W[e]ᵀ + (x·A[e]ᵀ)·B̃[e]ᵀ. W is frozen: no base
+dW runs and W + ΔW never exists. Every product below is one grouped-GEMM launch whose problem is
+in ``MoeShape.lora_problems(r)`` (its key in brackets); T tokens, k slots, M = T·k routed rows in
+expert order, w the routing weights, G = d out [T, H].
+
+forward
+    H [M, 2I]   = X[slot // k]·W1ᵀ                      [up.forward], no epilogue
+    L1 [M, r]   = X[slot // k]·A1ᵀ                      [up_a.forward]   (kept for dB1)
+    H          += L1·B̃1ᵀ, A = silu(H_gate)·H_up         [up_b.forward] + swiglu_add_kernel
+    L2 [M, r]   = A·A2ᵀ                                 [down_a.forward] (kept for dB2)
+    out[t]      = Σ_j w·(A·W2ᵀ + L2·B̃2ᵀ)[t·k + j]       [down.forward], [down_b.forward]: one [M, H]
+                                                        buffer, summed over the slots after each
+backward
+    P [M, r]    = G[slot // k]·B̃2                       [down_b.dx]
+    dA_lora     = w·P·A2                                [down_a.dx]
+    dA_raw      = G[slot // k]·W2                       [down.dx], unweighted
+    dH, w·A, dw = swiglu_bwd_kernel                     dA = w·dA_raw + dA_lora;
+                                                        dw[slot] = ⟨dA_raw, A⟩ + ⟨P, L2⟩
+    dB̃2[e]      = (w·G)_eᵀ·L2_e                          [down_b.dw]
+    dA2[e]      = P_eᵀ·(w·A)_e                          [down_a.dw]
+    Q [M, r]    = dH·B̃1                                 [up_b.dx]
+    dB̃1[e]      = dH_eᵀ·L1_e                             [up_b.dw]
+    dA1[e]      = Q_eᵀ·X[slot // k]_e                   [up_a.dw]
+    dX          = Σ_j (dH·W1)[t·k + j] + Σ_j (Q·A1)[t·k + j]   [up.dx], [up_a.dx]: one [M, H] buffer
+
+A projection without LoRA runs as in ``moe_tune.ops.block``: the up forward with SwiGLU in its
+epilogue, the down dx with SwiGLU's backward and the weight gradient in its epilogue. Saved for
+the backward: X, H, L1, L2 and the routing (no X_s and no activation A: the backward recomputes
+A from H). Nothing here reads device memory on the host.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from moe_tune import runtime
+from moe_tune.device import DeviceInfo, query_device
+from moe_tune.kernels.lora import swiglu_add_kernel, swiglu_bwd_kernel
+from moe_tune.ops import launch
+from moe_tune.ops.block import block_configs, dsp_blocks, problem_dims, size_hint
+from moe_tune.ops.grouped_gemm import DTYPE_NAMES
+from moe_tune.ops.routing import Routing, build_routing
+from moe_tune.problem import KernelConfig, MoeShape, Problem
+from moe_tune.space import check_config
+
+# Elementwise tiles: 32 rows x 128 columns keeps a warp's loads 256 contiguous bytes (bf16) per row.
+_ELEMENTWISE_M = 32
+_ELEMENTWISE_N = 128
+_ELEMENTWISE_R = 16
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    """Every buffer a body writes through a kernel comes from here (the tests poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    # Op outputs may not be None or alias an input: an absent result is a fresh empty tensor.
+    return like.new_empty(0)
+
+
+# -------------------------------------------------------------------------------------------------
+# Configs
+# -------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=256)
+def _problems(E: int, H: int, I: int, topk: int, dtype: str, up_rank: int, down_rank: int) -> dict[str, Problem]:
+    """The LoRA problems of the projections that carry LoRA (rank 0: none)."""
+    shape = MoeShape(E, H, I, topk)
+    problems: dict[str, Problem] = {}
+    for prefix, rank in (("up", up_rank), ("down", down_rank)):
+        if rank:
+            problems.update({n: p for n, p in shape.lora_problems(rank, dtype).items() if n.startswith(prefix)})
+    return problems
+
+
+_checked: set[tuple[Problem, KernelConfig, DeviceInfo]] = set()
+
+
+def lora_configs(E: int, H: int, I: int, topk: int, dtype: torch.dtype, up_rank: int, down_rank: int,
+                 num_tokens: int, info: DeviceInfo) -> dict[str, KernelConfig]:
+    """``{"<matrix>.<pass>": KernelConfig}`` from the runtime loader for the problems the block
+    launches (``MoeShape.lora_problems`` keys; a projection without LoRA uses the base block's
+    fused problems, under ``moe_tune.ops.block.block_configs``' keys)."""
+    configs = {}
+    for name, problem in _problems(E, H, I, topk, DTYPE_NAMES[dtype], up_rank, down_rank).items():
+        config = runtime.get_config(problem, num_tokens, device=info)
+        key = (problem, config, info)
+        if key not in _checked:
+            check_config(problem, config, info)
+            _checked.add(key)
+        configs[name] = config
+    return configs
+
+
+# -------------------------------------------------------------------------------------------------
+# Elementwise launches
+# -------------------------------------------------------------------------------------------------
+
+
+def _kernel(kernel, traced: bool, *tensors):
+    return launch.traceable(kernel, *tensors) if traced else kernel
+
+
+def swiglu_add(h: torch.Tensor, dh: torch.Tensor, act: torch.Tensor, *, traced: bool) -> None:
+    """h += dh in place, act = silu(h_gate)·h_up; h, dh [M, 2I], act [M, I]."""
+    M, inter = act.shape
+    grid = (triton.cdiv(M, _ELEMENTWISE_M), triton.cdiv(inter, _ELEMENTWISE_N))
+    _kernel(swiglu_add_kernel, traced, h, act)[grid](
+        h, dh, act, M, inter, h.stride(0), dh.stride(0), act.stride(0),
+        BLOCK_M=_ELEMENTWISE_M, BLOCK_N=_ELEMENTWISE_N,
+    )
+
+
+def swiglu_bwd(d_act, d_act_lora, h, weights, sorted_slots, p, l2, dh, d_weights, *, traced: bool) -> None:
+    """dh [M, 2I] of dA = w·d_act + d_act_lora; d_act becomes w·A; d_weights [M] per slot."""
+    M, inter = d_act.shape
+    rank = p.shape[1]
+    _kernel(swiglu_bwd_kernel, traced, d_act, dh, d_weights)[(triton.cdiv(M, _ELEMENTWISE_M),)](
+        d_act, d_act_lora, h, dh, weights, sorted_slots, p, l2, d_weights, M, inter, rank,
+        d_act.stride(0), d_act_lora.stride(0), h.stride(0), dh.stride(0), p.stride(0), l2.stride(0),
+        BLOCK_M=_ELEMENTWISE_M, BLOCK_N=_ELEMENTWISE_N, BLOCK_R=_ELEMENTWISE_R,
+    )
+
+
+def _rank(factor_a) -> int:
+    return int(factor_a.shape[1]) if factor_a is not None else 0
+
+
+# -------------------------------------------------------------------------------------------------
+# Forward
+# -------------------------------------------------------------------------------------------------
+
+
+def forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights, up_a, up_b, down_a, down_b, *, traced: bool):
+    """``up_a`` [E, r1, H], ``up_b`` [E, 2I, r1] (scaled), ``down_a`` [E, r2, I], ``down_b``
+    [E, H, r2] (scaled), contiguous; None where a projection has no LoRA. Returns (out [T, H],
+    H [M, 2I], L1 [M, r1], L2 [M, r2], expert_offsets, sorted_slots), L1/L2 empty without LoRA."""
+    E, H, I, k = problem_dims(gate_up_w, top_k_index.shape[1])
+    T = hidden.shape[0]
+    M = T * k
+    device, dtype = hidden.device, hidden.dtype
+    info = query_device(device)
+    num_tokens = size_hint(T)
+    cfg = lora_configs(E, H, I, k, dtype, _rank(up_a), _rank(down_a), num_tokens, info)
+    routing = build_routing(top_k_index, E)
+    weights = top_k_weights.reshape(M)
+
+    # -- Up: base and LoRA parts of H summed, then SwiGLU ---------------------------------------
+    h = _alloc((M, 2 * I), dtype, device)
+    act = _alloc((M, I), dtype, device)
+    l1 = _empty(hidden)
+    if up_a is None:
+        launch.grouped_mm(hidden, gate_up_w, act, routing, None, trans_w=False, gather_a=True, gather_div=k,
+                          scatter_c=False, cfg=block_configs(E, H, I, k, dtype, num_tokens, info)["up", "forward"],
+                          info=info, epilogue="glu", h=h, traced=traced)
+    else:
+        launch.grouped_mm(hidden, gate_up_w, h, routing, None, trans_w=False, gather_a=True, gather_div=k,
+                          scatter_c=False, cfg=cfg["up.forward"], info=info, traced=traced)
+        l1 = _alloc((M, up_a.shape[1]), dtype, device)
+        launch.grouped_mm(hidden, up_a, l1, routing, None, trans_w=False, gather_a=True, gather_div=k,
+                          scatter_c=False, cfg=cfg["up_a.forward"], info=info, traced=traced)
+        h_lora = _alloc((M, 2 * I), dtype, device)
+        launch.grouped_mm(l1, up_b, h_lora, routing, None, trans_w=False, gather_a=False, gather_div=1,
+                          scatter_c=False, cfg=cfg["up_b.forward"], info=info, traced=traced)
+        swiglu_add(h, h_lora, act, traced=traced)
+        del h_lora
+
+    # -- Down: base rows, summed over the slots; LoRA rows into the same buffer, summed on top ----
+    down_cfg = cfg.get("down.forward") or block_configs(E, H, I, k, dtype, num_tokens, info)["down", "forward"]
+    rows = _alloc((M, H), dtype, device)
+    launch.grouped_mm(act, down_w, rows, routing, weights, trans_w=False, gather_a=False, gather_div=1,
+                      scatter_c=True, cfg=down_cfg, info=info, traced=traced)
+    out = rows.view(T, k, H).sum(1)
+    l2 = _empty(hidden)
+    if down_a is not None:
+        l2 = _alloc((M, down_a.shape[1]), dtype, device)
+        launch.grouped_mm(act, down_a, l2, routing, None, trans_w=False, gather_a=False, gather_div=1,
+                          scatter_c=False, cfg=cfg["down_a.forward"], info=info, traced=traced)
+        launch.grouped_mm(l2, down_b, rows, routing, weights, trans_w=False, gather_a=False, gather_div=1,
+                          scatter_c=True, cfg=cfg["down_b.forward"], info=info, traced=traced)
+        out += rows.view(T, k, H).sum(1)
+    return out, h, l1, l2, routing.expert_offsets, routing.sorted_slots
+
+
+# -------------------------------------------------------------------------------------------------
+# Backward
+# -------------------------------------------------------------------------------------------------
+
+
+def backward(grad_out, hidden, gate_up_w, down_w, top_k_weights, h, l1, l2, expert_offsets, sorted_slots,
+             up_a, up_b, down_a, down_b, *, need_hidden: bool, need_up_a: bool, need_up_b: bool,
+             need_down_a: bool, need_down_b: bool, traced: bool):
+    """Returns (d hidden [T, H], d up_a, d up_b, d down_a, d down_b, d top_k_weights [T, k]); a
+    gradient not asked for comes back as an empty tensor. ``hidden`` may be empty when up_a is
+    None (only dA1 reads it)."""
+    E, H, I, k = problem_dims(gate_up_w, top_k_weights.shape[1])
+    T = grad_out.shape[0]
+    M = T * k
+    device, dtype = grad_out.device, gate_up_w.dtype
+    info = query_device(device)
+    num_tokens = size_hint(T)
+    cfg = lora_configs(E, H, I, k, dtype, _rank(up_a), _rank(down_a), num_tokens, info)
+    routing = Routing(expert_offsets, sorted_slots, T, k)
+    grad_out = grad_out.contiguous()
+    weights = top_k_weights.reshape(M)
+    d_up_a = d_up_b = d_down_a = d_down_b = _empty(grad_out)
+
+    # -- Down: dA, SwiGLU's backward and the routing-weight gradient ------------------------------
+    d_h = _alloc((M, 2 * I), dtype, device)
+    if down_a is None:
+        dx_cfg = block_configs(E, H, I, k, dtype, num_tokens, info)["down", "dx"]
+        weighted_act = _alloc((M, I), dtype, device)
+        dsp = _alloc((dsp_blocks(I, dx_cfg), M), torch.float32, device)
+        launch.grouped_mm(grad_out, down_w, d_h, routing, weights, trans_w=True, gather_a=True, gather_div=k,
+                          scatter_c=False, cfg=dx_cfg, info=info, epilogue="glu_bwd", h=h, aux=weighted_act,
+                          dsp=dsp, traced=traced)
+        d_weights = dsp.sum(0).view(T, k).to(top_k_weights.dtype)
+        del weighted_act, dsp
+    else:
+        p = _alloc((M, down_a.shape[1]), dtype, device)
+        launch.grouped_mm(grad_out, down_b, p, routing, None, trans_w=True, gather_a=True, gather_div=k,
+                          scatter_c=False, cfg=cfg["down_b.dx"], info=info, traced=traced)
+        d_act_lora = _alloc((M, I), dtype, device)
+        launch.grouped_mm(p, down_a, d_act_lora, routing, weights, trans_w=True, gather_a=False, gather_div=1,
+                          scatter_c=False, cfg=cfg["down_a.dx"], info=info, traced=traced)
+        d_act = _alloc((M, I), dtype, device)
+        launch.grouped_mm(grad_out, down_w, d_act, routing, None, trans_w=True, gather_a=True, gather_div=k,
+                          scatter_c=False, cfg=cfg["down.dx"], info=info, traced=traced)
+        d_weights_flat = _alloc((M,), torch.float32, device)
+        swiglu_bwd(d_act, d_act_lora, h, weights, sorted_slots, p, l2, d_h, d_weights_flat, traced=traced)
+        d_weights = d_weights_flat.view(T, k).to(top_k_weights.dtype)
+        del d_act_lora
+        weighted_act = d_act  # swiglu_bwd wrote w·A over dA_raw
+        if need_down_b:
+            d_down_b = _alloc(tuple(down_b.shape), dtype, device)
+            launch.grouped_mm_dw(grad_out, l2, d_down_b, routing, weights, gather_dy=True, dy_div=k, gather_x=False,
+                                 x_div=1, cfg=cfg["down_b.dw"], info=info, traced=traced)
+        if need_down_a:
+            d_down_a = _alloc(tuple(down_a.shape), dtype, device)
+            launch.grouped_mm_dw(p, weighted_act, d_down_a, routing, None, gather_dy=False, dy_div=1, gather_x=False,
+                                 x_div=1, cfg=cfg["down_a.dw"], info=info, traced=traced)
+        del p, d_act, weighted_act
+
+    # -- Up: dL1 = dH·B̃1, the LoRA weight gradients, then dX --------------------------------------
+    q = None
+    if up_a is not None:
+        if need_hidden or need_up_a:
+            q = _alloc((M, up_a.shape[1]), dtype, device)
+            launch.grouped_mm(d_h, up_b, q, routing, None, trans_w=True, gather_a=False, gather_div=1,
+                              scatter_c=False, cfg=cfg["up_b.dx"], info=info, traced=traced)
+        if need_up_b:
+            d_up_b = _alloc(tuple(up_b.shape), dtype, device)
+            launch.grouped_mm_dw(d_h, l1, d_up_b, routing, None, gather_dy=False, dy_div=1, gather_x=False, x_div=1,
+                                 cfg=cfg["up_b.dw"], info=info, traced=traced)
+        if need_up_a:
+            d_up_a = _alloc(tuple(up_a.shape), dtype, device)
+            launch.grouped_mm_dw(q, hidden, d_up_a, routing, None, gather_dy=False, dy_div=1, gather_x=True, x_div=k,
+                                 cfg=cfg["up_a.dw"], info=info, traced=traced)
+    d_hidden = _empty(grad_out)
+    if need_hidden:
+        up_dx_cfg = cfg.get("up.dx") or block_configs(E, H, I, k, dtype, num_tokens, info)["up", "dx"]
+        rows = _alloc((M, H), dtype, device)
+        launch.grouped_mm(d_h, gate_up_w, rows, routing, None, trans_w=True, gather_a=False, gather_div=1,
+                          scatter_c=True, cfg=up_dx_cfg, info=info, traced=traced)
+        del d_h
+        d_hidden = rows.view(T, k, H).sum(1)
+        if q is not None:
+            launch.grouped_mm(q, up_a, rows, routing, None, trans_w=True, gather_a=False, gather_div=1,
+                              scatter_c=True, cfg=cfg["up_a.dx"], info=info, traced=traced)
+            d_hidden += rows.view(T, k, H).sum(1)
+    return d_hidden, d_up_a, d_up_b, d_down_a, d_down_b, d_weights
