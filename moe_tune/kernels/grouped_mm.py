@@ -40,6 +40,48 @@ def _expert_of_block(block, cum_blocks_end, blocks, e_range):
 
 
 @triton.jit
+def _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask, col_mask,
+            red, out_cols, stride_a_k, stride_w_red, stride_w_out,
+            TRANS_W: tl.constexpr, GATHER_A: tl.constexpr, GLU: tl.constexpr, STORE_A: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA_LOAD: tl.constexpr):
+    """The K loop of ``grouped_mm_kernel``: (acc, acc_up) over the whole reduction. ``acc_up`` is
+    the up half's accumulator under GLU (else ``acc`` again); STORE_A also writes each A tile to
+    ``sorted_ptrs`` (the gathered rows in expert order)."""
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, red, BLOCK_K):
+        k_mask = ks < red - k0
+        if TMA_LOAD and not GATHER_A:
+            a = a_desc.load([row0, k0])
+        else:
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+        if STORE_A:
+            tl.store(sorted_ptrs, a, mask=row_mask[:, None] & k_mask[None, :])
+            sorted_ptrs += BLOCK_K
+        if TMA_LOAD:
+            if TRANS_W:
+                b = w_desc.load([e, k0, n_block * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
+            else:
+                b = w_desc.load([e, n_block * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
+                if GLU:
+                    b_up = w_desc.load([e, out_cols + n_block * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
+        else:
+            w_mask = k_mask[:, None] & col_mask[None, :]
+            b = tl.load(w_ptrs, mask=w_mask, other=0.0)
+            if GLU:
+                b_up = tl.load(w_ptrs + out_cols * stride_w_out, mask=w_mask, other=0.0)
+        acc = tl.dot(a, b, acc)
+        if GLU:
+            acc_up = tl.dot(a, b_up, acc_up)
+        a_ptrs += BLOCK_K * stride_a_k
+        w_ptrs += BLOCK_K * stride_w_red
+    if not GLU:
+        acc_up = acc
+    return acc, acc_up
+
+
+@triton.jit
 def grouped_mm_kernel(
     # Pointers --------------------------------------------------------------------------------
     a_ptr,  # (A_ROWS, RED): X (forward) or dY (dx); token order when GATHER_A, else expert order
@@ -108,6 +150,10 @@ def grouped_mm_kernel(
     # W rows of the up half (GLU): the gate half's rows shifted by I
     w_cols = 2 * out_cols if GLU else out_cols
 
+    # Without TMA the descriptors are never read: plain pointers stand in so _reduce's
+    # signature stays one.
+    a_desc = a_ptr
+    w_desc = w_ptr
     if TMA_LOAD:
         # W as a 3-D tensor: one descriptor serves every expert (expert index is a coordinate).
         if TRANS_W:
@@ -153,9 +199,6 @@ def grouped_mm_kernel(
         cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < out_cols
         ks = tl.arange(0, BLOCK_K)
-        # The first column block copies A's rows out: once per row, never twice. A predicate on
-        # the store, not a branch, keeps the pipelined loop's body straight-line.
-        sort_rows = row_mask & (n_block == 0)
 
         # int64: E·N·K passes 2^31 on deepseek-v3 (7.5e9 elements in gate_up).
         e64 = e.to(tl.int64)
@@ -164,36 +207,21 @@ def grouped_mm_kernel(
         w_ptrs = w_ptr + e64 * stride_w_e + ks[:, None] * stride_w_red + cols[None, :] * stride_w_out
         sorted_ptrs = sorted_a_ptr + rows64[:, None] * red + ks[None, :]
 
-        # -- Reduction loop ------------------------------------------------------------------------
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if GLU:
-            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, red, BLOCK_K):
-            k_mask = ks < red - k0
-            if TMA_LOAD and not GATHER_A:
-                a = a_desc.load([row0, k0])
+        # -- Reduction loop: the first column block also copies A's rows out (once per row), in
+        # its own copy of the loop so that every other tile's loop stays free of the store ------
+        if SORT_A:
+            if n_block == 0:
+                acc, acc_up = _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask,
+                                      col_mask, red, out_cols, stride_a_k, stride_w_red, stride_w_out, TRANS_W,
+                                      GATHER_A, GLU, True, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD)
             else:
-                a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-            if SORT_A:
-                tl.store(sorted_ptrs, a, mask=sort_rows[:, None] & k_mask[None, :])
-                sorted_ptrs += BLOCK_K
-            if TMA_LOAD:
-                if TRANS_W:
-                    b = w_desc.load([e, k0, n_block * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
-                else:
-                    b = w_desc.load([e, n_block * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
-                    if GLU:
-                        b_up = w_desc.load([e, out_cols + n_block * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
-            else:
-                w_mask = k_mask[:, None] & col_mask[None, :]
-                b = tl.load(w_ptrs, mask=w_mask, other=0.0)
-                if GLU:
-                    b_up = tl.load(w_ptrs + out_cols * stride_w_out, mask=w_mask, other=0.0)
-            acc = tl.dot(a, b, acc)
-            if GLU:
-                acc_up = tl.dot(a, b_up, acc_up)
-            a_ptrs += BLOCK_K * stride_a_k
-            w_ptrs += BLOCK_K * stride_w_red
+                acc, acc_up = _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask,
+                                      col_mask, red, out_cols, stride_a_k, stride_w_red, stride_w_out, TRANS_W,
+                                      GATHER_A, GLU, False, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD)
+        else:
+            acc, acc_up = _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask, col_mask,
+                                  red, out_cols, stride_a_k, stride_w_red, stride_w_out, TRANS_W, GATHER_A, GLU,
+                                  False, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD)
 
         # -- Epilogue --------------------------------------------------------------------------------
         out_mask = row_mask[:, None] & col_mask[None, :]

@@ -80,8 +80,9 @@ def test_forward_and_gradients_match_reference(name, T, H, I, E, k, dtype):
                                       inputs["top_k_index"], grad_out)
     weight_err = (grads["top_k_weights"].double() - ref_grads["top_k_weights"]).abs() / scale.clamp_min(1e-30)
     assert weight_err.max().item() < WEIGHT_GRAD_TOLERANCES[dtype]
-    assert torch.equal(grads["gate_up_w"][E - 1], torch.zeros_like(grads["gate_up_w"][E - 1]))
-    assert torch.equal(grads["down_w"][E - 1], torch.zeros_like(grads["down_w"][E - 1]))
+    if k < E:  # make_block left the last expert without rows: its gradients are exact zeros
+        assert torch.equal(grads["gate_up_w"][E - 1], torch.zeros_like(grads["gate_up_w"][E - 1]))
+        assert torch.equal(grads["down_w"][E - 1], torch.zeros_like(grads["down_w"][E - 1]))
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
