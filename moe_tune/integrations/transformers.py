@@ -9,12 +9,15 @@ transformers v5 routes the forward of every experts module decorated with
 ``@use_experts_implementation`` through ``ExpertsInterface`` by the name in
 ``config._experts_implementation``, calling ``fn(self, hidden_states, top_k_index, top_k_weights)``.
 ``register`` adds ``experts_forward`` under a name; it reads the module's ``gate_up_proj``
-``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` and runs ``moe_tune.moe_experts``.
+``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` and runs ``moe_tune.moe_experts``, or, for
+transformers' ``GptOssExperts``, its weights, biases, ``limit`` and ``alpha`` and runs
+``moe_tune.ops.gptoss.gptoss_experts``.
 
 Supported: the Qwen3-MoE family's layout (concatenated gate|up rows, weights stored ``[N, K]``, no
-bias, SiLU, no custom gate, no expert parallelism). Any other layout raises
-``UnsupportedExpertsLayout`` naming what differs, never wrong numbers: gpt-oss (interleaved
-gate/up, biases, a clamped gate) is the known case.
+bias, SiLU, no custom gate, no expert parallelism) and gpt-oss's (``GptOssExperts``: weights
+stored ``[K, N]``, biases, interleaved gate/up, its clamped SwiGLU; no expert parallelism, no
+subclass with another gate). Any other layout raises ``UnsupportedExpertsLayout`` naming what
+differs, never wrong numbers.
 
 Importing this module does not import transformers; ``register`` does.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from moe_tune.errors import InvalidInputError
+from moe_tune.ops.gptoss import gptoss_experts
 from moe_tune.ops.moe_experts import moe_experts
 
 DEFAULT_NAME = "moe_tune"
@@ -80,6 +84,34 @@ def _layout_problems(module: torch.nn.Module) -> list[str]:
     return problems
 
 
+def _is_gptoss(module: torch.nn.Module) -> bool:
+    try:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    except ImportError:  # a transformers without gpt-oss
+        return False
+    return isinstance(module, GptOssExperts)
+
+
+def _gptoss_layout_problems(module: torch.nn.Module) -> list[str]:
+    """What about a ``GptOssExperts`` (or a subclass) ``moe_tune.ops.gptoss`` cannot run."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    problems = []
+    if type(module)._apply_gate is not GptOssExperts._apply_gate:
+        problems.append(f"a gate other than gpt-oss's clamped SwiGLU ({type(module).__name__}._apply_gate)")
+    flags = {"is_concatenated": False, "is_transposed": True, "has_bias": True, "has_gate": True,
+             "has_post_expert_norm": False}
+    for flag, expected in flags.items():
+        if getattr(module, flag, expected) != expected:
+            problems.append(f"{flag}={not expected} (gpt-oss's layout has {flag}={expected})")
+    for name in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"):
+        if not isinstance(getattr(module, name, None), torch.Tensor):
+            problems.append(f"no {name} tensor")
+    if getattr(module, "_is_expert_parallel", False):
+        problems.append("expert parallelism (sentinel expert ids)")
+    return problems
+
+
 def _activation_name(module: torch.nn.Module) -> str:
     config = getattr(module, "config", None)
     name = getattr(config, "hidden_act", None)
@@ -93,7 +125,7 @@ def _activation_name(module: torch.nn.Module) -> str:
 
 def check_layout(module: torch.nn.Module) -> None:
     """Raise ``UnsupportedExpertsLayout`` unless ``module`` is an experts module moe-tune runs."""
-    problems = _layout_problems(module)
+    problems = _gptoss_layout_problems(module) if _is_gptoss(module) else _layout_problems(module)
     if problems:
         raise UnsupportedExpertsLayout(
             f"experts_implementation='moe_tune' does not support {type(module).__name__}: "
@@ -109,6 +141,11 @@ def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_in
     check_layout(self)
     weight_dtype = self.gate_up_proj.dtype
     # Like transformers' grouped_mm path: activations may arrive in float32 under autocast.
+    if _is_gptoss(self):
+        out = gptoss_experts(hidden_states.to(weight_dtype), self.gate_up_proj, self.gate_up_proj_bias,
+                             self.down_proj, self.down_proj_bias, top_k_index, top_k_weights, limit=self.limit,
+                             alpha=self.alpha)
+        return out.to(hidden_states.dtype)
     out = moe_experts(hidden_states.to(weight_dtype), self.gate_up_proj, self.down_proj, top_k_index,
                       top_k_weights, activation="silu")
     return out.to(hidden_states.dtype)

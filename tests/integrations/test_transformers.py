@@ -107,24 +107,6 @@ def test_causal_lm_loss_and_step_match():
         assert relative_error(losses[1][1][name], grad) < 1e-4, name
 
 
-def test_gpt_oss_layout_is_refused_with_a_clear_error():
-    from transformers import GptOssConfig
-    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
-
-    register()
-    config = GptOssConfig(hidden_size=32, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
-                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                          vocab_size=64)
-    config._experts_implementation = "moe_tune"
-    experts = GptOssExperts(config)
-    for p in experts.parameters():
-        torch.nn.init.normal_(p)
-    with pytest.raises(UnsupportedExpertsLayout, match="GptOssExperts") as info:
-        experts(torch.randn(3, 32), torch.zeros(3, 2, dtype=torch.long), torch.rand(3, 2))
-    message = str(info.value)
-    assert "bias" in message and "grouped_mm" in message
-
-
 def test_non_silu_activation_is_refused():
     ref, ours = block_pair(tiny_config(hidden_act="gelu"))
     with pytest.raises(UnsupportedExpertsLayout, match="activation 'gelu'"):

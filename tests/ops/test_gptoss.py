@@ -1,0 +1,318 @@
+"""The gpt-oss experts block (``moe_tune.ops.gptoss``) against the float64 plain-torch reference,
+in Triton's CPU interpreter: forward, every gradient (biases and routing weights included), values
+on both sides of each clamp and exactly at the limits, partial gradients, the registered ops under
+``opcheck`` and the block under ``torch.compile(fullgraph=True)``.
+
+Fresh random inputs and routing per case; every buffer the bodies write through a kernel starts as
+NaN (``gptoss._alloc`` is poisoned), so an element a kernel forgets fails the comparison.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_tune.errors import InvalidInputError
+from moe_tune.ops import gptoss
+from moe_tune.ops.gptoss import gptoss_experts
+from moe_tune.ops.routing import build_routing
+from moe_tune.problem import KernelConfig, MoeShape
+from moe_tune.reference import relative_error
+from moe_tune.reference.gptoss import reference_gptoss_experts, routing_weight_grad_scale
+
+pytestmark = [
+    pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter tests; GPU has its own"),
+    # Tiny shapes have no tuned cache entry: the runtime's heuristic-default warning is expected.
+    pytest.mark.filterwarnings("ignore::moe_tune.errors.CacheWarning"),
+]
+
+# dtype, relative-error bound: fp16 rounds H, A, dA_raw and the down output once each; fp32 is
+# exact up to summation order in the interpreter.
+TOLERANCES = {torch.float16: 5e-3, torch.float32: 1e-5}
+# The routing-weight gradient is a dot product whose terms can cancel: bounded per slot against
+# the sum of its terms' magnitudes, a few units of the dtype's precision (fp16: 2^-11 ≈ 4.9e-4).
+WEIGHT_GRAD_TOLERANCES = {torch.float16: 3e-3, torch.float32: 1e-5}
+
+# A limit well inside the pre-activations' spread (std ≈ 2.4 below): about a third of the gate
+# values and half of the up values land beyond a limit, on each side.
+LIMIT, ALPHA = 1.5, 1.702
+
+# name, T, H, I, E, k
+SHAPES = [
+    ("one-token", 1, 32, 16, 4, 2),  # T=1: most experts empty, M=2 rows
+    ("empty-expert", 6, 32, 16, 4, 2),  # expert E-1 never routed: its weight and bias grads are zero
+    ("ragged", 7, 48, 24, 3, 3),  # H, I not multiples of the 32-wide blocks; k = E
+    ("top-1", 9, 32, 32, 5, 1),  # one slot per token: the combine is a copy plus the bias
+    ("one-expert", 5, 32, 16, 1, 1),  # E=1, k=1: every row on the only expert
+    ("odd-dims", 5, 20, 12, 3, 2),  # H, I not multiples of 16; 2I=24 splits an interleaved pair per tile edge
+]
+
+NAMES = ("hidden", "gate_up_w", "gate_up_b", "down_w", "down_b", "top_k_index", "top_k_weights")
+DIFFERENTIABLE = ("hidden", "gate_up_w", "gate_up_b", "down_w", "down_b", "top_k_weights")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    def nan_alloc(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(gptoss, "_alloc", nan_alloc)
+
+
+def make_block(T, H, I, E, k, dtype, *, leave_last_expert_empty=True, weights_dtype=None):
+    experts = E - 1 if leave_last_expert_empty and k < E else E
+    return dict(
+        hidden=torch.randn(T, H, dtype=dtype),
+        # std of x·W1 ≈ 2: the clamps at ±LIMIT cut both tails
+        gate_up_w=(2 * torch.randn(E, H, 2 * I) / H**0.5).to(dtype),
+        gate_up_b=torch.randn(E, 2 * I).to(dtype),
+        down_w=(torch.randn(E, I, H) / I**0.5).to(dtype),
+        down_b=torch.randn(E, H).to(dtype),
+        top_k_index=torch.stack([torch.randperm(experts)[:k] for _ in range(T)]),
+        top_k_weights=torch.rand(T, k, dtype=weights_dtype or dtype),
+    )
+
+
+def run_block(fn, inputs, grad_out, trainable=DIFFERENTIABLE, **kwargs):
+    leaves = {name: t.clone().requires_grad_(name in trainable) for name, t in inputs.items()}
+    out = fn(*(leaves[n] for n in NAMES), limit=kwargs.pop("limit", LIMIT), alpha=kwargs.pop("alpha", ALPHA))
+    grads = torch.autograd.grad(out, [leaves[n] for n in trainable], grad_out.to(out.dtype))
+    return out, dict(zip(trainable, grads))
+
+
+def reference(inputs, grad_out, trainable=DIFFERENTIABLE, **kwargs):
+    ref_inputs = {n: t.double() if t.is_floating_point() else t for n, t in inputs.items()}
+    return run_block(reference_gptoss_experts, ref_inputs, grad_out.double(), trainable, **kwargs)
+
+
+def assert_weight_grad_close(grad, ref_grad, inputs, grad_out, dtype, limit=LIMIT):
+    scale = routing_weight_grad_scale(*(inputs[n] for n in NAMES[:6]), grad_out, limit=limit, alpha=ALPHA)
+    assert torch.isfinite(grad).all()
+    worst = ((grad.double() - ref_grad.double()).abs() / scale.clamp_min(1e-30)).max().item()
+    assert worst < WEIGHT_GRAD_TOLERANCES[dtype]
+
+
+def clamp_sides(inputs, limit=LIMIT) -> dict[str, int]:
+    """How many routed pre-activations fall on each side of each clamp."""
+    x, w1, b1 = (inputs[n].double() for n in ("hidden", "gate_up_w", "gate_up_b"))
+    tokens, slots = torch.nonzero(inputs["top_k_index"] >= 0, as_tuple=True)
+    e = inputs["top_k_index"][tokens, slots]
+    pre = torch.einsum("mh,mhn->mn", x[tokens], w1[e]) + b1[e]
+    gate, up = pre[:, ::2], pre[:, 1::2]
+    return {"gate>limit": int((gate > limit).sum()), "gate<limit": int((gate < limit).sum()),
+            "up>limit": int((up > limit).sum()), "up<-limit": int((up < -limit).sum()),
+            "|up|<limit": int((up.abs() < limit).sum())}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name, T, H, I, E, k", SHAPES, ids=[s[0] for s in SHAPES])
+def test_forward_and_gradients_match_reference(name, T, H, I, E, k, dtype):
+    # fp16 activations with float32 routing weights: the weights keep their own dtype end to end.
+    weights_dtype = torch.float32 if dtype == torch.float16 else None
+    inputs = make_block(T, H, I, E, k, dtype, weights_dtype=weights_dtype)
+    if T * k * I >= 64:  # enough values that every side of every clamp is hit
+        assert min(clamp_sides(inputs).values()) > 0, clamp_sides(inputs)
+    grad_out = torch.randn(T, H, dtype=dtype)
+
+    out, grads = run_block(gptoss_experts, inputs, grad_out)
+    ref, ref_grads = reference(inputs, grad_out)
+
+    tol = TOLERANCES[dtype]
+    assert out.dtype == dtype and out.shape == (T, H)
+    assert relative_error(out, ref) < tol
+    for grad_name in DIFFERENTIABLE[:-1]:
+        assert grads[grad_name].dtype == inputs[grad_name].dtype, grad_name
+        assert relative_error(grads[grad_name], ref_grads[grad_name]) < tol, grad_name
+    assert grads["top_k_weights"].dtype == inputs["top_k_weights"].dtype
+    assert_weight_grad_close(grads["top_k_weights"], ref_grads["top_k_weights"], inputs, grad_out, dtype)
+    routed = set(inputs["top_k_index"].flatten().tolist())
+    for e in set(range(E)) - routed:  # an expert with no rows gets exact zero gradients
+        for grad_name in ("gate_up_w", "gate_up_b", "down_w", "down_b"):
+            assert torch.equal(grads[grad_name][e], torch.zeros_like(grads[grad_name][e])), grad_name
+
+
+def test_released_limit_and_alpha():
+    # gpt-oss's own constants (limit 7, alpha 1.702) with pre-activations wide enough to clamp.
+    T, H, I, E, k = 8, 32, 16, 4, 2
+    inputs = make_block(T, H, I, E, k, torch.float32)
+    inputs["gate_up_w"] *= 4
+    inputs["gate_up_b"] *= 4
+    assert min(clamp_sides(inputs, 7.0).values()) > 0
+    grad_out = torch.randn(T, H)
+    out, grads = run_block(gptoss_experts, inputs, grad_out, limit=7.0, alpha=1.702)
+    ref, ref_grads = reference(inputs, grad_out, limit=7.0, alpha=1.702)
+    assert relative_error(out, ref) < 1e-5
+    for grad_name in DIFFERENTIABLE[:-1]:
+        assert relative_error(grads[grad_name], ref_grads[grad_name]) < 1e-5, grad_name
+    assert_weight_grad_close(grads["top_k_weights"], ref_grads["top_k_weights"], inputs, grad_out, torch.float32, 7.0)
+
+
+def test_gradient_at_and_beyond_the_limits():
+    # Zero hidden rows make the pre-activations exactly the bias: gate and up sit exactly at a
+    # limit (gradient passes, like torch.clamp) or just past it (gradient zero).
+    T, H, I, E, k = 4, 16, 8, 2, 1
+    inputs = make_block(T, H, I, E, k, torch.float32)
+    inputs["hidden"].zero_()
+    inputs["top_k_index"] = torch.tensor([[0], [0], [1], [1]])
+    gate = torch.tensor([LIMIT, LIMIT + 0.25, LIMIT - 0.25, -3.0, LIMIT, 0.5, 2 * LIMIT, -LIMIT])
+    up = torch.tensor([LIMIT, -LIMIT, LIMIT + 0.25, -LIMIT - 0.25, 0.0, -LIMIT, LIMIT, 1.0])
+    inputs["gate_up_b"] = torch.stack([torch.stack([gate, up], -1).flatten(), torch.stack([up, gate], -1).flatten()])
+    grad_out = torch.randn(T, H)
+    out, grads = run_block(gptoss_experts, inputs, grad_out)
+    ref, ref_grads = reference(inputs, grad_out)
+    assert relative_error(out, ref) < 1e-6
+    assert relative_error(grads["gate_up_b"], ref_grads["gate_up_b"]) < 1e-6
+    # The reference's zeros are exact zeros here, not rounding: clamped columns get none.
+    clamped = ref_grads["gate_up_b"] == 0
+    assert clamped.sum() >= 6 and torch.equal(grads["gate_up_b"][clamped], torch.zeros(int(clamped.sum())))
+
+
+@pytest.mark.parametrize("trainable", [("hidden",), ("gate_up_w",), ("down_w",), ("gate_up_b", "down_b"),
+                                       ("top_k_weights",), ("hidden", "down_b")],
+                         ids=["hidden-only", "gate-up-only", "down-only", "biases-only", "weights-only",
+                              "hidden-and-down-bias"])
+def test_partial_gradients(trainable):
+    # Frozen experts (hidden-only, biases-only) keep X instead of its sorted rows; the down-bias
+    # programs run only when db2 or the routing-weight gradient is wanted.
+    T, H, I, E, k = 9, 32, 16, 4, 2
+    inputs = make_block(T, H, I, E, k, torch.float32)
+    grad_out = torch.randn(T, H)
+    _, grads = run_block(gptoss_experts, inputs, grad_out, trainable)
+    _, ref_grads = reference(inputs, grad_out, trainable)
+    for name in trainable:
+        if name == "top_k_weights":
+            assert_weight_grad_close(grads[name], ref_grads[name], inputs, grad_out, torch.float32)
+        else:
+            assert relative_error(grads[name], ref_grads[name]) < 1e-5, name
+
+
+def test_up_dw_gathers_x_when_its_sorted_rows_were_not_kept():
+    # The backward body with X_s empty (a forward that did not expect dW1) gathers X's rows itself.
+    T, H, I, E, k = 7, 32, 16, 4, 2
+    inputs = make_block(T, H, I, E, k, torch.float32)
+    args = tuple(inputs[n] for n in NAMES)
+    _, h, x_sorted, offsets, slots = gptoss.forward(*args, limit=LIMIT, alpha=ALPHA, sort_x=True, traced=False)
+    grad_out = torch.randn(T, H)
+    needs = dict(need_hidden=False, need_gate_up=True, need_down=False, need_down_b=False, need_weights=False)
+    kept = gptoss.backward(grad_out, inputs["hidden"], x_sorted, *args[1:], h, offsets, slots, limit=LIMIT,
+                           alpha=ALPHA, traced=False, **needs)
+    gathered = gptoss.backward(grad_out, inputs["hidden"], inputs["hidden"].new_empty(0), *args[1:], h, offsets, slots,
+                               limit=LIMIT, alpha=ALPHA, traced=False, **needs)
+    assert torch.allclose(kept[1], gathered[1], rtol=1e-6, atol=1e-6)
+    _, ref_grads = reference(inputs, grad_out, ("gate_up_w",))
+    assert relative_error(gathered[1], ref_grads["gate_up_w"]) < 1e-5
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compiles_without_graph_breaks(dynamic):
+    # The interpreter's ops are opaque (moe_tune.ops.launch): this checks Dynamo traces the block
+    # whole, the fake implementations and the registered autograd; Inductor tracing into the
+    # kernels is exercised by the GPU tests.
+    torch._dynamo.reset()
+    compiled = torch.compile(gptoss_experts, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for T in (5, 7):  # a second token count: recompiles (static) or reuses the graph (dynamic)
+        inputs = make_block(T, 32, 16, 4, 2, torch.float32)
+        grad_out = torch.randn(T, 32)
+        out, grads = run_block(compiled, inputs, grad_out)
+        eager_out, eager_grads = run_block(gptoss_experts, inputs, grad_out)
+        assert torch.equal(out, eager_out)
+        for name in DIFFERENTIABLE:
+            assert torch.equal(grads[name], eager_grads[name]), name
+
+
+def test_opcheck_forward_op():
+    inputs = make_block(6, 32, 16, 4, 2, torch.float32)
+    for name in DIFFERENTIABLE:
+        inputs[name].requires_grad_()
+    torch.library.opcheck(gptoss.gptoss_experts_fwd, (*(inputs[n] for n in NAMES), LIMIT, ALPHA, True))
+
+
+@pytest.mark.parametrize("needs", [(True, True, True, True, True), (False, True, False, False, False)],
+                         ids=["all", "gate-up-only"])
+def test_opcheck_backward_op(needs):
+    T, H, I, E, k = 6, 32, 16, 4, 2
+    inputs = make_block(T, H, I, E, k, torch.float32)
+    routing = build_routing(inputs["top_k_index"], E)
+    x_sorted = inputs["hidden"][routing.sorted_slots.long() // k]
+    args = (torch.randn(T, H), inputs["hidden"], x_sorted, *(inputs[n] for n in NAMES[1:]), torch.randn(T * k, 2 * I),
+            routing.expert_offsets, routing.sorted_slots, LIMIT, ALPHA, *needs)
+    torch.library.opcheck(gptoss.gptoss_experts_bwd, args)
+
+
+# every kernel path of the GEMMs on [E, K, N] weights: pointer loads, TMA loads (the trans_w
+# descriptor), TMA stores, and column blocks that leave several routing-weight partials
+CONFIG_SETS = [
+    ("pointers", dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)),
+    ("tma", dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, TMA_LOAD=True)),
+    ("tma-store", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, TMA_LOAD=True, TMA_STORE=True)),
+]
+
+
+@pytest.mark.parametrize("name, fields", CONFIG_SETS, ids=[c[0] for c in CONFIG_SETS])
+def test_block_kernel_paths(name, fields, monkeypatch):
+    def configs(E, H, I, topk, dtype, num_tokens, info):
+        out = {}
+        for problem in MoeShape(E, H, I, topk, layout="gpt_oss").problems("float32"):
+            # TMA stores never apply to scattered outputs (up dx, down forward)
+            store = fields.get("TMA_STORE", False) and (problem.gemm, problem.pass_) not in (("up", "dx"),
+                                                                                           ("down", "forward"))
+            out[problem.gemm, problem.pass_] = KernelConfig(**{**fields, "TMA_STORE": store}, GROUP_M=2, num_warps=1,
+                                                            num_stages=1)
+        return out
+
+    monkeypatch.setattr(gptoss, "block_configs", configs)
+    T, H, I, E, k = 11, 64, 48, 4, 2
+    inputs = make_block(T, H, I, E, k, torch.float32)
+    grad_out = torch.randn(T, H)
+    out, grads = run_block(gptoss_experts, inputs, grad_out)
+    ref, ref_grads = reference(inputs, grad_out)
+    assert relative_error(out, ref) < 1e-5
+    for grad_name in DIFFERENTIABLE[:-1]:
+        assert relative_error(grads[grad_name], ref_grads[grad_name]) < 1e-5, grad_name
+    assert_weight_grad_close(grads["top_k_weights"], ref_grads["top_k_weights"], inputs, grad_out, torch.float32)
+
+
+def test_problems_are_the_gpt_oss_layout():
+    keys = [p.key for p in MoeShape(32, 2880, 2880, 4, layout="gpt_oss").problems()]
+    assert keys == [
+        "forward/E32/N5760/K2880/k4/bfloat16/gather/sort/kn",
+        "dx/E32/N5760/K2880/k4/bfloat16/gather/kn",
+        "dw/E32/N5760/K2880/k4/bfloat16/gather/sorted/kn",
+        "forward/E32/N2880/K2880/k4/bfloat16/scatter/weighted/kn",
+        "dx/E32/N2880/K2880/k4/bfloat16/scatter/weighted/sort/kn",
+        "dw/E32/N2880/K2880/k4/bfloat16/scatter/weighted/sorted/kn",
+    ]
+    # the Qwen-layout problems of the same shape are other cache keys
+    assert not set(keys) & {p.key for p in MoeShape(32, 2880, 2880, 4).problems()}
+
+
+def _bad(**changes):
+    inputs = make_block(4, 32, 16, 4, 2, torch.float32)
+    inputs.update(changes)
+    return inputs
+
+
+# what is wrong, the inputs, a phrase the error must contain
+BAD_INPUTS = [
+    ("odd-gate-up", lambda: _bad(gate_up_w=torch.randn(4, 32, 31)), "gate_up_w must be [E, H, 2I]"),
+    ("down-shape", lambda: _bad(down_w=torch.randn(4, 32, 16)), "down_w must be [E, I, H]"),
+    ("gate-up-bias-shape", lambda: _bad(gate_up_b=torch.randn(4, 16)), "gate_up_b must be [E, 2I]"),
+    ("down-bias-shape", lambda: _bad(down_b=torch.randn(32)), "down_b must be [E, H]"),
+    ("dtype-mix", lambda: _bad(hidden=torch.randn(4, 32, dtype=torch.float16)), "share a dtype"),
+    ("k-above-E", lambda: _bad(top_k_index=torch.zeros(4, 5, dtype=torch.long), top_k_weights=torch.rand(4, 5)),
+     "top-k must be between 1"),
+    ("float-index", lambda: _bad(top_k_index=torch.zeros(4, 2)), "int32 or int64"),
+]
+
+
+@pytest.mark.parametrize("name, make, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_invalid_inputs_raise(name, make, message):
+    inputs = make()
+    with pytest.raises(InvalidInputError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        gptoss_experts(*(inputs[n] for n in NAMES), limit=LIMIT, alpha=ALPHA)
+
+
+def test_non_positive_limit_raises():
+    inputs = make_block(4, 32, 16, 4, 2, torch.float32)
+    with pytest.raises(InvalidInputError, match="limit must be positive"):
+        gptoss_experts(*(inputs[n] for n in NAMES), limit=0.0, alpha=ALPHA)
