@@ -212,6 +212,10 @@ def time_block(shape: MoeShape, T: int, results: dict, name: str, impls=("groupe
 
 
 def host_overhead(shape: MoeShape, results: dict, T=128, iters=50):
+    """Host time to issue one fwd+bwd: the GPU is idle at the start of every iteration
+    (synchronised outside the timed region), so a full launch queue never stalls the host."""
+    import statistics
+
     blk = build_experts(shape)
     experts = blk.experts
     x = torch.randn(T, shape.H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -219,26 +223,40 @@ def host_overhead(shape: MoeShape, results: dict, T=128, iters=50):
         _, w, idx = blk.gate(x)
     w = w.detach().requires_grad_()
     grad = torch.randn_like(x)
+    leaves = [x, w, experts.gate_up_proj, experts.down_proj]
     rows = {}
-    for impl in ("grouped_mm", "moe_tune"):
-        experts.config._experts_implementation = impl
-        for _ in range(3):
-            experts(x, idx, w).backward(grad)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            experts(x, idx, w).backward(grad)
-        host = (time.perf_counter() - t0) / iters * 1e3
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / iters * 1e3
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            experts(x, idx, w).backward(grad)
+    for frozen in (False, True):
+        for p in (experts.gate_up_proj, experts.down_proj):
+            p.requires_grad_(not frozen)
+        for impl in ("grouped_mm", "moe_tune"):
+            experts.config._experts_implementation = impl
+            fwd, bwd = [], []
+            for i in range(iters + 5):
+                for t in leaves:
+                    t.grad = None
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = experts(x, idx, w)
+                t1 = time.perf_counter()
+                out.backward(grad)
+                t2 = time.perf_counter()
+                if i >= 5:
+                    fwd.append(t1 - t0)
+                    bwd.append(t2 - t1)
             torch.cuda.synchronize()
-        launches = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
-        rows[impl] = {"host_ms": host, "wall_ms": wall, "cuda_kernels": launches}
-        print(f"host T={T} {impl:<12} host {host:.3f} ms  wall {wall:.3f} ms  kernels {launches}", flush=True)
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                experts(x, idx, w).backward(grad)
+                torch.cuda.synchronize()
+            launches = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+            key = impl + ("/frozen" if frozen else "")
+            rows[key] = {"host_fwd_ms": statistics.median(fwd) * 1e3, "host_bwd_ms": statistics.median(bwd) * 1e3,
+                         "host_ms": (statistics.median(fwd) + statistics.median(bwd)) * 1e3,
+                         "cuda_kernels": launches}
+            print(f"host T={T} {key:<20} {rows[key]}", flush=True)
+    for p in (experts.gate_up_proj, experts.down_proj):
+        p.requires_grad_(True)
     results["host"] = rows
 
 
@@ -253,11 +271,14 @@ def breakdown(shape: MoeShape, T: int, results: dict):
         _, w, idx = blk.gate(x)
     w = w.detach().requires_grad_()
     grad = torch.randn_like(x)
+    leaves = [x, w, experts.gate_up_proj, experts.down_proj]
     for _ in range(3):
         experts(x, idx, w).backward(grad)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
+            for t in leaves:  # fresh gradients, as a training step's zero_grad(set_to_none=True) leaves them
+                t.grad = None
             experts(x, idx, w).backward(grad)
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
