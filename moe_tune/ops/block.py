@@ -118,7 +118,7 @@ def forward(hidden: torch.Tensor, gate_up_w: torch.Tensor, down_w: torch.Tensor,
     device, dtype = hidden.device, hidden.dtype
     info = query_device(device)
     cfg = block_configs(E, H, I, k, dtype, size_hint(T), info)
-    routing = build_routing(top_k_index, E)
+    routing = build_routing(top_k_index, E, traced=traced)
 
     # -- Up GEMM + SwiGLU: gathered token rows in, H and A out in expert order -----------------
     h = _alloc((M, 2 * I), dtype, device)

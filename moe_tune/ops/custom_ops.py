@@ -14,10 +14,11 @@ annotations' runtime values.
 import torch
 
 from moe_tune.kernels.grouped_mm import grouped_mm_dw_kernel, grouped_mm_kernel
+from moe_tune.kernels.routing import routing_kernel
 from moe_tune.ops import block
 from moe_tune.ops.launch import register_op
 
-_KERNELS = (grouped_mm_kernel, grouped_mm_dw_kernel)
+_KERNELS = (grouped_mm_kernel, grouped_mm_dw_kernel, routing_kernel)
 
 
 def _moe_experts_fwd(

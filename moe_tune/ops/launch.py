@@ -98,8 +98,59 @@ def ensure_allocator(cfg: KernelConfig, device: torch.device) -> None:
         triton.set_allocator(_descriptor_scratch)
 
 
-def _kernel(kernel, traced: bool, *tensors):
-    return traceable(kernel, *tensors) if traced else kernel
+class _Launcher:
+    """``kernel[grid](*args, **meta)`` for eager calls, minus Triton's per-call binding.
+
+    Triton's ``JITFunction.run`` rebuilds the call's specialization and hashes it into a cache key
+    on every launch (~30 µs of host time for these kernels' 30-odd arguments). Here the key is the
+    same facts Triton specialises on — each tensor's dtype and 16-byte alignment, each integer's
+    being 1, a multiple of 16 or beyond int32 — plus the constexprs: the first launch with a key
+    goes through Triton (compiling or loading as usual) and keeps the ``CompiledKernel`` it
+    returns; later ones call its launcher directly with the same argument list Triton would pass.
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.compiled: dict[tuple, Any] = {}
+        self.constexprs = [p.name for p in kernel.params if p.is_constexpr]
+
+    @staticmethod
+    def _spec(value):
+        if isinstance(value, torch.Tensor):
+            return value.dtype, value.data_ptr() % 16 == 0
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value == 1, value % 16 == 0, -(1 << 31) <= value < (1 << 31)
+        return type(value), value
+
+    def __call__(self, grid: tuple, args: tuple, meta: dict) -> None:
+        key = (grid, tuple(map(self._spec, args)), tuple(meta.items()))
+        compiled = self.compiled.get(key)
+        if compiled is None:
+            self.compiled[key] = self.kernel[grid](*args, **meta)
+            return
+        from triton import knobs
+
+        device = torch.cuda.current_device()
+        stream = torch.cuda.current_stream(device).cuda_stream
+        full = args + tuple(meta[name] for name in self.constexprs)
+        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        metadata = compiled.launch_metadata(grid, stream, *full) if enter is not None else None
+        compiled.run(grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata, metadata, enter, leave, *full)
+
+
+# In the interpreter kernels are plain Python functions with no compiled launcher to keep.
+_LAUNCHERS = {} if OPAQUE_OPS else {kernel: _Launcher(kernel) for kernel in (grouped_mm_kernel, grouped_mm_dw_kernel)}
+
+
+def _launch(kernel, traced: bool, grid: tuple, args: tuple, meta: dict, outputs: tuple) -> None:
+    """Traced: through ``traceable`` (an op body); on a GPU, eager: the cached-launcher path;
+    in the interpreter: a plain launch."""
+    if traced:
+        traceable(kernel, *outputs)[grid](*args, **meta)
+    elif OPAQUE_OPS:
+        kernel[grid](*args, **meta)
+    else:
+        _LAUNCHERS[kernel](grid, args, meta)
 
 
 def grouped_mm(a, w, c, routing, weights, *, trans_w: bool, gather_a: bool, gather_div: int, scatter_c: bool,
@@ -122,8 +173,7 @@ def grouped_mm(a, w, c, routing, weights, *, trans_w: bool, gather_a: bool, gath
     else:
         stride_w_red, stride_w_out = w.stride(2), w.stride(1)
     ensure_allocator(cfg, w.device)
-    kernel = _kernel(grouped_mm_kernel, traced, a, c, *(t for t in (h, aux, dsp, sorted_a) if t is not None))
-    kernel[(info.sm_count,)](
+    args = (
         a, w, c, routing.expert_offsets, routing.sorted_slots, weights if weights is not None else c,
         h if h is not None else c, aux if aux is not None else c, dsp if dsp is not None else c,
         sorted_a if sorted_a is not None else a,
@@ -131,6 +181,8 @@ def grouped_mm(a, w, c, routing, weights, *, trans_w: bool, gather_a: bool, gath
         a.stride(0), a.stride(1),
         w.stride(0), stride_w_red, stride_w_out,
         c.stride(0), c.stride(1),
+    )
+    meta = dict(
         E=E, E_POW2=triton.next_power_of_2(E + 1),
         TRANS_W=trans_w, GATHER_A=gather_a, SCATTER_C=scatter_c, WEIGHTED=weights is not None and epilogue == "none",
         EPILOGUE=epilogue, SORT_A=sorted_a is not None,
@@ -138,6 +190,8 @@ def grouped_mm(a, w, c, routing, weights, *, trans_w: bool, gather_a: bool, gath
         TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    outputs = (a, c, *(t for t in (h, aux, dsp, sorted_a) if t is not None))
+    _launch(grouped_mm_kernel, traced, (info.sm_count,), args, meta, outputs)
 
 
 def grouped_mm_dw(dy, x, dw, routing, weights, *, gather_dy: bool, dy_div: int, gather_x: bool, x_div: int,
@@ -157,15 +211,17 @@ def grouped_mm_dw(dy, x, dw, routing, weights, *, gather_dy: bool, dy_div: int, 
                 weights = None
             gather_dy, dy_div = False, 1
     ensure_allocator(cfg, dw.device)
-    kernel = _kernel(grouped_mm_dw_kernel, traced, dy, dw)
-    kernel[(info.sm_count,)](
+    args = (
         dy, x, dw, routing.expert_offsets, routing.sorted_slots, weights if weights is not None else dy,
         N, K, dy_div, x_div,
         dy.stride(0), dy.stride(1),
         x.stride(0), x.stride(1),
         dw.stride(0), dw.stride(1), dw.stride(2),
+    )
+    meta = dict(
         E=E, GATHER_DY=gather_dy, GATHER_X=gather_x, WEIGHTED=weights is not None,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    _launch(grouped_mm_dw_kernel, traced, (info.sm_count,), args, meta, (dy, dw))

@@ -6,6 +6,12 @@ From the router's top-k expert ids ``[T, k]`` to:
   expert order (``offs[1:]`` is what ``torch._grouped_mm`` calls ``offs``);
 * ``sorted_slots`` ``[M]`` int32 — the token-slot id ``t·k + j`` of each expert-ordered row
   (stable, so rows of one expert stay in token order).
+
+Two ways to the same result: up to ``KERNEL_MAX_WORK`` ids × experts, one launch of
+``moe_tune.kernels.routing.routing_kernel`` (a counting sort: at the token counts where the eager
+block is bound by host time, one launch beats a radix sort's several); above it, one stable
+``torch.sort`` and a ``searchsorted`` (the counting sort reads the ids once per expert, which
+at 16k tokens × 512 experts would cost more GPU time than the sort).
 """
 
 from __future__ import annotations
@@ -14,7 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_tune.device import interpreting
 from moe_tune.errors import InvalidInputError
+from moe_tune.kernels.routing import routing_kernel
+
+# ids × experts up to which the counting-sort kernel builds the routing (4096 tokens × top-8 ×
+# 128 experts is 2^22: 1 MiB of ids read twice per expert out of L2).
+KERNEL_MAX_WORK = 1 << 23
+_ROUTING_BLOCK = 1024
 
 
 @dataclass(frozen=True)
@@ -33,8 +46,12 @@ class Routing:
         return self.sorted_slots.numel()
 
 
-def build_routing(top_k_index: torch.Tensor, num_experts: int) -> Routing:
-    """Sort token slots by expert. Shapes only are read on the host; no ``.item()``."""
+def build_routing(top_k_index: torch.Tensor, num_experts: int, *, traced: bool = False,
+                  method: str | None = None) -> Routing:
+    """Sort token slots by expert. Shapes only are read on the host; no ``.item()``.
+
+    ``traced``: called from a torch.library op body (see ``moe_tune.ops.launch``). ``method``:
+    ``"kernel"`` or ``"sort"`` to force one way (tests); default by ``KERNEL_MAX_WORK``."""
     if top_k_index.dim() != 2:
         raise InvalidInputError(f"top_k_index must be [T, k], got shape {tuple(top_k_index.shape)}")
     if top_k_index.dtype not in (torch.int32, torch.int64):
@@ -42,10 +59,22 @@ def build_routing(top_k_index: torch.Tensor, num_experts: int) -> Routing:
     if num_experts <= 0:
         raise InvalidInputError(f"num_experts must be positive, got {num_experts}")
     num_tokens, topk = top_k_index.shape
+    ids = top_k_index.reshape(-1)
+    if method is None:
+        runs_kernels = ids.is_cuda or interpreting()  # plain CPU tensors (a reference, a test) sort
+        method = "kernel" if runs_kernels and ids.numel() * num_experts <= KERNEL_MAX_WORK else "sort"
+    if method == "kernel":
+        offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=ids.device)
+        slots = torch.empty(ids.numel(), dtype=torch.int32, device=ids.device)
+        from moe_tune.ops.launch import traceable
+
+        kernel = traceable(routing_kernel, offsets, slots) if traced else routing_kernel
+        kernel[(num_experts + 1,)](ids, offsets, slots, ids.numel(), BLOCK=_ROUTING_BLOCK, num_warps=4)
+        return Routing(offsets, slots, num_tokens, topk)
     # One stable sort gives both outputs: its permutation is the slot order, and the offsets are
     # where each expert id would be inserted in the sorted ids (a handful of launches in all,
     # where a histogram and a cumsum took six).
-    sorted_ids, order = torch.sort(top_k_index.reshape(-1), stable=True)
+    sorted_ids, order = torch.sort(ids, stable=True)
     experts = torch.arange(num_experts + 1, dtype=sorted_ids.dtype, device=sorted_ids.device)
     offsets = torch.searchsorted(sorted_ids, experts, out_int32=True)
     return Routing(offsets, order.to(torch.int32), num_tokens, topk)
