@@ -113,8 +113,108 @@ def host_costs(T=128, H=2048, I=768, E=128, k=8, dtype=torch.bfloat16, n=200):
     timeit("moe_experts fwd+bwd no_grad_w", lambda: moe_experts(xg, w1, w2, idx, wg).backward(grad))
 
 
+def variants(T=16384, H=2048, I=768, E=128, k=8, dtype=torch.bfloat16):
+    """What each fusion costs: the down dx and up forward with and without their epilogue and
+    row copy, at the model's shapes."""
+    from triton.testing import do_bench
+
+    dev = "cuda"
+    info = query_device(dev)
+    M = T * k
+    x = torch.randn(T, H, device=dev, dtype=dtype)
+    w1 = (torch.randn(E, 2 * I, H, device=dev) * H**-0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, device=dev) * I**-0.5).to(dtype)
+    wts = torch.rand(M, device=dev, dtype=dtype)
+    routing = build_routing(random_routing(T, E, k, device=dev), E)
+    h, d_h = torch.randn(M, 2 * I, device=dev, dtype=dtype), torch.empty(M, 2 * I, device=dev, dtype=dtype)
+    act, rows_h = torch.empty(M, I, device=dev, dtype=dtype), torch.empty(M, H, device=dev, dtype=dtype)
+    dsp = torch.empty(64, M, device=dev, dtype=torch.float32)
+
+    def c(bm, bn, bk, w, s_):
+        return KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s_, TMA_LOAD=True)
+
+    cases = []
+    for cfg in (c(64, 128, 64, 8, 4), c(128, 64, 64, 8, 4), c(64, 64, 64, 4, 4), c(128, 128, 64, 8, 3)):
+        for sort in (True, False):
+            cases.append((f"down dx glu_bwd sort={sort:d} {cfg.short()}", 2 * M * H * I, lambda cfg=cfg, sort=sort:
+                          launch.grouped_mm(x, w2, d_h, routing, wts, trans_w=True, gather_a=True, gather_div=k,
+                                            scatter_c=False, cfg=cfg, info=info, epilogue="glu_bwd", h=h, aux=act,
+                                            dsp=dsp, sorted_a=rows_h if sort else None)))
+    for cfg in (c(128, 256, 64, 8, 3), c(128, 128, 64, 8, 4)):
+        for sort in (True, False):
+            cases.append((f"down dx plain  sort={sort:d} {cfg.short()}", 2 * M * H * I, lambda cfg=cfg, sort=sort:
+                          launch.grouped_mm(x, w2, act, routing, None, trans_w=True, gather_a=True, gather_div=k,
+                                            scatter_c=False, cfg=cfg, info=info, sorted_a=rows_h if sort else None)))
+    for cfg in (c(128, 128, 64, 8, 3), c(128, 64, 64, 8, 4), c(64, 128, 64, 8, 4)):
+        for sort in (True, False):
+            cases.append((f"up fwd glu     sort={sort:d} {cfg.short()}", 2 * M * H * 2 * I, lambda cfg=cfg, sort=sort:
+                          launch.grouped_mm(x, w1, act, routing, None, trans_w=False, gather_a=True, gather_div=k,
+                                            scatter_c=False, cfg=cfg, info=info, epilogue="glu", h=h,
+                                            sorted_a=rows_h if sort else None)))
+    for cfg in (c(128, 256, 64, 8, 3),):
+        for sort in (True, False):
+            cases.append((f"up fwd plain   sort={sort:d} {cfg.short()}", 2 * M * H * 2 * I, lambda cfg=cfg, sort=sort:
+                          launch.grouped_mm(x, w1, h, routing, None, trans_w=False, gather_a=True, gather_div=k,
+                                            scatter_c=False, cfg=cfg, info=info, sorted_a=rows_h if sort else None)))
+    cases.append(("copy rows (index_select)", 0, lambda: x.index_select(0, routing.sorted_slots.long() // k)))
+    cases.append(("sum k slots", 0, lambda: rows_h.view(T, k, H).sum(1)))
+    for name, flops, fn in cases:
+        try:
+            fn()
+            torch.cuda.synchronize()
+            ms = do_bench(fn, warmup=10, rep=50, return_mode="median")
+            print(f"variant {name:<58} {ms:7.3f} ms  {flops / ms / 1e9 if flops else 0:6.0f} TF/s", flush=True)
+        except Exception as exc:
+            print(f"variant {name:<58} failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+
+
+def host_profile(T=128, H=2048, I=768, E=128, k=8, dtype=torch.bfloat16):
+    """Host time per call with the launch queue never full, and where the forward's goes."""
+    import cProfile
+    import pstats
+
+    from moe_tune.ops.moe_experts import moe_experts
+
+    dev = "cuda"
+    x = torch.randn(T, H, device=dev, dtype=dtype, requires_grad=True)
+    w1 = torch.randn(E, 2 * I, H, device=dev, dtype=dtype, requires_grad=True)
+    w2 = torch.randn(E, H, I, device=dev, dtype=dtype, requires_grad=True)
+    idx = random_routing(T, E, k, device=dev)
+    wts = torch.rand(T, k, device=dev, dtype=dtype, requires_grad=True)
+    grad = torch.randn(T, H, device=dev, dtype=dtype)
+    for frozen in (False, True):
+        w1.requires_grad_(not frozen)
+        w2.requires_grad_(not frozen)
+        for _ in range(10):
+            moe_experts(x, w1, w2, idx, wts).backward(grad)
+        torch.cuda.synchronize()
+        n = 20  # 20 x ~20 launches stays inside the launch queue: the host never waits on the GPU
+        t0 = time.perf_counter()
+        for _ in range(n):
+            for t in (x, w1, w2, wts):
+                t.grad = None
+            moe_experts(x, w1, w2, idx, wts).backward(grad)
+        host = (time.perf_counter() - t0) / n * 1e3
+        torch.cuda.synchronize()
+        print(f"host fwd+bwd frozen={frozen}: {host:.3f} ms per call (back to back, queue not full)", flush=True)
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof.enable()
+    for _ in range(20):
+        moe_experts(x, w1, w2, idx, wts)
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
 def main():
+    import sys
+
     print(torch.cuda.get_device_name(), flush=True)
+    if "--variants" in sys.argv:
+        host_profile()
+        variants()
+        return
     info = query_device("cuda")
     plain = KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
     tma = KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3, TMA_LOAD=True)
