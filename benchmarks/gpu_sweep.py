@@ -166,9 +166,11 @@ def step_sweep(out: Path, setup: Setup, budget: float, env_info: dict, cache_dir
 
 def step_check(out: Path, setup: Setup, budget: float, env_info: dict) -> bool:
     from moe_tune.models import resolve_model
+    from moe_tune.tuning.devices import detect_device
+    from moe_tune.tuning.engine import BudgetExhausted, Engine, compile_workers
+    from moe_tune.tuning.options import DEFAULT_TOKENS
+    from moe_tune.tuning.routing_spec import RoutingSpec
     from moe_tune.tuning.search import EXHAUSTIVE, plan_problem, policy_for, search_bucket
-    from moe_tune.tuning.sweep import DEFAULT_TOKENS, BudgetExhausted, Engine, _compile_workers, detect_device
-    from moe_tune.tuning.timing import RoutingSpec
 
     start = time.monotonic()
     device = detect_device(interpret=setup.interpret)
@@ -179,7 +181,7 @@ def step_check(out: Path, setup: Setup, budget: float, env_info: dict) -> bool:
     FAST = policy_for(setup.space, interpreter=setup.interpret)  # what `moe-tune sweep` uses
     fast_plans = {p: plan_problem(p, device, setup.space, grid, FAST) for p in problems}
     full_plans = {p: plan_problem(p, device, setup.space, setup.check_tokens, EXHAUSTIVE) for p in problems}
-    workers = _compile_workers(None, setup.interpret, problems, ("default",))
+    workers = compile_workers(None, setup.interpret, problems, ("default",))
     result = {"env": env_info, "device": device.to_dict(), "model": setup.model, "space": setup.space,
               "fast_policy": FAST.to_dict(), "exhaustive_policy": EXHAUSTIVE.to_dict(), "compile_workers": workers,
               "points": [], "complete": False}

@@ -105,16 +105,18 @@ class GpuTimer:
 
 
 class WallTimer:
-    """The interpreter's timer: ``fn`` once, then the wall clock of ``repeats`` calls."""
+    """The interpreter's timer: ``fn`` once (unless ``warm_up`` is off: the caller has just run
+    it), then the wall clock of ``repeats`` calls."""
 
-    def __init__(self, repeats: int = 1):
-        self.repeats = repeats
+    def __init__(self, repeats: int = 1, *, warm_up: bool = True):
+        self.repeats, self.warm_up = repeats, warm_up
 
     def __call__(self, fn: Callable[[], Any], grad_to_none: Sequence | None = None) -> Summary:
         return summarise(self.samples(fn, grad_to_none))
 
     def samples(self, fn: Callable[[], Any], grad_to_none: Sequence | None = None) -> list[float]:
-        fn()
+        if self.warm_up:
+            fn()
         samples = []
         for _ in range(self.repeats):
             for t in grad_to_none or ():

@@ -1,8 +1,9 @@
 """``moe-tune sweep``: tune a model's six problems on this host's GPUs and write them to the cache.
 
-Data flow: flags → ``tuning.sweep.SweepOptions`` → ``run_sweep`` (progress bars with ETA per
-problem on stderr) → a summary table (problem × bucket: best config, TFLOP/s, speedup over the
-heuristic default) on stdout, or the whole report as JSON with ``--json``. Exit 0 when every
+Data flow: flags → ``tuning.options.SweepOptions`` → ``tuning.sweep.run_sweep`` (progress bars
+with ETA per problem on stderr: ``moe_tune.progress.RichProgress``) → a summary table (problem ×
+bucket: best config, TFLOP/s, speedup over the heuristic default, which stays where no config beat
+it beyond the noise) on stdout, or the whole report as JSON with ``--json``. Exit 0 when every
 bucket has a tuned config; 1 when the budget stopped the sweep, a torchrun rank did not report or
 a bucket found no config that passed the correctness gate; 2 for bad input or no GPU. Under
 torchrun only rank 0 prints the report (every rank's results); the other ranks print one line on
@@ -48,57 +49,6 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(p for p in text.replace(",", " ").split() if p)
-
-
-class _RichProgress:
-    """One progress bar per problem on stderr, with the ETA of the problem's planned measurements."""
-
-    def __init__(self):
-        from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
-
-        self.console = Console(stderr=True)
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                 console=self.console, transient=False)
-        self.tasks = {}
-        self.started = False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.started:
-            self.progress.stop()
-
-    def start_problem(self, problem, total: int) -> None:
-        # Started on the first problem, so that an early error leaves stderr a single line.
-        if not self.started:
-            self.progress.start()
-            self.started = True
-        self.tasks[problem] = self.progress.add_task(f"{problem.gemm:>4} {problem.pass_:<7}", total=total)
-
-    def _task(self, problem):
-        task_id = self.tasks.get(problem)
-        if task_id is None:
-            return None, None
-        return task_id, next(t for t in self.progress.tasks if t.id == task_id)
-
-    def advance(self, problem) -> None:
-        task_id, task = self._task(problem)
-        if task_id is not None:
-            if task.completed + 1 >= task.total:  # the plan was an estimate: grow rather than stall at 100%
-                self.progress.update(task_id, total=task.completed + 2)
-            self.progress.advance(task_id)
-
-    def finish_problem(self, problem) -> None:
-        task_id, task = self._task(problem)
-        if task_id is not None:
-            self.progress.update(task_id, total=task.completed)
-
-    def note(self, message: str) -> None:
-        self.console.print(f"[yellow]moe-tune: {message}[/yellow]")
 
 
 def sweep(
@@ -151,9 +101,11 @@ def sweep(
 ) -> None:
     """Tune the grouped-GEMM kernels of a model's MoE layer on this host's GPUs and write the cache."""
     from moe_tune.models import resolve_model
+    from moe_tune.progress import RichProgress
     from moe_tune.tuning.distribute import parse_gpus, parse_shard
-    from moe_tune.tuning.sweep import SweepOptions, run_sweep
-    from moe_tune.tuning.timing import RoutingSpec
+    from moe_tune.tuning.options import SweepOptions
+    from moe_tune.tuning.routing_spec import RoutingSpec
+    from moe_tune.tuning.sweep import run_sweep
 
     if interpret and not (model or hf_config or shape):
         model = "tiny"
@@ -178,7 +130,7 @@ def sweep(
         shard=parse_shard(shard) if shard is not None else None,
         gather_timeout_s=gather_timeout,
     )
-    with _RichProgress() as progress:
+    with RichProgress() as progress:
         report = run_sweep(options, progress=progress)
     if report.rank not in (None, 0):
         done = sum(len(b) for b in report.results.values())
@@ -224,8 +176,8 @@ def _print_summary(report) -> None:
             if b.ok:
                 speedup = f"{b.speedup:.2f}x" if b.speedup else "-"
                 tflops = f"{b.tflops:.1f}" if b.tflops is not None else "-"
-                table.add_row(problem.gemm, problem.pass_, str(b.tokens), b.winner.short(), f"{b.median_ms:.4g}",
-                              tflops, speedup)
+                config = b.winner.short() + (" (default)" if b.winner == b.default else "")
+                table.add_row(problem.gemm, problem.pass_, str(b.tokens), config, f"{b.median_ms:.4g}", tflops, speedup)
             else:
                 table.add_row(problem.gemm, problem.pass_, str(b.tokens), "[red]no config passed[/red]", "-", "-", "-")
     console = Console()

@@ -19,7 +19,7 @@ on GPUs):
 Data flow:
 
 1. ``bucket_costs`` — per bucket, the estimated milliseconds of one screen measurement and of its
-   settle: the planned measurements times the launches each makes (``timing.LaunchPlan`` at
+   settle: the planned measurements times the launches each makes (``candidate.LaunchPlan`` at
    ``search.estimate_ms``'s time of the heuristic default) plus a fixed per-measurement overhead.
    Only ratios matter.
 2. ``assign`` — longest processing time first: units by cost, largest first (ties by key, so every
@@ -118,7 +118,7 @@ def bucket_costs(plan, policy, device: DeviceInfo) -> dict[int, tuple[float, flo
     """Per bucket of ``plan``'s problem, estimated milliseconds of GPU work: (one screen
     measurement, the whole settle)."""
     from moe_tune.tuning.search import estimate_ms, measurements_planned
-    from moe_tune.tuning.timing import plan_for
+    from moe_tune.tuning.candidate import plan_for
 
     costs = {}
     for tokens, count in measurements_planned(plan, policy).items():

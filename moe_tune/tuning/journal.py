@@ -8,16 +8,29 @@ skipped, so a sweep killed or crashed at any point redoes at most the measuremen
 
 A process killed mid-``write`` leaves a torn last line; the reader drops it (and only it: a torn
 line anywhere else means the file was edited, which is a ``CacheError``).
+
+Naming: ``journal_path`` gives each process that writes (a plain sweep, a shard, a torchrun rank)
+its own file under ``<cache dir>/journals/``; ``journal_settings`` is the header a resumed sweep
+must match; ``sibling_records`` reads the other journals of the same sweep (other ranks, shards or
+GPU counts), so a resumed sweep in any layout measures only what none of them holds.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-from moe_tune.errors import CacheError, InvalidInputError
+from moe_tune.errors import CacheError, InvalidInputError, MoeTuneError
+from moe_tune.slug import slug
+
+if TYPE_CHECKING:
+    from moe_tune.device import DeviceInfo
+    from moe_tune.models import ModelSpec
+    from moe_tune.problem import Problem
+    from moe_tune.tuning.options import SweepOptions
 
 JOURNAL_VERSION = 1
 
@@ -109,3 +122,64 @@ class Journal:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Naming
+# ---------------------------------------------------------------------------------------------
+
+
+def journal_settings(options: SweepOptions, device: DeviceInfo, problems: list[Problem]) -> dict[str, Any]:
+    """What a resumed sweep must share with the journal it continues."""
+    from moe_tune import __version__
+    from moe_tune.cache.software import kernel_source_hash, triton_version
+
+    shape = options.model.shape
+    return {
+        "model": options.model.name,
+        "shape": {"E": shape.E, "H": shape.H, "I": shape.I, "topk": shape.topk},
+        "problems": [p.key for p in problems],
+        "tokens": list(options.tokens),
+        "routing": options.routing.identity(),
+        "seed": options.seed,
+        "space": options.space,
+        "policy": options.policy.to_dict(),
+        "device": device.to_dict(),
+        "triton": triton_version(),
+        "kernel_hash": kernel_source_hash(),
+        "moe_tune": __version__,
+    }
+
+
+def journal_path(cache_dir: Path, model: ModelSpec, device: DeviceInfo, dtype: str,
+                 split: Mapping[str, Any] | None = None) -> Path:
+    """``journals/sweep-<model>-<dtype>-<device>[-shard{i}of{n} | -rank{r}of{n}].jsonl``: one file
+    per process that writes, so ranks and shards never share one."""
+    suffix = ""
+    if split is not None and split["kind"] != "all":
+        suffix = f"-{'rank' if split['kind'] == 'torchrun' else 'shard'}{split['index']}of{split['count']}"
+    name = slug(model.name, dots=True, fallback="model")
+    gpu = slug(device.name, fallback="unknown-device")
+    return cache_dir / "journals" / f"sweep-{name}-{dtype}-{gpu}{suffix}.jsonl"
+
+
+def sibling_records(path: Path, settings: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The records of the other journals of the same sweep (same settings but the split) beside
+    ``path``: what other ranks, shards or a run with other GPUs already finished."""
+    base = dict(settings, split=None)
+    stem = path.name.split("-rank")[0].split("-shard")[0].removesuffix(".jsonl")
+    found = []
+    for other in sorted(path.parent.glob(f"{stem}*.jsonl")):
+        if other == path:
+            continue
+        rest = other.name[len(stem):].removesuffix(".jsonl")
+        if rest and not re.fullmatch(r"-(rank|shard)\d+of\d+", rest):
+            continue  # another model whose slug extends this one
+        try:
+            records = read_records(other)
+        except MoeTuneError:
+            continue  # a damaged sibling is not this sweep's problem
+        header = records[0] if records else {}
+        if header.get("type") == "header" and dict(header.get("settings", {}), split=None) == base:
+            found.extend(records[1:])
+    return found

@@ -15,11 +15,14 @@ Data flow for one problem:
    ``policy.finalists`` fastest, the previous bucket's winner and runner-up (seeds: neighbouring
    buckets usually share a winner) and the default are re-timed with many launches; ties: configs
    within ``policy.tie_tolerance`` of the fastest are timed again, round by round, and judged on
-   the median of all their careful samples. The winner is the fastest config that passed the
-   gate; the default's careful time gives the speedup.
+   the median of all their careful samples. The fastest config that passed the gate is the
+   challenger; unless it is the default, the two are timed head to head in interleaved rounds
+   and the default stays unless the challenger beats it beyond the noise (``versus``). That
+   decides the winner; the head-to-head times give the speedup over the default.
 
 Measurements come from an ``Evaluator`` (the sweep's runs the worker process and journals every
-outcome; tests inject a deterministic one). Nothing here touches torch.
+outcome; tests inject a deterministic one). Nothing here touches torch. Results are
+``results.BucketResult``s.
 ``policy_for(space, exhaustive=True)`` lifts every cut: all legal configs (and the default's
 neighbours) are compiled and screened, and the best 16 re-timed, which is what ``--exhaustive``
 and the GPU benchmark's comparison run.
@@ -29,8 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Protocol
 
 from moe_tune.device import DeviceInfo
@@ -44,6 +46,8 @@ from moe_tune.space import (
     rows_block_fits_tokens,
     why_illegal,
 )
+from moe_tune.tuning.results import BucketResult, Timed
+from moe_tune.tuning.versus import decide
 
 # ---------------------------------------------------------------------------------------------
 # Policy
@@ -57,10 +61,12 @@ class SearchPolicy:
     finalists: int  # fastest screened configs re-timed carefully per bucket
     tie_tolerance: float = 0.02  # careful medians this close to the best are re-timed
     tie_rounds: int = 2
+    versus_rounds: int = 4  # interleaved rounds of the winner against the default (even: each goes first half the time)
 
     def to_dict(self) -> dict:
         return {"max_compile": self.max_compile, "screen": self.screen, "finalists": self.finalists,
-                "tie_tolerance": self.tie_tolerance, "tie_rounds": self.tie_rounds}
+                "tie_tolerance": self.tie_tolerance, "tie_rounds": self.tie_rounds,
+                "versus_rounds": self.versus_rounds}
 
 
 # fast: ~56 compiles a problem (~6 s of a 14-process pool) and ~32 screens a bucket keep the
@@ -68,7 +74,7 @@ class SearchPolicy:
 FAST = SearchPolicy(max_compile=56, screen=32, finalists=5)
 EXHAUSTIVE = SearchPolicy(max_compile=None, screen=None, finalists=16)
 # The interpreter runs a launch in ~0.1 s: a handful of candidates exercises every stage.
-INTERPRETER = SearchPolicy(max_compile=6, screen=4, finalists=2, tie_rounds=1)
+INTERPRETER = SearchPolicy(max_compile=6, screen=4, finalists=2, tie_rounds=1, versus_rounds=1)
 
 
 def policy_for(space: str, *, exhaustive: bool = False, interpreter: bool = False) -> SearchPolicy:
@@ -238,95 +244,8 @@ class Evaluator(Protocol):
     def measure(self, problem: Problem, tokens: int, cfg: KernelConfig, stage: str):
         """An ``Outcome``-like object: ``ok``, ``median_ms``, ``spread_ms``, ``rel_error``."""
 
-
-@dataclass
-class Timed:
-    """A config's careful samples in one bucket (one median per careful or tie round)."""
-
-    config: KernelConfig
-    medians: list[float] = field(default_factory=list)
-    spreads: list[float] = field(default_factory=list)
-    rel_error: float | None = None
-
-    @property
-    def median_ms(self) -> float:
-        return statistics.median(self.medians)
-
-    @property
-    def spread_ms(self) -> float:
-        return max(self.spreads) if self.spreads else 0.0
-
-
-@dataclass
-class BucketResult:
-    problem: Problem
-    tokens: int
-    winner: KernelConfig | None
-    median_ms: float | None
-    spread_ms: float | None
-    rel_error: float | None
-    default: KernelConfig
-    default_ms: float | None
-    screened: int
-    timed: int  # distinct configs measured: the screen plus finalists from outside it
-    failed: dict[str, str]  # config short → why
-    careful: list[Timed]
-    screen_ms: dict[KernelConfig, float] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.winner is not None
-
-    @property
-    def tflops(self) -> float | None:
-        if self.median_ms is None or self.median_ms <= 0:
-            return None
-        return self.problem.flops(self.tokens) / (self.median_ms * 1e-3) / 1e12
-
-    @property
-    def speedup(self) -> float | None:
-        if self.default_ms is None or not self.median_ms:
-            return None
-        return self.default_ms / self.median_ms
-
-    def to_dict(self) -> dict:
-        return {
-            "problem": self.problem.key,
-            "tokens": self.tokens,
-            "winner": self.winner.to_dict() if self.winner else None,
-            "winner_short": self.winner.short() if self.winner else None,
-            "median_ms": self.median_ms,
-            "spread_ms": self.spread_ms,
-            "tflops": self.tflops,
-            "rel_error": self.rel_error,
-            "default": self.default.to_dict(),
-            "default_ms": self.default_ms,
-            "speedup": self.speedup,
-            "screened": self.screened,
-            "timed": self.timed,
-            "failed": self.failed,
-            "careful": [{"config": t.config.to_dict(), "short": t.config.short(), "median_ms": t.median_ms,
-                         "spread_ms": t.spread_ms, "rounds": len(t.medians)} for t in self.careful],
-        }
-
-    @classmethod
-    def from_dict(cls, problem: Problem, data: dict) -> "BucketResult":
-        careful = [Timed(KernelConfig.from_dict(c["config"]), [c["median_ms"]], [c["spread_ms"]])
-                   for c in data.get("careful", [])]
-        return cls(
-            problem=problem,
-            tokens=data["tokens"],
-            winner=KernelConfig.from_dict(data["winner"]) if data.get("winner") else None,
-            median_ms=data.get("median_ms"),
-            spread_ms=data.get("spread_ms"),
-            rel_error=data.get("rel_error"),
-            default=KernelConfig.from_dict(data["default"]),
-            default_ms=data.get("default_ms"),
-            screened=data.get("screened", 0),
-            timed=data.get("timed", data.get("screened", 0)),
-            failed=dict(data.get("failed", {})),
-            careful=careful,
-        )
+    def versus(self, problem: Problem, tokens: int, challenger: KernelConfig, default: KernelConfig, rounds: int):
+        """A ``protocol.Versus``: the two timed in ``rounds`` interleaved rounds."""
 
 
 def search_bucket(problem: Problem, tokens: int, screen: list[KernelConfig], default: KernelConfig,
@@ -394,27 +313,45 @@ def settle_bucket(problem: Problem, tokens: int, screen: list[KernelConfig], scr
                 del timed[cfg]
 
     ordered = sorted(timed.values(), key=lambda t: (t.median_ms, t.config))
-    winner = ordered[0] if ordered else None
+    best = ordered[0] if ordered else None
     default_timed = timed.get(default)
+    median_ms, spread_ms = (best.median_ms, best.spread_ms) if best else (None, None)
+    default_ms = default_timed.median_ms if default_timed else None
+
+    # -- the winner against the default -----------------------------------------------------------
+    decision = None
+    if best is not None and best.config != default and default_timed is not None and policy.versus_rounds:
+        if on_stage:
+            on_stage("versus")
+        versus = evaluator.versus(problem, tokens, best.config, default, policy.versus_rounds)
+        decision = decide(best.config, default, versus)
+        best = timed[decision.winner]
+        kept = versus.challenger if decision.kept == "challenger" else versus.default
+        # The head-to-head's times are the fairest comparison with the default: report those.
+        median_ms, spread_ms = (kept.median_ms, kept.spread_ms) if kept.ok else (best.median_ms, best.spread_ms)
+        if versus.default.ok:
+            default_ms = versus.default.median_ms
     return BucketResult(
         problem=problem,
         tokens=tokens,
-        winner=winner.config if winner else None,
-        median_ms=winner.median_ms if winner else None,
-        spread_ms=winner.spread_ms if winner else None,
-        rel_error=winner.rel_error if winner else None,
+        winner=best.config if best else None,
+        median_ms=median_ms,
+        spread_ms=spread_ms,
+        rel_error=best.rel_error if best else None,
         default=default,
-        default_ms=default_timed.median_ms if default_timed else None,
+        default_ms=default_ms,
         screened=len(screen),
         timed=len(set(screen) | set(finalists)),
         failed=failed,
         careful=ordered,
         screen_ms=screen_ms,
+        versus=decision,
     )
 
 
 def measurements_planned(plan: ProblemPlan, policy: SearchPolicy) -> dict[int, int]:
     """Per bucket, the measurements ``search_bucket`` will most likely make (for progress bars):
-    the screen, the finalists plus two seeds and the default, one tie round of two."""
+    the screen, the finalists plus two seeds and the default, one tie round of two, the head to
+    head."""
     return {t: len(s) + min(policy.finalists, len(s)) + 3 + (2 if policy.tie_rounds else 0)
-            for t, s in plan.screen.items()}
+            + (1 if policy.versus_rounds else 0) for t, s in plan.screen.items()}

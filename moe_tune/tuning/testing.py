@@ -1,6 +1,6 @@
 """Test helpers for the sweep engine: a deterministic timer that stands in for the GPU.
 
-``HashTimer`` is the ``SweepOptions.timer`` hook's value in tests: a config's time is a hash of
+``HashTimer`` is what the tests pass as ``run_sweep(timer=...)``: a config's time is a hash of
 (salt, problem, tokens, config) in [1, 2) ms, the same in every process, every stage and every
 run, so a sweep split over lanes, ranks or shards must pick exactly the winners of a one-lane
 sweep. ``delay_s`` makes each measurement take real time (a rank that can be killed mid-way).
@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from moe_tune.problem import KernelConfig, Problem
-from moe_tune.tuning.timing import Outcome
+from moe_tune.tuning.protocol import Outcome
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Data flow: the cache layers (``cache.paths.search_layers``) → this device's cache files (matched
 on name and compute capability) → every (problem, bucket, config) they hold → a seeded sample →
 each config and the heuristic default gated and timed carefully in the same worker process
-(``sweep.Engine``, same inputs as the sweep builds) → one ``Verdict`` each. An entry is stale when
+(``engine.Engine``, same inputs as the sweep builds) → one ``Verdict`` each. An entry is stale when
 its config now fails the gate, runs slower than recorded by more than ``tolerance``, or slower
 than the default by more than ``default_margin``: a driver, Triton or kernel change has moved the
 optimum and the problem needs a new sweep.
@@ -18,7 +18,7 @@ from typing import Any, Callable
 from moe_tune.device import DeviceInfo
 from moe_tune.problem import KernelConfig, Problem
 from moe_tune.space import default_config
-from moe_tune.tuning.timing import RoutingSpec
+from moe_tune.tuning.routing_spec import RoutingSpec
 
 # Timings of the same kernel in two processes on one H100 differ by up to ~3-5% (clocks, L2
 # state); 10% is a real change.
@@ -81,7 +81,7 @@ def judge(recorded_ms: float, now, default, *, tolerance: float, default_margin:
 def verify(device: DeviceInfo, entries, evaluator, *, sample: int, seed: int = 0,
            tolerance: float = DEFAULT_TOLERANCE, default_margin: float = DEFAULT_MARGIN,
            on_entry: Callable[[], None] | None = None) -> list[Verdict]:
-    """Re-time ``sample`` of ``entries`` (all when fewer) with ``evaluator`` (``sweep.Engine``)."""
+    """Re-time ``sample`` of ``entries`` (all when fewer) with ``evaluator`` (``engine.Engine``)."""
     chosen = entries if len(entries) <= sample else random.Random(seed).sample(entries, sample)
     verdicts = []
     for source, problem, tokens, entry in chosen:
@@ -102,7 +102,8 @@ def run_verify(*, cache_dir=None, sample: int = 8, seed: int = 0, tolerance: flo
                candidate_timeout_s: float = 120.0, on_entry: Callable[[], None] | None = None
                ) -> tuple[DeviceInfo, int, list[Verdict]]:
     """(device, entries found, verdicts) for this device's cached entries."""
-    from moe_tune.tuning.sweep import Engine, detect_device
+    from moe_tune.tuning.devices import detect_device
+    from moe_tune.tuning.engine import Engine
 
     device = detect_device(interpret)
     entries = cached_entries(device, cache_dir)

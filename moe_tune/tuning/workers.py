@@ -1,7 +1,7 @@
 """Worker processes, so that a candidate that crashes or hangs costs that candidate, not the sweep.
 
-Data flow: the sweep (parent) sends one request at a time over a pipe to a ``spawn``-started
-process that holds a ``timing.Bench``; the worker answers with a plain dict. The parent waits at
+Data flow: the sweep (parent) sends one request at a time (``protocol``) over a pipe to a
+``spawn``-started process that holds a ``candidate.Bench``; the worker answers with a plain dict. The parent waits at
 most the request's timeout:
 
 * an answer → returned as is (``ok`` true or false: a candidate that merely fails — a compile
@@ -15,6 +15,8 @@ most the request's timeout:
 
 ``spawn``, not ``fork``: a forked child would inherit the parent's CUDA state, which CUDA does
 not support, and a fresh interpreter also picks up ``TRITON_INTERPRET`` from the environment.
+``bench`` (default ``candidate.Bench``) is what the worker builds to answer requests: a picklable
+callable, so a subclass (the tests' crashing, hanging or wrong candidates) travels to the child.
 
 ``WorkerPool`` runs N such workers behind ``submit(request) -> Future`` (one thread per worker
 waiting on its pipe): the sweep compiles candidates ahead of timing on the CPU cores with it.
@@ -27,7 +29,7 @@ import os
 import queue
 import threading
 from concurrent.futures import Future
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from moe_tune.errors import MoeTuneError
 
@@ -41,14 +43,14 @@ class WorkerStartError(MoeTuneError):
     """A worker process could not start (import failure, no device): nothing can be measured."""
 
 
-def _serve(conn, faults: Mapping[str, str], env: Mapping[str, str] | None = None) -> None:
+def _serve(conn, bench_factory: Callable[[], Any] | None, env: Mapping[str, str] | None = None) -> None:
     """The worker process's main loop. ``env`` is applied before torch is imported (a timing
     worker's ``CUDA_VISIBLE_DEVICES`` pins it to one GPU, which it then sees as device 0)."""
     os.environ.update(env or {})
     try:
-        from moe_tune.tuning.timing import Bench
+        from moe_tune.tuning.candidate import Bench
 
-        bench = Bench(faults)
+        bench = (bench_factory or Bench)()
     except BaseException as exc:  # report why, whatever it was, then exit
         conn.send({"ready": False, "error": f"{type(exc).__name__}: {exc}"})
         return
@@ -75,10 +77,10 @@ def _serve(conn, faults: Mapping[str, str], env: Mapping[str, str] | None = None
 class WorkerProcess:
     """One worker process, restarted on demand after a crash or a timeout."""
 
-    def __init__(self, *, faults: Mapping[str, str] | None = None,
+    def __init__(self, *, bench: Callable[[], Any] | None = None,
                  start_timeout: float = DEFAULT_START_TIMEOUT_S, name: str = "moe-tune-worker",
                  env: Mapping[str, str] | None = None):
-        self.faults = dict(faults or {})
+        self.bench = bench
         self.env = dict(env or {})
         self.start_timeout = start_timeout
         self.name = name
@@ -104,7 +106,7 @@ class WorkerProcess:
             raise WorkerStartError(self._broken)
         self._discard()
         parent_conn, child_conn = _SPAWN.Pipe()
-        proc = _SPAWN.Process(target=_serve, args=(child_conn, self.faults, self.env), name=self.name, daemon=True)
+        proc = _SPAWN.Process(target=_serve, args=(child_conn, self.bench, self.env), name=self.name, daemon=True)
         proc.start()
         child_conn.close()
         self._proc, self._conn = proc, parent_conn
@@ -195,13 +197,13 @@ class WorkerPool:
     Worker ``i`` runs with ``envs[i % len(envs)]`` (the sweep spreads its compile workers' CUDA
     contexts over the GPUs it times on)."""
 
-    def __init__(self, size: int, *, faults: Mapping[str, str] | None = None,
+    def __init__(self, size: int, *, bench: Callable[[], Any] | None = None,
                  start_timeout: float = DEFAULT_START_TIMEOUT_S, name: str = "moe-tune-compile",
                  envs: Sequence[Mapping[str, str]] = ()):
         if size < 1:
             raise ValueError("a worker pool needs at least one worker")
         self._jobs: queue.Queue = queue.Queue()
-        self.workers = [WorkerProcess(faults=faults, start_timeout=start_timeout, name=f"{name}-{i}",
+        self.workers = [WorkerProcess(bench=bench, start_timeout=start_timeout, name=f"{name}-{i}",
                                       env=envs[i % len(envs)] if envs else None)
                         for i in range(size)]
         self._threads = [threading.Thread(target=self._run, args=(w,), daemon=True, name=w.name)

@@ -34,8 +34,9 @@ def interpreter_cache(directory: Path) -> CacheFile:
 
 
 def measure_keys(journal: Path) -> list[tuple]:
+    """Every measurement journalled (single configs and heads to head), by what identifies it."""
     return [(r["problem"], r["tokens"], r["stage"], r["config_short"])
-            for r in read_records(journal) if r["type"] == "measure"]
+            for r in read_records(journal) if r["type"] in ("measure", "versus")]
 
 
 def test_sweep_interpret_end_to_end(cli, tmp_path, rng):

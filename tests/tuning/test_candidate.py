@@ -1,87 +1,26 @@
-"""What a worker does with one candidate (moe_tune/tuning/timing.py), run in this process under
-Triton's interpreter: routing specs and traces, the correctness gate (NaN-poisoned outputs, a
-perturbed result rejected), compile-only launches, and the small statistics helpers."""
+"""What a worker does with one candidate (moe_tune/tuning/candidate.py, moe_tune/tuning/cases.py),
+run in this process under Triton's interpreter: the correctness gate (NaN-poisoned outputs, a
+perturbed result rejected), the head to head of two configs, compile-only launches, and the
+launch plans."""
 
 from __future__ import annotations
 
 import math
 
-import numpy
 import pytest
 import torch
 
 from moe_tune.device import INTERPRETER_DEVICE
-from moe_tune.errors import InvalidInputError
 from moe_tune.models import load_preset
 from moe_tune.problem import KernelConfig
 from moe_tune.space import candidates, default_config
-from moe_tune.tuning.timing import (
-    GATE_TOLERANCE,
-    Bench,
-    Case,
-    LaunchPlan,
-    RoutingSpec,
-    _kernels_compile_only,
-    summarise,
-    tiny_tokens,
-)
+from moe_tune.tuning.candidate import GATE_TOLERANCE, Bench, LaunchPlan, kernels_compile_only, tiny_tokens
+from moe_tune.tuning.cases import Case
+from moe_tune.tuning.protocol import Versus, measure_request, versus_request
+from moe_tune.tuning.routing_spec import RoutingSpec
+from tuning_faults import FaultyBench
 
 TINY = load_preset("tiny")
-
-
-# -- routing specs --------------------------------------------------------------------------------
-
-
-def test_routing_specs_parse():
-    assert RoutingSpec.parse("uniform") == RoutingSpec()
-    assert RoutingSpec.parse("zipf:1.2") == RoutingSpec("zipf", skew=1.2)
-    assert str(RoutingSpec.parse("zipf:1.2")) == "zipf:1.2"
-    for bad in ("zipf", "zipf:-1", "zipf:nan", "trace:", "gaussian", "uniform:3"):
-        with pytest.raises(InvalidInputError, match="--routing"):
-            RoutingSpec.parse(bad)
-
-
-def test_random_routing_is_reproducible_and_skew_skews(rng):
-    seed = rng.getrandbits(31)
-    a = RoutingSpec().top_k_ids(512, 16, 2, seed)
-    assert torch.equal(a, RoutingSpec().top_k_ids(512, 16, 2, seed))
-    assert a.shape == (512, 2) and int(a.min()) >= 0 and int(a.max()) < 16
-    skewed = RoutingSpec("zipf", skew=2.0).top_k_ids(512, 16, 2, seed)
-    counts = torch.bincount(skewed.flatten(), minlength=16)
-    assert counts[:4].sum() > counts[-4:].sum() * 3
-
-
-@pytest.mark.parametrize("suffix", [".pt", ".npy"])
-def test_traces_load_cycle_and_validate(tmp_path, rng, suffix):
-    ids = torch.randint(0, 8, (rng.randint(5, 40), 2))
-    path = tmp_path / f"trace{suffix}"
-    if suffix == ".pt":
-        torch.save(ids, path)
-    else:
-        numpy.save(path, ids.numpy().astype(numpy.int32))
-    spec = RoutingSpec.parse(f"trace:{path}")
-    got = spec.top_k_ids(100, 8, 2, seed=0)
-    assert got.shape == (100, 2)
-    assert torch.equal(got[: len(ids)], ids) and torch.equal(got[len(ids): 2 * len(ids)][: 100 - len(ids)],
-                                                              ids[: min(len(ids), 100 - len(ids))])
-    assert spec.identity().startswith("trace:sha256=")
-    with pytest.raises(InvalidInputError, match="k=2"):
-        spec.load_trace(8, topk=4)
-    with pytest.raises(InvalidInputError, match=r"outside \[0, 4\)"):
-        spec.load_trace(4, topk=2)
-
-
-def test_bad_traces_are_clear_errors(tmp_path):
-    floats = tmp_path / "floats.pt"
-    torch.save(torch.rand(4, 2), floats)
-    with pytest.raises(InvalidInputError, match="int tensor"):
-        RoutingSpec.parse(f"trace:{floats}").load_trace(8, 2)
-    with pytest.raises(InvalidInputError, match="does not exist"):
-        RoutingSpec.parse(f"trace:{tmp_path / 'missing.pt'}").load_trace(8, 2)
-    junk = tmp_path / "junk.npy"
-    junk.write_bytes(b"not numpy")
-    with pytest.raises(InvalidInputError, match="cannot read"):
-        RoutingSpec.parse(f"trace:{junk}").load_trace(8, 2)
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -97,10 +36,7 @@ def test_tiny_tokens_keep_triton_specialisation():
         assert max(tiny) <= 64
 
 
-def test_summarise_and_launch_plans(rng):
-    samples = [rng.uniform(1.0, 2.0) for _ in range(rng.randint(5, 50))]
-    median, spread = summarise(samples)
-    assert min(samples) <= median <= max(samples) and 0 <= spread <= max(samples) - min(samples)
+def test_launch_plans():
     plan = LaunchPlan(target_ms=100.0, min_launches=10, max_launches=50)
     assert plan.launches(0.001) == 50 and plan.launches(50.0) == 10 and plan.launches(4.0) == 25
 
@@ -114,14 +50,11 @@ def test_gate_passes_correct_configs_and_rejects_a_perturbed_result(dtype, rng):
     problems = TINY.problems(dtype)
     for problem in rng.sample(problems, 3):
         cfg = rng.choice(candidates(problem, INTERPRETER_DEVICE, "interpret", num_tokens=32))
-        request = {"op": "measure", "problem": problem.to_dict(), "tokens": 32, "seed": rng.getrandbits(31),
-                   "routing": {"kind": "uniform", "skew": 0.0, "path": None}, "config": cfg.to_dict(), "stage": "screen"}
+        request = measure_request(problem, 32, RoutingSpec(), rng.getrandbits(31), cfg, "screen")
         good = bench.handle(request)
         assert good["ok"], (problem.key, cfg.short(), good)
         assert good["rel_error"] <= GATE_TOLERANCE[dtype] and good["median_ms"] > 0
-        bench.faults = {cfg.short(): "corrupt"}
-        bad = bench.handle(request)
-        bench.faults = {}
+        bad = FaultyBench({cfg.short(): "corrupt"}).handle(request)
         assert not bad["ok"] and bad["error"].startswith("wrong result"), bad
 
 
@@ -130,7 +63,7 @@ def test_gate_sees_an_output_the_kernel_never_wrote(monkeypatch):
     problem = TINY.problems("float32")[0]
     case = Case(problem, 32, RoutingSpec(), 0, "cpu")
     out = case.new_output()
-    with _kernels_compile_only():  # launches compile (here: nothing) and write nothing
+    with kernels_compile_only():  # launches compile (here: nothing) and write nothing
         result = case.launch(default_config(problem, INTERPRETER_DEVICE), out)
     from moe_tune.reference import relative_error
 
@@ -147,20 +80,43 @@ def test_config_errors_are_failures_not_crashes():
     assert not reply["ok"] and "TMA_STORE" in reply["error"]
 
 
+# -- head to head --------------------------------------------------------------------------------
+
+
+def test_versus_times_both_configs_and_gates_each(rng):
+    problem = rng.choice(TINY.problems("float32"))
+    default = default_config(problem, INTERPRETER_DEVICE)
+    challenger = rng.choice([c for c in candidates(problem, INTERPRETER_DEVICE, "interpret", num_tokens=32)
+                             if c != default])
+    request = versus_request(problem, 32, RoutingSpec(), rng.getrandbits(31), challenger, default, rounds=2)
+    versus = Versus.from_dict(Bench().handle(request))
+    for outcome in (versus.challenger, versus.default):
+        assert outcome.ok and outcome.samples == 2 and outcome.median_ms > 0  # one launch a round
+        assert outcome.rel_error <= GATE_TOLERANCE["float32"]
+    # A challenger that computes wrong numbers is failed by the gate; the default is still timed.
+    versus = Versus.from_dict(FaultyBench({challenger.short(): "corrupt"}).handle(request))
+    assert not versus.challenger.ok and versus.challenger.error.startswith("wrong result")
+    assert versus.default.ok
+
+
 # -- compile-only launches ------------------------------------------------------------------------
 
 
 def test_precompile_binds_the_same_arguments_as_a_launch(monkeypatch):
     """The compile workers must build the binary the timing run looks up: same constexprs, same
-    argument kinds, no launch."""
+    argument kinds, no launch of a GEMM kernel (building the inputs may launch the routing's)."""
     from triton.runtime.interpreter import InterpretedFunction
 
+    from moe_tune.kernels import grouped_mm
+
+    gemms = {grouped_mm.grouped_mm_kernel.fn, grouped_mm.grouped_mm_dw_kernel.fn}
     seen = []
     real_run = InterpretedFunction.run
 
     def recording_run(self, *args, grid, warmup, **kwargs):
-        seen.append((warmup, [type(a).__name__ if isinstance(a, torch.Tensor) else a for a in args],
-                     {k: v for k, v in kwargs.items()}))
+        if self.fn in gemms:
+            seen.append((warmup, [type(a).__name__ if isinstance(a, torch.Tensor) else a for a in args],
+                         {k: v for k, v in kwargs.items()}))
         return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     monkeypatch.setattr(InterpretedFunction, "run", recording_run)

@@ -24,16 +24,16 @@ from moe_tune.errors import InvalidInputError
 from moe_tune.models import resolve_model
 from moe_tune.tuning.distribute import Launch, assign, chain_bound, parse_gpus, parse_shard, physical_gpu, screen_slices
 from moe_tune.tuning.journal import read_records
-from moe_tune.tuning.sweep import SweepOptions, run_sweep
+from moe_tune.tuning.options import SweepOptions
+from moe_tune.tuning.sweep import run_sweep
 from moe_tune.tuning.testing import HashTimer
 
 TINY = resolve_model("tiny")
 TOKENS = (16, 32)
 
 
-def options(cache_dir, salt: int, **extra) -> SweepOptions:
-    return SweepOptions(model=TINY, tokens=TOKENS, interpret=True, cache_dir=cache_dir, timer=HashTimer(salt),
-                        **extra)
+def options(cache_dir, **extra) -> SweepOptions:
+    return SweepOptions(model=TINY, tokens=TOKENS, interpret=True, cache_dir=cache_dir, **extra)
 
 
 def winners(cache_dir: Path) -> dict:
@@ -107,16 +107,16 @@ def test_parse_shard_launch_and_physical_gpu():
 
 def test_lanes_pick_the_winners_of_one_lane(tmp_path, rng):
     salt = rng.getrandbits(31)
-    one = run_sweep(options(tmp_path / "one", salt, devices=("cpu",)))
+    one = run_sweep(options(tmp_path / "one"), timer=HashTimer(salt))
     # Each measurement takes real time, so that every lane gets work.
-    three = run_sweep(SweepOptions(model=TINY, tokens=TOKENS, interpret=True, cache_dir=tmp_path / "three",
-                                   timer=HashTimer(salt, 0.003), devices=("cpu", "cpu", "cpu")))
+    three = run_sweep(options(tmp_path / "three", gpus=(0, 1, 2)), timer=HashTimer(salt, 0.003))
     assert one.complete and three.complete
     assert winners(tmp_path / "three") == winners(tmp_path / "one") and len(winners(tmp_path / "one")) == 6 * 2
     # Same measurements, each made once.
     assert three.stats.measurements == one.stats.measurements
     records = list(read_records(three.journal_path))
-    keys = [(r["problem"], r["tokens"], r["stage"], r["config_short"]) for r in records if r["type"] == "measure"]
+    keys = [(r["problem"], r["tokens"], r["stage"], r["config_short"]) for r in records
+            if r["type"] in ("measure", "versus")]
     assert len(keys) == len(set(keys))
     # Every (problem, bucket) settled on one lane after its whole screen, and after the problem's
     # previous bucket (whose winner it re-times as a seed).
@@ -140,8 +140,8 @@ def test_lanes_pick_the_winners_of_one_lane(tmp_path, rng):
 
 def test_shards_then_merge_equal_the_unsharded_sweep(tmp_path, rng, cli_main):
     salt = rng.getrandbits(31)
-    run_sweep(options(tmp_path / "all", salt))
-    shards = [run_sweep(options(tmp_path / f"s{i}", salt, shard=(i, 2))) for i in range(2)]
+    run_sweep(options(tmp_path / "all"), timer=HashTimer(salt))
+    shards = [run_sweep(options(tmp_path / f"s{i}", shard=(i, 2)), timer=HashTimer(salt)) for i in range(2)]
     assert all(s.complete for s in shards)
     mine = [set(p.key for p in s.results) for s in shards]
     assert mine[0] and mine[1] and not mine[0] & mine[1]
@@ -173,20 +173,20 @@ def cli_main():
 def _rank(rank: int, world: int, port: int, cache_dir: str, salt: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="1")
-    report = run_sweep(options(cache_dir, salt, gather_timeout_s=60))
+    report = run_sweep(options(cache_dir, gather_timeout_s=60), timer=HashTimer(salt))
     Path(out, f"rank{rank}.json").write_text(json.dumps(report.to_dict()))
 
 
 def test_torchrun_ranks_split_and_gather_to_rank_0(tmp_path, rng):
     salt = rng.getrandbits(31)
-    run_sweep(options(tmp_path / "single", salt))
+    run_sweep(options(tmp_path / "single"), timer=HashTimer(salt))
     mp.spawn(_rank, args=(3, free_port(), str(tmp_path / "ranks"), salt, str(tmp_path)), nprocs=3)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
     ran = [{p["problem"] for p in r["problems"]} for r in reports[1:]]
     assert all(ran) and not ran[0] & ran[1]  # every rank worked, on its own units
     assert reports[0]["complete"] and len(reports[0]["problems"]) == 6
     assert reports[0]["stats"]["measurements"] == sum(r["stats"]["measurements"] for r in reports[1:]) + \
-        sum(1 for _ in read_records(reports[0]["journal_path"]) if _["type"] == "measure")
+        sum(1 for _ in read_records(reports[0]["journal_path"]) if _["type"] in ("measure", "versus"))
     assert reports[1]["cache_path"] is None  # only rank 0 writes
     assert winners(tmp_path / "ranks") == winners(tmp_path / "single")
     journals = sorted(p.name for p in (tmp_path / "ranks" / "journals").iterdir())
@@ -197,11 +197,12 @@ RANK_SCRIPT = """
 import json, os, sys
 from pathlib import Path
 from moe_tune.models import resolve_model
-from moe_tune.tuning.sweep import SweepOptions, run_sweep
+from moe_tune.tuning.options import SweepOptions
+from moe_tune.tuning.sweep import run_sweep
 from moe_tune.tuning.testing import HashTimer
 cache_dir, salt, delay, resume, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
 report = run_sweep(SweepOptions(model=resolve_model("tiny"), tokens=(16, 32), interpret=True, cache_dir=cache_dir,
-                                timer=HashTimer(salt, delay), resume=resume, gather_timeout_s=60))
+                                resume=resume, gather_timeout_s=60), timer=HashTimer(salt, delay))
 Path(out).write_text(json.dumps(report.to_dict()))
 """
 
@@ -219,7 +220,8 @@ def _launch(world: int, port: int, cache_dir: Path, salt: int, delays, resume: b
 
 
 def _measures(journal: Path) -> list[dict]:
-    return [r for r in read_records(journal) if r["type"] == "measure"] if journal.exists() else []
+    """Every measurement journalled: single configs and heads to head."""
+    return [r for r in read_records(journal) if r["type"] in ("measure", "versus")] if journal.exists() else []
 
 
 # Rank 1 is killed in phase 1 (a few screens journalled: rank 0 stops at the exchange, with nothing
@@ -228,7 +230,7 @@ def _measures(journal: Path) -> list[dict]:
 @pytest.mark.parametrize("kill_in", ["screens", "settles"])
 def test_killed_rank_then_resume_finishes_only_what_is_missing(tmp_path, rng, kill_in):
     salt = rng.getrandbits(31)
-    run_sweep(options(tmp_path / "single", salt))
+    run_sweep(options(tmp_path / "single"), timer=HashTimer(salt))
     cache = tmp_path / "ranks"
     journals = [cache / "journals" / f"sweep-tiny-float32-triton-interpreter-rank{r}of2.jsonl" for r in range(2)]
     first = tmp_path / "first"

@@ -1,6 +1,7 @@
 """The search logic (moe_tune/tuning/search.py) with an injected deterministic timer: what is
 compiled and screened, who reaches the careful stage, how near-ties and failures are handled,
-and that the exhaustive policy finds the true optimum."""
+and that the exhaustive policy finds the true optimum (or keeps the default within the noise of
+it: moe_tune/tuning/versus.py, tested in test_versus.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from moe_tune.device import DeviceInfo
 from moe_tune.models import list_presets, load_preset
 from moe_tune.problem import KernelConfig
 from moe_tune.space import candidates, output_tile
+from moe_tune.tuning.protocol import Versus
 from moe_tune.tuning.search import (
     EXHAUSTIVE,
     FAST,
@@ -26,6 +28,7 @@ from moe_tune.tuning.search import (
     rank,
     search_bucket,
 )
+from moe_tune.tuning.versus import NOISE_FLOOR
 
 H100 = DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0), sm_count=132, max_shared_mem=232448)
 QWEN = load_preset("qwen3-30b-a3b")
@@ -62,8 +65,19 @@ class FakeTimer:
         return SimpleNamespace(ok=True, error=None, median_ms=self.true_ms(cfg, tokens) + extra, spread_ms=0.01,
                                rel_error=1e-3)
 
+    def versus(self, problem, tokens, challenger, default, rounds):
+        return Versus(self.measure(problem, tokens, challenger, "versus"),
+                      self.measure(problem, tokens, default, "versus"))
+
     def stages(self, cfg):
         return [s for c, _, s in self.calls if c == cfg]
+
+    def decided(self, best, default, tokens):
+        """What the head to head keeps: ``best`` only when it beats the default beyond the noise
+        (half the 0.01 ms spread, at least ``NOISE_FLOOR`` of the default's time)."""
+        default_ms = self.true_ms(default, tokens)
+        margin = max(0.005, NOISE_FLOOR * default_ms)
+        return best if self.true_ms(best, tokens) < default_ms - margin else default
 
 
 def test_plan_caps_compiles_and_puts_the_default_first():
@@ -137,7 +151,7 @@ def test_search_picks_the_fastest_finalist(rng):
     timer = FakeTimer(rng.getrandbits(32))
     result = search_bucket(problem, 4096, plan.screen[4096], plan.default, timer, FAST)
     pool = set(plan.screen[4096]) | {plan.default}
-    assert result.winner == min(pool, key=lambda c: timer.true_ms(c, 4096))
+    assert result.winner == timer.decided(min(pool, key=lambda c: timer.true_ms(c, 4096)), plan.default, 4096)
     assert result.median_ms == pytest.approx(timer.true_ms(result.winner, 4096))
     assert result.default_ms == pytest.approx(timer.true_ms(plan.default, 4096))
     assert result.speedup == pytest.approx(result.default_ms / result.median_ms)
@@ -217,12 +231,14 @@ def test_exhaustive_search_finds_the_brute_force_optimum(rng):
     timer = FakeTimer(rng.getrandbits(32))
     result = search_bucket(problem, 4096, plan.screen[4096], plan.default, timer, EXHAUSTIVE)
     legal = candidates(problem, H100, "default", num_tokens=4096) + neighbours(problem, plan.default, H100, 4096)
-    assert result.winner == min(legal + [plan.default], key=lambda c: timer.true_ms(c, 4096))
+    best = min(legal + [plan.default], key=lambda c: timer.true_ms(c, 4096))
+    assert result.winner == timer.decided(best, plan.default, 4096)
 
 
 def test_fast_search_on_a_cost_model_world_lands_near_the_exhaustive_best(rng):
     # A world where times follow the cost model with ±5% noise: the fast search's pick must be
-    # within a few percent of the exhaustive optimum (the GPU benchmark checks the real world).
+    # within a few percent of the exhaustive optimum, or the default within the noise floor of the
+    # pick it kept out (the GPU benchmark checks the real world).
     problem = QWEN.problems()[0]
     salt = rng.getrandbits(32)
 
@@ -236,4 +252,4 @@ def test_fast_search_on_a_cost_model_world_lands_near_the_exhaustive_best(rng):
         full_plan = plan_problem(problem, H100, "default", (tokens,), EXHAUSTIVE)
         fast = search_bucket(problem, tokens, fast_plan.screen[tokens], fast_plan.default, Modelled(salt), FAST)
         best = search_bucket(problem, tokens, full_plan.screen[tokens], full_plan.default, Modelled(salt), EXHAUSTIVE)
-        assert fast.median_ms <= best.median_ms * 1.05
+        assert fast.median_ms <= best.median_ms * 1.05 / (1 - NOISE_FLOOR)

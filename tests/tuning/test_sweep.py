@@ -1,6 +1,8 @@
-"""The sweep engine end to end under Triton's interpreter (moe_tune/tuning/sweep.py): worker
-processes, correctness gate, journal and cache write, with faults injected into named configs.
-Timings are wall clock here and mean nothing; what is checked is where every candidate went."""
+"""The sweep end to end under Triton's interpreter (moe_tune/tuning/sweep.py and the modules it
+drives): worker processes, correctness gate, journal and cache write, with faults injected into
+named configs (``tuning_faults``). Timings are wall clock here and mean nothing; what is checked is
+where every candidate went. With a deterministic timer instead of the workers: the sweep never
+keeps a config that did not beat the default head to head."""
 
 from __future__ import annotations
 
@@ -11,9 +13,12 @@ from moe_tune.device import INTERPRETER_DEVICE
 from moe_tune.errors import InvalidInputError, NoGPUError
 from moe_tune.models import resolve_model
 from moe_tune.tuning.journal import read_records
+from moe_tune.tuning.devices import detect_device
+from moe_tune.tuning.options import SweepOptions, select_problems
+from moe_tune.tuning.routing_spec import RoutingSpec
 from moe_tune.tuning.search import INTERPRETER, plan_problem
-from moe_tune.tuning.sweep import SweepOptions, detect_device, run_sweep, select_problems
-from moe_tune.tuning.timing import RoutingSpec
+from moe_tune.tuning.sweep import run_sweep
+from tuning_faults import faulty
 
 TINY = resolve_model("tiny")
 
@@ -25,9 +30,8 @@ def test_faulty_candidates_are_recorded_and_never_written(tmp_path, rng):
     plan = plan_problem(problem, INTERPRETER_DEVICE, "interpret", (32,), INTERPRETER)
     wrong, crash, hang = plan.screen[32][:3]
     faults = {wrong.short(): "corrupt", crash.short(): "crash", hang.short(): "hang"}
-    options.faults = faults
 
-    report = run_sweep(options)
+    report = run_sweep(options, bench=faulty(faults))
 
     assert report.complete and not report.failed_buckets
     (bucket,) = report.results[problem]

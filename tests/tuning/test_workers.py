@@ -1,6 +1,7 @@
 """Worker processes (moe_tune/tuning/workers.py), for real: spawned interpreters running
-candidates under Triton's interpreter, with faults injected by config. A crash or a hang costs
-the candidate, is reported as such, and the next request gets a fresh worker."""
+candidates under Triton's interpreter, with faults injected by config (``tuning_faults``: a
+``Bench`` subclass the workers build). A crash or a hang costs the candidate, is reported as such,
+and the next request gets a fresh worker."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from moe_tune.device import INTERPRETER_DEVICE
 from moe_tune.models import load_preset
 from moe_tune.space import candidates
 from moe_tune.tuning.workers import WorkerPool, WorkerProcess
+from tuning_faults import faulty
 
 PROBLEM = load_preset("tiny").problems("float32")[0]
 CONFIGS = candidates(PROBLEM, INTERPRETER_DEVICE, "interpret", num_tokens=32)
@@ -22,7 +24,7 @@ def measure(cfg, stage="screen"):
 
 def test_crash_hang_and_error_each_cost_one_candidate(rng):
     crasher, hanger, raiser, good = rng.sample(CONFIGS, 4)
-    worker = WorkerProcess(faults={crasher.short(): "crash", hanger.short(): "hang", raiser.short(): "raise"},
+    worker = WorkerProcess(bench=faulty({crasher.short(): "crash", hanger.short(): "hang", raiser.short(): "raise"}),
                            start_timeout=120)
     try:
         assert worker.call(measure(good), timeout=60)["ok"]
@@ -38,7 +40,8 @@ def test_crash_hang_and_error_each_cost_one_candidate(rng):
         reply = worker.call(measure(hanger), timeout=3)
         assert reply["failure"] == "timeout" and not reply["ok"]
         assert time.monotonic() - start < 30
-        assert worker.call(measure(good), timeout=60)["ok"]
+        reply = worker.call(measure(good), timeout=60)
+        assert reply["ok"], reply
         assert worker.restarts == 2 and worker.failures == 2
 
         reply = worker.call(measure(raiser), timeout=60)
@@ -51,7 +54,7 @@ def test_crash_hang_and_error_each_cost_one_candidate(rng):
 
 def test_pool_compiles_in_parallel_and_survives_a_crashing_compile(rng):
     crasher = rng.choice(CONFIGS[6:])
-    with WorkerPool(2, faults={crasher.short(): "crash"}, start_timeout=120) as pool:
+    with WorkerPool(2, bench=faulty({crasher.short(): "crash"}), start_timeout=120) as pool:
         futures = {cfg: pool.submit({"op": "compile", "problem": PROBLEM.to_dict(), "config": cfg.to_dict(),
                                      "tokens": [32, 64]}, timeout=60) for cfg in CONFIGS[:6] + [crasher]}
         replies = {cfg: f.result(timeout=120) for cfg, f in futures.items()}
