@@ -69,11 +69,8 @@ class RichProgress:
 
     def __exit__(self, exc_type, exc, tb):
         with self._lock:
-            for task, task_id in self._ids.items():
-                if task in self._stepping:
-                    self.progress.update(task_id, description="done" if exc_type is None else "stopped")
-                if task not in self._finished:
-                    self._finish(task_id)
+            for task in self._stepping:
+                self.progress.update(self._ids[task], description="done" if exc_type is None else "stopped")
             if self._started:
                 self.progress.stop()
 
@@ -97,8 +94,8 @@ class RichProgress:
             if task_id is None:
                 return
             bar = self.progress.tasks[self._index(task_id)]
-            if task not in self._finished and bar.total is not None and bar.completed + 1 >= bar.total:
-                # The plan was an estimate: grow rather than sit at 100% while steps remain.
+            if task not in self._finished and bar.total is not None and bar.completed + 1 > bar.total:
+                # More steps than planned (the sweep's plans are estimates): grow rather than sit at 100%.
                 self.progress.update(task_id, total=bar.completed + 2)
             self.progress.advance(task_id)
 
@@ -107,16 +104,13 @@ class RichProgress:
             task_id = self._ids.get(task)
             if task_id is not None:
                 self._finished.add(task)
-                self._finish(task_id)
+                bar = self.progress.tasks[self._index(task_id)]
+                self.progress.update(task_id, total=bar.completed)
 
     def note(self, message: str) -> None:
         from rich.markup import escape
 
         self.console.print(f"[yellow]moe-tune: {escape(message)}[/yellow]", soft_wrap=True)  # one line per note
-
-    def _finish(self, task_id: int) -> None:
-        bar = self.progress.tasks[self._index(task_id)]
-        self.progress.update(task_id, total=bar.completed)
 
     def _index(self, task_id: int) -> int:
         return next(i for i, t in enumerate(self.progress.tasks) if t.id == task_id)
