@@ -25,8 +25,10 @@ Importing this module does not import transformers; ``register`` does.
 from __future__ import annotations
 
 import torch
+from torch.nn.utils import parametrize
 
 from moe_tune.errors import InvalidInputError
+from moe_tune.integrations import peft
 from moe_tune.ops.gptoss import gptoss_experts
 from moe_tune.ops.moe_experts import moe_experts
 
@@ -51,6 +53,8 @@ def register(name: str = DEFAULT_NAME) -> str:
             "install it with: pip install 'transformers>=5'"
         ) from exc
     ExpertsInterface.register(name, experts_forward)
+    # PEFT's LoRA on experts that run this implementation goes through the fused LoRA block.
+    peft.install(name)
     return name
 
 
@@ -58,9 +62,9 @@ def _layout_problems(module: torch.nn.Module) -> list[str]:
     """What about ``module`` the block cannot run as stored, read from transformers'
     ``use_experts_implementation`` flags where present and from the module's tensors otherwise."""
     problems = []
-    if not getattr(module, "has_gate", True) or not isinstance(getattr(module, "gate_up_proj", None), torch.Tensor):
+    if not getattr(module, "has_gate", True) or not _holds_tensor(module, "gate_up_proj"):
         problems.append("no concatenated gate_up_proj (a non-gated MLP)")
-    if not isinstance(getattr(module, "down_proj", None), torch.Tensor):
+    if not _holds_tensor(module, "down_proj"):
         problems.append("no down_proj tensor")
     if not getattr(module, "is_concatenated", True):
         problems.append("gate and up rows interleaved (is_concatenated=False)")
@@ -112,6 +116,11 @@ def _gptoss_layout_problems(module: torch.nn.Module) -> list[str]:
     return problems
 
 
+def _holds_tensor(module: torch.nn.Module, name: str) -> bool:
+    # A parametrized weight (PEFT's LoRA) is a tensor; reading it would build W + ΔW.
+    return parametrize.is_parametrized(module, name) or isinstance(getattr(module, name, None), torch.Tensor)
+
+
 def _activation_name(module: torch.nn.Module) -> str:
     config = getattr(module, "config", None)
     name = getattr(config, "hidden_act", None)
@@ -139,13 +148,15 @@ def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_in
     """transformers' experts signature: ``hidden_states [T, H]``, ``top_k_index [T, k]``,
     ``top_k_weights [T, k]`` → ``[T, H]`` in ``hidden_states``' dtype."""
     check_layout(self)
-    weight_dtype = self.gate_up_proj.dtype
     # Like transformers' grouped_mm path: activations may arrive in float32 under autocast.
     if _is_gptoss(self):
+        weight_dtype = self.gate_up_proj.dtype
         out = gptoss_experts(hidden_states.to(weight_dtype), self.gate_up_proj, self.gate_up_proj_bias,
                              self.down_proj, self.down_proj_bias, top_k_index, top_k_weights, limit=self.limit,
                              alpha=self.alpha)
         return out.to(hidden_states.dtype)
-    out = moe_experts(hidden_states.to(weight_dtype), self.gate_up_proj, self.down_proj, top_k_index,
-                      top_k_weights, activation="silu")
+    # Under PEFT's LoRA: the frozen weights and the LoRA factors, never W + ΔW.
+    gate_up_w, down_w, lora = peft.experts_weights(self)
+    out = moe_experts(hidden_states.to(gate_up_w.dtype), gate_up_w, down_w, top_k_index, top_k_weights,
+                      activation="silu", lora=lora)
     return out.to(hidden_states.dtype)

@@ -97,7 +97,10 @@ def _check_factors(name: str, factors, weight: torch.Tensor, hidden: torch.Tenso
     if tuple(b.shape) != (E, N, a.shape[1]):
         _fail(f"lora.{name}.lora_B must be [E, N, r] = {[E, N, int(a.shape[1])]}, got {list(b.shape)}")
     scaling = factors.scaling
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        _fail(f"lora.{name}.scaling must be a finite number, got {scaling!r}")
+    # Dynamo may trace the scaling as a symbolic float, which math.isfinite cannot read.
+    if not torch.compiler.is_compiling() and not math.isfinite(scaling):
         _fail(f"lora.{name}.scaling must be a finite number, got {scaling!r}")
 
 

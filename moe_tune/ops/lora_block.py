@@ -45,7 +45,7 @@ from moe_tune import runtime
 from moe_tune.device import DeviceInfo, query_device
 from moe_tune.kernels.lora import swiglu_add_kernel, swiglu_bwd_kernel
 from moe_tune.ops import launch
-from moe_tune.ops.block import block_configs, dsp_blocks, problem_dims, size_hint
+from moe_tune.ops.block import block_configs, problem_dims, size_hint, swiglu_backward, swiglu_forward
 from moe_tune.ops.grouped_gemm import DTYPE_NAMES
 from moe_tune.ops.routing import Routing, build_routing
 from moe_tune.problem import KernelConfig, MoeShape, Problem
@@ -152,7 +152,7 @@ def forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights, up_a, up_b, d
     info = query_device(device)
     num_tokens = size_hint(T)
     cfg = lora_configs(E, H, I, k, dtype, _rank(up_a), _rank(down_a), num_tokens, info)
-    routing = build_routing(top_k_index, E)
+    routing = build_routing(top_k_index, E, traced=traced)
     weights = top_k_weights.reshape(M)
 
     # -- Up: base and LoRA parts of H summed, then SwiGLU ---------------------------------------
@@ -160,9 +160,10 @@ def forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights, up_a, up_b, d
     act = _alloc((M, I), dtype, device)
     l1 = _empty(hidden)
     if up_a is None:
-        launch.grouped_mm(hidden, gate_up_w, act, routing, None, trans_w=False, gather_a=True, gather_div=k,
+        launch.grouped_mm(hidden, gate_up_w, h, routing, None, trans_w=False, gather_a=True, gather_div=k,
                           scatter_c=False, cfg=block_configs(E, H, I, k, dtype, num_tokens, info)["up", "forward"],
-                          info=info, epilogue="glu", h=h, traced=traced)
+                          info=info, traced=traced)
+        swiglu_forward(h, act, traced=traced)
     else:
         launch.grouped_mm(hidden, gate_up_w, h, routing, None, trans_w=False, gather_a=True, gather_div=k,
                           scatter_c=False, cfg=cfg["up.forward"], info=info, traced=traced)
@@ -213,19 +214,18 @@ def backward(grad_out, hidden, gate_up_w, down_w, top_k_weights, h, l1, l2, expe
     routing = Routing(expert_offsets, sorted_slots, T, k)
     grad_out = grad_out.contiguous()
     weights = top_k_weights.reshape(M)
-    d_up_a = d_up_b = d_down_a = d_down_b = _empty(grad_out)
+    d_up_a, d_up_b, d_down_a, d_down_b = (_empty(grad_out) for _ in range(4))
 
     # -- Down: dA, SwiGLU's backward and the routing-weight gradient ------------------------------
     d_h = _alloc((M, 2 * I), dtype, device)
     if down_a is None:
-        dx_cfg = block_configs(E, H, I, k, dtype, num_tokens, info)["down", "dx"]
-        weighted_act = _alloc((M, I), dtype, device)
-        dsp = _alloc((dsp_blocks(I, dx_cfg), M), torch.float32, device)
-        launch.grouped_mm(grad_out, down_w, d_h, routing, weights, trans_w=True, gather_a=True, gather_div=k,
-                          scatter_c=False, cfg=dx_cfg, info=info, epilogue="glu_bwd", h=h, aux=weighted_act,
-                          dsp=dsp, traced=traced)
-        d_weights = dsp.sum(0).view(T, k).to(top_k_weights.dtype)
-        del weighted_act, dsp
+        d_act = _alloc((M, I), dtype, device)
+        launch.grouped_mm(grad_out, down_w, d_act, routing, None, trans_w=True, gather_a=True, gather_div=k,
+                          scatter_c=False, cfg=block_configs(E, H, I, k, dtype, num_tokens, info)["down", "dx"],
+                          info=info, traced=traced)
+        d_weights = _alloc((T, k), top_k_weights.dtype, device)
+        swiglu_backward(d_act, h, weights, sorted_slots, d_h, d_weights, traced=traced)
+        del d_act
     else:
         p = _alloc((M, down_a.shape[1]), dtype, device)
         launch.grouped_mm(grad_out, down_b, p, routing, None, trans_w=True, gather_a=True, gather_div=k,
