@@ -27,13 +27,12 @@ from typing import Any, Mapping
 from moe_tune.errors import InvalidInputError
 
 PASSES = ("forward", "dx", "dw")
-# How the experts block runs a problem's kernel (see ``Problem``): "glu" fuses SwiGLU into the
-# up forward's epilogue and SwiGLU's backward into the down dx's; "sorted" is a dW whose
-# gathered operand a fused kernel already wrote in expert order (and, for the down GEMM, whose
-# routing weight is already folded in), so both operands stream through TMA.
+# How the experts block runs a problem's kernel (see ``Problem``): "sorted" is a dW whose gathered
+# operand the block already copied to expert order (and, for the down GEMM, whose routing weight
+# is already folded into the other operand), so both operands stream through TMA.
 # "sort" is a forward or dx that gathers its A rows and also writes them in expert order, with no
 # fused epilogue (gpt-oss's up forward and down dx, feeding its "sorted" dWs).
-FUSIONS = ("none", "glu", "sorted", "sort")
+FUSIONS = ("none", "sorted", "sort")
 # How a problem's weight is stored: "nk" is W[E, N, K] (y = x·Wᵀ, transformers' default); "kn" is
 # W[E, K, N] (y = x·W, transformers' ``is_transposed=True``: gpt-oss). The kernels read either
 # through swapped strides, so the passes differ in access pattern, not in FLOPs.
@@ -154,11 +153,6 @@ class Problem:
         for name in ("gather", "scatter", "weighted"):
             _as_bool(getattr(self, name), name)
         _require(self.fusion in FUSIONS, f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
-        if self.fusion == "glu":
-            up_forward = self.pass_ == "forward" and self.gather and not self.scatter and self.N % 2 == 0
-            down_dx = self.pass_ == "dx" and self.scatter and not self.gather
-            _require(up_forward or down_dx, "fusion 'glu' is the gathered forward of a [E, 2I, H] gate_up "
-                     "weight or the dx of a scattered down GEMM")
         if self.fusion == "sorted":
             _require(self.pass_ == "dw" and self.gather != self.scatter,
                      "fusion 'sorted' is the dw of a gathered or scattered GEMM")
@@ -171,7 +165,7 @@ class Problem:
 
     @property
     def key(self) -> str:
-        """Clear-text cache key, e.g. ``forward/E128/N1536/K2048/k8/bfloat16/gather/glu`` (a
+        """Clear-text cache key, e.g. ``dw/E128/N1536/K2048/k8/bfloat16/gather/sorted`` (a
         ``kn`` weight layout adds ``/kn``)."""
         flags = [f for f in ("gather", "scatter", "weighted") if getattr(self, f)]
         parts = [self.pass_, f"E{self.E}", f"N{self.N}", f"K{self.K}", f"k{self.topk}", self.dtype]
@@ -232,15 +226,13 @@ class MoeShape:
 
     def problems(self, dtype: str = "bfloat16") -> list[Problem]:
         """The six problems the experts block launches: up (gate_up, gathered) and down
-        (scattered, routing-weighted) in forward, dx and dw, with the block's fusions: SwiGLU in
-        the up forward, SwiGLU's backward in the down dx, both dW on expert-ordered operands."""
+        (scattered, routing-weighted) in forward, dx and dw, both dW on expert-ordered operands."""
         if self.layout == "gpt_oss":
             return self._gpt_oss_problems(dtype)
         up = Problem("forward", self.E, 2 * self.I, self.H, self.topk, dtype, gather=True)
         down = Problem("forward", self.E, self.H, self.I, self.topk, dtype, scatter=True, weighted=True)
-        fusions = {("up", "forward"): "glu", ("down", "dx"): "glu", ("up", "dw"): "sorted", ("down", "dw"): "sorted"}
-        return [dataclasses.replace(g.with_pass(p), fusion=fusions.get((name, p), "none"))
-                for name, g in (("up", up), ("down", down)) for p in PASSES]
+        return [dataclasses.replace(g.with_pass(p), fusion="sorted" if p == "dw" else "none")
+                for g in (up, down) for p in PASSES]
 
     def _gpt_oss_problems(self, dtype: str) -> list[Problem]:
         """gpt-oss's six (``moe_tune.ops.gptoss``): the same GEMM shapes on [E, K, N] weights. The

@@ -80,17 +80,11 @@ def tile_dims(problem: Problem, cfg: KernelConfig) -> tuple[int, int, int]:
     [red, b_cols] for dw (the reduction runs over the expert's rows there)."""
     if problem.pass_ == "dw":
         return cfg.BLOCK_N, cfg.BLOCK_K, cfg.BLOCK_M
-    return cfg.BLOCK_M, cfg.BLOCK_N * _halves(problem), cfg.BLOCK_K
-
-
-def _halves(problem: Problem) -> int:
-    """The SwiGLU forward's tile holds BLOCK_N gate and BLOCK_N up columns: two B tiles, two
-    accumulators."""
-    return 2 if problem.fusion == "glu" and problem.pass_ == "forward" else 1
+    return cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K
 
 
 def output_tile(problem: Problem, cfg: KernelConfig) -> tuple[int, int]:
-    return (cfg.BLOCK_N, cfg.BLOCK_K) if problem.pass_ == "dw" else (cfg.BLOCK_M, cfg.BLOCK_N * _halves(problem))
+    return (cfg.BLOCK_N, cfg.BLOCK_K) if problem.pass_ == "dw" else (cfg.BLOCK_M, cfg.BLOCK_N)
 
 
 def shared_mem_bytes(problem: Problem, cfg: KernelConfig) -> int:
@@ -109,7 +103,7 @@ def output_dims(problem: Problem) -> tuple[str, int, str, int]:
     """(name, size) of the output columns and of the reduction for forward/dx."""
     if problem.pass_ == "dx":
         return "K", problem.K, "N", problem.N
-    return "N", problem.N // _halves(problem), "K", problem.K
+    return "N", problem.N, "K", problem.K
 
 
 def output_scattered(problem: Problem) -> bool:
@@ -158,8 +152,6 @@ def tma_aligned(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> str 
 def tma_store_possible(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> str | None:
     if cfg.TMA_STORE and output_scattered(problem):
         return "TMA_STORE cannot write scattered rows (this pass writes in token-slot order)"
-    if cfg.TMA_STORE and problem.fusion == "glu" and problem.pass_ == "dx":
-        return "TMA_STORE does not apply to the SwiGLU-backward epilogue (it writes three outputs by pointer)"
     return None
 
 
@@ -263,16 +255,16 @@ def default_config(problem: Problem, device: DeviceInfo) -> KernelConfig:
     if device.is_interpreter:
         return KernelConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     sorted_dw = problem.fusion == "sorted"
-    if problem.fusion == "glu":
-        # Two accumulators (gate and up, or dH's two halves read back in the epilogue): a 128-wide
-        # half keeps the unfused 128x256 tile's registers.
-        base = KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-    elif problem.pass_ == "dw" and problem.gather and not sorted_dw:
+    if problem.pass_ == "dw" and problem.gather and not sorted_dw:
         # Gathered X rows arrive through the LSU with long latency: a shallow 32-row step and five
         # stages hide it (391 vs 329 TFLOP/s for 64 rows x 3 stages, up dW at T=16384).
         base = KernelConfig(BLOCK_M=32, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=5)
+    elif sorted_dw:
+        # Both operands through TMA: the best of a scan at 4096 and 16384 tokens, or within 9% of
+        # it (Qwen3-30B-A3B, H200, 2026-11-27).
+        base = KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=256, GROUP_M=8, num_warps=8, num_stages=3)
     elif problem.pass_ == "dw":
-        wide_n = sorted_dw or not problem.scatter  # dY comes through TMA unless gathered
+        wide_n = not problem.scatter  # dY comes through TMA unless gathered
         base = KernelConfig(BLOCK_M=64, BLOCK_N=256 if wide_n else 128, BLOCK_K=128 if wide_n else 256,
                             GROUP_M=8, num_warps=8, num_stages=3)
     else:

@@ -5,10 +5,8 @@ Two kernels serve the three passes of every expert GEMM (weights ``W[E, N, K]``,
 * ``grouped_mm_kernel`` — ``C[rows of e] = A[rows of e] · B_e`` with B_e = W[e]ᵀ (forward) or
   W[e] (dx; the launcher swaps W's strides, and for TMA the kernel reads W's tile untransposed).
   Rows may be gathered on load (A row = slot // gather_div), scattered on store (C row = slot)
-  and multiplied by their routing weight on store. Two epilogues serve the experts block: SwiGLU
-  after the up forward (``glu``) and SwiGLU's backward after the down dx (``glu_bwd``); either
-  pass may also write the rows it gathers in expert order (``SORT_A``), for a dW that then reads
-  both operands through TMA.
+  and multiplied by their routing weight on store. A gathering pass may also write the rows it
+  gathers in expert order (``SORT_A``), for a dW that then reads both operands through TMA.
 * ``grouped_mm_dw_kernel`` — ``dW[e] = dY[rows of e]ᵀ · X[rows of e]``, parallel over experts
   *and* N×K output tiles, each program reducing over its expert's rows. (A decomposition over
   N×K tiles alone, looping over all experts inside, caps out near 100 TFLOP/s on Qwen3-30B-A3B.)
@@ -41,15 +39,14 @@ def _expert_of_block(block, cum_blocks_end, blocks, e_range):
 
 @triton.jit
 def _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask, col_mask,
-            red, out_cols, stride_a_k, stride_w_red, stride_w_out,
-            TRANS_W: tl.constexpr, GATHER_A: tl.constexpr, GLU: tl.constexpr, STORE_A: tl.constexpr,
+            red, stride_a_k, stride_w_red,
+            TRANS_W: tl.constexpr, GATHER_A: tl.constexpr, STORE_A: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA_LOAD: tl.constexpr):
-    """The K loop of ``grouped_mm_kernel``: (acc, acc_up) over the whole reduction. ``acc_up`` is
-    the up half's accumulator under GLU (else ``acc`` again); STORE_A also writes each A tile to
-    ``sorted_ptrs`` (the gathered rows in expert order)."""
+    """The K loop of ``grouped_mm_kernel``: the [BLOCK_M, BLOCK_N] float32 accumulator over the
+    whole reduction. STORE_A also writes each A tile to ``sorted_ptrs`` (the gathered rows in
+    expert order)."""
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, red, BLOCK_K):
         k_mask = ks < red - k0
         if TMA_LOAD and not GATHER_A:
@@ -64,21 +61,12 @@ def _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_m
                 b = w_desc.load([e, k0, n_block * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
             else:
                 b = w_desc.load([e, n_block * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
-                if GLU:
-                    b_up = w_desc.load([e, out_cols + n_block * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
         else:
-            w_mask = k_mask[:, None] & col_mask[None, :]
-            b = tl.load(w_ptrs, mask=w_mask, other=0.0)
-            if GLU:
-                b_up = tl.load(w_ptrs + out_cols * stride_w_out, mask=w_mask, other=0.0)
+            b = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc)
-        if GLU:
-            acc_up = tl.dot(a, b_up, acc_up)
         a_ptrs += BLOCK_K * stride_a_k
         w_ptrs += BLOCK_K * stride_w_red
-    if not GLU:
-        acc_up = acc
-    return acc, acc_up
+    return acc
 
 
 @triton.jit
@@ -86,20 +74,16 @@ def grouped_mm_kernel(
     # Pointers --------------------------------------------------------------------------------
     a_ptr,  # (A_ROWS, RED): X (forward) or dY (dx); token order when GATHER_A, else expert order
     w_ptr,  # (E, N, K): the expert weights as the model stores them
-    c_ptr,  # (M, C_COLS): slot order when SCATTER_C, else expert order (GLU: [M, I]; GLU_BWD: dH [M, 2I])
+    c_ptr,  # (M, OUT): slot order when SCATTER_C, else expert order
     expert_offsets_ptr,  # (E + 1,) int32
     sorted_slots_ptr,  # (M,) int32: token-slot id of each expert-ordered row
-    weights_ptr,  # (M,) routing weight of each token slot (read when WEIGHTED or GLU_BWD)
-    h_ptr,  # (M, 2I) expert order: GLU writes gate | up here, GLU_BWD reads them
-    aux_ptr,  # (M, I) expert order: GLU_BWD writes w · silu(gate) · up (the down dW's operand)
-    dsp_ptr,  # (⌈I / BLOCK_N⌉, M) float32: GLU_BWD's per-column-block routing-weight gradient
+    weights_ptr,  # (M,) routing weight of each token slot (read when WEIGHTED)
     sorted_a_ptr,  # (M, RED) expert order: SORT_A writes the gathered A rows here
     # Sizes -------------------------------------------------------------------------------------
     a_rows,  # rows of A (T when gathering, M otherwise): bounds the TMA descriptor
-    out_cols,  # OUT: N for forward, K for dx; I for GLU (the gate and up halves are read as pairs)
+    out_cols,  # OUT: N for forward, K for dx
     red,  # RED: K for forward, N for dx
     gather_div,  # gathered A row = slot // gather_div (topk from token order, 1 from slot order)
-    num_rows,  # M: the row stride of the dsp partials
     # Strides -----------------------------------------------------------------------------------
     stride_a_m, stride_a_k,
     stride_w_e, stride_w_red, stride_w_out,  # W's strides along expert, reduction, output column
@@ -111,7 +95,6 @@ def grouped_mm_kernel(
     GATHER_A: tl.constexpr,
     SCATTER_C: tl.constexpr,
     WEIGHTED: tl.constexpr,
-    EPILOGUE: tl.constexpr,  # "none", "glu" (SwiGLU forward) or "glu_bwd" (SwiGLU backward)
     SORT_A: tl.constexpr,  # also write the gathered A rows in expert order (for a dW with TMA)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -121,22 +104,9 @@ def grouped_mm_kernel(
     TMA_STORE: tl.constexpr,
     NUM_SMS: tl.constexpr,
 ):
-    """Grid: (min(NUM_SMS, upper bound on tiles),). Each program strides over output tiles.
-
-    Epilogues (both keep an [M, 2I] round trip and a launch off the experts block):
-
-    * ``glu`` — forward of the gate_up GEMM, W = [E, 2I, K]: a tile owns columns [n, n+BN) of
-      the gate half and the same columns of the up half (two accumulators over one A tile), stores
-      gate | up into H for the backward and ``silu(gate)·up`` into C ([M, I]).
-    * ``glu_bwd`` — dx of the down GEMM: the tile is dA_raw = dY·W2 over I columns; with gate and
-      up read back from H and w the row's routing weight it stores dH = [dgate | dup] of
-      dA = w·dA_raw into C ([M, 2I]), w·silu(gate)·up into AUX (what the down dW multiplies dY by)
-      and this column block's part of the routing-weight gradient Σ dA_raw·A into DSP.
-    """
+    """Grid: (min(NUM_SMS, upper bound on tiles),). Each program strides over output tiles."""
     pid = tl.program_id(0)
     dtype = w_ptr.dtype.element_ty
-    GLU: tl.constexpr = EPILOGUE == "glu"
-    GLU_BWD: tl.constexpr = EPILOGUE == "glu_bwd"
 
     # -- Row blocks per expert, computed once per program from the offsets -----------------------
     e_range = tl.arange(0, E_POW2)
@@ -147,8 +117,6 @@ def grouped_mm_kernel(
     num_m_blocks = tl.sum(blocks, axis=0)
     num_n_blocks = tl.cdiv(out_cols, BLOCK_N)
     num_tiles = num_m_blocks * num_n_blocks
-    # W rows of the up half (GLU): the gate half's rows shifted by I
-    w_cols = 2 * out_cols if GLU else out_cols
 
     # Without TMA the descriptors are never read: plain pointers stand in so _reduce's
     # signature stays one.
@@ -158,12 +126,12 @@ def grouped_mm_kernel(
         # W as a 3-D tensor: one descriptor serves every expert (expert index is a coordinate).
         if TRANS_W:
             w_desc = tl.make_tensor_descriptor(
-                w_ptr, shape=[E, red, w_cols], strides=[stride_w_e, stride_w_red, 1],
+                w_ptr, shape=[E, red, out_cols], strides=[stride_w_e, stride_w_red, 1],
                 block_shape=[1, BLOCK_K, BLOCK_N],
             )
         else:
             w_desc = tl.make_tensor_descriptor(
-                w_ptr, shape=[E, w_cols, red], strides=[stride_w_e, stride_w_out, 1],
+                w_ptr, shape=[E, out_cols, red], strides=[stride_w_e, stride_w_out, 1],
                 block_shape=[1, BLOCK_N, BLOCK_K],
             )
         if not GATHER_A:
@@ -190,7 +158,7 @@ def grouped_mm_kernel(
         rows = row0 + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
         rows = tl.where(row_mask, rows, row_start)
-        if GATHER_A or SCATTER_C or WEIGHTED or GLU_BWD:
+        if GATHER_A or SCATTER_C or WEIGHTED:
             slots = tl.load(sorted_slots_ptr + rows)
         if GATHER_A:
             a_row_ids = slots // gather_div
@@ -202,71 +170,40 @@ def grouped_mm_kernel(
 
         # int64: E·N·K passes 2^31 on deepseek-v3 (7.5e9 elements in gate_up).
         e64 = e.to(tl.int64)
-        rows64 = rows.to(tl.int64)
         a_ptrs = a_ptr + a_row_ids.to(tl.int64)[:, None] * stride_a_m + ks[None, :] * stride_a_k
         w_ptrs = w_ptr + e64 * stride_w_e + ks[:, None] * stride_w_red + cols[None, :] * stride_w_out
-        sorted_ptrs = sorted_a_ptr + rows64[:, None] * red + ks[None, :]
+        sorted_ptrs = sorted_a_ptr + rows.to(tl.int64)[:, None] * red + ks[None, :]
 
         # -- Reduction loop: the first column block also copies A's rows out (once per row), in
-        # its own copy of the loop so that every other tile's loop stays free of the store ------
+        # its own instance of the loop so that every other tile's loop stays free of the store ----
         if SORT_A:
             if n_block == 0:
-                acc, acc_up = _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask,
-                                      col_mask, red, out_cols, stride_a_k, stride_w_red, stride_w_out, TRANS_W,
-                                      GATHER_A, GLU, True, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD)
+                acc = _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask, col_mask, red,
+                              stride_a_k, stride_w_red, TRANS_W, GATHER_A, True, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD)
             else:
-                acc, acc_up = _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask,
-                                      col_mask, red, out_cols, stride_a_k, stride_w_red, stride_w_out, TRANS_W,
-                                      GATHER_A, GLU, False, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD)
+                acc = _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask, col_mask, red,
+                              stride_a_k, stride_w_red, TRANS_W, GATHER_A, False, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD)
         else:
-            acc, acc_up = _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask, col_mask,
-                                  red, out_cols, stride_a_k, stride_w_red, stride_w_out, TRANS_W, GATHER_A, GLU,
-                                  False, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD)
+            acc = _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask, col_mask, red,
+                          stride_a_k, stride_w_red, TRANS_W, GATHER_A, False, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD)
 
-        # -- Epilogue --------------------------------------------------------------------------------
-        out_mask = row_mask[:, None] & col_mask[None, :]
-        if GLU:
-            # gate | up into H for the backward; C = silu(gate)·up from the float32 accumulators.
-            h_ptrs = h_ptr + rows64[:, None] * (2 * out_cols) + cols[None, :]
-            tl.store(h_ptrs, acc.to(dtype), mask=out_mask)
-            tl.store(h_ptrs + out_cols, acc_up.to(dtype), mask=out_mask)
-            acc = acc * tl.sigmoid(acc) * acc_up
-        if GLU_BWD:
-            h_ptrs = h_ptr + rows64[:, None] * (2 * out_cols) + cols[None, :]
-            gate = tl.load(h_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-            up = tl.load(h_ptrs + out_cols, mask=out_mask, other=0.0).to(tl.float32)
-            w_row = tl.load(weights_ptr + slots).to(tl.float32)[:, None]
-            sig = tl.sigmoid(gate)
-            silu = gate * sig
-            act = silu * up
-            # d weight[slot] = <dY·W2, A> summed over all I: this block's columns here, the
-            # column blocks summed by the launcher (a fixed order, unlike atomics).
-            tl.store(dsp_ptr + n_block.to(tl.int64) * num_rows + slots, tl.sum(acc * act, axis=1), mask=row_mask)
-            aux_ptrs = aux_ptr + rows64[:, None] * out_cols + cols[None, :]
-            tl.store(aux_ptrs, (act * w_row).to(dtype), mask=out_mask)
-            d_act = acc * w_row
-            d_gate = d_act * up * sig * (1.0 + gate * (1.0 - sig))
-            d_up = d_act * silu
-            dh_ptrs = c_ptr + rows64[:, None] * stride_c_m + cols[None, :] * stride_c_n
-            tl.store(dh_ptrs, d_gate.to(dtype), mask=out_mask)
-            tl.store(dh_ptrs + out_cols * stride_c_n, d_up.to(dtype), mask=out_mask)
+        # -- Epilogue: routing weight, then masked (or TMA) write-back --------------------------------
+        if WEIGHTED:
+            acc = acc * tl.load(weights_ptr + slots).to(tl.float32)[:, None]
+        c = acc.to(dtype)
+        if SCATTER_C:
+            c_rows = slots
         else:
-            if WEIGHTED:
-                acc = acc * tl.load(weights_ptr + slots).to(tl.float32)[:, None]
-            c = acc.to(dtype)
-            if SCATTER_C:
-                c_rows = slots
-            else:
-                c_rows = rows
-            if TMA_STORE:
-                # The descriptor ends at the expert's last row, so TMA clips the rows of the next expert.
-                c_desc = tl.make_tensor_descriptor(
-                    c_ptr, shape=[row_end, out_cols], strides=[stride_c_m, 1], block_shape=[BLOCK_M, BLOCK_N],
-                )
-                c_desc.store([row0, n_block * BLOCK_N], c)
-            else:
-                c_ptrs = c_ptr + c_rows.to(tl.int64)[:, None] * stride_c_m + cols[None, :] * stride_c_n
-                tl.store(c_ptrs, c, mask=out_mask)
+            c_rows = rows
+        if TMA_STORE:
+            # The descriptor ends at the expert's last row, so TMA clips the rows of the next expert.
+            c_desc = tl.make_tensor_descriptor(
+                c_ptr, shape=[row_end, out_cols], strides=[stride_c_m, 1], block_shape=[BLOCK_M, BLOCK_N],
+            )
+            c_desc.store([row0, n_block * BLOCK_N], c)
+        else:
+            c_ptrs = c_ptr + c_rows.to(tl.int64)[:, None] * stride_c_m + cols[None, :] * stride_c_n
+            tl.store(c_ptrs, c, mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit

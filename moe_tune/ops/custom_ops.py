@@ -15,10 +15,11 @@ import torch
 
 from moe_tune.kernels.grouped_mm import grouped_mm_dw_kernel, grouped_mm_kernel
 from moe_tune.kernels.routing import routing_kernel
+from moe_tune.kernels.swiglu import swiglu_backward_kernel, swiglu_forward_kernel
 from moe_tune.ops import block
 from moe_tune.ops.launch import register_op
 
-_KERNELS = (grouped_mm_kernel, grouped_mm_dw_kernel, routing_kernel)
+_KERNELS = (grouped_mm_kernel, grouped_mm_dw_kernel, routing_kernel, swiglu_forward_kernel, swiglu_backward_kernel)
 
 
 def _moe_experts_fwd(
@@ -28,11 +29,10 @@ def _moe_experts_fwd(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
     activation: str,
-    sort_x: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out [T, H], H [M, 2I], X_s [M, H] or empty, expert_offsets [E+1], sorted_slots [M])."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out [T, H], H [M, 2I], expert_offsets [E+1], sorted_slots [M])."""
     assert activation in block.ACTIVATIONS, activation
-    return block.forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights, sort_x=sort_x, traced=True)
+    return block.forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights, traced=True)
 
 
 moe_experts_fwd = register_op("moe_tune::moe_experts_fwd", _moe_experts_fwd, _KERNELS)
@@ -41,7 +41,6 @@ moe_experts_fwd = register_op("moe_tune::moe_experts_fwd", _moe_experts_fwd, _KE
 def _moe_experts_bwd(
     grad_out: torch.Tensor,
     hidden: torch.Tensor,
-    x_sorted: torch.Tensor,
     gate_up_w: torch.Tensor,
     down_w: torch.Tensor,
     top_k_weights: torch.Tensor,
@@ -56,7 +55,7 @@ def _moe_experts_bwd(
     """Returns (d hidden [T, H], d gate_up_w, d down_w, d top_k_weights [T, k]); a gradient not
     asked for comes back as an empty tensor."""
     assert activation in block.ACTIVATIONS, activation
-    return block.backward(grad_out, hidden, x_sorted, gate_up_w, down_w, top_k_weights, gate_up_out, expert_offsets,
+    return block.backward(grad_out, hidden, gate_up_w, down_w, top_k_weights, gate_up_out, expert_offsets,
                           sorted_slots, need_hidden=need_hidden, need_gate_up=need_gate_up, need_down=need_down,
                           traced=True)
 
@@ -65,19 +64,16 @@ moe_experts_bwd = register_op("moe_tune::moe_experts_bwd", _moe_experts_bwd, _KE
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, gate_up_w, down_w, _top_k_index, top_k_weights, activation, sort_x = inputs
-    _out, gate_up_out, x_sorted, expert_offsets, sorted_slots = output
-    ctx.mark_non_differentiable(gate_up_out, x_sorted, expert_offsets, sorted_slots)
-    # With X_s kept, X itself is not needed: save an empty stand-in instead of pinning it.
-    kept_hidden = hidden.new_empty(0) if sort_x else hidden
-    ctx.save_for_backward(kept_hidden, x_sorted, gate_up_w, down_w, top_k_weights, gate_up_out, expert_offsets,
-                          sorted_slots)
+    hidden, gate_up_w, down_w, _top_k_index, top_k_weights, activation = inputs
+    _out, gate_up_out, expert_offsets, sorted_slots = output
+    ctx.mark_non_differentiable(gate_up_out, expert_offsets, sorted_slots)
+    ctx.save_for_backward(hidden, gate_up_w, down_w, top_k_weights, gate_up_out, expert_offsets, sorted_slots)
     ctx.activation = activation
 
 
-def _backward(ctx, grad_out, _grad_gate_up_out, _grad_x_sorted, _grad_offsets, _grad_slots):
+def _backward(ctx, grad_out, _grad_gate_up_out, _grad_offsets, _grad_slots):
     saved = ctx.saved_tensors
-    need_hidden, need_gate_up, need_down, _, need_weights, _, _ = ctx.needs_input_grad
+    need_hidden, need_gate_up, need_down, _, need_weights, _ = ctx.needs_input_grad
     d_hidden, d_gate_up, d_down, d_weights = moe_experts_bwd(
         grad_out, *saved, ctx.activation, need_hidden, need_gate_up, need_down,
     )
@@ -87,7 +83,6 @@ def _backward(ctx, grad_out, _grad_gate_up_out, _grad_x_sorted, _grad_offsets, _
         d_down if need_down else None,
         None,
         d_weights if need_weights else None,
-        None,
         None,
     )
 

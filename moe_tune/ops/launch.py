@@ -74,9 +74,6 @@ def register_op(qualname: str, fn, kernels: tuple = ()):
 # Launchers
 # -------------------------------------------------------------------------------------------------
 
-EPILOGUES = ("none", "glu", "glu_bwd")
-
-
 def _descriptor_scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
@@ -138,36 +135,32 @@ class _Launcher:
         compiled.run(grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata, metadata, enter, leave, *full)
 
 
-# In the interpreter kernels are plain Python functions with no compiled launcher to keep.
-_LAUNCHERS = {} if OPAQUE_OPS else {kernel: _Launcher(kernel) for kernel in (grouped_mm_kernel, grouped_mm_dw_kernel)}
+_LAUNCHERS: dict[Any, _Launcher] = {}
 
 
-def _launch(kernel, traced: bool, grid: tuple, args: tuple, meta: dict, outputs: tuple) -> None:
-    """Traced: through ``traceable`` (an op body); on a GPU, eager: the cached-launcher path;
-    in the interpreter: a plain launch."""
+def launch_kernel(kernel, traced: bool, grid: tuple, args: tuple, meta: dict, outputs: tuple) -> None:
+    """Launch any of moe-tune's kernels: traced, through ``traceable`` (an op body, ``outputs``
+    being the tensors it writes); on a GPU, eager, through the kernel's cached launcher; in the
+    interpreter, plainly."""
     if traced:
         traceable(kernel, *outputs)[grid](*args, **meta)
     elif OPAQUE_OPS:
         kernel[grid](*args, **meta)
     else:
-        _LAUNCHERS[kernel](grid, args, meta)
+        launcher = _LAUNCHERS.get(kernel)
+        if launcher is None:
+            launcher = _LAUNCHERS[kernel] = _Launcher(kernel)
+        launcher(grid, args, meta)
 
 
 def grouped_mm(a, w, c, routing, weights, *, trans_w: bool, gather_a: bool, gather_div: int, scatter_c: bool,
-               cfg: KernelConfig, info: DeviceInfo, epilogue: str = "none", h=None, aux=None, dsp=None,
-               sorted_a=None, traced: bool = False) -> None:
-    """One launch of ``grouped_mm_kernel``: C = A·W[e]ᵀ (``trans_w``: A·W[e]) per expert.
-
-    ``epilogue`` (see the kernel): ``"glu"`` writes gate | up into ``h`` [M, 2I] and SwiGLU into
-    ``c`` [M, I] (W is [E, 2I, K]); ``"glu_bwd"`` reads ``h``, writes dH into ``c`` [M, 2I],
-    w·A into ``aux`` [M, I] and per-column-block weight-gradient partials into ``dsp``
-    [⌈I/BLOCK_N⌉, M] float32. ``sorted_a`` [M, RED], when given, receives A's gathered rows in
-    expert order.
-    """
+               cfg: KernelConfig, info: DeviceInfo, sorted_a=None, traced: bool = False) -> None:
+    """One launch of ``grouped_mm_kernel``: C = A·W[e]ᵀ (``trans_w``: A·W[e]) per expert, rows of A
+    gathered as ``slot // gather_div`` when ``gather_a``, rows of C scattered to slot order when
+    ``scatter_c``, multiplied by ``weights`` when given. ``sorted_a`` [M, RED], when given, receives
+    A's gathered rows in expert order."""
     E, N, K = w.shape
     out_cols, red = (K, N) if trans_w else (N, K)
-    if epilogue == "glu":
-        out_cols //= 2
     if trans_w:
         stride_w_red, stride_w_out = w.stride(1), w.stride(2)
     else:
@@ -175,23 +168,22 @@ def grouped_mm(a, w, c, routing, weights, *, trans_w: bool, gather_a: bool, gath
     ensure_allocator(cfg, w.device)
     args = (
         a, w, c, routing.expert_offsets, routing.sorted_slots, weights if weights is not None else c,
-        h if h is not None else c, aux if aux is not None else c, dsp if dsp is not None else c,
         sorted_a if sorted_a is not None else a,
-        a.shape[0], out_cols, red, gather_div, routing.sorted_slots.shape[0],
+        a.shape[0], out_cols, red, gather_div,
         a.stride(0), a.stride(1),
         w.stride(0), stride_w_red, stride_w_out,
         c.stride(0), c.stride(1),
     )
     meta = dict(
         E=E, E_POW2=triton.next_power_of_2(E + 1),
-        TRANS_W=trans_w, GATHER_A=gather_a, SCATTER_C=scatter_c, WEIGHTED=weights is not None and epilogue == "none",
-        EPILOGUE=epilogue, SORT_A=sorted_a is not None,
+        TRANS_W=trans_w, GATHER_A=gather_a, SCATTER_C=scatter_c, WEIGHTED=weights is not None,
+        SORT_A=sorted_a is not None,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    outputs = (a, c, *(t for t in (h, aux, dsp, sorted_a) if t is not None))
-    _launch(grouped_mm_kernel, traced, (info.sm_count,), args, meta, outputs)
+    outputs = (a, c) if sorted_a is None else (a, c, sorted_a)
+    launch_kernel(grouped_mm_kernel, traced, (info.sm_count,), args, meta, outputs)
 
 
 def grouped_mm_dw(dy, x, dw, routing, weights, *, gather_dy: bool, dy_div: int, gather_x: bool, x_div: int,
@@ -224,4 +216,4 @@ def grouped_mm_dw(dy, x, dw, routing, weights, *, gather_dy: bool, dy_div: int, 
         TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    _launch(grouped_mm_dw_kernel, traced, (info.sm_count,), args, meta, (dy, dw))
+    launch_kernel(grouped_mm_dw_kernel, traced, (info.sm_count,), args, meta, (dy, dw))

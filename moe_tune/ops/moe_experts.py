@@ -101,30 +101,25 @@ def moe_experts(
             top_k_weights.contiguous())
     if lora is not None:
         return moe_experts_lora(*args, lora)
-    # Keep the expert-ordered rows of X for dW1 only when that gradient will be taken.
-    sort_x = torch.is_grad_enabled() and gate_up_w.requires_grad
     if torch.compiler.is_compiling():
-        return custom_ops.moe_experts_fwd(*args, activation, sort_x)[0]
-    return _EagerBlock.apply(*args, sort_x)
+        return custom_ops.moe_experts_fwd(*args, activation)[0]
+    return _EagerBlock.apply(*args)
 
 
 class _EagerBlock(torch.autograd.Function):
     """The block outside torch.compile: the bodies run as plain Python, kernels launched directly."""
 
     @staticmethod
-    def forward(ctx, hidden, gate_up_w, down_w, top_k_index, top_k_weights, sort_x):
-        out, h, x_sorted, offsets, slots = block.forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights,
-                                                         sort_x=sort_x, traced=False)
-        ctx.save_for_backward(hidden if not sort_x else None, x_sorted, gate_up_w, down_w, top_k_weights, h,
-                              offsets, slots)
+    def forward(ctx, hidden, gate_up_w, down_w, top_k_index, top_k_weights):
+        out, h, offsets, slots = block.forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights, traced=False)
+        ctx.save_for_backward(hidden, gate_up_w, down_w, top_k_weights, h, offsets, slots)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, x_sorted, gate_up_w, down_w, top_k_weights, h, offsets, slots = ctx.saved_tensors
-        need_hidden, need_gate_up, need_down, _, need_weights, _ = ctx.needs_input_grad
+        need_hidden, need_gate_up, need_down, _, need_weights = ctx.needs_input_grad
         d_hidden, d_gate_up, d_down, d_weights = block.backward(
-            grad_out, hidden, x_sorted, gate_up_w, down_w, top_k_weights, h, offsets, slots,
-            need_hidden=need_hidden, need_gate_up=need_gate_up, need_down=need_down, traced=False)
+            grad_out, *ctx.saved_tensors, need_hidden=need_hidden, need_gate_up=need_gate_up, need_down=need_down,
+            traced=False)
         return (d_hidden if need_hidden else None, d_gate_up if need_gate_up else None,
-                d_down if need_down else None, None, d_weights if need_weights else None, None)
+                d_down if need_down else None, None, d_weights if need_weights else None)

@@ -66,10 +66,10 @@ def build_routing(top_k_index: torch.Tensor, num_experts: int, *, traced: bool =
     if method == "kernel":
         offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=ids.device)
         slots = torch.empty(ids.numel(), dtype=torch.int32, device=ids.device)
-        from moe_tune.ops.launch import traceable
+        from moe_tune.ops.launch import launch_kernel
 
-        kernel = traceable(routing_kernel, offsets, slots) if traced else routing_kernel
-        kernel[(num_experts + 1,)](ids, offsets, slots, ids.numel(), BLOCK=_ROUTING_BLOCK, num_warps=4)
+        launch_kernel(routing_kernel, traced, (num_experts + 1,), (ids, offsets, slots, ids.numel()),
+                      dict(BLOCK=_ROUTING_BLOCK, num_warps=4), (offsets, slots))
         return Routing(offsets, slots, num_tokens, topk)
     # One stable sort gives both outputs: its permutation is the slot order, and the offsets are
     # where each expert id would be inserted in the sorted ids (a handful of launches in all,

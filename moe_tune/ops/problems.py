@@ -1,0 +1,99 @@
+"""Any tuning ``Problem`` as something to run: its inputs, one launch with a given config, and its
+float reference. The sweep's cases (``moe_tune.tuning.cases``) go through here, so a problem is
+gated and timed exactly as the experts block launches it — fused epilogue and all.
+
+Data flow: ``make_inputs(problem, routing, randn, rand)`` → a dict of named tensors (activations,
+weights, routing weights, and the side buffers a fused kernel writes besides its checked output)
+→ ``launch(problem, inputs, routing, cfg, out, info)`` writes the checked output ``out``
+(``output_shape``) → ``reference(problem, inputs, routing, dtype)`` computes it in ``dtype``.
+
+The checked output is the launcher's (``moe_tune.ops.grouped_gemm``) for a plain problem, and
+dW [E, N, K] from expert-ordered, unweighted operands for a "sorted" dw (what the block runs).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from moe_tune.device import DeviceInfo
+from moe_tune.errors import InvalidInputError
+from moe_tune.ops import grouped_gemm as gg
+from moe_tune.ops import launch as launchers
+from moe_tune.ops.routing import Routing
+from moe_tune.problem import KernelConfig, Problem
+
+def supported(problem: Problem) -> bool:
+    return problem.weight_layout == "nk" and problem.fusion in ("none", "sorted")
+
+
+def _require_supported(problem: Problem) -> None:
+    if not supported(problem):
+        raise InvalidInputError(f"no launcher runs {problem.key} as a standalone case")
+
+
+def output_shape(problem: Problem, routing: Routing) -> tuple[int, ...]:
+    p, rows = problem, routing.num_rows
+    return {"forward": (rows, p.N), "dx": (rows, p.K), "dw": (p.E, p.N, p.K)}[p.pass_]
+
+
+def make_inputs(problem: Problem, routing: Routing, randn: Callable[..., torch.Tensor],
+                rand: Callable[..., torch.Tensor], *, weight_values: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors one launch reads and writes besides its checked output. ``randn``/``rand``
+    draw seeded values of the problem's dtype; ``weight_values=False`` leaves the weights
+    uninitialised (compile-only workers never read them)."""
+    _require_supported(problem)
+    p = problem
+    rows, tokens = routing.num_rows, routing.num_tokens
+    like = randn(1)
+    inputs: dict[str, torch.Tensor] = {}
+    if p.weighted and p.fusion != "sorted":
+        inputs["weights"] = rand(rows)
+    if p.pass_ in ("forward", "dx"):
+        inputs["w"] = (randn(p.E, p.N, p.K) if weight_values
+                       else torch.empty(p.E, p.N, p.K, dtype=like.dtype, device=like.device))
+    if p.fusion == "sorted":
+        inputs["dy"], inputs["x"] = randn(rows, p.N), randn(rows, p.K)
+    else:
+        if p.pass_ in ("forward", "dw"):
+            inputs["x"] = randn(tokens if p.gather else rows, p.K)
+        if p.pass_ in ("dx", "dw"):
+            inputs["dy"] = randn(rows, p.N)
+    return inputs
+
+
+def launch(problem: Problem, inputs: dict[str, torch.Tensor], routing: Routing, cfg: KernelConfig,
+           out: torch.Tensor, info: DeviceInfo) -> torch.Tensor:
+    """One launch of ``problem`` with ``cfg`` into ``out`` (``output_shape``); returns the checked
+    output: ``out`` itself, except for a gathered dx, whose k slots per token are then summed."""
+    _require_supported(problem)
+    p = problem
+    if p.fusion == "sorted":
+        launchers.grouped_mm_dw(inputs["dy"], inputs["x"], out, routing, None, gather_dy=False, dy_div=1,
+                                gather_x=False, x_div=1, cfg=cfg, info=info)
+        return out
+    flags = dict(gather=p.gather, scatter=p.scatter, weights=inputs.get("weights"), config=cfg, out=out)
+    if p.pass_ == "forward":
+        return gg.forward(inputs["x"], inputs["w"], routing, **flags)
+    if p.pass_ == "dx":
+        return gg.backward_dx(inputs["dy"], inputs["w"], routing, **flags)
+    return gg.backward_dw(inputs["dy"], inputs["x"], (p.E, p.N, p.K), routing, **flags)
+
+
+def reference(problem: Problem, inputs: dict[str, torch.Tensor], routing: Routing,
+              dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The checked output computed with plain torch in ``dtype`` (float64 by default)."""
+    from moe_tune.reference import reference_dw, reference_dx, reference_forward
+
+    _require_supported(problem)
+    p = problem
+    weights = inputs.get("weights")
+    if p.fusion == "sorted":
+        return reference_dw(inputs["dy"], inputs["x"], routing, dtype=dtype)
+    flags = dict(gather=p.gather, scatter=p.scatter, weights=weights, dtype=dtype)
+    if p.pass_ == "forward":
+        return reference_forward(inputs["x"], inputs["w"], routing, **flags)
+    if p.pass_ == "dx":
+        return reference_dx(inputs["dy"], inputs["w"], routing, **flags)
+    return reference_dw(inputs["dy"], inputs["x"], routing, **flags)
