@@ -47,10 +47,6 @@ class Summary:
         """p80 − p20: the middle 60% of the samples."""
         return self.p80_ms - self.p20_ms
 
-    @property
-    def half_spread_ms(self) -> float:
-        return self.spread_ms / 2
-
 
 def quantile(ordered: Sequence[float], q: float) -> float:
     """The ``q`` quantile of sorted values, interpolated linearly between the closest ranks."""

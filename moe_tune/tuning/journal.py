@@ -21,7 +21,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from moe_tune.errors import CacheError, InvalidInputError, MoeTuneError
 from moe_tune.slug import slug
@@ -110,9 +110,6 @@ class Journal:
         # that was reported. Records are ~300 bytes and a sweep writes a few thousand.
         os.fsync(self._file.fileno())
         self.records.append(dict(record))
-
-    def of_type(self, kind: str) -> Iterator[dict[str, Any]]:
-        return (r for r in self.records if r.get("type") == kind)
 
     def close(self) -> None:
         self._file.close()

@@ -46,7 +46,6 @@ class SweepOptions:
     candidate_timeout_s: float = DEFAULT_CANDIDATE_TIMEOUT_S
     compile_workers: int | None = None  # None: automatic (none under the interpreter)
     policy: SearchPolicy | None = None  # None: search.policy_for(space, exhaustive)
-    write_cache: bool = True
     gpus: tuple[int, ...] | None = None  # None: every visible GPU (CPU lanes with interpret: one by default)
     shard: tuple[int, int] | None = None  # (i, n): this job runs its deterministic 1/n of the units
     gather_timeout_s: float | None = None  # None: distribute.GATHER_TIMEOUT

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Protocol
+from typing import Iterable, Mapping, Protocol
 
 from moe_tune.device import DeviceInfo
 from moe_tune.problem import DTYPE_BYTES, KernelConfig, Problem
@@ -249,21 +249,19 @@ class Evaluator(Protocol):
 
 
 def search_bucket(problem: Problem, tokens: int, screen: list[KernelConfig], default: KernelConfig,
-                  evaluator: Evaluator, policy: SearchPolicy, seeds: Iterable[KernelConfig] = (),
-                  on_stage: Callable[[str], None] | None = None) -> BucketResult:
-    """Screen, re-time the finalists, settle near-ties (module docstring)."""
-    if on_stage:
-        on_stage("screen")
+                  evaluator: Evaluator, policy: SearchPolicy, seeds: Iterable[KernelConfig] = ()) -> BucketResult:
+    """Screen, re-time the finalists, settle near-ties, face the default (module docstring)."""
     screened = {cfg: evaluator.measure(problem, tokens, cfg, "screen") for cfg in screen}
-    return settle_bucket(problem, tokens, screen, screened, default, evaluator, policy, seeds, on_stage)
+    return settle_bucket(problem, tokens, screen, screened, default, evaluator, policy, seeds)
 
 
 def settle_bucket(problem: Problem, tokens: int, screen: list[KernelConfig], screened: Mapping[KernelConfig, object],
                   default: KernelConfig, evaluator: Evaluator, policy: SearchPolicy,
-                  seeds: Iterable[KernelConfig] = (), on_stage: Callable[[str], None] | None = None) -> BucketResult:
-    """The careful and tie stages of ``search_bucket``, given the screen's outcomes (``screened``:
-    one per config of ``screen``, measured anywhere: the sweep spreads one bucket's screen over
-    several GPUs and settles it on one, so that every careful time it compares comes from one card)."""
+                  seeds: Iterable[KernelConfig] = ()) -> BucketResult:
+    """The careful, tie and head-to-head stages of ``search_bucket``, given the screen's outcomes
+    (``screened``: one per config of ``screen``, measured anywhere: the sweep spreads one bucket's
+    screen over several GPUs and settles it on one, so that every careful time it compares comes
+    from one card)."""
     failed: dict[str, str] = {}
     screen_ms: dict[KernelConfig, float] = {}
 
@@ -278,8 +276,6 @@ def settle_bucket(problem: Problem, tokens: int, screen: list[KernelConfig], scr
             note_failure(cfg, outcome)
 
     # -- careful ------------------------------------------------------------------------------
-    if on_stage:
-        on_stage("careful")
     by_screen = sorted(screen_ms, key=lambda c: (screen_ms[c], c))
     finalists: list[KernelConfig] = []
     for cfg in [*by_screen[: policy.finalists], *seeds, default]:
@@ -301,8 +297,6 @@ def settle_bucket(problem: Problem, tokens: int, screen: list[KernelConfig], scr
         contenders = [c for c, t in timed.items() if t.median_ms <= best * (1 + policy.tie_tolerance)]
         if len(contenders) < 2:
             break
-        if on_stage:
-            on_stage(f"tie{round_}")
         for cfg in contenders:
             outcome = evaluator.measure(problem, tokens, cfg, f"tie{round_}")
             if outcome.ok:
@@ -313,31 +307,29 @@ def settle_bucket(problem: Problem, tokens: int, screen: list[KernelConfig], scr
                 del timed[cfg]
 
     ordered = sorted(timed.values(), key=lambda t: (t.median_ms, t.config))
-    best = ordered[0] if ordered else None
+    top = ordered[0] if ordered else None
     default_timed = timed.get(default)
-    median_ms, spread_ms = (best.median_ms, best.spread_ms) if best else (None, None)
+    median_ms, spread_ms = (top.median_ms, top.spread_ms) if top else (None, None)
     default_ms = default_timed.median_ms if default_timed else None
 
     # -- the winner against the default -----------------------------------------------------------
     decision = None
-    if best is not None and best.config != default and default_timed is not None and policy.versus_rounds:
-        if on_stage:
-            on_stage("versus")
-        versus = evaluator.versus(problem, tokens, best.config, default, policy.versus_rounds)
-        decision = decide(best.config, default, versus)
-        best = timed[decision.winner]
+    if top is not None and top.config != default and default_timed is not None and policy.versus_rounds:
+        versus = evaluator.versus(problem, tokens, top.config, default, policy.versus_rounds)
+        decision = decide(top.config, default, versus)
+        top = timed[decision.winner]
         kept = versus.challenger if decision.kept == "challenger" else versus.default
         # The head-to-head's times are the fairest comparison with the default: report those.
-        median_ms, spread_ms = (kept.median_ms, kept.spread_ms) if kept.ok else (best.median_ms, best.spread_ms)
+        median_ms, spread_ms = (kept.median_ms, kept.spread_ms) if kept.ok else (top.median_ms, top.spread_ms)
         if versus.default.ok:
             default_ms = versus.default.median_ms
     return BucketResult(
         problem=problem,
         tokens=tokens,
-        winner=best.config if best else None,
+        winner=top.config if top else None,
         median_ms=median_ms,
         spread_ms=spread_ms,
-        rel_error=best.rel_error if best else None,
+        rel_error=top.rel_error if top else None,
         default=default,
         default_ms=default_ms,
         screened=len(screen),

@@ -87,7 +87,7 @@ def run_sweep(options: SweepOptions, progress: Progress | None = None, *,
              if split["kind"] == "shard" else {p: split["index"] for p in problems})
     mine = [p for p in problems if owner[p] == split["index"]]
     priority = largest_first({p: work[p] for p in mine})
-    writes_cache = options.write_cache and (launch is None or launch.rank == 0)
+    writes_cache = launch is None or launch.rank == 0
     gather = None
     if launch is not None:  # join the group now: a failed rendezvous costs no tuning
         timeout = GATHER_TIMEOUT if options.gather_timeout_s is None else timedelta(seconds=options.gather_timeout_s)

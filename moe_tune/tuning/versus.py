@@ -57,10 +57,6 @@ class Decision:
     def winner(self) -> KernelConfig:
         return self.challenger if self.kept == "challenger" else self.default
 
-    @property
-    def winner_ms(self) -> float | None:
-        return self.challenger_ms if self.kept == "challenger" else self.default_ms
-
     def to_dict(self) -> dict[str, Any]:
         return {"challenger": self.challenger.to_dict(), "challenger_short": self.challenger.short(),
                 "default_short": self.default.short(), "challenger_ms": self.challenger_ms,

@@ -85,7 +85,6 @@ class WorkerProcess:
         self.start_timeout = start_timeout
         self.name = name
         self.starts = 0
-        self.failures = 0  # crashes and timeouts seen
         self._proc = None
         self._conn = None
         self._broken: str | None = None
@@ -135,23 +134,19 @@ class WorkerProcess:
             self._conn.send(dict(request))
         except (BrokenPipeError, OSError):
             code = self._reap()
-            self.failures += 1
             return {"ok": False, "failure": "crashed", "error": f"worker died (exit code {code}) before the request"}
         if not self._conn.poll(timeout):
             self._kill()
-            self.failures += 1
             return {"ok": False, "failure": "timeout",
                     "error": f"no answer within {timeout:g} s (hung); the worker was killed and restarted"}
         try:
             reply = self._conn.recv()
         except (EOFError, OSError):
             code = self._reap()
-            self.failures += 1
             return {"ok": False, "failure": "crashed",
                     "error": f"the worker died (exit code {code}) on this candidate and was restarted"}
         if reply.get("fatal"):
             self._reap()
-            self.failures += 1
         return reply
 
     def close(self) -> None:
@@ -237,10 +232,6 @@ class WorkerPool:
     @property
     def restarts(self) -> int:
         return sum(w.restarts for w in self.workers)
-
-    @property
-    def failures(self) -> int:
-        return sum(w.failures for w in self.workers)
 
     def close(self, cancel_pending: bool = True) -> None:
         if cancel_pending:
