@@ -34,11 +34,6 @@ class DeviceInfo:
         # Tensor descriptors lower to TMA on sm90+; the interpreter emulates them.
         return self.is_interpreter or self.capability >= (9, 0)
 
-    @property
-    def slug(self) -> str:
-        """File-name-safe device name, e.g. ``nvidia-h100-80gb-hbm3``."""
-        return "".join(c if c.isalnum() else "-" for c in self.name.lower()).strip("-")
-
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["capability"] = list(self.capability)
