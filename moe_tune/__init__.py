@@ -6,8 +6,7 @@ The kernels and the autograd entry point load on first use (``moe_tune.grouped_g
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from moe_tune._version import __version__
 from moe_tune.errors import MoeTuneError
 from moe_tune.problem import KernelConfig, Problem
 

@@ -136,7 +136,9 @@ class Layer:
 
     def cache_files(self, device_name: str | None = None) -> list[Any]:
         """The layer's cache files, sorted by name; only ``device_name``'s when given. A missing
-        root is an empty layer; an unreadable one raises ``OSError`` for the caller to report."""
+        root is an empty layer; an unreadable one raises ``OSError`` for the caller to report.
+        Only regular files count: a FIFO or a directory named like a cache file is skipped
+        (``is_file`` stats it; opening a FIFO would block)."""
         root = self.root
         if root is None:
             return []
@@ -145,7 +147,7 @@ class Layer:
         if not root.is_dir():
             return []
         prefix = device_slug(device_name) + SEPARATOR if device_name is not None else ""
-        found = [f for f in root.iterdir() if is_cache_file_name(f.name) and f.name.startswith(prefix)]
+        found = [f for f in root.iterdir() if is_cache_file_name(f.name) and f.name.startswith(prefix) and f.is_file()]
         return sorted(found, key=lambda f: f.name)
 
 

@@ -1,11 +1,13 @@
-"""The cache file format and the pack format: one place, one version number.
+"""The cache file format: one place, one version number, the range of every value it holds.
 
 Data flow: the sweep builds a ``CacheFile`` in memory (``add`` one measured config per problem and
 token bucket) → ``to_json`` gives a plain dict with a stable key order → ``dumps`` indents it for
 disk (``CacheStore`` in ``store.py`` does the locking and the atomic replace). Readers go back with
-``loads``/``from_json``, which validate every field and raise ``CacheError`` naming the field's
-place (``entries['dw/…'].buckets[2].measurement.median_ms: …``); a file from a newer major
-version raises ``CacheVersionError``; an older major is upgraded by ``_MIGRATIONS`` first.
+``CacheFile.loads`` (``fields.loads``: size, nesting and finite numbers) and ``from_json``, which
+validate every field, type and range, and raise ``CacheError`` naming the field's place
+(``entries['dw/…'].buckets[2].measurement.median_ms: …``); a file from a newer major version
+raises ``CacheVersionError``; an older major is upgraded by ``_MIGRATIONS`` first. Writers are held
+to the same ranges (``new``, ``add``, ``Measurement``), so nothing written is refused when read.
 
 A cache file (one device, one Triton version; ``paths.file_name`` names it)::
 
@@ -40,15 +42,12 @@ software (same device is guaranteed: a file holds one device) the faster median 
 the existing one; across different software the later measurement wins, since timings from
 different kernels or compilers are not comparable and the newer one describes what runs now.
 
-A pack (``moe-tune export``) bundles cache files with a manifest and a sha256 over its canonical
-JSON (sorted keys, no whitespace), so a copy damaged or edited in transit is refused.
+Packs (several cache files bundled for shipping) live in ``pack.py``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import re
 import shlex
@@ -57,8 +56,10 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping
 
-from moe_tune import __version__
+from moe_tune._version import __version__
 from moe_tune.cache import paths
+from moe_tune.cache.fields import MAX_NAME_CHARS, MAX_TEXT_CHARS, Fields, loads, parse_time, show
+from moe_tune.cache.software import Software
 from moe_tune.device import DeviceInfo
 from moe_tune.errors import CacheError, CacheVersionError, InvalidInputError
 from moe_tune.problem import KernelConfig, Problem
@@ -86,116 +87,119 @@ def _sig(value: float) -> float:
     return float(f"{value:.6g}")
 
 
-def _parse_time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
 # -------------------------------------------------------------------------------------------------
-# Field-by-field validation with the field's place in every message
+# Limits: the range of every number a file may hold (refused on read, and on write)
 # -------------------------------------------------------------------------------------------------
 
+# What one launch of the kernels accepts. Blocks: tl.dot needs 16 rows and columns at least, and
+# 1024 keeps every 2-D tile within Triton's 2^20-element tensor limit. GROUP_M: the kernels multiply
+# it by the count of column blocks in 32-bit arithmetic. Warps: a CUDA block holds at most 1024
+# threads. Stages: Triton unrolls a load per stage into the loop's prologue; the full space stops
+# at 6, and a count in the thousands only makes a compile run for minutes.
+CONFIG_LIMITS: dict[str, tuple[int, int]] = {
+    "BLOCK_M": (16, 1024), "BLOCK_N": (16, 1024), "BLOCK_K": (16, 1024),
+    "GROUP_M": (1, 1024), "num_warps": (1, 32), "num_stages": (1, 16),
+}
 
-class _Fields:
-    def __init__(self, data: Any, where: str):
-        if not isinstance(data, Mapping):
-            raise CacheError(f"{where}: expected an object, got {_type_name(data)}")
-        self.data, self.where = data, where
+# Far above any model (the presets reach E = 512, N and K = 14336, k = 10) and low enough that
+# E·N·K stays exact in the kernels' 64-bit offsets.
+PROBLEM_LIMITS: dict[str, tuple[int, int]] = {"E": (1, 1 << 16), "N": (1, 1 << 20), "K": (1, 1 << 20),
+                                              "topk": (1, 1 << 10)}
 
-    def _get(self, key: str, optional: bool) -> Any:
-        if key not in self.data:
-            if optional:
-                return None
-            raise CacheError(f"{self.where}: missing '{key}'")
-        return self.data[key]
+# Routed rows (tokens · k) are int32 in the routing metadata.
+MAX_TOKENS = (1 << 31) - 1
 
-    def fail(self, key: str, message: str) -> CacheError:
-        return CacheError(f"{self.where}.{key}: {message}")
+# Generous for any GPU (an H200 is compute capability 9.0 with 132 SMs and 232448 bytes).
+MAX_CAPABILITY = 99
+MAX_SM_COUNT = 1 << 16
+MAX_SHARED_MEM = 1 << 30
 
-    def str(self, key: str, optional: bool = False) -> str | None:
-        value = self._get(key, optional)
-        if value is None and optional:
-            return None
-        if not isinstance(value, str):
-            raise self.fail(key, f"expected a string, got {_type_name(value)}")
-        return value
-
-    def int(self, key: str, minimum: int = 0) -> int:
-        value = self._get(key, False)
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise self.fail(key, f"expected an integer >= {minimum}, got {value!r}")
-        return value
-
-    def float(self, key: str, optional: bool = False) -> float | None:
-        value = self._get(key, optional)
-        if value is None and optional:
-            return None
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-            raise self.fail(key, f"expected a finite number >= 0, got {value!r}")
-        return float(value)
-
-    def bool(self, key: str) -> bool:
-        value = self._get(key, False)
-        if not isinstance(value, bool):
-            raise self.fail(key, f"expected true or false, got {value!r}")
-        return value
-
-    def time(self, key: str) -> str:
-        value = self.str(key)
-        try:
-            _parse_time(value)
-        except ValueError:
-            raise self.fail(key, f"expected an ISO-8601 time, got {value!r}") from None
-        return value
-
-    def obj(self, key: str) -> "_Fields":
-        return _Fields(self._get(key, False), f"{self.where}.{key}")
-
-    def list(self, key: str) -> list:
-        value = self._get(key, False)
-        if not isinstance(value, list):
-            raise self.fail(key, f"expected a list, got {_type_name(value)}")
-        return value
+# A launch slower than ~3 hours or faster than 1 EFLOP/s is not a measurement.
+MAX_MS = 1e7
+MAX_TFLOPS = 1e6
+MAX_SWEEP_SECONDS = 1e9
+MAX_CANDIDATES = (1 << 31) - 1
 
 
-def _type_name(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), type(value).__name__
-    )
+def _outside(limits: Mapping[str, tuple[int, int]], value: Any) -> str | None:
+    for name, (low, high) in limits.items():
+        number = getattr(value, name)
+        if not low <= number <= high:
+            return f"{name} must be in [{low}, {high}], got {show(number)}"
+    return None
 
 
-def _wrap_invalid(where: str, build: Callable[[], Any]) -> Any:
-    """Run a ``from_dict`` that raises ``InvalidInputError`` and report it as a cache error."""
+def config_out_of_range(config: KernelConfig) -> str | None:
+    """Why ``config`` is outside what a launch accepts (``CONFIG_LIMITS``), or None."""
+    return _outside(CONFIG_LIMITS, config)
+
+
+def problem_out_of_range(problem: Problem) -> str | None:
+    """Why ``problem`` is outside ``PROBLEM_LIMITS`` (or has more experts per token than experts)."""
+    reason = _outside(PROBLEM_LIMITS, problem)
+    if reason is None and problem.topk > problem.E:
+        reason = f"topk ({problem.topk}) exceeds the expert count ({problem.E})"
+    return reason
+
+
+def _device_out_of_range(device: DeviceInfo) -> str | None:
+    major, minor = device.capability
+    if not (isinstance(device.name, str) and device.name.isprintable() and 0 < len(device.name) <= MAX_NAME_CHARS):
+        return f"the device name must be printable text of 1 to {MAX_NAME_CHARS} characters, got {show(device.name)}"
+    if not (0 <= major <= MAX_CAPABILITY and 0 <= minor <= MAX_CAPABILITY):
+        return f"capability must be two integers in [0, {MAX_CAPABILITY}], got {show(device.capability)}"
+    if not 1 <= device.sm_count <= MAX_SM_COUNT:
+        return f"sm_count must be in [1, {MAX_SM_COUNT}], got {show(device.sm_count)}"
+    if not 1 <= device.max_shared_mem <= MAX_SHARED_MEM:
+        return f"max_shared_mem must be in [1, {MAX_SHARED_MEM}], got {show(device.max_shared_mem)}"
+    return None
+
+
+def _device_from_json(f: Fields) -> DeviceInfo:
+    capability = f.list("capability")
+    if len(capability) != 2 or not all(type(v) is int and 0 <= v <= MAX_CAPABILITY for v in capability):
+        raise f.fail("capability", f"expected two integers in [0, {MAX_CAPABILITY}], got {show(capability)}")
+    name = f.name("name")
+    if not name:
+        raise f.fail("name", "empty")
+    return DeviceInfo(name=name, capability=(capability[0], capability[1]),
+                      sm_count=f.int("sm_count", 1, MAX_SM_COUNT),
+                      max_shared_mem=f.int("max_shared_mem", 1, MAX_SHARED_MEM))
+
+
+def _from_dict(where: str, build: Callable[[], Any],
+               out_of_range: Callable[[Any], str | None] = lambda value: None) -> Any:
+    """Run a ``from_dict`` (which raises ``InvalidInputError``), then the range check, and report
+    either failure as a cache error at ``where``."""
     try:
-        return build()
-    except InvalidInputError as exc:
+        value = build()
+    except (InvalidInputError, TypeError, ValueError) as exc:
         raise CacheError(f"{where}: {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise CacheError(f"{where}: {exc}") from None
+    reason = out_of_range(value)
+    if reason is not None:
+        raise CacheError(f"{where}: {reason}")
+    return value
+
+
+def _software_text(software: Software) -> str | None:
+    for name, value in software.to_dict().items():
+        if value is None and name == "cuda":
+            continue
+        if not (isinstance(value, str) and value.isprintable() and len(value) <= MAX_NAME_CHARS):
+            return f"software {name} must be printable text of at most {MAX_NAME_CHARS} characters, got {show(value)}"
+    return None
+
+
+def _clean_command(command: str) -> str:
+    # argv may hold bytes that are not UTF-8 (lone surrogates in Python) and any length; the file
+    # must encode as UTF-8 and stay within what readers accept.
+    text = command.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= MAX_TEXT_CHARS else text[:MAX_TEXT_CHARS - 1] + "…"
 
 
 # -------------------------------------------------------------------------------------------------
 # Values
 # -------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Software:
-    """What a measurement depends on besides the device (see ``software.current_software``)."""
-
-    triton: str
-    torch: str
-    cuda: str | None
-    moe_tune: str
-    kernel_hash: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"triton": self.triton, "torch": self.torch, "cuda": self.cuda, "moe_tune": self.moe_tune,
-                "kernel_hash": self.kernel_hash}
-
-    @classmethod
-    def from_json(cls, f: _Fields) -> "Software":
-        return cls(triton=f.str("triton"), torch=f.str("torch"), cuda=f.str("cuda", optional=True),
-                   moe_tune=f.str("moe_tune"), kernel_hash=f.str("kernel_hash"))
 
 
 @dataclass(frozen=True)
@@ -220,28 +224,31 @@ class Measurement:
     measured_at: str = field(default_factory=now_iso)
 
     def __post_init__(self) -> None:
-        for name in ("median_ms", "tflops", "default_ms", "spread_ms", "max_rel_err"):
+        for name, maximum in _MEASUREMENT_MAXIMA.items():
             value = getattr(self, name)
             if value is None and name in ("default_ms", "max_rel_err"):
                 continue
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-                raise InvalidInputError(f"measurement {name} must be a finite number >= 0, got {value!r}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= maximum:
+                raise InvalidInputError(f"measurement {name} must be a number in [0, {maximum:g}], got {show(value)}")
             object.__setattr__(self, name, _sig(value))
-        if not isinstance(self.candidates, int) or isinstance(self.candidates, bool) or self.candidates < 0:
-            raise InvalidInputError(f"measurement candidates must be an integer >= 0, got {self.candidates!r}")
+        if not isinstance(self.candidates, int) or isinstance(self.candidates, bool) \
+                or not 0 <= self.candidates <= MAX_CANDIDATES:
+            raise InvalidInputError(f"measurement candidates must be an integer in [0, {MAX_CANDIDATES}], "
+                                    f"got {show(self.candidates)}")
         if not isinstance(self.correct, bool):
-            raise InvalidInputError(f"measurement correct must be true or false, got {self.correct!r}")
+            raise InvalidInputError(f"measurement correct must be true or false, got {show(self.correct)}")
         try:
-            _parse_time(self.measured_at)
-        except (TypeError, ValueError, AttributeError):
-            raise InvalidInputError(f"measurement measured_at must be an ISO-8601 time, got {self.measured_at!r}") from None
+            parse_time(self.measured_at)
+        except ValueError as exc:
+            raise InvalidInputError(f"measurement measured_at: {exc}") from None
 
     @property
     def speedup(self) -> float | None:
         """The heuristic default's time over the tuned config's (None when unknown)."""
         if self.default_ms is None or self.median_ms <= 0:
             return None
-        return self.default_ms / self.median_ms
+        ratio = self.default_ms / self.median_ms
+        return ratio if ratio != float("inf") else None  # a median of 1e-320 ms overflows the ratio
 
     def to_dict(self) -> dict[str, Any]:
         return {"median_ms": self.median_ms, "spread_ms": self.spread_ms, "tflops": self.tflops,
@@ -249,11 +256,18 @@ class Measurement:
                 "max_rel_err": self.max_rel_err, "measured_at": self.measured_at}
 
     @classmethod
-    def from_json(cls, f: _Fields) -> "Measurement":
-        return cls(median_ms=f.float("median_ms"), spread_ms=f.float("spread_ms"), tflops=f.float("tflops"),
-                   default_ms=f.float("default_ms", optional=True), candidates=f.int("candidates"),
-                   correct=f.bool("correct"), max_rel_err=f.float("max_rel_err", optional=True),
+    def from_json(cls, f: Fields) -> "Measurement":
+        top = _MEASUREMENT_MAXIMA
+        return cls(median_ms=f.float("median_ms", top["median_ms"]), spread_ms=f.float("spread_ms", top["spread_ms"]),
+                   tflops=f.float("tflops", top["tflops"]),
+                   default_ms=f.float("default_ms", top["default_ms"], optional=True),
+                   candidates=f.int("candidates", 0, MAX_CANDIDATES), correct=f.bool("correct"),
+                   max_rel_err=f.float("max_rel_err", top["max_rel_err"], optional=True),
                    measured_at=f.time("measured_at"))
+
+
+_MEASUREMENT_MAXIMA = {"median_ms": MAX_MS, "tflops": MAX_TFLOPS, "default_ms": MAX_MS, "spread_ms": MAX_MS,
+                       "max_rel_err": sys.float_info.max}
 
 
 @dataclass(frozen=True)
@@ -275,7 +289,7 @@ def pick(existing: BucketEntry, incoming: BucketEntry) -> BucketEntry:
         return existing if existing.measurement.correct else incoming
     if existing.software == incoming.software:
         return incoming if incoming.measurement.median_ms < existing.measurement.median_ms else existing
-    newer = _parse_time(incoming.measurement.measured_at) > _parse_time(existing.measurement.measured_at)
+    newer = parse_time(incoming.measurement.measured_at) > parse_time(existing.measurement.measured_at)
     return incoming if newer else existing
 
 
@@ -291,9 +305,9 @@ class WriteRecord:
                 "moe_tune": self.moe_tune}
 
     @classmethod
-    def from_json(cls, f: _Fields) -> "WriteRecord":
-        seconds = f.float("sweep_seconds", optional=True)
-        return cls(time=f.time("time"), command=f.str("command"), sweep_seconds=seconds, moe_tune=f.str("moe_tune"))
+    def from_json(cls, f: Fields) -> "WriteRecord":
+        seconds = f.float("sweep_seconds", MAX_SWEEP_SECONDS, optional=True)
+        return cls(time=f.time("time"), command=f.text("command"), sweep_seconds=seconds, moe_tune=f.name("moe_tune"))
 
 
 @dataclass
@@ -305,9 +319,9 @@ class Provenance:
         return {"created": self.created, "writes": [w.to_dict() for w in self.writes]}
 
     def merge(self, other: "Provenance") -> None:
-        self.created = min(self.created, other.created, key=_parse_time)
+        self.created = min(self.created, other.created, key=parse_time)
         records = {(w.time, w.command): w for w in self.writes + other.writes}
-        self.writes = sorted(records.values(), key=lambda w: _parse_time(w.time))[-MAX_WRITE_RECORDS:]
+        self.writes = sorted(records.values(), key=lambda w: parse_time(w.time))[-MAX_WRITE_RECORDS:]
 
 
 @dataclass(frozen=True)
@@ -353,12 +367,19 @@ class CacheFile:
             from moe_tune.cache.software import current_software
 
             software = current_software()
+        reason = _device_out_of_range(device) or _software_text(software)
+        if reason is not None:
+            raise InvalidInputError(reason)
         if command is None:
             argv = sys.argv if sys.argv and sys.argv[0] else ["python"]
             command = shlex.join([os.path.basename(argv[0]), *argv[1:]])
+        seconds = None
+        if sweep_seconds is not None:
+            seconds = _sig(float(sweep_seconds))
+            if not 0 <= seconds <= MAX_SWEEP_SECONDS:
+                raise InvalidInputError(f"sweep_seconds must be in [0, {MAX_SWEEP_SECONDS:g}], got {show(sweep_seconds)}")
         time = now_iso()
-        seconds = None if sweep_seconds is None else _sig(float(sweep_seconds))
-        record = WriteRecord(time=time, command=command, sweep_seconds=seconds, moe_tune=__version__)
+        record = WriteRecord(time=time, command=_clean_command(command), sweep_seconds=seconds, moe_tune=__version__)
         return cls(device=device, software=software, provenance=Provenance(created=time, writes=[record]))
 
     # ---- identity ---------------------------------------------------------------------------
@@ -371,6 +392,12 @@ class CacheFile:
     def name(self) -> str:
         """The file name this cache lives under (``paths.file_name``)."""
         return paths.file_name(self.device.name, self.triton)
+
+    @property
+    def target(self) -> str:
+        """What the file is for, in words: ``NVIDIA H100 80GB HBM3 (sm 9.0) / Triton 3.6.0``."""
+        major, minor = self.device.capability
+        return f"{self.device.name} (sm {major}.{minor}) / Triton {self.triton}"
 
     def same_target(self, other: "CacheFile") -> bool:
         """Whether ``other`` belongs in the same file: same device (name and capability) and
@@ -386,8 +413,8 @@ class CacheFile:
         by the merge rule. Returns the entry that stays."""
         if not isinstance(problem, Problem):
             raise InvalidInputError(f"problem must be a Problem, got {type(problem).__name__}")
-        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens <= 0:
-            raise InvalidInputError(f"a token bucket must be a positive integer, got {tokens!r}")
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= MAX_TOKENS:
+            raise InvalidInputError(f"a token bucket must be an integer in [1, {MAX_TOKENS}], got {show(tokens)}")
         if not isinstance(config, KernelConfig):
             raise InvalidInputError(f"config must be a KernelConfig, got {type(config).__name__}")
         if not isinstance(measurement, Measurement):
@@ -396,6 +423,9 @@ class CacheFile:
         if software.triton != self.triton:
             raise InvalidInputError(
                 f"a cache file holds one Triton version ({self.triton}); this entry was measured with {software.triton}")
+        reason = problem_out_of_range(problem) or config_out_of_range(config) or _software_text(software)
+        if reason is not None:
+            raise InvalidInputError(reason)
         entry = BucketEntry(config, measurement, software)
         buckets = self.entries.setdefault(problem, {})
         kept = pick(buckets[tokens], entry) if tokens in buckets else entry
@@ -420,9 +450,8 @@ class CacheFile:
         """Fold ``other`` into this file, entry by entry, with the merge rule. The header's
         software becomes ``other``'s (the newer writer's)."""
         if not self.same_target(other):
-            raise CacheError(
-                f"cannot merge a cache for {other.device.name} / Triton {other.triton} into one for "
-                f"{self.device.name} / Triton {self.triton}: one file holds one device and one Triton version")
+            raise CacheError(f"cannot merge a cache for {other.target} into one for {self.target} "
+                             f"({differences(self, other)}): one file holds one device and one Triton version")
         added = replaced = kept = 0
         for problem, buckets in other.entries.items():
             mine = self.entries.setdefault(problem, {})
@@ -463,30 +492,34 @@ class CacheFile:
 
     @classmethod
     def from_json(cls, data: Any, source: str = "cache") -> "CacheFile":
-        data = _upgrade(data, source, CACHE_KIND)
-        top = _Fields(data, source)
-        device = _wrap_invalid(f"{source}.device", lambda: DeviceInfo.from_dict(top.obj("device").data))
+        data = upgrade(data, source, CACHE_KIND)
+        top = Fields(data, source)
+        device = _device_from_json(top.obj("device"))
         software = Software.from_json(top.obj("software"))
         prov = top.obj("provenance")
-        writes = [WriteRecord.from_json(_Fields(w, f"{prov.where}.writes[{i}]")) for i, w in enumerate(prov.list("writes"))]
+        writes = [WriteRecord.from_json(Fields(w, f"{prov.where}.writes[{i}]")) for i, w in enumerate(prov.list("writes"))]
         cache = cls(device=device, software=software, provenance=Provenance(prov.time("created"), writes))
         entries = top.obj("entries")
         for key, raw in entries.data.items():
-            where = f"{source}.entries[{key!r}]"
-            entry = _Fields(raw, where)
-            problem = _wrap_invalid(f"{where}.problem", lambda: Problem.from_dict(entry.obj("problem").data))
+            where = f"{source}.entries[{show(key)}]"
+            entry = Fields(raw, where)
+            problem = _from_dict(f"{where}.problem", lambda: Problem.from_dict(entry.obj("problem").data),
+                                 problem_out_of_range)
             if problem.key != key:
                 raise CacheError(f"{where}: the key does not match its problem ({problem.key})")
             buckets: dict[int, BucketEntry] = {}
             for i, raw_bucket in enumerate(entry.list("buckets")):
-                b = _Fields(raw_bucket, f"{where}.buckets[{i}]")
-                tokens = b.int("tokens", minimum=1)
+                b = Fields(raw_bucket, f"{where}.buckets[{i}]")
+                tokens = b.int("tokens", 1, MAX_TOKENS)
                 if tokens in buckets:
                     raise CacheError(f"{b.where}: token bucket {tokens} appears twice")
-                config = _wrap_invalid(f"{b.where}.config", lambda: KernelConfig.from_dict(b.obj("config").data))
-                measurement = _wrap_invalid(f"{b.where}.measurement",
-                                            lambda: Measurement.from_json(b.obj("measurement")))
+                config = _from_dict(f"{b.where}.config", lambda: KernelConfig.from_dict(b.obj("config").data),
+                                    config_out_of_range)
+                measurement = _from_dict(f"{b.where}.measurement", lambda: Measurement.from_json(b.obj("measurement")))
                 bucket_software = Software.from_json(b.obj("software"))
+                if bucket_software.triton != software.triton:
+                    raise CacheError(f"{b.where}.software.triton: {show(bucket_software.triton)} in a file for "
+                                     f"Triton {show(software.triton)} (one file holds one Triton version)")
                 buckets[tokens] = BucketEntry(config, measurement, bucket_software)
             cache.entries[problem] = buckets
         return cache
@@ -507,44 +540,26 @@ def dumps(doc: Mapping[str, Any]) -> str:
     return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text) + "\n"
 
 
-def loads(text: str | bytes, source: str) -> Any:
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise CacheError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if not text.strip():
-        raise CacheError(f"{source}: the file is empty")
-    try:
-        return json.loads(text, parse_constant=_refuse_constant)
-    except json.JSONDecodeError as exc:
-        raise CacheError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    except ValueError as exc:
-        raise CacheError(f"{source}: {exc}") from None
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed in a cache file")
+_VERSION = re.compile(r"(\d{1,4})\.(\d{1,4})", re.ASCII)
 
 
 def _parse_version(value: Any, source: str) -> tuple[int, int]:
-    if isinstance(value, str):
-        parts = value.split(".")
-        if len(parts) == 2 and all(p.isdigit() for p in parts):
-            return int(parts[0]), int(parts[1])
-    raise CacheError(f"{source}: schema_version must look like \"1.0\", got {value!r}")
+    match = _VERSION.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise CacheError(f"{source}: schema_version must look like \"1.0\", got {show(value)}")
+    return int(match.group(1)), int(match.group(2))
 
 
-def _upgrade(data: Any, source: str, kind: str) -> Any:
+def upgrade(data: Any, source: str, kind: str) -> Any:
     """Check kind and version; bring an older major up to the current one."""
-    top = _Fields(data, source)
+    top = Fields(data, source)
     if "schema_version" not in data:
         raise CacheError(f"{source}: not a moe-tune cache (no schema_version)")
     major, minor = _parse_version(data["schema_version"], source)
     found_kind = data.get("kind")
     if found_kind != kind:
         what = {CACHE_KIND: "a cache file", PACK_KIND: "a pack"}
-        raise CacheError(f"{source}: expected {what.get(kind, kind)}, found kind {found_kind!r}"
+        raise CacheError(f"{source}: expected {what[kind]}, found kind {show(found_kind)}"
                          + (" (install a pack with `moe-tune install`)" if found_kind == PACK_KIND else ""))
     current = _parse_version(SCHEMA_VERSION, "SCHEMA_VERSION")[0]
     if major > current:
@@ -557,90 +572,20 @@ def _upgrade(data: Any, source: str, kind: str) -> Any:
             raise CacheVersionError(f"{source}: schema {major}.{minor} is too old to read (no migration to {major + 1}.x)")
         data = migrate(dict(top.data))
         major, minor = _parse_version(data.get("schema_version"), source)
-        top = _Fields(data, source)
+        top = Fields(data, source)
     return data
 
 
-# -------------------------------------------------------------------------------------------------
-# Packs
-# -------------------------------------------------------------------------------------------------
-
-
-def canonical_sha256(payload: Mapping[str, Any]) -> str:
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return hashlib.sha256(text.encode("ascii")).hexdigest()
-
-
-@dataclass
-class Pack:
-    """Cache files bundled for shipping: data only, names derived from content on install."""
-
-    caches: list[CacheFile]
-    created: str = field(default_factory=now_iso)
-    command: str = ""
-    model: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        caches = sorted(self.caches, key=lambda c: c.name)
-        manifest = {
-            "created": self.created,
-            "moe_tune": __version__,
-            "command": self.command,
-            "model": self.model,
-            "files": [{"name": c.name, "device": c.device.name, "capability": list(c.device.capability),
-                       "triton": c.triton, "problems": len(c.entries), "entries": len(c)} for c in caches],
-        }
-        payload = {"schema_version": SCHEMA_VERSION, "kind": PACK_KIND, "manifest": manifest,
-                   "caches": [c.to_json() for c in caches]}
-        return {**payload, "sha256": canonical_sha256(payload)}
-
-    def dumps(self) -> str:
-        return dumps(self.to_json())
-
-    @classmethod
-    def from_json(cls, data: Any, source: str = "pack") -> "Pack":
-        data = _upgrade(data, source, PACK_KIND)
-        top = _Fields(data, source)
-        claimed = top.str("sha256")
-        payload = {k: v for k, v in data.items() if k != "sha256"}
-        try:
-            actual = canonical_sha256(payload)
-        except ValueError as exc:
-            raise CacheError(f"{source}: {exc}") from None
-        if claimed != actual:
-            raise CacheError(f"{source}: checksum mismatch (manifest says {claimed[:12]}…, content is "
-                             f"{actual[:12]}…): the pack was damaged or edited after export")
-        manifest = top.obj("manifest")
-        files = manifest.list("files")
-        caches = [CacheFile.from_json(c, f"{source}.caches[{i}]") for i, c in enumerate(top.list("caches"))]
-        if len(files) != len(caches):
-            raise CacheError(f"{source}: the manifest lists {len(files)} files but the pack holds {len(caches)}")
-        seen = set()
-        for i, (listed, cache) in enumerate(zip(files, caches)):
-            name = _Fields(listed, f"{manifest.where}.files[{i}]").str("name")
-            # The name is never used as a path (install derives it from the content); a mismatch
-            # means the manifest lies about what the pack holds.
-            if name != cache.name:
-                raise CacheError(f"{source}: manifest file {i} is named {name!r} but holds a cache for "
-                                 f"{cache.device.name} / Triton {cache.triton} ({cache.name})")
-            if cache.name in seen:
-                raise CacheError(f"{source}: two caches for {cache.device.name} / Triton {cache.triton}")
-            seen.add(cache.name)
-        model = manifest.str("model", optional=True)
-        return cls(caches=caches, created=manifest.time("created"), command=manifest.str("command"), model=model)
-
-    @classmethod
-    def loads(cls, text: str | bytes, source: str = "pack") -> "Pack":
-        return cls.from_json(loads(text, source), source)
-
-
-def load_any(text: str | bytes, source: str) -> tuple[str, list[CacheFile]]:
-    """A cache file or a pack → (its kind, the cache files it holds), for commands taking either."""
-    data = loads(text, source)
-    kind = data.get("kind") if isinstance(data, Mapping) else None
-    if kind == PACK_KIND:
-        return PACK_KIND, Pack.from_json(data, source).caches
-    return CACHE_KIND, [CacheFile.from_json(data, source)]
+def differences(a: CacheFile, b: CacheFile) -> str:
+    """What tells two caches' targets apart, in words (name, compute capability, Triton version)."""
+    found = []
+    if a.device.name != b.device.name:
+        found.append(f"device name {show(a.device.name)} vs {show(b.device.name)}")
+    if a.device.capability != b.device.capability:
+        found.append("compute capability {}.{} vs {}.{}".format(*a.device.capability, *b.device.capability))
+    if a.triton != b.triton:
+        found.append(f"Triton {show(a.triton)} vs {show(b.triton)}")
+    return ", ".join(found) or "nothing"
 
 
 def merge_all(caches: Iterable[CacheFile]) -> tuple[list[CacheFile], MergeStats]:
@@ -651,8 +596,10 @@ def merge_all(caches: Iterable[CacheFile]) -> tuple[list[CacheFile], MergeStats]
         if cache.name in merged and merged[cache.name].same_target(cache):
             stats = stats + merged[cache.name].merge(cache)
         elif cache.name in merged:
-            raise CacheError(f"two different devices share the file name {cache.name}: "
-                             f"{merged[cache.name].device.name} and {cache.device.name}")
+            first = merged[cache.name]
+            raise CacheError(f"two caches map to the file name {cache.name} but differ in "
+                             f"{differences(first, cache)}: {first.target} and {cache.target} cannot share "
+                             "one file; merge them separately")
         else:
             copy = CacheFile.from_json(cache.to_json(), cache.name)
             merged[cache.name] = copy

@@ -1,9 +1,9 @@
-"""The software a measurement depends on, read without importing triton.
+"""The software a measurement depends on (``Software``), read without importing triton.
 
 Data flow: package metadata (Triton, torch versions) and the text of ``moe_tune/kernels/*.py``
-→ ``Software`` (``schema.Software``) recorded beside every cached config. The runtime compares the
-Triton version (which file to trust) and the kernel hash (whether the kernels changed since the
-sweep) against the running process; writers call ``current_software()``.
+→ ``Software``, recorded beside every cached config (``schema`` writes and reads it). The runtime
+compares the Triton version (which file to trust) and the kernel hash (whether the kernels changed
+since the sweep) against the running process; writers call ``current_software()``.
 """
 
 from __future__ import annotations
@@ -11,13 +11,36 @@ from __future__ import annotations
 import functools
 import hashlib
 import sys
+from dataclasses import dataclass
+from typing import Any
 
-from moe_tune import __version__
+from moe_tune._version import __version__
+from moe_tune.cache.fields import Fields
 
 # Distributions that install the `triton` module: upstream, PyTorch's pinned build, nightlies.
 _TRITON_DISTS = ("triton", "pytorch-triton", "triton-nightly", "pytorch-triton-rocm")
 
 UNKNOWN_KERNEL_HASH = "unknown"
+
+
+@dataclass(frozen=True)
+class Software:
+    """What a measurement depends on besides the device (see ``current_software``)."""
+
+    triton: str
+    torch: str
+    cuda: str | None
+    moe_tune: str
+    kernel_hash: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"triton": self.triton, "torch": self.torch, "cuda": self.cuda, "moe_tune": self.moe_tune,
+                "kernel_hash": self.kernel_hash}
+
+    @classmethod
+    def from_json(cls, f: Fields) -> "Software":
+        return cls(triton=f.name("triton"), torch=f.name("torch"), cuda=f.name("cuda", optional=True),
+                   moe_tune=f.name("moe_tune"), kernel_hash=f.name("kernel_hash"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,11 +81,9 @@ def kernel_source_hash() -> str:
     return digest.hexdigest()[:16] if sources else UNKNOWN_KERNEL_HASH
 
 
-def current_software():
+def current_software() -> Software:
     """The running process's ``Software`` record. Imports torch (for its CUDA version): meant for
     writers, which have torch loaded anyway."""
-    from moe_tune.cache.schema import Software
-
     try:
         import torch
 

@@ -18,6 +18,7 @@ from typing import Any
 import typer
 
 from moe_tune.cli.options import CacheDirOption, JsonOption
+from moe_tune.errors import CacheError
 
 
 def _versions() -> dict[str, Any]:
@@ -101,12 +102,15 @@ def _caches(cache_dir) -> list[dict[str, Any]]:
                 item.update(device=cache.device.name, capability=list(cache.device.capability), triton=cache.triton,
                             problems=len(cache.entries), entries=len(cache),
                             last_write=cache.provenance.writes[-1].time if cache.provenance.writes else None)
-            except Exception as exc:  # report, never fail: doctor runs when something is wrong
+            except CacheError as exc:  # report, never fail: doctor runs when something is wrong
                 item["error"] = str(exc)
             entry["files"].append(item)
         # Sweep journals live beside a writable cache (see moe_tune.tuning.journal).
         if isinstance(layer.root, Path) and (layer.root / "journals").is_dir():
-            entry["journals"] = sorted(p.name for p in (layer.root / "journals").iterdir() if p.suffix == ".jsonl")
+            try:
+                entry["journals"] = sorted(p.name for p in (layer.root / "journals").iterdir() if p.suffix == ".jsonl")
+            except OSError as exc:
+                entry["journals"] = [f"(cannot list: {exc.strerror or exc})"]
         layers.append(entry)
     return layers
 
@@ -124,6 +128,7 @@ def doctor(cache_dir: CacheDirOption = None, json_output: JsonOption = False) ->
 
 def _print(report: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
     console = Console()
     v, gpu = report["versions"], report["gpu"]
@@ -139,16 +144,17 @@ def _print(report: dict[str, Any]) -> None:
     else:
         console.print(f"GPU: none ({gpu.get('error')})" + ("; TRITON_INTERPRET is set" if gpu["interpreter"] else ""))
     for layer in report["caches"]:
+        # Paths, names and errors are data (a file named "x[/red].json" is not markup): escaped.
         state = layer.get("error") or ("" if layer.get("exists") else "(absent)")
-        console.print(f"cache layer {layer['layer']}: {layer['root']} {state}".rstrip())
+        console.print(escape(f"cache layer {layer['layer']}: {layer['root']} {state}".rstrip()))
         for item in layer["files"]:
             if "error" in item:
-                console.print(f"  {item['name']}: [red]unreadable[/red]: {item['error']}")
+                console.print(f"  {escape(item['name'])}: [red]unreadable[/red]: {escape(item['error'])}")
             else:
-                console.print(f"  {item['name']}: {item['device']}, Triton {item['triton']}, "
-                              f"{item['problems']} problems, {item['entries']} entries, last written {item['last_write']}")
+                console.print(escape(f"  {item['name']}: {item['device']}, Triton {item['triton']}, {item['problems']} "
+                                     f"problems, {item['entries']} entries, last written {item['last_write']}"))
         for journal in layer.get("journals", []):
-            console.print(f"  journal: {journal}")
+            console.print(escape(f"  journal: {journal}"))
     sys.stdout.flush()
 
 

@@ -6,8 +6,9 @@ Data flow:
   dir) → cache files filtered by ``--device`` and ``--model`` → one ``Pack`` (manifest + sha256
   over its canonical JSON) written atomically to ``-o``.
 * ``install``: a pack (or a single cache file) → validated (schema, checksum, manifest names
-  against content) → each cache merged under the store's lock into the target directory. Packs
-  are data only: the target file name is derived from the device name and Triton version through
+  against content) → each cache merged under the store's lock into the target directory
+  (``--dry-run``: ``CacheStore.preview``, which fails wherever the write would). Packs are data
+  only: the target file name is derived from the device name and Triton version through
   ``paths.file_name`` (a sanitised slug), never taken from the pack.
 * ``merge``: cache files, packs or directories → grouped by (device, Triton) and merged with the
   cache's merge rule → one cache file, or a pack when the result spans several devices or Triton
@@ -24,7 +25,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from moe_tune.cache import paths
-from moe_tune.cache.schema import MergeStats, Pack, merge_all
+from moe_tune.cache.pack import Pack
+from moe_tune.cache.schema import merge_all
 from moe_tune.cache.store import CacheStore, atomic_write_text, read_inputs
 from moe_tune.cli.options import CacheDirOption, DryRunOption, JsonOption, ModelOption, OutputOption, model_filter
 from moe_tune.errors import CacheError, InvalidInputError
@@ -103,13 +105,10 @@ def install(
     store = CacheStore(cache_dir)
     results = []
     for cache in caches:
-        target = store.path_for(cache.device, cache.triton)
-        if dry_run:
-            current = store.read(cache.device, cache.triton)
-            stats = current.merge(cache) if current is not None else MergeStats(added=len(cache))
-        else:
-            stats = store.write(cache).stats
-        results.append({"path": str(target), "device": cache.device.name, "triton": cache.triton, **stats.to_dict()})
+        # The preview fails wherever the write would, so a dry run that passes means an install will.
+        result = store.preview(cache) if dry_run else store.write(cache)
+        results.append({"path": str(result.path), "device": cache.device.name, "triton": cache.triton,
+                        **result.stats.to_dict()})
     verb = "would merge" if dry_run else "merged"
     lines = [f"{verb} {r['device']} / Triton {r['triton']} into {r['path']}: "
              f"{r['added']} added, {r['replaced']} replaced, {r['kept']} kept" for r in results]

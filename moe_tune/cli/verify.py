@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from moe_tune.cli.options import CacheDirOption, JsonOption
+from moe_tune.errors import NoGPUError
 from moe_tune.tuning.verify import DEFAULT_MARGIN, DEFAULT_TOLERANCE
 
 
@@ -32,6 +33,9 @@ def verify(
     """Re-time cached configs on this GPU and report entries that are now stale (exit 1 if any)."""
     from moe_tune.tuning.verify import run_verify
 
+    if not interpret:
+        _require_gpu()
+
     device, found, verdicts = run_verify(cache_dir=cache_dir, sample=sample, seed=seed, tolerance=tolerance,
                                          default_margin=default_margin, interpret=interpret)
     stale = [v for v in verdicts if v.stale]
@@ -46,6 +50,17 @@ def verify(
         print(f"moe-tune: {len(stale)} of {len(verdicts)} sampled entries are stale: re-run `moe-tune sweep` "
               "for their problems", file=sys.stderr)
         raise typer.Exit(1)
+
+
+def _require_gpu() -> None:
+    # Checked here so that the message names this command (the engine's own check speaks for sweep).
+    try:
+        import torch
+    except ImportError:
+        raise NoGPUError("`moe-tune verify` needs torch with a CUDA GPU; torch is not installed") from None
+    if not torch.cuda.is_available():
+        raise NoGPUError("no CUDA GPU is visible: `moe-tune verify` re-times cached configs on the GPU it runs on "
+                         "(try `--interpret` for a CPU check of the pipeline)")
 
 
 def _print(device, found: int, verdicts) -> None:

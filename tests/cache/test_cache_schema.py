@@ -9,8 +9,9 @@ import json
 
 import pytest
 
-from moe_tune.cache import schema
-from moe_tune.cache.schema import CacheFile, Measurement, Pack, pick
+from moe_tune.cache import pack, schema
+from moe_tune.cache.pack import Pack
+from moe_tune.cache.schema import CacheFile, Measurement, pick
 from moe_tune.cache.testing import H100, random_cache_file, random_config, random_measurement, random_problem, random_software
 from moe_tune.errors import CacheError, CacheVersionError, InvalidInputError
 
@@ -215,9 +216,8 @@ def test_cache_merge_counts_and_refuses_other_targets(rng):
 
 def test_pack_round_trip_and_checksum(rng):
     caches = [random_cache_file(rng), random_cache_file(rng, device=dataclasses.replace(H100, name="NVIDIA H200"))]
-    pack = Pack(caches, command="moe-tune export", model="qwen3-30b-a3b")
-    doc = pack.to_json()
-    assert doc["sha256"] == schema.canonical_sha256({k: v for k, v in doc.items() if k != "sha256"})
+    doc = Pack(caches, command="moe-tune export", model="qwen3-30b-a3b").to_json()
+    assert doc["sha256"] == pack.canonical_sha256({k: v for k, v in doc.items() if k != "sha256"})
     back = Pack.loads(json.dumps(doc))
     assert sorted(back.caches, key=lambda c: c.name) == sorted(caches, key=lambda c: c.name)
     # Whitespace does not matter (the checksum is over the canonical form), content does.
@@ -231,7 +231,7 @@ def test_pack_round_trip_and_checksum(rng):
 def test_pack_manifest_names_must_match_content(rng):
     doc = Pack([random_cache_file(rng)]).to_json()
     doc["manifest"]["files"][0]["name"] = "../../etc__triton-3.6.0.json"
-    doc["sha256"] = schema.canonical_sha256({k: v for k, v in doc.items() if k != "sha256"})
+    doc["sha256"] = pack.canonical_sha256({k: v for k, v in doc.items() if k != "sha256"})
     with pytest.raises(CacheError, match="named"):
         Pack.from_json(doc)
 
@@ -242,4 +242,4 @@ def test_pack_and_cache_kinds_are_not_confused(rng):
         Pack.from_json(cache.to_json())
     with pytest.raises(CacheError, match="moe-tune install"):
         CacheFile.from_json(Pack([cache]).to_json())
-    assert schema.load_any(Pack([cache]).dumps(), "p")[0] == schema.PACK_KIND
+    assert pack.load_any(Pack([cache]).dumps(), "p")[0] == schema.PACK_KIND

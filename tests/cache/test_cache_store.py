@@ -1,5 +1,6 @@
 """The locked store with real files, real locks and real processes: merges under the lock,
-16 concurrent writers, a writer SIGKILLed mid-write, damaged and future-version files."""
+32 concurrent writers that never fail for waiting behind each other, a writer SIGKILLed
+mid-write, a stuck lock holder, damaged and future-version files, dry-run previews."""
 
 from __future__ import annotations
 
@@ -15,42 +16,45 @@ from pathlib import Path
 import pytest
 
 from moe_tune.cache import CacheFile, CacheStore, read_cache_file
-from moe_tune.cache.schema import Software
+from moe_tune.cache.software import Software
 from moe_tune.cache.store import read_inputs
 from moe_tune.cache.testing import H100, random_cache_file, random_config, random_measurement, random_problem
 from moe_tune.errors import CacheError, CacheVersionError, CacheWarning
 
 SOFTWARE = Software(triton="3.6.0", torch="2.11.0", cuda="13.0", moe_tune="0.1.0", kernel_hash="0123456789abcdef")
 
-# Worker processes import only moe_tune.cache (no torch): ~0.1 s each, so 16 fit a 2-core box.
+# Worker processes import only moe_tune.cache (no torch): ~0.1 s each, so 32 fit a 2-core box.
 WRITER = textwrap.dedent("""
     import random, sys, time
     from pathlib import Path
     from moe_tune.cache import CacheFile, CacheStore
-    from moe_tune.cache.schema import Software
+    from moe_tune.cache.software import Software
     from moe_tune.cache.testing import H100, random_config, random_measurement
     from moe_tune.problem import Problem
 
-    directory, worker, seed, writes, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
+    directory, worker, seed, entries, writes, timeout, go = sys.argv[1:]
+    worker, entries, writes = int(worker), int(entries), int(writes)
     software = Software("3.6.0", "2.11.0", "13.0", "0.1.0", "0123456789abcdef")
-    rng = random.Random(seed)
-    while not go.exists():  # start together: maximise contention
+    rng = random.Random(int(seed))
+    while not Path(go).exists():  # start together: maximise contention
         time.sleep(0.005)
-    for i in range(writes):
-        cache = CacheFile.new(H100, software, command=f"worker {worker}")
-        problem = Problem("forward", 128, 64 * (worker + 1), 64 * (i + 1), 8, "bfloat16", gather=True)
-        cache.add(problem, 4096, random_config(rng), random_measurement(rng))
-        CacheStore(directory).write(cache)
+    per_write = entries // writes
+    for w in range(writes):
+        cache = CacheFile.new(H100, software, command=f"worker {worker} write {w}")
+        for i in range(w * per_write, (w + 1) * per_write):
+            problem = Problem("forward", 128, 64 * (worker + 1), 64 * (i + 1), 8, "bfloat16", gather=True)
+            cache.add(problem, 4096, random_config(rng), random_measurement(rng))
+        CacheStore(directory, lock_timeout=float(timeout)).write(cache)
 """)
 
 
-def _expected_writes(seed: int, worker: int, writes: int):
+def _expected_entries(seed: int, worker: int, entries: int):
     import random
 
     from moe_tune.problem import Problem
 
     rng = random.Random(seed)
-    for i in range(writes):
+    for i in range(entries):
         problem = Problem("forward", 128, 64 * (worker + 1), 64 * (i + 1), 8, "bfloat16", gather=True)
         yield problem, random_config(rng), random_measurement(rng)
 
@@ -79,13 +83,17 @@ def test_second_write_merges_under_the_lock(tmp_path, rng):
     assert on_disk.provenance.created == first.provenance.created
 
 
-def test_sixteen_processes_lose_nothing(tmp_path, rng):
-    workers, writes = 16, 3
+def test_32_writers_of_50_entries_lose_nothing_and_never_time_out(tmp_path, rng):
+    # Each writer takes the lock twice (the writer that just released it races the waiters), and
+    # the lock timeout is far below the time 31 other writers hold the lock in turn: a waiter must
+    # wait as long as writers ahead of it finish, and fail only when none does.
+    workers, entries, writes, timeout = 32, 50, 2, 5.0
     go = tmp_path / "go"
     seeds = [rng.getrandbits(32) for _ in range(workers)]
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "cache"), str(w), str(seeds[w]), str(writes),
-                               str(go)], env=env, stderr=subprocess.PIPE) for w in range(workers)]
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "cache"), str(w), str(seeds[w]), str(entries),
+                               str(writes), str(timeout), str(go)], env=env, stderr=subprocess.PIPE)
+             for w in range(workers)]
     go.touch()
     target = tmp_path / "cache" / CacheFile.new(H100, SOFTWARE, command="x").name
     reads = 0
@@ -94,12 +102,13 @@ def test_sixteen_processes_lose_nothing(tmp_path, rng):
         if target.exists():
             read_cache_file(target)
             reads += 1
-    for p in procs:
-        assert p.wait() == 0, p.stderr.read().decode()
+        time.sleep(0.05)
+    failures = [p.stderr.read().decode() for p in procs if p.wait() != 0]
+    assert failures == []
     final = read_cache_file(target)
-    assert len(final) == workers * writes
+    assert len(final) == workers * entries
     for w in range(workers):
-        for problem, config, measurement in _expected_writes(seeds[w], w, writes):
+        for problem, config, measurement in _expected_entries(seeds[w], w, entries):
             entry = final.get(problem, 4096)
             assert entry is not None and entry.config == config
             assert entry.measurement.median_ms == measurement.median_ms
@@ -110,8 +119,8 @@ def test_sixteen_processes_lose_nothing(tmp_path, rng):
 KILLED_WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from moe_tune.cache import CacheFile, store
-    from moe_tune.cache.schema import Software
+    from moe_tune.cache import CacheFile, CacheStore
+    from moe_tune.cache.software import Software
     from moe_tune.cache.testing import H100, random_config, random_measurement
     from moe_tune.problem import Problem
     import random
@@ -121,12 +130,13 @@ KILLED_WRITER = textwrap.dedent("""
     cache = CacheFile.new(H100, Software("3.6.0", "2.11.0", "13.0", "0.1.0", "0123456789abcdef"), command="doomed")
     cache.add(Problem("dx", 8, 64, 64, 2, "float16", scatter=True), 128, random_config(rng), random_measurement(rng))
 
-    def pause(tmp):
-        marker.write_text(str(tmp))
-        time.sleep(600)
+    class PausedBeforePublishing(CacheStore):
+        # Holds the lock with the new content staged, complete and fsynced, until it is killed.
+        def publish(self, staged, path):
+            marker.write_text(str(staged))
+            time.sleep(600)
 
-    store.before_replace_hook = pause
-    store.CacheStore(directory).write(cache)
+    PausedBeforePublishing(directory).write(cache)
 """)
 
 
@@ -139,14 +149,17 @@ def test_writer_killed_mid_write_leaves_the_old_file(tmp_path, rng):
     try:
         deadline = time.monotonic() + 60
         while not marker.exists():
-            assert proc.poll() is None, "the writer died before reaching the hook"
-            assert time.monotonic() < deadline, "the writer never reached the hook"
+            assert proc.poll() is None, "the writer died before publishing"
+            assert time.monotonic() < deadline, "the writer never reached publish"
             time.sleep(0.01)
         temp = Path(marker.read_text())
         assert temp.exists() and temp.parent == tmp_path
         assert path.read_bytes() == before  # the new content is complete on disk, not yet in place
-        with pytest.raises(CacheError, match="held the lock"):
-            CacheStore(tmp_path, lock_timeout=0.2).write(random_cache_file(rng, software=SOFTWARE))
+        # The holder is stuck (no writer finishes): a waiter gives up after its timeout, with the reason.
+        started = time.monotonic()
+        with pytest.raises(CacheError, match="no writer finished.*stuck"):
+            CacheStore(tmp_path, lock_timeout=0.3).write(random_cache_file(rng, software=SOFTWARE))
+        assert time.monotonic() - started < 5
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from moe_tune.cache import CacheFile, CacheStore, Pack, read_cache_file
-from moe_tune.cache.schema import Software
+from moe_tune.cache.software import Software
 from moe_tune.cache.testing import H100, random_cache_file, random_config, random_measurement
 from moe_tune.device import DeviceInfo
 from moe_tune.problem import MoeShape

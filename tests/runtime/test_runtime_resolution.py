@@ -12,7 +12,7 @@ import pytest
 
 from moe_tune import runtime
 from moe_tune.cache import CacheFile, CacheStore
-from moe_tune.cache.schema import Software
+from moe_tune.cache.software import Software
 from moe_tune.cache.software import kernel_source_hash, triton_version
 from moe_tune.cache.testing import H100, random_measurement
 from moe_tune.errors import CacheError, CacheMissError, CacheWarning

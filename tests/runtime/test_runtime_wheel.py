@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from moe_tune.cache import CacheFile
-from moe_tune.cache.schema import Software
+from moe_tune.cache.software import Software
 from moe_tune.cache.software import kernel_source_hash, triton_version
 from moe_tune.cache.testing import random_measurement
 from moe_tune.device import INTERPRETER_DEVICE
