@@ -5,15 +5,14 @@ which of two configs was faster.) This is the only module of moe-tune that creat
 
 Data flow of ``GpuTimer(...).samples(fn)``:
 
-1. ``fn`` runs once and the device synchronises: compilation, cache reads and first allocations
-   land outside every sample;
-2. with ``graph=True``, ``fn`` is captured into a CUDA graph and the samples time its replay: a
-   Python launcher costs ~100 µs of host time, more than a small kernel runs, and a replay costs
-   a few µs. When capture fails (or ``grad_to_none`` asks for gradient resets between runs),
-   ``fn`` itself is timed;
-3. the repetition time: ``rep_ms``, stretched or cut so that the samples number between
-   ``min_samples`` and ``max_samples`` by one timed (L2 flush + run);
-4. ``triton.testing.do_bench(run, warmup_ms, rep, return_mode="all")``: every sample is one run
+1. ``prepare``: ``fn`` runs once and the device synchronises, so compilation, cache reads and
+   first allocations land outside every sample; with ``graph=True``, ``fn`` is then captured into
+   a CUDA graph and the samples time its replay: a Python launcher costs ~100 µs of host time,
+   more than a small kernel runs, and a replay costs a few µs. When capture fails (or
+   ``grad_to_none`` asks for gradient resets between runs), ``fn`` itself is timed;
+2. ``run_samples``: the repetition time is ``rep_ms``, stretched or cut so that the samples
+   number between ``min_samples`` and ``max_samples`` by one timed (L2 flush + run); then
+   ``triton.testing.do_bench(run, warmup_ms, rep, return_mode="all")``: every sample is one run
    between CUDA events, after Triton's L2 flush (a 256 MB write), so every run starts with a cold
    L2 as a GEMM in a training step does. The flush also keeps the GPU behind the host: it takes
    longer on the GPU than enqueuing a graph replay takes on the host, so no sample spans a wait
@@ -65,7 +64,9 @@ def summarise(samples: Sequence[float]) -> Summary:
 
 
 class GpuTimer:
-    """``samples(fn)`` → per-run milliseconds (module docstring); calling it gives their ``Summary``."""
+    """``samples(fn)`` → per-run milliseconds (module docstring); calling it gives their ``Summary``.
+    ``prepare`` and ``run_samples`` are its two halves, for a caller that times one ``fn`` several
+    times (a head to head's rounds): the warm-up and the graph capture are paid once."""
 
     def __init__(self, *, warmup_ms: float = 25.0, rep_ms: float = 100.0, min_samples: int = 1,
                  max_samples: int | None = None, graph: bool = False):
@@ -77,13 +78,26 @@ class GpuTimer:
         return summarise(self.samples(fn, grad_to_none))
 
     def samples(self, fn: Callable[[], Any], grad_to_none: Sequence | None = None) -> list[float]:
+        return self.run_samples(self.prepare(fn, grad_to_none), grad_to_none)
+
+    def prepare(self, fn: Callable[[], Any], grad_to_none: Sequence | None = None) -> Callable[[], Any]:
+        """What the samples time: the replay of a CUDA graph of ``fn`` (``graph`` on, no gradient
+        resets, capture possible), else ``fn``; either way warm (run once, synchronised)."""
         import torch
+
+        if self.graph and grad_to_none is None:
+            graph = _capture(fn)  # its first run, outside the capture, is the warm-up
+            if graph is not None:
+                return graph.replay  # the bound method keeps the graph alive
+        else:
+            fn()
+        torch.cuda.synchronize()
+        return fn
+
+    def run_samples(self, run: Callable[[], Any], grad_to_none: Sequence | None = None) -> list[float]:
+        """``do_bench``'s samples of a prepared ``run``, their number bounded as the module says."""
         from triton.testing import do_bench
 
-        fn()
-        torch.cuda.synchronize()
-        graph = _capture(fn) if self.graph and grad_to_none is None else None
-        run = graph.replay if graph is not None else fn
         rep_ms = self.rep_ms
         if self.min_samples > 1 or self.max_samples is not None:
             per_run = _flushed_run_ms(run)
@@ -91,7 +105,6 @@ class GpuTimer:
             if self.max_samples is not None:
                 rep_ms = min(rep_ms, self.max_samples * per_run)
         samples = do_bench(run, warmup=self.warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="all")
-        del graph
         return [float(s) for s in samples]
 
     def describe(self) -> dict[str, Any]:
@@ -102,7 +115,7 @@ class GpuTimer:
 
 class WallTimer:
     """The interpreter's timer: ``fn`` once (unless ``warm_up`` is off: the caller has just run
-    it), then the wall clock of ``repeats`` calls."""
+    it), then the wall clock of ``repeats`` calls. Same interface as ``GpuTimer``."""
 
     def __init__(self, repeats: int = 1, *, warm_up: bool = True):
         self.repeats, self.warm_up = repeats, warm_up
@@ -111,14 +124,20 @@ class WallTimer:
         return summarise(self.samples(fn, grad_to_none))
 
     def samples(self, fn: Callable[[], Any], grad_to_none: Sequence | None = None) -> list[float]:
+        return self.run_samples(self.prepare(fn, grad_to_none), grad_to_none)
+
+    def prepare(self, fn: Callable[[], Any], grad_to_none: Sequence | None = None) -> Callable[[], Any]:
         if self.warm_up:
             fn()
+        return fn
+
+    def run_samples(self, run: Callable[[], Any], grad_to_none: Sequence | None = None) -> list[float]:
         samples = []
         for _ in range(self.repeats):
             for t in grad_to_none or ():
                 t.grad = None
             start = time.perf_counter()
-            fn()
+            run()
             samples.append((time.perf_counter() - start) * 1e3)
         return samples
 

@@ -40,6 +40,11 @@ def test_wall_timer_counts_calls_and_resets_gradients():
     assert len(calls) == 4 and calls[0] is not None and calls[1:] == [None] * 3  # warm-up, then reset before each
     calls.clear()
     assert WallTimer(2, warm_up=False)(fn).n == 2 and len(calls) == 2
+    # Prepared once, sampled in several rounds (a head to head): one warm-up in all.
+    calls.clear()
+    timer = WallTimer(2)
+    run = timer.prepare(fn)
+    assert [len(timer.run_samples(run)) for _ in range(3)] == [2, 2, 2] and len(calls) == 1 + 3 * 2
 
 
 @pytest.mark.gpu
@@ -55,6 +60,9 @@ def test_gpu_timer_bounds_its_samples(graph):
     assert 1 <= len(few) <= 18 and all(s > 0 for s in few)
     many = GpuTimer(warmup_ms=1, rep_ms=0.001, min_samples=30, graph=graph)(fn)
     assert many.n >= 20 and many.p20_ms <= many.median_ms <= many.p80_ms
+    timer = GpuTimer(warmup_ms=0, rep_ms=2, max_samples=5, graph=graph)
+    run = timer.prepare(fn)
+    assert all(1 <= len(timer.run_samples(run)) <= 8 for _ in range(3))
 
 
 @pytest.mark.gpu
