@@ -11,7 +11,7 @@ expert order, w the routing weights, G = d out [T, H].
 forward
     H [M, 2I]   = X[slot // k]·W1ᵀ                      [up.forward], no epilogue
     L1 [M, r]   = X[slot // k]·A1ᵀ                      [up_a.forward]   (kept for dB1)
-    H          += L1·B̃1ᵀ, A = silu(H_gate)·H_up         [up_b.forward] + swiglu_add_kernel
+    H          += L1·B̃1ᵀ, A = silu(H_gate)·H_up         [up_b.forward] + block.swiglu_forward (delta)
     L2 [M, r]   = A·A2ᵀ                                 [down_a.forward] (kept for dB2)
     out[t]      = Σ_j w·(A·W2ᵀ + L2·B̃2ᵀ)[t·k + j]       [down.forward], [down_b.forward]: one [M, H]
                                                         buffer, summed over the slots after each
@@ -19,7 +19,7 @@ backward
     P [M, r]    = G[slot // k]·B̃2                       [down_b.dx]
     dA_lora     = w·P·A2                                [down_a.dx]
     dA_raw      = G[slot // k]·W2                       [down.dx], unweighted
-    dH, w·A, dw = swiglu_bwd_kernel                     dA = w·dA_raw + dA_lora;
+    dH, w·A, dw = block.swiglu_backward (lora terms)    dA = w·dA_raw + dA_lora;
                                                         dw[slot] = ⟨dA_raw, A⟩ + ⟨P, L2⟩
     dB̃2[e]      = (w·G)_eᵀ·L2_e                          [down_b.dw]
     dA2[e]      = P_eᵀ·(w·A)_e                          [down_a.dw]
@@ -28,8 +28,8 @@ backward
     dA1[e]      = Q_eᵀ·X[slot // k]_e                   [up_a.dw]
     dX          = Σ_j (dH·W1)[t·k + j] + Σ_j (Q·A1)[t·k + j]   [up.dx], [up_a.dx]: one [M, H] buffer
 
-A projection without LoRA runs as in ``moe_tune.ops.block``: the up forward with SwiGLU in its
-epilogue, the down dx with SwiGLU's backward and the weight gradient in its epilogue. Saved for
+A projection without LoRA runs as in ``moe_tune.ops.block`` (the same GEMMs and SwiGLU kernels,
+without the LoRA terms). Saved for
 the backward: X, H, L1, L2 and the routing (no X_s and no activation A: the backward recomputes
 A from H). Nothing here reads device memory on the host.
 """
@@ -39,23 +39,15 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 from moe_tune import runtime
 from moe_tune.device import DeviceInfo, query_device
-from moe_tune.kernels.lora import swiglu_add_kernel, swiglu_bwd_kernel
 from moe_tune.ops import launch
 from moe_tune.ops.block import block_configs, problem_dims, size_hint, swiglu_backward, swiglu_forward
 from moe_tune.ops.grouped_gemm import DTYPE_NAMES
 from moe_tune.ops.routing import Routing, build_routing
 from moe_tune.problem import KernelConfig, MoeShape, Problem
 from moe_tune.space import check_config
-
-# Elementwise tiles: 32 rows x 128 columns keeps a warp's loads 256 contiguous bytes (bf16) per row.
-_ELEMENTWISE_M = 32
-_ELEMENTWISE_N = 128
-_ELEMENTWISE_R = 16
-
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
     """Every buffer a body writes through a kernel comes from here (the tests poison it)."""
@@ -102,36 +94,6 @@ def lora_configs(E: int, H: int, I: int, topk: int, dtype: torch.dtype, up_rank:
     return configs
 
 
-# -------------------------------------------------------------------------------------------------
-# Elementwise launches
-# -------------------------------------------------------------------------------------------------
-
-
-def _kernel(kernel, traced: bool, *tensors):
-    return launch.traceable(kernel, *tensors) if traced else kernel
-
-
-def swiglu_add(h: torch.Tensor, dh: torch.Tensor, act: torch.Tensor, *, traced: bool) -> None:
-    """h += dh in place, act = silu(h_gate)·h_up; h, dh [M, 2I], act [M, I]."""
-    M, inter = act.shape
-    grid = (triton.cdiv(M, _ELEMENTWISE_M), triton.cdiv(inter, _ELEMENTWISE_N))
-    _kernel(swiglu_add_kernel, traced, h, act)[grid](
-        h, dh, act, M, inter, h.stride(0), dh.stride(0), act.stride(0),
-        BLOCK_M=_ELEMENTWISE_M, BLOCK_N=_ELEMENTWISE_N,
-    )
-
-
-def swiglu_bwd(d_act, d_act_lora, h, weights, sorted_slots, p, l2, dh, d_weights, *, traced: bool) -> None:
-    """dh [M, 2I] of dA = w·d_act + d_act_lora; d_act becomes w·A; d_weights [M] per slot."""
-    M, inter = d_act.shape
-    rank = p.shape[1]
-    _kernel(swiglu_bwd_kernel, traced, d_act, dh, d_weights)[(triton.cdiv(M, _ELEMENTWISE_M),)](
-        d_act, d_act_lora, h, dh, weights, sorted_slots, p, l2, d_weights, M, inter, rank,
-        d_act.stride(0), d_act_lora.stride(0), h.stride(0), dh.stride(0), p.stride(0), l2.stride(0),
-        BLOCK_M=_ELEMENTWISE_M, BLOCK_N=_ELEMENTWISE_N, BLOCK_R=_ELEMENTWISE_R,
-    )
-
-
 def _rank(factor_a) -> int:
     return int(factor_a.shape[1]) if factor_a is not None else 0
 
@@ -173,7 +135,7 @@ def forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights, up_a, up_b, d
         h_lora = _alloc((M, 2 * I), dtype, device)
         launch.grouped_mm(l1, up_b, h_lora, routing, None, trans_w=False, gather_a=False, gather_div=1,
                           scatter_c=False, cfg=cfg["up_b.forward"], info=info, traced=traced)
-        swiglu_add(h, h_lora, act, traced=traced)
+        swiglu_forward(h, act, delta=h_lora, traced=traced)
         del h_lora
 
     # -- Down: base rows, summed over the slots; LoRA rows into the same buffer, summed on top ----
@@ -236,11 +198,10 @@ def backward(grad_out, hidden, gate_up_w, down_w, top_k_weights, h, l1, l2, expe
         d_act = _alloc((M, I), dtype, device)
         launch.grouped_mm(grad_out, down_w, d_act, routing, None, trans_w=True, gather_a=True, gather_div=k,
                           scatter_c=False, cfg=cfg["down.dx"], info=info, traced=traced)
-        d_weights_flat = _alloc((M,), torch.float32, device)
-        swiglu_bwd(d_act, d_act_lora, h, weights, sorted_slots, p, l2, d_h, d_weights_flat, traced=traced)
-        d_weights = d_weights_flat.view(T, k).to(top_k_weights.dtype)
+        d_weights = _alloc((T, k), top_k_weights.dtype, device)
+        swiglu_backward(d_act, h, weights, sorted_slots, d_h, d_weights, lora=(d_act_lora, p, l2), traced=traced)
         del d_act_lora
-        weighted_act = d_act  # swiglu_bwd wrote w·A over dA_raw
+        weighted_act = d_act  # swiglu_backward wrote w·A over dA_raw
         if need_down_b:
             d_down_b = _alloc(tuple(down_b.shape), dtype, device)
             launch.grouped_mm_dw(grad_out, l2, d_down_b, routing, weights, gather_dy=True, dy_div=k, gather_x=False,

@@ -15,12 +15,12 @@ from typing import Optional
 import torch
 
 from moe_tune.kernels.grouped_mm import grouped_mm_dw_kernel, grouped_mm_kernel
-from moe_tune.kernels.lora import swiglu_add_kernel, swiglu_bwd_kernel
 from moe_tune.kernels.routing import routing_kernel
+from moe_tune.kernels.swiglu import swiglu_backward_kernel, swiglu_forward_kernel
 from moe_tune.ops import lora_block
 from moe_tune.ops.launch import register_op
 
-_KERNELS = (grouped_mm_kernel, grouped_mm_dw_kernel, routing_kernel, swiglu_add_kernel, swiglu_bwd_kernel)
+_KERNELS = (grouped_mm_kernel, grouped_mm_dw_kernel, routing_kernel, swiglu_forward_kernel, swiglu_backward_kernel)
 
 
 def _moe_experts_lora_fwd(

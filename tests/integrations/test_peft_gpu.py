@@ -1,0 +1,89 @@
+"""PEFT's LoRA on the expert parameters with ``experts_implementation="moe_tune"`` on a CUDA GPU, in
+bf16: the same loss and LoRA gradients as PEFT on transformers' ``grouped_mm`` experts, PEFT's
+W + ΔW never built, and a few optimizer steps that track the baseline.
+
+Run: ``python -m pytest -m gpu tests/integrations/test_peft_gpu.py -q``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+transformers = pytest.importorskip("transformers", minversion="5.0")
+peft = pytest.importorskip("peft", minversion="0.17")
+
+from moe_tune.reference import relative_error  # noqa: E402
+
+from peft_models import expert_stack_shapes, loss_and_grads, peft_pair  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::moe_tune.errors.CacheWarning")]
+
+SMALL = dict(hidden_size=512, moe_intermediate_size=256, num_experts=16, num_experts_per_tok=4,
+             norm_topk_prob=True, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=64, vocab_size=512, max_position_embeddings=256)
+
+# bf16 against bf16: both round H, A and the outputs, at different points.
+LOSS_TOL = 5e-3
+GRAD_TOL = 3e-2
+
+
+def pair(dtype=torch.bfloat16, r=16):
+    return peft_pair(SMALL, reference="grouped_mm", r=r, device="cuda", dtype=dtype)
+
+
+class _OutputShapes(TorchDispatchMode):
+    """Shapes of the new tensors aten ops produced while active (see test_peft.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.shapes.add(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_loss_and_lora_grads_match_grouped_mm(dtype):
+    ref, ours = pair(dtype)
+    ids = torch.randint(0, SMALL["vocab_size"], (4, 256), device="cuda")
+    ref_loss, ref_grads = loss_and_grads(ref, ids)
+    loss, grads = loss_and_grads(ours, ids)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=LOSS_TOL)
+    for name in (n for n in grads if "lora_" in n):
+        assert relative_error(grads[name], ref_grads[name]) < GRAD_TOL, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_peft_delta_is_never_built(dtype):
+    _, ours = pair(dtype)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 128), device="cuda")
+    loss_and_grads(ours, ids)  # warm-up: compiles outside the record
+    with _OutputShapes() as seen:
+        loss_and_grads(ours, ids)
+    assert not seen.shapes & expert_stack_shapes(ours)
+
+
+def test_training_steps_track_grouped_mm():
+    ref, ours = pair()
+    ids = torch.randint(0, SMALL["vocab_size"], (4, 128), device="cuda")
+    losses = {}
+    for name, model in (("ref", ref), ("ours", ours)):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        losses[name] = []
+        for _ in range(10):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses[name].append(loss.item())
+    assert losses["ours"][-1] < losses["ours"][0]
+    for a, b in zip(losses["ours"], losses["ref"]):
+        assert a == pytest.approx(b, rel=2e-2)
