@@ -99,11 +99,11 @@ class _Launcher:
     """``kernel[grid](*args, **meta)`` for eager calls, minus Triton's per-call binding.
 
     Triton's ``JITFunction.run`` rebuilds the call's specialization and hashes it into a cache key
-    on every launch (~30 µs of host time for these kernels' 30-odd arguments). Here the key is the
-    same facts Triton specialises on — each tensor's dtype and 16-byte alignment, each integer's
-    being 1, a multiple of 16 or beyond int32 — plus the constexprs: the first launch with a key
-    goes through Triton (compiling or loading as usual) and keeps the ``CompiledKernel`` it
-    returns; later ones call its launcher directly with the same argument list Triton would pass.
+    on every launch. Here the key is cheaper and at least as fine: each tensor's dtype and address
+    modulo 16 (Triton specialises on 16-byte alignment), every other argument's value, and the
+    constexprs. The first launch with a key goes through Triton (compiling or loading as usual)
+    and keeps the ``CompiledKernel`` it returns; later ones call its launcher directly with the
+    argument list Triton would pass. A new token count is a new key: one Triton launch, then hits.
     """
 
     def __init__(self, kernel):
@@ -111,24 +111,16 @@ class _Launcher:
         self.compiled: dict[tuple, Any] = {}
         self.constexprs = [p.name for p in kernel.params if p.is_constexpr]
 
-    @staticmethod
-    def _spec(value):
-        if isinstance(value, torch.Tensor):
-            return value.dtype, value.data_ptr() % 16 == 0
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value == 1, value % 16 == 0, -(1 << 31) <= value < (1 << 31)
-        return type(value), value
-
     def __call__(self, grid: tuple, args: tuple, meta: dict) -> None:
-        key = (grid, tuple(map(self._spec, args)), tuple(meta.items()))
+        key = (grid, *[(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args],
+               *meta.values())
         compiled = self.compiled.get(key)
         if compiled is None:
             self.compiled[key] = self.kernel[grid](*args, **meta)
             return
         from triton import knobs
 
-        device = torch.cuda.current_device()
-        stream = torch.cuda.current_stream(device).cuda_stream
+        stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
         full = args + tuple(meta[name] for name in self.constexprs)
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         metadata = compiled.launch_metadata(grid, stream, *full) if enter is not None else None
