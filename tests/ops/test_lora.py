@@ -205,6 +205,20 @@ def test_opcheck_forward_op(projections):
     torch.library.opcheck(lora_ops.moe_experts_lora_fwd, args)
 
 
+@pytest.mark.parametrize("needs", [(True, True, True, True, True), (False, True, False, False, True)],
+                         ids=["all", "two-factors"])
+def test_opcheck_backward_op(needs):
+    T, H, I, E, k, r = 6, 32, 16, 4, 2, 3
+    inputs = make_inputs(T, H, I, E, k, r, torch.float32)
+    factors = [inputs[n] for n in ("up_a", "up_b", "down_a", "down_b")]
+    out, h, l1, l2, offsets, slots = lora_ops.moe_experts_lora_fwd(
+        inputs["hidden"], inputs["gate_up_w"], inputs["down_w"], inputs["top_k_index"], inputs["top_k_weights"],
+        *factors)
+    args = (torch.randn(T, H), inputs["hidden"], inputs["gate_up_w"], inputs["down_w"], inputs["top_k_weights"], h, l1,
+            l2, offsets, slots, *factors, *needs)
+    torch.library.opcheck(lora_ops.moe_experts_lora_bwd, args)
+
+
 def _bad(change):
     inputs = make_inputs(4, 32, 16, 4, 2, 3, torch.float32)
     up = LoraFactors(inputs["up_a"], inputs["up_b"], 1.0)
