@@ -9,6 +9,8 @@ excluded; median with p20–p80):
 * ``default``: the same launcher with the heuristic default config;
 * ``grouped_mm``: what a user writes with ``torch._grouped_mm``: index to gather rows, the grouped
   GEMM, then weight/scatter/sum back to the layout the pass must return;
+* ``grouped_mm+compile``: the same under ``torch.compile(fullgraph=True)`` (bfloat16; off with
+  ``--no-compile``); speed-ups are taken against the better of the two;
 * ``dense``: one cuBLAS matmul of the same FLOPs, the practical ceiling.
 
 Routing metadata and inputs are built once, outside every timer. Prints the tables (card, driver,
@@ -34,6 +36,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=float, default=25, help="do_bench warm-up per measurement, ms")
     parser.add_argument("--rep", type=float, default=100, help="do_bench repetition time per measurement, ms")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd grouped_mm baseline")
     parser.add_argument("--out", help="write the report as JSON here")
     parser.add_argument("--markdown", help="write the tables as Markdown here")
     args = parser.parse_args(argv)
@@ -51,7 +54,7 @@ def main(argv=None) -> int:
 
     preset = find_preset(args.model)
     options = BenchOptions(model=preset.name, shape=preset.shape, family=preset.family, tokens=tuple(args.tokens),
-                           dtype=args.dtype, seed=args.seed, block=False)
+                           dtype=args.dtype, seed=args.seed, block=False, host=False, compile=not args.no_compile)
     with RichProgress() as progress:
         result = run_bench(options, do_bench_timer(args.warmup, args.rep), progress)
     fmt.print_report(result)

@@ -1,4 +1,4 @@
-"""The six grouped GEMMs of one MoE layer, each run four ways and timed.
+"""The six grouped GEMMs of one MoE layer, each run four ways (five with torch.compile) and timed.
 
 Data flow, per token count T (M = T·k routed rows):
 
@@ -8,8 +8,11 @@ Data flow, per token count T (M = T·k routed rows):
    user writes for the same layout, and the shape of a dense matmul of the same FLOPs;
 2. ``bench_case`` — the tuned config (``moe_tune.runtime.explain``: cache, else the heuristic
    default, and where it came from) and the heuristic default (``moe_tune.space.default_config``);
-   each moe-tune run's output is compared with ``torch._grouped_mm``'s once (a sanity check, not an
-   accuracy test), then the four variants are timed → ``GemmRow``.
+   with ``compile_backend``, also the ``torch._grouped_mm`` path under
+   ``torch.compile(fullgraph=True)`` (Inductor fuses the permutes around the grouped GEMM: the
+   baseline a user who compiles has; if it fails to compile, the row says why); each moe-tune
+   run's output (and the compiled baseline's) is compared with eager ``torch._grouped_mm``'s once
+   (a sanity check, not an accuracy test), then the variants are timed → ``GemmRow``.
 
 The ``torch._grouped_mm`` path, by problem (what a user writes without fused permutes):
 
@@ -34,7 +37,7 @@ from typing import Callable
 import torch
 
 from moe_tune.bench.progress import NullProgress, Progress
-from moe_tune.bench.results import ConfigSource, GemmRow
+from moe_tune.bench.results import GROUPED_MM_COMPILED, ConfigSource, GemmRow
 from moe_tune.bench.timing import Timer
 from moe_tune.device import DeviceInfo, query_device
 from moe_tune.ops import grouped_gemm as gg
@@ -47,7 +50,12 @@ from moe_tune.space import default_config
 # sums once more), so a correct kernel sits near 2^-8 in bfloat16; a wrong one near 1.
 CHECK_TOLERANCE = {"bfloat16": 2e-2, "float16": 1e-2, "float32": 1e-2}
 
-STEPS_PER_CASE = 4  # grouped_mm, default, tuned, dense: one progress step each (tuned even when reused)
+
+
+def steps_per_case(compiled: bool) -> int:
+    """Progress steps per case: grouped_mm, default, tuned (even when it reuses the default's
+    time), dense, and the compiled grouped_mm."""
+    return 5 if compiled else 4
 
 
 @dataclass(frozen=True)
@@ -161,9 +169,10 @@ def relative_difference(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def bench_case(case: GemmCase, info: DeviceInfo, timer: Timer, progress: Progress | None = None,
-               seed: int = 0) -> GemmRow:
-    """Check, then time the four variants of one case (see the module docstring)."""
+               seed: int = 0, compile_backend: str | None = None) -> GemmRow:
+    """Check, then time the variants of one case (see the module docstring)."""
     from moe_tune import runtime
+    from moe_tune.bench.isolation import describe_error
 
     progress = progress or NullProgress()
     problem, tokens = case.problem, case.tokens
@@ -177,6 +186,13 @@ def bench_case(case: GemmCase, info: DeviceInfo, timer: Timer, progress: Progres
     reference = case.grouped_mm()
     errors = {"default": relative_difference(case.moe_tune(default)(), reference)}
     errors["tuned"] = errors["default"] if tuned == default else relative_difference(case.moe_tune(tuned)(), reference)
+    failures, compiled = {}, None
+    if compile_backend is not None:
+        compiled = torch.compile(case.grouped_mm, fullgraph=True, backend=compile_backend, dynamic=False)
+        try:
+            errors[GROUPED_MM_COMPILED] = relative_difference(compiled(), reference)  # compiles here, untimed
+        except Exception as exc:  # the baseline failing to compile is a cell error, not the end of the run
+            failures[GROUPED_MM_COMPILED], compiled = describe_error(exc), None
     del reference
 
     timings = {}
@@ -190,19 +206,29 @@ def bench_case(case: GemmCase, info: DeviceInfo, timer: Timer, progress: Progres
     # The same config is the same kernel: timing it twice would only measure noise.
     timings["tuned"] = timings["default"] if tuned == default else timer(case.moe_tune(tuned))
     progress.end()
+    if compile_backend is not None:
+        progress.begin(f"{label}: torch._grouped_mm + torch.compile")
+        if compiled is not None:
+            timings[GROUPED_MM_COMPILED] = timer(compiled)
+        progress.end()
     progress.begin(f"{label}: dense matmul")
     timings["dense"] = timer(dense_matmul(case.dense_mnk, problem.dtype, device, seed))
     progress.end()
 
     source = ConfigSource(resolution.source, resolution.path, resolution.bucket, resolution.triton)
     return GemmRow(tokens=tokens, problem=problem, tuned_config=tuned, tuned_from=source, default_config=default,
-                   timings=timings, errors=errors, tolerance=CHECK_TOLERANCE[problem.dtype])
+                   timings=timings, errors=errors, tolerance=CHECK_TOLERANCE[problem.dtype], failures=failures)
 
 
 def bench_gemms(shape: MoeShape, tokens: int, *, dtype: str, device: str, timer: Timer,
-                progress: Progress | None = None, seed: int = 0) -> list[GemmRow]:
-    """The six ``GemmRow`` of ``shape`` at ``tokens`` tokens."""
+                progress: Progress | None = None, seed: int = 0, compile_backend: str | None = None) -> list[GemmRow]:
+    """The six ``GemmRow`` of ``shape`` at ``tokens`` tokens; ``compile_backend``: also time the
+    ``torch._grouped_mm`` paths under torch.compile with that backend."""
+    from moe_tune.bench.isolation import reset_compiler
+
     info = query_device(device)
     cases = build_cases(shape, tokens, dtype, device, seed)
-    return [bench_case(case, info, timer, progress, seed) for case in cases]
+    if compile_backend is not None:
+        reset_compiler()  # the same six functions at another token count: compile fresh, static shapes
+    return [bench_case(case, info, timer, progress, seed, compile_backend) for case in cases]
 

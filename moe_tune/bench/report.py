@@ -2,16 +2,25 @@
 (no torch; matplotlib only inside ``write_plot``), so every output is testable on synthetic rows.
 
 Every output leads with the environment line (card, driver, torch, Triton, CUDA, transformers,
-date) and the timing method, so no figure travels without them.
+date) and the timing method; in Markdown each of the block, host and training-step sections
+repeats the environment line, so a table pasted on its own still names its card and date.
 
 Tables (text and Markdown alike):
 
-* throughput — per (T, GEMM, pass): TFLOP/s of tuned / default / ``torch._grouped_mm`` / dense,
-  and tuned's speed-up over ``grouped_mm`` and over the default, and its fraction of dense;
-* times — median ms with the p20–p80 spread of every variant;
-* configs — the tuned config and where it came from, the default config, and the sanity check;
-* experts block — fwd and fwd+bwd ms with spread, peak memory, speed-up over transformers'
-  ``grouped_mm``; or ``skipped: <why>``.
+* GEMM throughput — per (T, GEMM, pass): TFLOP/s of tuned / default / ``torch._grouped_mm`` eager
+  and compiled / dense, tuned's speed-up over the better ``grouped_mm`` and over the default, and
+  its fraction of dense;
+* GEMM times — median ms with the p20–p80 spread of every variant;
+* GEMM configs — the tuned config and where it came from, the default config, the sanity check;
+* experts block against the strongest baseline — per T, fwd+bwd ms of every implementation and
+  the best moe-tune over the best grouped_mm;
+* experts block — fwd and fwd+bwd ms with spread, peak memory, speed-ups over the best
+  ``grouped_mm`` row, the sanity check, errors and notes;
+* host overhead — host and wall ms per block fwd+bwd, GPU launches;
+* training steps — ms per step, tokens/s, host ms, peak memory, first-step loss, speed-up over the
+  best grouped_mm run of the same mode;
+
+each section ``skipped: <why>`` when it did not run.
 """
 
 from __future__ import annotations
@@ -23,11 +32,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from moe_tune.bench.env import header
-from moe_tune.bench.results import BLOCK_BASELINE, GEMM_VARIANTS, BenchReport, BlockRow, GemmRow, Timing
+from moe_tune.bench.results import (ALL_GEMM_VARIANTS, BLOCK_BASELINE, BLOCK_IMPLEMENTATIONS, GROUPED_MM_COMPILED,
+                                    BenchReport, BlockRow, GemmRow, Timing, is_baseline)
 
-VARIANT_LABELS = {"tuned": "tuned", "default": "default", "grouped_mm": "grouped_mm", "dense": "dense"}
-BLOCK_LABELS = {BLOCK_BASELINE: "transformers grouped_mm", "moe_tune": "moe-tune",
-                "moe_tune+compile": "moe-tune + torch.compile"}
+VARIANT_LABELS = {"tuned": "tuned", "default": "default", "grouped_mm": "grouped_mm",
+                  GROUPED_MM_COMPILED: "grouped_mm+compile", "dense": "dense"}
+BLOCK_LABELS = {BLOCK_BASELINE: "transformers grouped_mm", "grouped_mm+compile": "transformers grouped_mm + compile",
+                "moe_tune": "moe-tune", "moe_tune+compile": "moe-tune + compile"}
+MODE_LABELS = {"full": "full fine-tuning", "frozen": "experts frozen", "lora": "LoRA on experts"}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -48,12 +60,18 @@ def _ms(value: float) -> str:
     return f"{value:#.4g}".rstrip(".")
 
 
-def fmt_ms(timing: Timing) -> str:
+def fmt_ms(timing: Timing | None) -> str:
+    if timing is None:
+        return "-"
     return f"{_ms(timing.ms)} [{_ms(timing.p20)}, {_ms(timing.p80)}]"
 
 
 def fmt_ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
+
+
+def fmt_mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def fmt_error(row: GemmRow | BlockRow) -> str:
@@ -62,6 +80,12 @@ def fmt_error(row: GemmRow | BlockRow) -> str:
     worst = max(row.errors.values())
     text = f"{worst:.1e}"
     return f"FAILED {text}" if row.failed_checks else text
+
+
+def _remark(error: str | None, note: str | None) -> str:
+    """The last cell of a row: its error (the row has no figures) and/or a note."""
+    parts = ([f"FAILED: {error}"] if error else []) + ([note] if note else [])
+    return "; ".join(parts) or "-"
 
 
 def title(report: BenchReport) -> str:
@@ -77,31 +101,62 @@ def method(report: BenchReport) -> str:
                "L2 flushed before each; compilation and warm-up never timed)")
     else:
         how = str(st.get("timer", "unknown timer"))
-    return (f"{how}; median ms [p20, p80]; TFLOP/s = 2·T·k·N·K / median; routing: "
+    text = (f"{how}; median ms [p20, p80]; TFLOP/s = 2·T·k·N·K / median; routing: "
             f"{st.get('routing', '?')}, seed {st.get('seed', '?')}")
+    compiled = st.get("compile")
+    if compiled:
+        text += f"; torch.compile backend {compiled.get('backend', '?')}, compiled fresh per row"
+        if str(compiled.get("gemm", "")).startswith("skipped"):
+            text += f"; compiled grouped_mm GEMM column {compiled['gemm']}"
+    return text
 
 
 # -------------------------------------------------------------------------------------------------
-# Rows of each table (shared by rich and Markdown)
+# GEMM tables
 # -------------------------------------------------------------------------------------------------
 
-THROUGHPUT_COLUMNS = ("T", "GEMM", "pass", "tuned TFLOP/s", "default TFLOP/s", "grouped_mm TFLOP/s",
-                      "dense TFLOP/s", "tuned / grouped_mm", "tuned / default", "tuned / dense")
-TIMES_COLUMNS = ("T", "GEMM", "pass", "tuned ms", "default ms", "grouped_mm ms", "dense ms")
+
+def gemm_variants(report: BenchReport) -> tuple[str, ...]:
+    """The variants any GEMM row timed or tried, in table order."""
+    present = {v for r in report.gemms for v in (*r.timings, *r.failures)}
+    return tuple(v for v in ALL_GEMM_VARIANTS if v in present)
+
+
+def _compiled_baseline(report: BenchReport) -> bool:
+    return GROUPED_MM_COMPILED in gemm_variants(report)
+
+
+def throughput_columns(report: BenchReport) -> tuple[str, ...]:
+    best = "tuned / best grouped_mm" if _compiled_baseline(report) else "tuned / grouped_mm"
+    return ("T", "GEMM", "pass", *(f"{VARIANT_LABELS[v]} TFLOP/s" for v in gemm_variants(report)), best,
+            "tuned / default", "tuned / dense")
+
+
+def times_columns(report: BenchReport) -> tuple[str, ...]:
+    return ("T", "GEMM", "pass", *(f"{VARIANT_LABELS[v]} ms" for v in gemm_variants(report)))
+
+
 CONFIG_COLUMNS = ("T", "GEMM", "pass", "tuned config", "tuned from", "default config", "max rel. diff")
-BLOCK_COLUMNS = ("T", "implementation", "fwd ms", "fwd+bwd ms", "peak MiB (fwd+bwd)", "fwd speed-up",
-                 "fwd+bwd speed-up", "max rel. diff")
+
+
+def _gemm_cell(row: GemmRow, variant: str, cell) -> str:
+    if variant in row.timings:
+        return cell(row.timings[variant])
+    return "failed" if variant in row.failures else "-"
 
 
 def throughput_rows(report: BenchReport) -> list[list[str]]:
-    return [[str(r.tokens), r.problem.gemm, r.problem.pass_, *(fmt_tflops(r.tflops(v)) for v in GEMM_VARIANTS),
-             fmt_ratio(r.speedup("tuned", "grouped_mm")), fmt_ratio(r.speedup("tuned", "default")),
+    variants = gemm_variants(report)
+    return [[str(r.tokens), r.problem.gemm, r.problem.pass_,
+             *(_gemm_cell(r, v, lambda t: fmt_tflops(t.tflops(r.flops))) for v in variants),
+             fmt_ratio(r.speedup("tuned", r.best_baseline)), fmt_ratio(r.speedup("tuned", "default")),
              f"{r.speedup('tuned', 'dense'):.0%}"]
             for r in report.gemms]
 
 
 def times_rows(report: BenchReport) -> list[list[str]]:
-    return [[str(r.tokens), r.problem.gemm, r.problem.pass_, *(fmt_ms(r.timings[v]) for v in GEMM_VARIANTS)]
+    variants = gemm_variants(report)
+    return [[str(r.tokens), r.problem.gemm, r.problem.pass_, *(_gemm_cell(r, v, fmt_ms) for v in variants)]
             for r in report.gemms]
 
 
@@ -114,22 +169,134 @@ def config_rows(report: BenchReport) -> list[list[str]]:
     return rows
 
 
+def cache_sources(report: BenchReport) -> list[str]:
+    """The cache files the tuned configs came from, each once."""
+    return sorted({r.tuned_from.path for r in report.gemms if r.tuned_from.path})
+
+
+def gemm_failures(report: BenchReport) -> list[str]:
+    return [f"T={r.tokens} {r.problem.gemm} {r.problem.pass_}: {VARIANT_LABELS.get(v, v)} failed: {why}"
+            for r in report.gemms for v, why in r.failures.items()]
+
+
+# -------------------------------------------------------------------------------------------------
+# Experts block
+# -------------------------------------------------------------------------------------------------
+
+BLOCK_COLUMNS = ("T", "implementation", "fwd ms", "fwd+bwd ms", "peak MiB (fwd+bwd)", "fwd vs best grouped_mm",
+                 "fwd+bwd vs best grouped_mm", "max rel. diff", "note")
+
+
 def block_rows(report: BenchReport) -> list[list[str]]:
     block = report.block
     rows = []
     for r in block.rows:
-        peak = "-" if r.peak_mib is None else f"{r.peak_mib:.0f}"
-        baseline = r.implementation == BLOCK_BASELINE
+        reference = r.implementation == BLOCK_BASELINE
         rows.append([str(r.tokens), BLOCK_LABELS.get(r.implementation, r.implementation), fmt_ms(r.fwd),
-                     fmt_ms(r.fwd_bwd), peak, "1.00x" if baseline else fmt_ratio(block.speedup(r, "fwd")),
-                     "1.00x" if baseline else fmt_ratio(block.speedup(r, "fwd_bwd")),
-                     "(baseline)" if baseline else fmt_error(r)])
+                     fmt_ms(r.fwd_bwd), fmt_mib(r.peak_mib), fmt_ratio(block.speedup(r, "fwd")),
+                     fmt_ratio(block.speedup(r, "fwd_bwd")),
+                     "(reference)" if reference and not r.error else fmt_error(r), _remark(r.error, r.note)])
     return rows
 
 
-def cache_sources(report: BenchReport) -> list[str]:
-    """The cache files the tuned configs came from, each once."""
-    return sorted({r.tuned_from.path for r in report.gemms if r.tuned_from.path})
+def block_summary_columns(report: BenchReport) -> tuple[str, ...]:
+    present = [i for i in BLOCK_IMPLEMENTATIONS if any(r.implementation == i for r in report.block.rows)]
+    return ("T", *(BLOCK_LABELS[i] for i in present), "best moe-tune vs best grouped_mm")
+
+
+def block_summary_rows(report: BenchReport) -> list[list[str]]:
+    """Per T: fwd+bwd ms of each implementation (the strongest-baseline table) and the best
+    moe-tune row over the best grouped_mm row."""
+    block = report.block
+    present = [i for i in BLOCK_IMPLEMENTATIONS if any(r.implementation == i for r in block.rows)]
+    rows = []
+    for tokens in dict.fromkeys(r.tokens for r in block.rows):
+        by_impl = {r.implementation: r for r in block.rows if r.tokens == tokens}
+        cells = []
+        for impl in present:
+            row = by_impl.get(impl)
+            cells.append("-" if row is None else ("failed" if row.fwd_bwd is None else _ms(row.fwd_bwd.ms)))
+        ours = [r for r in by_impl.values() if not is_baseline(r.implementation) and r.fwd_bwd is not None]
+        best = min(ours, key=lambda r: r.fwd_bwd.ms, default=None)
+        rows.append([str(tokens), *cells, "-" if best is None else
+                     f"{fmt_ratio(block.speedup(best, 'fwd_bwd'))} ({BLOCK_LABELS[best.implementation]})"])
+    return rows
+
+
+# -------------------------------------------------------------------------------------------------
+# Host overhead
+# -------------------------------------------------------------------------------------------------
+
+HOST_COLUMNS = ("implementation", "host ms per fwd+bwd", "wall ms per fwd+bwd", "GPU kernels", "memcpy/memset",
+                "note")
+
+
+def host_rows(report: BenchReport) -> list[list[str]]:
+    return [[BLOCK_LABELS.get(r.implementation, r.implementation), fmt_ms(r.host), fmt_ms(r.wall),
+             "-" if r.kernels is None else str(r.kernels), "-" if r.memops is None else str(r.memops),
+             _remark(r.error, r.note)]
+            for r in report.host.rows]
+
+
+def host_caption(report: BenchReport) -> str:
+    h = report.host
+    return (f"Experts block forward+backward at T={h.tokens} tokens, where the GPU waits on the host: host ms = "
+            f"time.perf_counter around {h.iterations} calls that never synchronise, per call (median of "
+            f"{h.repeats} loops); wall ms = until the GPU finished the loop, per call (close to host ms: "
+            "host-bound). GPU kernels and memcpy/memset per call from torch.profiler's CUDA events.")
+
+
+# -------------------------------------------------------------------------------------------------
+# Training steps
+# -------------------------------------------------------------------------------------------------
+
+STEP_COLUMNS = ("T", "mode", "implementation", "step ms", "tokens/s", "host ms", "peak MiB", "first-step loss",
+                "vs best grouped_mm", "graphs", "note")
+
+
+def _loss_cell(report: BenchReport, row) -> str:
+    if row.loss is None:
+        return "-"
+    diff = report.step.loss_difference(row)
+    text = f"{row.loss:.5f}"
+    if row in report.step.failed_losses:
+        return f"FAILED {text} (rel. diff {diff:.1e})"
+    return text
+
+
+def step_rows(report: BenchReport) -> list[list[str]]:
+    section = report.step
+    rows = []
+    for r in section.rows:
+        rows.append([str(r.tokens), MODE_LABELS.get(r.mode, r.mode), BLOCK_LABELS.get(r.label, r.label),
+                     fmt_ms(r.step), "-" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}", fmt_ms(r.host),
+                     fmt_mib(r.peak_mib), _loss_cell(report, r), fmt_ratio(section.speedup(r)),
+                     "-" if r.graphs is None else str(r.graphs), _remark(r.error, r.note)])
+    return rows
+
+
+def step_caption(report: BenchReport) -> str:
+    m = report.step.model
+    share = m.get("flop_share", {})
+    parts = ", ".join(f"{name.replace('_', ' ')} {share[name]:.0%}" for name in ("experts", "attention", "lm_head",
+                                                                                 "router") if name in share)
+    return (f"A {m.get('layers')}-layer {m.get('config', '?').removesuffix('Config')} causal LM with the preset's "
+            f"expert shapes and random weights: hidden {m.get('hidden')}, {m.get('heads')} attention heads "
+            f"({m.get('kv_heads')} key/value, head dim {m.get('head_dim')}, {m.get('attention')}) as the family's "
+            f"config defaults; vocabulary {m.get('vocab')} (kept moderate so the LM head does not dominate); "
+            f"T tokens per step as sequences of {m.get('seq_len')} (one sequence when T is smaller). Each row trains a copy of the same "
+            f"weights on the same batch: forward, backward and {m.get('optimizer', 'AdamW')}; median of the "
+            f"timed steps after warm-up, the device synchronised after each (step ms), host ms = until the "
+            f"step's last launch returned. Modes: full fine-tuning; experts frozen (no gradient for the expert "
+            f"weights); LoRA r={m.get('lora_rank')} on both expert weight stacks (PEFT target_parameters). "
+            f"Peak MiB: above what was allocated before the copy (weights, gradients, optimizer state, "
+            f"activations). First-step losses of a (T, mode) must agree within "
+            f"{report.step.loss_tolerance} relative. Forward matmul FLOPs: {parts}. graphs: graphs "
+            f"torch.compile made (1: no graph break).")
+
+
+def step_mode_notes(report: BenchReport) -> list[str]:
+    return [f"{MODE_LABELS.get(mode, mode)}: skipped: {why}" for mode, why in report.step.mode_skipped.items()]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -137,19 +304,18 @@ def cache_sources(report: BenchReport) -> list[str]:
 # -------------------------------------------------------------------------------------------------
 
 
-_TEXT_COLUMNS = {"GEMM", "pass", "implementation", "tuned config", "tuned from", "default config"}
+_TEXT_COLUMNS = {"GEMM", "pass", "implementation", "tuned config", "tuned from", "default config", "mode", "note"}
 
 
 def _rich_table(caption: str, columns: Iterable[str], rows: list[list[str]]):
-    from rich.table import Table
-
     from rich.markup import escape
+    from rich.table import Table
 
     table = Table(title=escape(caption), title_justify="left")
     for column in columns:
         table.add_column(column, justify="left" if column in _TEXT_COLUMNS else "right")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(escape(cell) for cell in row))
     return table
 
 
@@ -163,22 +329,44 @@ def print_report(report: BenchReport, console=None) -> None:
         if not console.is_terminal:
             # Piped or redirected: 80 columns would fold every row; a file has no width to respect.
             console = Console(width=200)
+
+    def line(text: str) -> None:
+        console.print(escape(text), highlight=False)
+
     console.print(escape(title(report)), style="bold", highlight=False)
-    console.print(escape(header(report.environment)), highlight=False)
-    console.print(escape(method(report)), highlight=False)
+    line(header(report.environment))
+    line(method(report))
     if report.gemms:
-        console.print(_rich_table("grouped GEMMs: throughput", THROUGHPUT_COLUMNS, throughput_rows(report)))
-        console.print(_rich_table("grouped GEMMs: times, ms (median [p20, p80])", TIMES_COLUMNS, times_rows(report)))
+        console.print(_rich_table("grouped GEMMs: throughput", throughput_columns(report), throughput_rows(report)))
+        console.print(_rich_table("grouped GEMMs: times, ms (median [p20, p80])", times_columns(report),
+                                  times_rows(report)))
         console.print(_rich_table("grouped GEMMs: configs (max rel. diff: moe-tune output vs torch._grouped_mm)",
                                   CONFIG_COLUMNS, config_rows(report)))
         for path in cache_sources(report):
-            console.print(escape(f"tuned configs read from {path}"), highlight=False)
+            line(f"tuned configs read from {path}")
+        for text in gemm_failures(report):
+            line(text)
     if report.block.skipped:
-        console.print(escape(f"experts block: skipped: {report.block.skipped}"), highlight=False)
+        line(f"experts block: skipped: {report.block.skipped}")
     else:
+        console.print(_rich_table("experts block fwd+bwd against the strongest baseline, ms",
+                                  block_summary_columns(report), block_summary_rows(report)))
         console.print(_rich_table("experts block (up GEMM, SwiGLU, down GEMM, routing-weight combine), ms "
-                                  "(median [p20, p80]); speed-up over transformers grouped_mm",
+                                  "(median [p20, p80]); speed-ups over the best transformers grouped_mm row",
                                   BLOCK_COLUMNS, block_rows(report)))
+    if report.host.skipped:
+        line(f"host overhead: skipped: {report.host.skipped}")
+    else:
+        console.print(_rich_table(f"host overhead per experts-block fwd+bwd, T={report.host.tokens}", HOST_COLUMNS,
+                                  host_rows(report)))
+    if report.step.skipped:
+        line(f"training steps: skipped: {report.step.skipped}")
+    else:
+        console.print(_rich_table("training steps (forward, backward, AdamW), ms (median [p20, p80])", STEP_COLUMNS,
+                                  step_rows(report)))
+        line(step_caption(report))
+        for text in step_mode_notes(report):
+            line(text)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -199,30 +387,57 @@ def markdown(report: BenchReport) -> str:
     card = env.get("card", "unknown card")
     rest = header(env).split(" | ", 1)[1] if " | " in header(env) else ""
     lines += [f"**{card}** | {rest}", "", method(report) + ".", ""]
+    # Repeated under each section's heading: a table copied into BENCHMARKS.md keeps its card and date.
+    env_line = f"*{header(env)}*"
     if report.gemms:
-        lines += ["### Grouped GEMMs: throughput", "",
+        compiled = (" grouped_mm+compile: the same under `torch.compile(fullgraph=True)` (Inductor fuses the "
+                    "permutes); speed-ups are against the better of the two." if _compiled_baseline(report) else "")
+        lines += ["### Grouped GEMMs: throughput", "", env_line, "",
                   "tuned: moe-tune with the config the runtime loader resolves (cache, else the heuristic default); "
                   "default: moe-tune with the heuristic default; grouped_mm: `torch._grouped_mm` with the "
-                  "gathers/scatters/weighting the layout needs, done as a user would; dense: one cuBLAS matmul of "
-                  "the same FLOPs (the practical ceiling).", ""]
-        lines += _md_table(THROUGHPUT_COLUMNS, throughput_rows(report)) + [""]
+                  "gathers/scatters/weighting the layout needs, done as a user would;" + compiled +
+                  " dense: one cuBLAS matmul of the same FLOPs (the practical ceiling).", ""]
+        lines += _md_table(throughput_columns(report), throughput_rows(report)) + [""]
         lines += ["### Grouped GEMMs: times, ms (median [p20, p80])", ""]
-        lines += _md_table(TIMES_COLUMNS, times_rows(report)) + [""]
+        lines += _md_table(times_columns(report), times_rows(report)) + [""]
         lines += ["### Grouped GEMMs: configs", "",
                   "max rel. diff: ‖moe-tune − grouped_mm‖ / ‖grouped_mm‖ over the output (a sanity check).",
                   ""]
         lines += _md_table(CONFIG_COLUMNS, config_rows(report)) + [""]
         for path in cache_sources(report):
             lines += [f"Tuned configs read from `{path}`.", ""]
-    lines += ["### Experts block", ""]
+        for text in gemm_failures(report):
+            lines += [f"- {text}"]
+        if gemm_failures(report):
+            lines += [""]
+    lines += ["### Experts block against the strongest baseline", "", env_line, ""]
     if report.block.skipped:
         lines += [f"skipped: {report.block.skipped}", ""]
     else:
         lines += ["Up GEMM, SwiGLU, down GEMM and routing-weight combine, as training runs them: forward with "
                   "autograd recording, and forward+backward into hidden states, routing weights and both weight "
-                  "stacks. Same weights and routing for both; speed-up over transformers' `grouped_mm` experts "
-                  "implementation.", ""]
+                  "stacks. Same weights and routing for every row; transformers' `grouped_mm` experts "
+                  "implementation eager and under `torch.compile` (the experts module, `fullgraph=True` unless "
+                  "the note says otherwise), moe-tune likewise. Speed-ups are against the best grouped_mm row. "
+                  "Forward+backward, ms:", ""]
+        lines += _md_table(block_summary_columns(report), block_summary_rows(report)) + [""]
+        lines += ["All figures, median [p20, p80]; max rel. diff: output and gradients against eager grouped_mm:",
+                  ""]
         lines += _md_table(BLOCK_COLUMNS, block_rows(report)) + [""]
+    lines += ["### Host overhead", "", env_line, ""]
+    if report.host.skipped:
+        lines += [f"skipped: {report.host.skipped}", ""]
+    else:
+        lines += [host_caption(report), ""]
+        lines += _md_table(HOST_COLUMNS, host_rows(report)) + [""]
+    lines += ["### Training steps", "", env_line, ""]
+    if report.step.skipped:
+        lines += [f"skipped: {report.step.skipped}", ""]
+    else:
+        lines += [step_caption(report), ""]
+        lines += _md_table(STEP_COLUMNS, step_rows(report)) + [""]
+        notes = step_mode_notes(report)
+        lines += [f"- {text}" for text in notes] + ([""] if notes else [])
     return "\n".join(lines)
 
 
@@ -242,6 +457,7 @@ _LINE_STYLES = {
     "tuned": dict(marker="o", linestyle="-", linewidth=2),
     "default": dict(marker="s", linestyle="--"),
     "grouped_mm": dict(marker="^", linestyle="-."),
+    GROUPED_MM_COMPILED: dict(marker="v", linestyle="-."),
     "dense": dict(marker="", linestyle=":", color="gray"),
 }
 
@@ -261,8 +477,10 @@ def plot_figure(report: BenchReport):
     for ax, problem in zip(axes.flat, problems):
         rows = sorted((r for r in report.gemms if r.problem == problem), key=lambda r: r.tokens)
         tokens = [r.tokens for r in rows]
-        for variant in GEMM_VARIANTS:
-            ax.plot(tokens, [r.tflops(variant) for r in rows], label=VARIANT_LABELS[variant], **_LINE_STYLES[variant])
+        for variant in ALL_GEMM_VARIANTS:
+            points = [(r.tokens, r.tflops(variant)) for r in rows if variant in r.timings]
+            if points:
+                ax.plot(*zip(*points), label=VARIANT_LABELS[variant], **_LINE_STYLES[variant])
         ax.set_title(f"{problem.gemm} {problem.pass_}  (N={problem.N}, K={problem.K})", fontsize=10)
         ax.set_xscale("log", base=2)
         ax.set_xticks(tokens, [str(t) for t in tokens])

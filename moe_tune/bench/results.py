@@ -1,6 +1,10 @@
 """What ``moe-tune bench`` measured, as plain data: timings, one row per (token count, GEMM problem),
-one row per (token count, experts-block implementation), and the report that holds them with the
-environment they were measured in.
+one row per (token count, experts-block implementation), one per implementation for the host
+overhead, one per (token count, training mode, implementation) for whole training steps, and the
+report that holds them with the environment they were measured in.
+
+A measurement that failed (a compile error, out of memory) is a row with ``error`` set and no
+timings, so one failure never loses the rest of a run.
 
 Pure Python (no torch): ``moe_tune.bench.report`` formats these and the tests build them by hand.
 Every class has ``to_dict``/``from_dict``; derived figures (TFLOP/s, ratios) are written into the
@@ -10,6 +14,7 @@ report read back equals the one written.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -18,10 +23,17 @@ from moe_tune.errors import InvalidInputError
 from moe_tune.problem import KernelConfig, MoeShape, Problem
 
 REPORT_KIND = "moe-tune-bench"
-REPORT_VERSION = 1
+REPORT_VERSION = 2
+# Version 1 lacks the compiled baselines, host overhead and training steps; every field it has
+# kept its meaning, so it reads as a version 2 report with those sections absent.
+READABLE_VERSIONS = (1, 2)
 
-# The four ways one GEMM problem is run, in table order.
+# The four ways every GEMM problem is run, in table order.
 GEMM_VARIANTS = ("tuned", "default", "grouped_mm", "dense")
+# torch._grouped_mm with its permutes under torch.compile: timed when compiling is requested.
+GROUPED_MM_COMPILED = "grouped_mm_compiled"
+ALL_GEMM_VARIANTS = ("tuned", "default", "grouped_mm", GROUPED_MM_COMPILED, "dense")
+GEMM_BASELINES = ("grouped_mm", GROUPED_MM_COMPILED)
 
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float:
@@ -30,6 +42,10 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(sorted_values) - 1)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def _opt_timing(data: Any) -> "Timing | None":
+    return None if data is None else Timing.from_dict(data)
 
 
 def _failed_checks(errors: Mapping[str, float], tolerance: float | None) -> list[str]:
@@ -108,24 +124,37 @@ class ConfigSource:
 
 @dataclass(frozen=True)
 class GemmRow:
-    """One GEMM problem at one token count, run four ways: moe-tune with the tuned config and with
-    the heuristic default, ``torch._grouped_mm`` with the permutes that layout needs, and one dense
-    matmul of the same FLOPs. ``errors``: relative difference of each moe-tune run's output from
-    ``torch._grouped_mm``'s (a sanity check that both compute the same thing)."""
+    """One GEMM problem at one token count, run four or five ways: moe-tune with the tuned config
+    and with the heuristic default, ``torch._grouped_mm`` with the permutes that layout needs (eager,
+    and under torch.compile when requested), and one dense matmul of the same FLOPs. ``errors``:
+    relative difference of each moe-tune run's (and the compiled baseline's) output from eager
+    ``torch._grouped_mm``'s (a sanity check that both compute the same thing). ``failures``: a
+    variant that could not run (the compiled baseline failing to compile) and why."""
 
     tokens: int
     problem: Problem
     tuned_config: KernelConfig
     tuned_from: ConfigSource
     default_config: KernelConfig
-    timings: Mapping[str, Timing]  # GEMM_VARIANTS → Timing
-    errors: Mapping[str, float] = field(default_factory=dict)  # "tuned"/"default" → relative difference
+    timings: Mapping[str, Timing]  # ALL_GEMM_VARIANTS → Timing (GEMM_VARIANTS always)
+    errors: Mapping[str, float] = field(default_factory=dict)  # "tuned"/"default"/... → relative difference
     tolerance: float | None = None
+    failures: Mapping[str, str] = field(default_factory=dict)  # variant → why it has no timing
 
     def __post_init__(self) -> None:
         missing = [v for v in GEMM_VARIANTS if v not in self.timings]
         if missing:
             raise InvalidInputError(f"a GEMM row needs timings for {', '.join(missing)}")
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The variants timed, in table order."""
+        return tuple(v for v in ALL_GEMM_VARIANTS if v in self.timings)
+
+    @property
+    def best_baseline(self) -> str:
+        """The faster of eager and compiled ``torch._grouped_mm`` (eager when only it ran)."""
+        return min((v for v in GEMM_BASELINES if v in self.timings), key=lambda v: self.timings[v].ms)
 
     @property
     def flops(self) -> int:
@@ -157,14 +186,17 @@ class GemmRow:
             "tuned_config": self.tuned_config.to_dict(),
             "tuned_from": self.tuned_from.to_dict(),
             "default_config": self.default_config.to_dict(),
-            "timings": {v: self.timings[v].to_dict() for v in GEMM_VARIANTS},
-            "tflops": {v: self.tflops(v) for v in GEMM_VARIANTS},
+            "timings": {v: self.timings[v].to_dict() for v in self.variants},
+            "tflops": {v: self.tflops(v) for v in self.variants},
+            "best_grouped_mm": self.best_baseline,
+            "tuned_vs_best_grouped_mm": self.speedup("tuned", self.best_baseline),
             "tuned_vs_grouped_mm": self.speedup("tuned", "grouped_mm"),
             "tuned_vs_default": self.speedup("tuned", "default"),
             "default_vs_grouped_mm": self.speedup("default", "grouped_mm"),
             "tuned_fraction_of_dense": self.speedup("tuned", "dense"),
             "errors": dict(self.errors),
             "tolerance": self.tolerance,
+            "failures": dict(self.failures),
         }
 
     @classmethod
@@ -179,45 +211,68 @@ class GemmRow:
                 timings={v: Timing.from_dict(t) for v, t in data["timings"].items()},
                 errors={k: float(v) for k, v in data.get("errors", {}).items()},
                 tolerance=data.get("tolerance"),
+                failures={k: str(v) for k, v in data.get("failures", {}).items()},
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise InvalidInputError(f"malformed GEMM row: {exc!r}") from None
 
 
-# Experts-block implementations, in table order: transformers' own, then moe-tune's.
+# Experts implementations, in table order: transformers' grouped_mm (eager, then compiled), then
+# moe-tune's. Every row's output is checked against eager grouped_mm's; speed-ups are taken against
+# the faster grouped_mm row, the best a user has without moe-tune.
 BLOCK_BASELINE = "grouped_mm"
+COMPILED = "+compile"
+BLOCK_IMPLEMENTATIONS = (BLOCK_BASELINE, BLOCK_BASELINE + COMPILED, "moe_tune", "moe_tune" + COMPILED)
+
+
+def is_baseline(implementation: str) -> bool:
+    """A grouped_mm row or GEMM variant, eager or compiled: what a user has without moe-tune."""
+    return implementation.startswith(BLOCK_BASELINE)
+
+
+def _check_measured(what: str, error: str | None, *timings: "Timing | None") -> None:
+    if error is None and any(t is None for t in timings):
+        raise InvalidInputError(f"{what} needs its timings or an error")
 
 
 @dataclass(frozen=True)
 class BlockRow:
     """The experts block at one token count under one implementation: a training forward
     (autograd recording) and forward+backward, the peak memory one fwd+bwd adds (CUDA only), and
-    the relative difference of its output and gradients from the baseline's."""
+    the relative difference of its output and gradients from eager grouped_mm's. ``error``: why
+    the row has no timings; ``note``: what the reader should know (a compile that fell back from
+    ``fullgraph=True``)."""
 
     tokens: int
-    implementation: str  # "grouped_mm" (transformers), "moe_tune", "moe_tune+compile"
-    fwd: Timing
-    fwd_bwd: Timing
+    implementation: str  # one of BLOCK_IMPLEMENTATIONS
+    fwd: Timing | None
+    fwd_bwd: Timing | None
     peak_mib: float | None = None
     errors: Mapping[str, float] = field(default_factory=dict)
     tolerance: float | None = None
+    error: str | None = None
+    note: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_measured("an experts-block row", self.error, self.fwd, self.fwd_bwd)
 
     @property
     def failed_checks(self) -> list[str]:
         return _failed_checks(self.errors, self.tolerance)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "implementation": self.implementation, "fwd": self.fwd.to_dict(),
-                "fwd_bwd": self.fwd_bwd.to_dict(), "peak_mib": self.peak_mib, "errors": dict(self.errors),
-                "tolerance": self.tolerance}
+        return {"tokens": self.tokens, "implementation": self.implementation,
+                "fwd": self.fwd.to_dict() if self.fwd else None,
+                "fwd_bwd": self.fwd_bwd.to_dict() if self.fwd_bwd else None, "peak_mib": self.peak_mib,
+                "errors": dict(self.errors), "tolerance": self.tolerance, "error": self.error, "note": self.note}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "BlockRow":
         try:
             return cls(tokens=int(data["tokens"]), implementation=str(data["implementation"]),
-                       fwd=Timing.from_dict(data["fwd"]), fwd_bwd=Timing.from_dict(data["fwd_bwd"]),
+                       fwd=_opt_timing(data["fwd"]), fwd_bwd=_opt_timing(data["fwd_bwd"]),
                        peak_mib=data.get("peak_mib"), errors={k: float(v) for k, v in data.get("errors", {}).items()},
-                       tolerance=data.get("tolerance"))
+                       tolerance=data.get("tolerance"), error=data.get("error"), note=data.get("note"))
         except (KeyError, TypeError, AttributeError) as exc:
             raise InvalidInputError(f"malformed experts-block row: {exc!r}") from None
 
@@ -231,22 +286,31 @@ class BlockSection:
     family: str | None = None  # the transformers model family the block was built from
 
     def baseline(self, tokens: int) -> BlockRow | None:
+        """The eager grouped_mm row: the reference of the sanity check."""
         return next((r for r in self.rows if r.tokens == tokens and r.implementation == BLOCK_BASELINE), None)
 
+    def best_baseline(self, tokens: int, which: str) -> BlockRow | None:
+        """The fastest grouped_mm row (eager or compiled) for ``which`` in ``fwd``/``fwd_bwd``."""
+        rows = [r for r in self.rows
+                if r.tokens == tokens and is_baseline(r.implementation) and getattr(r, which) is not None]
+        return min(rows, key=lambda r: getattr(r, which).ms, default=None)
+
     def speedup(self, row: BlockRow, which: str) -> float | None:
-        """Baseline time / ``row``'s time for ``which`` in ``fwd``/``fwd_bwd`` (None without a baseline)."""
-        base = self.baseline(row.tokens)
-        if base is None:
+        """Best grouped_mm time / ``row``'s time for ``which`` (None when either is missing)."""
+        base = self.best_baseline(row.tokens, which)
+        mine = getattr(row, which)
+        if base is None or mine is None:
             return None
-        return getattr(base, which).ms / getattr(row, which).ms
+        return getattr(base, which).ms / mine.ms
 
     def to_dict(self) -> dict[str, Any]:
         rows = []
         for r in self.rows:
             item = r.to_dict()
-            if r.implementation != BLOCK_BASELINE:
-                item["fwd_vs_grouped_mm"] = self.speedup(r, "fwd")
-                item["fwd_bwd_vs_grouped_mm"] = self.speedup(r, "fwd_bwd")
+            for which in ("fwd", "fwd_bwd"):
+                best = self.best_baseline(r.tokens, which)
+                item[f"best_grouped_mm_{which}"] = best.implementation if best else None
+                item[f"{which}_vs_best_grouped_mm"] = self.speedup(r, which)
             rows.append(item)
         return {"skipped": self.skipped, "family": self.family, "rows": rows}
 
@@ -254,6 +318,190 @@ class BlockSection:
     def from_dict(cls, data: Mapping[str, Any]) -> "BlockSection":
         return cls(rows=tuple(BlockRow.from_dict(r) for r in data.get("rows", ())), skipped=data.get("skipped"),
                    family=data.get("family"))
+
+
+@dataclass(frozen=True)
+class HostRow:
+    """Host (CPU) cost of one experts-block forward+backward under one implementation, at a token
+    count small enough that the GPU waits on the host. ``host``: ms per call from
+    ``time.perf_counter`` around a loop of calls that never synchronises (one sample per repeat);
+    ``wall``: ms per call until the GPU finished the loop (near ``host``: host-bound).
+    ``kernels``/``memops``: GPU kernel launches and memcpy/memset operations per call, from
+    torch.profiler's CUDA events (None off CUDA)."""
+
+    implementation: str  # one of BLOCK_IMPLEMENTATIONS
+    host: Timing | None
+    wall: Timing | None
+    kernels: int | None = None
+    memops: int | None = None
+    error: str | None = None
+    note: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_measured("a host-overhead row", self.error, self.host, self.wall)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"implementation": self.implementation, "host": self.host.to_dict() if self.host else None,
+                "wall": self.wall.to_dict() if self.wall else None, "kernels": self.kernels, "memops": self.memops,
+                "error": self.error, "note": self.note}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "HostRow":
+        try:
+            return cls(implementation=str(data["implementation"]), host=_opt_timing(data["host"]),
+                       wall=_opt_timing(data["wall"]), kernels=data.get("kernels"), memops=data.get("memops"),
+                       error=data.get("error"), note=data.get("note"))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise InvalidInputError(f"malformed host-overhead row: {exc!r}") from None
+
+
+@dataclass(frozen=True)
+class HostSection:
+    """Host overhead of the experts block at ``tokens`` tokens, or why it did not run."""
+
+    tokens: int | None = None
+    iterations: int | None = None  # calls per timed loop
+    repeats: int | None = None  # timed loops (samples)
+    rows: tuple[HostRow, ...] = ()
+    skipped: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped, "tokens": self.tokens, "iterations": self.iterations,
+                "repeats": self.repeats, "rows": [r.to_dict() for r in self.rows]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "HostSection":
+        return cls(tokens=data.get("tokens"), iterations=data.get("iterations"), repeats=data.get("repeats"),
+                   rows=tuple(HostRow.from_dict(r) for r in data.get("rows", ())), skipped=data.get("skipped"))
+
+
+# Training modes, in table order: every weight trained; expert weights frozen (no weight gradient
+# for them, activations still backpropagate through the experts); LoRA adapters on the expert
+# weights through PEFT's ``target_parameters`` (the base frozen).
+STEP_MODES = ("full", "frozen", "lora")
+STEP_IMPLEMENTATIONS = (BLOCK_BASELINE, "moe_tune")
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """Whole training steps (forward, backward, AdamW step) of the causal LM at one token count,
+    in one training mode, under one experts implementation, eager or compiled. ``step``: ms per
+    step with the GPU synchronised at its end; ``host``: ms until the step's last launch returned
+    (the host side); ``peak_mib``: peak memory of the run above what was allocated before its model
+    copy (weights, gradients, optimizer state, activations); ``loss``: the first step's loss (same
+    weights and data for every row of a (tokens, mode): they must agree); ``graphs``: graphs
+    torch.compile made (1: no graph break)."""
+
+    tokens: int
+    mode: str  # one of STEP_MODES
+    implementation: str  # one of STEP_IMPLEMENTATIONS
+    compiled: bool
+    step: Timing | None
+    host: Timing | None = None
+    peak_mib: float | None = None
+    loss: float | None = None
+    graphs: int | None = None
+    error: str | None = None
+    note: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_measured("a training-step row", self.error, self.step)
+
+    @property
+    def label(self) -> str:
+        return self.implementation + (COMPILED if self.compiled else "")
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return None if self.step is None else self.tokens / (self.step.ms * 1e-3)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "mode": self.mode, "implementation": self.implementation,
+                "compiled": self.compiled, "step": self.step.to_dict() if self.step else None,
+                "host": self.host.to_dict() if self.host else None, "peak_mib": self.peak_mib, "loss": self.loss,
+                "graphs": self.graphs, "error": self.error, "note": self.note, "tokens_per_s": self.tokens_per_s}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "StepRow":
+        try:
+            return cls(tokens=int(data["tokens"]), mode=str(data["mode"]), implementation=str(data["implementation"]),
+                       compiled=bool(data["compiled"]), step=_opt_timing(data["step"]), host=_opt_timing(data.get("host")),
+                       peak_mib=data.get("peak_mib"), loss=data.get("loss"), graphs=data.get("graphs"),
+                       error=data.get("error"), note=data.get("note"))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise InvalidInputError(f"malformed training-step row: {exc!r}") from None
+
+
+@dataclass(frozen=True)
+class StepSection:
+    """Training steps of an N-layer causal LM, or why they did not run (``skipped``);
+    ``mode_skipped``: a mode that did not run and why (LoRA without PEFT). ``model``: how the LM was
+    built (family, layers, attention and vocabulary sizes, sequence length, LoRA rank, optimizer,
+    the share of matmul FLOPs per part), for the report's caption."""
+
+    rows: tuple[StepRow, ...] = ()
+    skipped: str | None = None
+    model: Mapping[str, Any] = field(default_factory=dict)
+    mode_skipped: Mapping[str, str] = field(default_factory=dict)
+    loss_tolerance: float | None = None  # relative; first-step losses further apart disagree
+
+    def reference(self, tokens: int, mode: str) -> StepRow | None:
+        """The row whose first-step loss the others are checked against: eager grouped_mm if it ran."""
+        rows = [r for r in self.rows if r.tokens == tokens and r.mode == mode and r.loss is not None]
+        rows.sort(key=lambda r: (r.implementation != BLOCK_BASELINE, r.compiled))
+        return rows[0] if rows else None
+
+    def loss_difference(self, row: StepRow) -> float | None:
+        """|loss − reference loss| / |reference loss| (None without both; NaN stays NaN)."""
+        ref = self.reference(row.tokens, row.mode)
+        if ref is None or row.loss is None:
+            return None
+        denom = abs(ref.loss) or 1.0
+        return abs(row.loss - ref.loss) / denom
+
+    @property
+    def failed_losses(self) -> list[StepRow]:
+        if self.loss_tolerance is None:
+            return []
+        failed = []
+        for r in self.rows:
+            diff = self.loss_difference(r)
+            if diff is not None and not diff <= self.loss_tolerance:
+                failed.append(r)
+        return failed
+
+    def best_baseline(self, tokens: int, mode: str) -> StepRow | None:
+        rows = [r for r in self.rows if r.tokens == tokens and r.mode == mode and is_baseline(r.implementation)
+                and r.step is not None]
+        return min(rows, key=lambda r: r.step.ms, default=None)
+
+    def speedup(self, row: StepRow) -> float | None:
+        """Best grouped_mm step time (eager or compiled) / ``row``'s."""
+        base = self.best_baseline(row.tokens, row.mode)
+        if base is None or row.step is None:
+            return None
+        return base.step.ms / row.step.ms
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = []
+        for r in self.rows:
+            item = r.to_dict()
+            best = self.best_baseline(r.tokens, r.mode)
+            item["best_grouped_mm"] = best.label if best else None
+            item["vs_best_grouped_mm"] = self.speedup(r)
+            item["loss_difference"] = self.loss_difference(r)
+            rows.append(item)
+        return {"skipped": self.skipped, "model": dict(self.model), "mode_skipped": dict(self.mode_skipped),
+                "loss_tolerance": self.loss_tolerance, "rows": rows}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "StepSection":
+        return cls(rows=tuple(StepRow.from_dict(r) for r in data.get("rows", ())), skipped=data.get("skipped"),
+                   model=dict(data.get("model", {})), mode_skipped=dict(data.get("mode_skipped", {})),
+                   loss_tolerance=data.get("loss_tolerance"))
+
+
+NOT_REQUESTED = "not requested"
 
 
 @dataclass(frozen=True)
@@ -265,18 +513,36 @@ class BenchReport:
     shape: MoeShape
     dtype: str
     tokens: tuple[int, ...]
-    settings: Mapping[str, Any]  # timer (warmup/rep ms or wall clock), seed, routing
+    settings: Mapping[str, Any]  # timer (warmup/rep ms or wall clock), seed, routing, compile backend
     gemms: tuple[GemmRow, ...]
     block: BlockSection
+    host: HostSection = field(default_factory=lambda: HostSection(skipped=NOT_REQUESTED))
+    step: StepSection = field(default_factory=lambda: StepSection(skipped=NOT_REQUESTED))
 
     @property
     def failed_checks(self) -> list[str]:
-        """Every run whose output disagreed with its baseline, as ``T=.. gemm pass variant``."""
+        """Every moe-tune run that disagreed with its baseline or failed, as ``T=.. what (why)``:
+        the figures next to it do not compare. Baseline rows that failed are ``row_errors`` only."""
         failed = [f"T={r.tokens} {r.problem.gemm} {r.problem.pass_} ({name} config)"
                   for r in self.gemms for name in r.failed_checks]
         failed += [f"T={r.tokens} experts block {r.implementation} ({name})"
                    for r in self.block.rows for name in r.failed_checks]
+        failed += [f"T={r.tokens} {r.mode} training step {r.label} (first-step loss {r.loss:.6g} vs "
+                   f"{self.step.reference(r.tokens, r.mode).loss:.6g})" for r in self.step.failed_losses]
+        failed += [f"{where} {impl} failed ({error})" for where, impl, error in self.row_errors
+                   if not is_baseline(impl)]
         return failed
+
+    @property
+    def row_errors(self) -> list[tuple[str, str, str]]:
+        """(where, implementation, error) of every measurement that could not run."""
+        errors = [(f"T={r.tokens} {r.problem.gemm} {r.problem.pass_}", variant, error)
+                  for r in self.gemms for variant, error in r.failures.items()]
+        errors += [(f"T={r.tokens} experts block", r.implementation, r.error) for r in self.block.rows if r.error]
+        errors += [(f"T={self.host.tokens} host overhead", r.implementation, r.error)
+                   for r in self.host.rows if r.error]
+        errors += [(f"T={r.tokens} {r.mode} training step", r.label, r.error) for r in self.step.rows if r.error]
+        return errors
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -290,15 +556,17 @@ class BenchReport:
             "settings": dict(self.settings),
             "gemms": [r.to_dict() for r in self.gemms],
             "block": self.block.to_dict(),
+            "host": self.host.to_dict(),
+            "step": self.step.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "BenchReport":
         if not isinstance(data, Mapping) or data.get("kind") != REPORT_KIND:
             raise InvalidInputError("not a moe-tune bench report (no \"kind\": \"moe-tune-bench\")")
-        if data.get("version") != REPORT_VERSION:
+        if data.get("version") not in READABLE_VERSIONS:
             raise InvalidInputError(f"bench report version {data.get('version')!r}; "
-                                    f"this moe-tune reads {REPORT_VERSION}")
+                                    f"this moe-tune reads {', '.join(map(str, READABLE_VERSIONS))}")
         try:
             return cls(
                 environment=dict(data["environment"]),
@@ -309,6 +577,45 @@ class BenchReport:
                 settings=dict(data.get("settings", {})),
                 gemms=tuple(GemmRow.from_dict(r) for r in data["gemms"]),
                 block=BlockSection.from_dict(data["block"]),
+                host=HostSection.from_dict(data.get("host", {"skipped": NOT_REQUESTED})),
+                step=StepSection.from_dict(data.get("step", {"skipped": NOT_REQUESTED})),
             )
         except (KeyError, TypeError) as exc:
             raise InvalidInputError(f"malformed bench report: {exc!r}") from None
+
+
+def merge_reports(reports: Sequence[BenchReport]) -> BenchReport:
+    """One report from several runs of the same model, dtype and card (sections run separately to
+    stay under a time limit): rows are concatenated, a section skipped in one run takes the other
+    run's rows. The first report's environment and settings head the result."""
+    if not reports:
+        raise InvalidInputError("no reports to merge")
+    first = reports[0]
+    for other in reports[1:]:
+        for what, a, b in (("model", first.model, other.model), ("shape", first.shape, other.shape),
+                           ("dtype", first.dtype, other.dtype),
+                           ("card", first.environment.get("card"), other.environment.get("card"))):
+            if a != b:
+                raise InvalidInputError(f"cannot merge bench reports of different {what}s: {a} and {b}")
+
+    def section(sections, **extra):
+        ran = [s for s in sections if not s.skipped]
+        if not ran:
+            return sections[0]
+        rows = tuple(r for s in ran for r in s.rows)
+        return dataclasses.replace(ran[0], rows=rows, **extra)
+
+    steps = [r.step for r in reports]
+    mode_skipped: dict[str, str] = {}
+    for s in steps:
+        if not s.skipped:
+            mode_skipped.update(s.mode_skipped)
+    ran_modes = {r.mode for s in steps for r in s.rows}
+    mode_skipped = {m: why for m, why in mode_skipped.items() if m not in ran_modes}
+    tokens = tuple(dict.fromkeys(t for r in reports for t in r.tokens))
+    return dataclasses.replace(
+        first, tokens=tokens, gemms=tuple(g for r in reports for g in r.gemms),
+        block=section([r.block for r in reports]),
+        host=section([r.host for r in reports]),
+        step=section(steps, **({"mode_skipped": mode_skipped} if any(not s.skipped for s in steps)
+                                            else {})))

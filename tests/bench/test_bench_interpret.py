@@ -2,7 +2,10 @@
 ``torch._grouped_mm`` path computes what moe-tune's kernel computes (so the baseline times the
 same work), dense matmuls carry the same FLOPs, the runner times each variant once, reuses the
 default's time when the tuned config is the default, says where a cached config came from, and
-builds and times the experts block against transformers (or says why not)."""
+builds and times the experts block against transformers (or says why not) — eager and under
+torch.compile (``aot_eager``: Inductor's CPU code generation is not what these tests are about) —,
+its host overhead, and training steps of a tiny causal LM in every mode; a failing implementation
+is a row error, never the end of the run."""
 
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from moe_tune import runtime
 from moe_tune.bench import block as block_mod
 from moe_tune.bench.gemms import bench_gemms, build_cases, relative_difference
 from moe_tune.bench.results import Timing
-from moe_tune.bench.run import BenchOptions, planned_steps, run_bench
+from moe_tune.bench.isolation import describe_error
+from moe_tune.bench.run import INTERPRETER_COMPILE_BACKEND, BenchOptions, planned_steps, run_bench
 from moe_tune.cache import CacheFile, CacheStore
 from moe_tune.cache.testing import random_measurement
 from moe_tune.device import INTERPRETER_DEVICE, query_device
@@ -128,18 +132,29 @@ def test_a_cached_config_is_named_and_timed(tmp_path):
     assert all(r.tuned_from.source == "default" for r in rows[1:])
 
 
+def tiny_options(**overrides) -> BenchOptions:
+    preset = find_preset("tiny")
+    fields = dict(model="tiny", shape=preset.shape, family=preset.family, tokens=(16,), dtype="float32",
+                  device="cpu", compile_backend=INTERPRETER_COMPILE_BACKEND, host_tokens=8, host_iterations=1,
+                  host_repeats=1, step_steps=1, step_warmup=1)
+    return BenchOptions(**{**fields, **overrides})
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter run")
 def test_run_bench_whole_report_in_the_interpreter():
-    preset = find_preset("tiny")
-    options = BenchOptions(model="tiny", shape=preset.shape, family=preset.family, tokens=(8, 16), dtype="float32",
-                           device="cpu", seed=5)
+    options = tiny_options(tokens=(8, 16), seed=5, compile=False)
     timer, progress = CountingTimer(), RecordingProgress()
-    report = run_bench(options, timer, progress)
+    saved = []
+    report = run_bench(options, timer, progress, checkpoint=saved.append)
     assert report.environment["card"] == "triton-interpreter (CPU)"
     assert report.environment["triton"] and report.environment["torch"] == torch.__version__
     assert [r.tokens for r in report.gemms] == [8] * 6 + [16] * 6
-    assert progress.total == planned_steps(options, block_runs=HAS_TRANSFORMERS)
+    assert all(set(r.timings) == {"tuned", "default", "grouped_mm", "dense"} for r in report.gemms)
+    assert progress.total == planned_steps(options, block_runs=HAS_TRANSFORMERS, host_runs=HAS_TRANSFORMERS)
     assert progress.ended == progress.total
+    # A checkpoint after each section that ran, the last one the report itself.
+    assert len(saved) == (2 if HAS_TRANSFORMERS else 1) and saved[-1] == report
+    assert saved[0].gemms == report.gemms and "did not finish" in str(saved[0].block.skipped)
     assert any("moe-tune sweep --model tiny --dtype float32" in n for n in progress.notes)
     assert not report.failed_checks
     if HAS_TRANSFORMERS:
@@ -150,8 +165,52 @@ def test_run_bench_whole_report_in_the_interpreter():
         assert set(ours.errors) == {"out", "hidden", "top_k_weights", "gate_up_proj", "down_proj"}
         assert max(ours.errors.values()) < 1e-4
         assert ours.peak_mib is None  # CUDA only
+        assert report.host.tokens == 8 and [r.implementation for r in report.host.rows] == ["grouped_mm", "moe_tune"]
+        assert all(r.host.ms > 0 and r.wall.ms >= r.host.ms and r.kernels is None for r in report.host.rows)
     else:
         assert "transformers is not installed" in report.block.skipped
+    assert report.step.skipped == "not requested"
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not HAS_TRANSFORMERS, reason="interpreter run with transformers")
+def test_block_and_host_under_torch_compile():
+    options = tiny_options(gemms=False)
+    report = run_bench(options, CountingTimer())
+    labels = ["grouped_mm", "grouped_mm+compile", "moe_tune", "moe_tune+compile"]
+    assert [r.implementation for r in report.block.rows] == labels
+    for row in report.block.rows[1:]:
+        assert row.error is None and row.note is None, row  # fullgraph=True holds for both
+        assert set(row.errors) == {"out", "hidden", "top_k_weights", "gate_up_proj", "down_proj"}
+        assert max(row.errors.values()) < 1e-4, row.errors
+    assert [r.implementation for r in report.host.rows] == labels
+    assert all(r.error is None for r in report.host.rows)
+    assert report.settings["compile"]["backend"] == "aot_eager"
+    assert report.settings["compile"]["gemm"].startswith("skipped: torch._grouped_mm compiles for bfloat16 only")
+    assert not report.failed_checks and not report.row_errors
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not HAS_TRANSFORMERS, reason="interpreter run with transformers")
+def test_a_failing_implementation_is_a_row_error(rng):
+    # moe-tune refuses a GELU MLP (it implements SwiGLU); transformers' grouped_mm, whose act_fn was
+    # built at construction, still runs: the natural way to make one implementation fail.
+    shape = find_preset("tiny").shape
+    block = block_mod.build_block(shape, "float32", "cpu", seed=rng.randrange(100))
+    block.experts.config.hidden_act = "gelu"
+    rows = block_mod.bench_block(block, shape, 8, dtype="float32", device="cpu", timer=CountingTimer(),
+                                 compile_block=True, compile_backend=INTERPRETER_COMPILE_BACKEND)
+    by_label = {r.implementation: r for r in rows}
+    assert by_label["grouped_mm"].error is None and by_label["grouped_mm+compile"].error is None
+    for label in ("moe_tune", "moe_tune+compile"):
+        assert by_label[label].fwd is None and "activation 'gelu'" in by_label[label].error
+
+
+def test_describe_error_keeps_dynamo_explanations():
+    exc = RuntimeError("RuntimeError when making fake tensor call\n  Explanation: Dynamo failed to run FX node\n"
+                       "  Hint: ...")
+    assert describe_error(exc) == ("RuntimeError: RuntimeError when making fake tensor call "
+                                   "(Dynamo failed to run FX node)")
+    assert describe_error(ValueError("x" * 1000)).endswith("...") and len(describe_error(ValueError("x" * 1000))) == 240
+    assert describe_error(KeyError()) == "KeyError"
 
 
 def test_block_skip_reasons(monkeypatch):
@@ -164,8 +223,6 @@ def test_block_skip_reasons(monkeypatch):
 
 
 def test_no_block_means_not_requested():
-    preset = find_preset("tiny")
-    options = BenchOptions(model="tiny", shape=preset.shape, family=preset.family, tokens=(8,), dtype="float32",
-                           device="cpu", gemms=False, block=False)
-    report = run_bench(options, CountingTimer())
-    assert report.gemms == () and report.block.skipped == "not requested"
+    report = run_bench(tiny_options(tokens=(8,), gemms=False, block=False, host=False), CountingTimer())
+    assert report.gemms == () and report.block.skipped == report.host.skipped == "not requested"
+    assert report.step.skipped == "not requested"

@@ -1,0 +1,103 @@
+"""Host overhead of the experts block: what one forward+backward costs the CPU, and how many GPU
+launches it makes, at a token count small enough that the GPU waits on the host.
+
+At a few thousand tokens per micro-batch a training step can be bound by the host's launch rate
+rather than the GPU: then a faster kernel does not shorten the step, fewer launches and less
+Python per call do. This section measures that side directly.
+
+Data flow: the block and routing of ``moe_tune.bench.block`` (``block_inputs``, ``prepare``: same
+weights and routing, compiled when the label says so) at ``tokens`` tokens (default 128) →
+per implementation:
+
+* host time — ``time.perf_counter`` around ``iterations`` calls of fwd+bwd that never synchronise
+  (the GPU runs behind), divided by ``iterations``: one sample per repeat; the device is
+  synchronised only after the loop, and that time per call is the ``wall`` figure (near the host
+  figure: host-bound);
+* launches — one fwd+bwd under ``torch.profiler`` with CUDA activity: GPU kernels, and
+  memcpy/memset operations, counted from its CUDA events (CUDA only);
+
+→ ``HostRow``; a failure is a row with its error. No CUDA events are created here: the host clock
+is the quantity measured.
+"""
+
+from __future__ import annotations
+
+import time
+
+from moe_tune.bench.block import block_inputs, implementations, prepare
+from moe_tune.bench.isolation import describe_error, release, synchronize
+from moe_tune.bench.progress import NullProgress, Progress
+from moe_tune.bench.results import COMPILED, HostRow, Timing
+from moe_tune.problem import MoeShape
+
+HOST_TOKENS = 128  # the issue's figure: the GPU finishes a Qwen3-30B-A3B block this size well before the host
+
+
+def count_launches(fn, device: str) -> tuple[int | None, int | None]:
+    """(GPU kernels, memcpy/memset operations) one call of ``fn`` issues; (None, None) off CUDA."""
+    if device != "cuda":
+        return None, None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        synchronize(device)
+    kernels = memops = 0
+    for event in prof.events():
+        if event.device_type != DeviceType.CUDA or getattr(event, "is_user_annotation", False):
+            continue
+        kind = getattr(event, "activity_type", None)
+        if kind is None:  # a torch whose events do not carry the CUPTI activity: go by name
+            kind = "gpu_memcpy" if event.name.startswith(("Memcpy", "Memset")) else "kernel"
+        if kind == "kernel":
+            kernels += 1
+        elif kind in ("gpu_memcpy", "gpu_memset"):
+            memops += 1
+    return kernels, memops
+
+
+def bench_host(block, shape: MoeShape, *, tokens: int = HOST_TOKENS, dtype: str, device: str,
+               iterations: int = 50, repeats: int = 5, progress: Progress | None = None,
+               compile_block: bool = False, compile_backend: str = "inductor", seed: int = 0) -> list[HostRow]:
+    """One ``HostRow`` per implementation (``block.implementations`` order)."""
+    progress = progress or NullProgress()
+    inputs = block_inputs(block, shape, tokens, dtype, device, seed)
+    rows = []
+    for label in implementations(compile_block):
+        progress.begin(f"T={tokens} host overhead: {label}")
+        prepared = None
+        try:
+            prepared = prepare(block, label, inputs, compile_backend)
+            prepared.results = {}
+
+            def call():
+                inputs.clear()  # a few attribute writes: part of what a training loop does per step
+                prepared.fwd_bwd()
+
+            call()  # the second call: allocator warm, nothing compiled
+            synchronize(device)
+            host, wall = [], []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for _ in range(iterations):
+                    call()
+                launched = time.perf_counter()
+                synchronize(device)
+                done = time.perf_counter()
+                host.append((launched - start) * 1e3 / iterations)
+                wall.append((done - start) * 1e3 / iterations)
+            kernels, memops = count_launches(call, device)
+            rows.append(HostRow(implementation=label, host=Timing.from_samples(host), wall=Timing.from_samples(wall),
+                                kernels=kernels, memops=memops, note=prepared.note))
+        except Exception as exc:  # one failed implementation is a row error; the others still run
+            rows.append(HostRow(implementation=label, host=None, wall=None, error=describe_error(exc),
+                                note=prepared.note if prepared else None))
+        finally:
+            inputs.clear()
+            del prepared
+            if COMPILED in label:
+                release(device)
+        progress.end()
+    return rows
