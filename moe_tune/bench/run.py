@@ -5,8 +5,9 @@ Data flow: ``BenchOptions`` (model, shape, token counts, dtype, device, which se
 (``gemms.bench_gemms``), then — unless skipped, with the reason kept — the experts block built once
 and timed per token count (``block.bench_block``) and at a small token count for its host overhead
 (``host.bench_host``), then the causal LM built once and trained per token count
-(``lm``, ``step.bench_steps``) → ``BenchReport``. After each section ``checkpoint`` (if given)
-receives the report so far, so a run cut short keeps what it finished. The runtime loader's
+(``lm``, ``step.bench_steps``) → ``BenchReport``. ``checkpoint`` (if given) receives the report so
+far after each token count of a section and after each training-step run, so a run cut short (a
+time limit) keeps what it finished. The runtime loader's
 cache-miss warnings are collected into one progress note (the report says per problem where each
 tuned config came from); other warnings are passed on as notes, once each.
 """
@@ -129,10 +130,11 @@ def run_bench(options: BenchOptions, timer: Timer, progress: Progress | None = N
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CacheWarning)
         if options.gemms:
-            report = save(_gemms(options, timer, progress, report))
+            report = _gemms(options, timer, progress, report, save)
         if block_skip is None or host_skip is None:
             try:
-                report = _block_and_host(options, timer, progress, report, block_skip is None, host_skip is None)
+                report = _block_and_host(options, timer, progress, report, block_skip is None, host_skip is None,
+                                         save)
             except Exception as exc:  # building the block failed (out of memory): the other sections still run
                 why = f"the experts block could not be built ({describe_error(exc)})"
                 report = dataclasses.replace(report, block=BlockSection(skipped=block_skip or why),
@@ -141,7 +143,7 @@ def run_bench(options: BenchOptions, timer: Timer, progress: Progress | None = N
             report = save(report)
         if step_skip is None:
             try:
-                report = _steps(options, progress, report, modes, mode_skipped)
+                report = _steps(options, progress, report, modes, mode_skipped, save)
             except Exception as exc:  # building the LM failed; rows fail one by one inside
                 report = dataclasses.replace(report, step=StepSection(
                     skipped=f"the causal LM could not be built ({describe_error(exc)})"))
@@ -151,7 +153,10 @@ def run_bench(options: BenchOptions, timer: Timer, progress: Progress | None = N
     return report
 
 
-def _gemms(options: BenchOptions, timer: Timer, progress: Progress, report: BenchReport) -> BenchReport:
+Save = Callable[[BenchReport], BenchReport]
+
+
+def _gemms(options: BenchOptions, timer: Timer, progress: Progress, report: BenchReport, save: Save) -> BenchReport:
     from moe_tune.bench.gemms import bench_gemms
 
     compiled = options.compile and gemm_compile_skip(options.dtype) is None
@@ -161,11 +166,12 @@ def _gemms(options: BenchOptions, timer: Timer, progress: Progress, report: Benc
                             progress=progress, seed=options.seed,
                             compile_backend=options.compile_backend if compiled else None)
         release(options.device)
-    return dataclasses.replace(report, gemms=tuple(rows))
+        report = save(dataclasses.replace(report, gemms=tuple(rows)))
+    return report
 
 
 def _block_and_host(options: BenchOptions, timer: Timer, progress: Progress, report: BenchReport, block: bool,
-                    host: bool) -> BenchReport:
+                    host: bool, save: Save) -> BenchReport:
     from moe_tune.bench.block import BLOCK_MODEL_FAMILY, bench_block, build_block
     from moe_tune.bench.host import bench_host
 
@@ -176,7 +182,8 @@ def _block_and_host(options: BenchOptions, timer: Timer, progress: Progress, rep
             rows += bench_block(experts_block, options.shape, tokens, dtype=options.dtype, device=options.device,
                                 timer=timer, progress=progress, compile_block=options.compile,
                                 compile_backend=options.compile_backend, seed=options.seed)
-        report = dataclasses.replace(report, block=BlockSection(rows=tuple(rows), family=BLOCK_MODEL_FAMILY))
+            report = save(dataclasses.replace(report, block=BlockSection(rows=tuple(rows),
+                                                                         family=BLOCK_MODEL_FAMILY)))
     if host:
         rows = bench_host(experts_block, options.shape, tokens=options.host_tokens, dtype=options.dtype,
                           device=options.device, iterations=options.host_iterations, repeats=options.host_repeats,
@@ -191,7 +198,7 @@ def _block_and_host(options: BenchOptions, timer: Timer, progress: Progress, rep
 
 
 def _steps(options: BenchOptions, progress: Progress, report: BenchReport, modes: tuple[str, ...],
-           mode_skipped: dict[str, str]) -> BenchReport:
+           mode_skipped: dict[str, str], save: Save) -> BenchReport:
     from moe_tune.bench.lm import build_lm, describe, lm_config
     from moe_tune.bench.step import LOSS_TOLERANCE, bench_steps
 
@@ -199,11 +206,17 @@ def _steps(options: BenchOptions, progress: Progress, report: BenchReport, modes
     master = build_lm(config, options.dtype, options.device, options.seed)
     section = StepSection(model=describe(config, options.family, options.shape, options.step_seq_len),
                           mode_skipped=mode_skipped, loss_tolerance=LOSS_TOLERANCE[options.dtype])
-    rows = []
+    rows: list = []
+
+    def row_done(row) -> None:
+        rows.append(row)
+        save(dataclasses.replace(report, step=dataclasses.replace(section, rows=tuple(rows))))
+
     for tokens in options.tokens:
-        rows += bench_steps(master, config, tokens, modes=modes, compile_steps=options.compile, dtype=options.dtype,
-                            device=options.device, seq_len=options.step_seq_len, steps=options.step_steps,
-                            warmup=options.step_warmup, compile_backend=options.compile_backend, progress=progress, seed=options.seed)
+        bench_steps(master, config, tokens, modes=modes, compile_steps=options.compile, dtype=options.dtype,
+                    device=options.device, seq_len=options.step_seq_len, steps=options.step_steps,
+                    warmup=options.step_warmup, compile_backend=options.compile_backend, progress=progress,
+                    seed=options.seed, on_row=row_done)
     del master
     release(options.device)
     return dataclasses.replace(report, step=dataclasses.replace(section, rows=tuple(rows)))

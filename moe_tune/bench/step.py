@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import Callable
 
 from moe_tune.bench.isolation import (describe_error, peak_memory_mib, peak_memory_reset, release, reset_compiler,
                                       synchronize)
@@ -96,8 +97,10 @@ def run_steps(master, ids, *, tokens: int, mode: str, implementation: str, compi
 
 def bench_steps(master, config, tokens: int, *, modes, compile_steps: bool, dtype: str, device: str,
                 seq_len: int, steps: int = 10, warmup: int | None = None, compile_backend: str = "inductor",
-                progress: Progress | None = None, seed: int = 0) -> list[StepRow]:
-    """One ``StepRow`` per (mode, eager/compiled, implementation) at ``tokens`` tokens."""
+                progress: Progress | None = None, seed: int = 0,
+                on_row: Callable[[StepRow], None] | None = None) -> list[StepRow]:
+    """One ``StepRow`` per (mode, eager/compiled, implementation) at ``tokens`` tokens, each also
+    passed to ``on_row`` as soon as it is measured."""
     from moe_tune.bench.lm import token_batch
 
     progress = progress or NullProgress()
@@ -116,4 +119,6 @@ def bench_steps(master, config, tokens: int, *, modes, compile_steps: bool, dtyp
         finally:
             release(device)  # the copy, its optimizer state and its compiled graphs
         progress.end()
+        if on_row is not None:
+            on_row(rows[-1])
     return rows

@@ -150,12 +150,12 @@ def bench(
         "short keeps what it finished; read back with --from).", show_default=False)] = None,
     from_paths: Annotated[Optional[list[Path]], typer.Option(
         "--from", help="Format saved reports (from --output or --json) instead of measuring; several runs of "
-        "one model on one card are merged (repeat --from).", show_default=False)] = None,
+        "one model on one card are merged (repeat --from).", metavar="FILE", show_default=False)] = None,
     markdown_path: Annotated[Optional[Path], typer.Option(
         "--markdown", help="Write the tables as Markdown to this file.", show_default=False)] = None,
     plot_path: Annotated[Optional[Path], typer.Option(
         "--plot", help="Write TFLOP/s against token count, one panel per problem, as PNG (needs matplotlib: "
-        "pip install 'moe-tune\\[plot]').", show_default=False)] = None,
+        "pip install 'moe-tune[plot]').", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random routing, inputs and weights.")] = 0,
     interpret: Annotated[bool, typer.Option(
         "--interpret", help="Run everything in Triton's CPU interpreter (tiny shapes; times are meaningless; "

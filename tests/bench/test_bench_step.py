@@ -106,8 +106,11 @@ def test_every_mode_eager_and_compiled():
     options = BenchOptions(model="tiny", shape=preset.shape, family=preset.family, tokens=(16,), dtype="float32",
                            device="cpu", gemms=False, block=False, host=False, step=True, step_layers=1,
                            compile_backend=INTERPRETER_COMPILE_BACKEND, step_steps=1, step_warmup=1)
-    report = run_bench(options, wall_timer())  # the step section times itself; the GEMM timer is unused
+    saved = []
+    report = run_bench(options, wall_timer(), checkpoint=saved.append)  # the step section times itself
     section = report.step
+    # A checkpoint after every run: a time limit loses at most the run it interrupts.
+    assert [len(s.step.rows) for s in saved] == list(range(1, len(section.rows) + 1)) + [len(section.rows)]
     assert section.skipped is None and section.model["layers"] == 1 and section.model["vocab"] == 256
     modes = STEP_MODES if HAS_PEFT else ("full", "frozen")
     assert [(r.mode, r.compiled, r.implementation) for r in section.rows] == [
