@@ -240,9 +240,11 @@ def host_rows(report: BenchReport) -> list[list[str]]:
 
 def host_caption(report: BenchReport) -> str:
     h = report.host
+    calls = f"{h.iterations} call" + ("s" if h.iterations != 1 else "")
+    loops = f"{h.repeats} loop" + ("s" if h.repeats != 1 else "")
     return (f"Experts block forward+backward at T={h.tokens} tokens, where the GPU waits on the host: host ms = "
-            f"time.perf_counter around {h.iterations} calls that never synchronise, per call (median of "
-            f"{h.repeats} loops); wall ms = until the GPU finished the loop, per call (close to host ms: "
+            f"time.perf_counter around {calls} that never synchronise, per call (median of "
+            f"{loops}); wall ms = until the GPU finished the loop, per call (close to host ms: "
             "host-bound). GPU kernels and memcpy/memset per call from torch.profiler's CUDA events.")
 
 

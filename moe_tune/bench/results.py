@@ -523,7 +523,8 @@ class BenchReport:
     def failed_checks(self) -> list[str]:
         """Every moe-tune run that disagreed with its baseline or failed, as ``T=.. what (why)``:
         the figures next to it do not compare. Baseline rows that failed are ``row_errors`` only."""
-        failed = [f"T={r.tokens} {r.problem.gemm} {r.problem.pass_} ({name} config)"
+        failed = [f"T={r.tokens} {r.problem.gemm} {r.problem.pass_} "
+                  + ("(torch._grouped_mm under torch.compile)" if name == GROUPED_MM_COMPILED else f"({name} config)")
                   for r in self.gemms for name in r.failed_checks]
         failed += [f"T={r.tokens} experts block {r.implementation} ({name})"
                    for r in self.block.rows for name in r.failed_checks]
