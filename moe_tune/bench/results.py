@@ -599,11 +599,19 @@ def merge_reports(reports: Sequence[BenchReport]) -> BenchReport:
             if a != b:
                 raise InvalidInputError(f"cannot merge bench reports of different {what}s: {a} and {b}")
 
+    tokens = tuple(dict.fromkeys(t for r in reports for t in r.tokens))
+
+    def in_order(row) -> tuple:
+        # Runs split by token count or by mode read back in one table order (stable within a run).
+        mode = getattr(row, "mode", None)
+        return (tokens.index(row.tokens) if hasattr(row, "tokens") else 0,
+                STEP_MODES.index(mode) if mode in STEP_MODES else 0)
+
     def section(sections, **extra):
         ran = [s for s in sections if not s.skipped]
         if not ran:
             return sections[0]
-        rows = tuple(r for s in ran for r in s.rows)
+        rows = tuple(sorted((r for s in ran for r in s.rows), key=in_order))
         return dataclasses.replace(ran[0], rows=rows, **extra)
 
     steps = [r.step for r in reports]
@@ -613,9 +621,8 @@ def merge_reports(reports: Sequence[BenchReport]) -> BenchReport:
             mode_skipped.update(s.mode_skipped)
     ran_modes = {r.mode for s in steps for r in s.rows}
     mode_skipped = {m: why for m, why in mode_skipped.items() if m not in ran_modes}
-    tokens = tuple(dict.fromkeys(t for r in reports for t in r.tokens))
     return dataclasses.replace(
-        first, tokens=tokens, gemms=tuple(g for r in reports for g in r.gemms),
+        first, tokens=tokens, gemms=tuple(sorted((g for r in reports for g in r.gemms), key=in_order)),
         block=section([r.block for r in reports]),
         host=section([r.host for r in reports]),
         step=section(steps, **({"mode_skipped": mode_skipped} if any(not s.skipped for s in steps)

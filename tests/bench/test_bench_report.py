@@ -343,7 +343,21 @@ def test_merge_concatenates_step_modes_and_drops_their_skips(rng):
         mode_skipped={"lora": "not requested"}))
     second = dataclasses.replace(report, gemms=(), step=dataclasses.replace(report.step, rows=lora))
     merged = merge_reports([first, second])
-    assert len(merged.step.rows) == len(report.step.rows) and merged.step.mode_skipped == {}
+    assert merged.step.rows == report.step.rows  # back in (T, mode) order
+    assert merged.step.mode_skipped == {}
+
+
+def test_merge_of_runs_split_by_token_count(rng):
+    report = synthetic_report(rng, compiled=True, steps=True)
+    parts = [dataclasses.replace(
+        report, tokens=(T,), gemms=tuple(g for g in report.gemms if g.tokens == T),
+        block=dataclasses.replace(report.block, rows=tuple(r for r in report.block.rows if r.tokens == T)),
+        step=dataclasses.replace(report.step, rows=tuple(r for r in report.step.rows if r.tokens == T)))
+        for T in reversed(report.tokens)]
+    merged = merge_reports(parts)
+    assert merged.tokens == tuple(reversed(report.tokens))
+    assert {r.tokens for r in merged.gemms} == set(report.tokens) and len(merged.step.rows) == len(report.step.rows)
+    assert [r.tokens for r in merged.step.rows][0] == report.tokens[-1]  # the first run's token count leads
 
 
 def test_merge_refuses_different_cards(rng):
