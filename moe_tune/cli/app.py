@@ -9,6 +9,7 @@ of Typer's multi-line box. ``MOE_TUNE_DEBUG=1`` shows the traceback instead.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Annotated, Optional
@@ -52,8 +53,11 @@ def _root(
         raise typer.Exit()
 
 
+@functools.cache
 def _register_commands() -> None:
     # Each command module adds its commands to `app`; importing them here keeps the list in one place.
+    # Once per process: main() runs many times in one test session, and Typer rebuilds the Click
+    # group from every registration on each run.
     import importlib
 
     for name in COMMAND_MODULES:
