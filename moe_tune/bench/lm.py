@@ -4,10 +4,10 @@ family, with the preset's expert shapes and random weights (nothing is downloade
 Data flow: ``step_skip_reason`` (None when the family has a transformers config here) →
 ``lm_config`` — the family's config class with its own defaults for attention sizes, the preset's
 E, H, I and k, N layers, every layer an MoE layer, and a moderate vocabulary
-(``min(family default, vocab)``: at Qwen3's 151936 entries the LM head alone would cost about as
-much as both experts blocks, and the section is about the experts) → ``build_lm`` — the model on
-the device, re-initialised from one seeded generator (N(0, 0.02) matrices, unit norms), cast to the
-dtype: the master every run deep-copies, so every implementation and mode starts from the same
+(``min(family default, vocab)``: at Qwen3's 151936 entries the LM head alone would cost four
+times the FLOPs of both experts blocks, and the section is about the experts) → ``build_lm`` — the
+model built on the device in the dtype, re-initialised from one seeded generator (N(0, 0.02)
+matrices, unit norms): the master every run deep-copies, so every implementation and mode starts from the same
 weights → ``prepare_mode`` — the copy set to one experts implementation and one training mode
 (full, expert weights frozen, or PEFT LoRA on the expert weights) → ``describe`` — the sizes and
 the share of matmul FLOPs per part, for the report's caption.
@@ -140,9 +140,10 @@ def build_lm(config, dtype: str, device: str, seed: int = 0):
     from moe_tune.integrations.transformers import register
 
     register()
+    # Built in the dtype, as from_pretrained does: a cast afterwards would also round RoPE's float32
+    # inv_freq buffer to bfloat16.
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config)
-    model = model.to(torch_dtype(dtype))
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
