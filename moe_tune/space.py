@@ -276,10 +276,25 @@ def default_config(problem: Problem, device: DeviceInfo) -> KernelConfig:
                   GATHER_COPY=problem.pass_ == "dw" and problem.gather and not sorted_dw)
     if tma_supported(problem, tma, device) is None and tma_aligned(problem, tma, device) is None:
         base = tma
-    for cfg in _shrinking(base):
+    for cfg in _shrinking(_fit_small_dims(problem, base)):
         if why_illegal(problem, cfg, device, HARD_PREDICATES) is None and blocks_fit_problem(problem, cfg, device) is None:
             return cfg
     return KernelConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1)
+
+
+def _fit_small_dims(problem: Problem, cfg: KernelConfig) -> KernelConfig:
+    """Blocks no wider than the dimension they tile (16 at least): a LoRA GEMM's rank-16 side
+    would otherwise reach the 32-wide floor of ``_shrinking`` with one stage and no TMA. Then
+    fewer warps while the output tile is too small for them."""
+    if problem.pass_ == "dw":
+        n, k = problem.N, problem.K
+    else:
+        _, n, _, k = output_dims(problem)
+    cfg = replace(cfg, BLOCK_N=min(cfg.BLOCK_N, max(16, _next_pow2(n))),
+                  BLOCK_K=min(cfg.BLOCK_K, max(16, _next_pow2(k))))
+    while cfg.num_warps > 4 and warps_fit_tile(problem, cfg, None) is not None:
+        cfg = replace(cfg, num_warps=cfg.num_warps // 2)
+    return cfg
 
 
 def _shrinking(cfg: KernelConfig) -> Iterator[KernelConfig]:

@@ -19,7 +19,9 @@ implementation only has to produce outputs of the right shape, dtype and device.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import threading
+from typing import Any, Iterator
 
 import torch
 import triton
@@ -128,6 +130,18 @@ class _Launcher:
 
 
 _LAUNCHERS: dict[Any, _Launcher] = {}
+_compile_only = threading.local()
+
+
+@contextlib.contextmanager
+def compile_only() -> Iterator[None]:
+    """Within it, eager launches on this thread compile (or load) their kernels and launch
+    nothing: the sweep's compile workers warm Triton's cache this way, with no GPU work."""
+    _compile_only.on = True
+    try:
+        yield
+    finally:
+        _compile_only.on = False
 
 
 def launch_kernel(kernel, traced: bool, grid: tuple, args: tuple, meta: dict, outputs: tuple) -> None:
@@ -136,6 +150,8 @@ def launch_kernel(kernel, traced: bool, grid: tuple, args: tuple, meta: dict, ou
     interpreter, plainly."""
     if traced:
         traceable(kernel, *outputs)[grid](*args, **meta)
+    elif getattr(_compile_only, "on", False):
+        kernel.warmup(*args, grid=grid, **meta)
     elif OPAQUE_OPS:
         kernel[grid](*args, **meta)
     else:

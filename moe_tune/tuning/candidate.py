@@ -29,11 +29,9 @@ compute wrong results (``workers.WorkerProcess(bench=...)``).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -273,6 +271,8 @@ class Bench:
     # -- precompile -------------------------------------------------------------------------------
 
     def precompile(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        from moe_tune.ops import launch
+
         problem = Problem.from_dict(request["problem"])
         cfg = KernelConfig.from_dict(request["config"])
         buckets = [int(t) for t in request["tokens"]]
@@ -285,47 +285,12 @@ class Bench:
                     self._compile_case = Case(problem, tokens, RoutingSpec(), 0, self.device,
                                               with_reference=False, weight_values=False)
                     self._compile_key = key
-                with kernels_compile_only():
+                with launch.compile_only():
                     self.launch(self._compile_case, cfg)
         except Exception as exc:
             return {"ok": False, "error": f"{type(exc).__name__}: {str(exc).strip()[:500]}",
                     "seconds": time.perf_counter() - start}
         return {"ok": True, "seconds": time.perf_counter() - start}
-
-
-class _WarmupOnly:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` compiles, launches nothing."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.kernel.warmup(*args, grid=grid, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.kernel, name)
-
-
-@contextlib.contextmanager
-def kernels_compile_only():
-    """Swap the grouped-GEMM kernels for ``_WarmupOnly`` wherever an ops module holds them, so a
-    launcher compiles its kernels and launches none (the compile workers' job)."""
-    from moe_tune.kernels import grouped_mm
-
-    kernels = {id(k): k for k in (grouped_mm.grouped_mm_kernel, grouped_mm.grouped_mm_dw_kernel)}
-    swapped = []
-    for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith("moe_tune.ops"):
-            continue
-        for attr, value in list(vars(module).items()):
-            if id(value) in kernels:
-                setattr(module, attr, _WarmupOnly(value))
-                swapped.append((module, attr, value))
-    try:
-        yield
-    finally:
-        for module, attr, value in swapped:
-            setattr(module, attr, value)
 
 
 def _relative_error(out, ref) -> float:

@@ -23,12 +23,15 @@ def case_seed(seed: int, problem: Problem, tokens: int) -> int:
 
 
 class Case:
-    """Inputs, routing and reference output of one (problem, token bucket) on one device."""
+    """Inputs, routing and reference output of one (problem, token bucket) on one device; the
+    tensors and the launch come from ``moe_tune.ops.problems``, so every problem is timed as the
+    experts block runs it (a "sorted" dW on expert-ordered operands included)."""
 
     def __init__(self, problem: Problem, tokens: int, routing_spec: RoutingSpec, seed: int, device,
                  *, with_reference: bool = True, weight_values: bool = True):
         import torch
 
+        from moe_tune.ops import problems
         from moe_tune.ops.routing import build_routing
 
         self.problem, self.tokens = problem, tokens
@@ -37,25 +40,17 @@ class Case:
         seed = case_seed(seed, problem, tokens)
         ids = routing_spec.top_k_ids(tokens, p.E, p.topk, seed)
         self.routing = build_routing(ids.to(device), p.E)
-        rows = tokens * p.topk
         gen = torch.Generator(device=device).manual_seed(seed)
 
         def randn(*shape):
             return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
 
-        self.weights = None
-        if p.weighted:
-            self.weights = torch.rand(rows, generator=gen, device=device, dtype=torch.float32).to(dtype)
-        fwd_rows = tokens if p.gather else rows
-        self.w = self.x = self.dy = None
-        if p.pass_ in ("forward", "dx"):
-            # Compile workers never read the weights: an uninitialised tensor is enough there.
-            self.w = randn(p.E, p.N, p.K) if weight_values else torch.empty(p.E, p.N, p.K, dtype=dtype, device=device)
-        if p.pass_ in ("forward", "dw"):
-            self.x = randn(fwd_rows, p.K)
-        if p.pass_ in ("dx", "dw"):
-            self.dy = randn(rows, p.N)
-        self.out_shape = {"forward": (rows, p.N), "dx": (rows, p.K), "dw": (p.E, p.N, p.K)}[p.pass_]
+        def rand(*shape):
+            return torch.rand(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+
+        # Compile workers never read the weights: uninitialised tensors are enough there.
+        self.inputs = problems.make_inputs(p, self.routing, randn, rand, weight_values=weight_values)
+        self.out_shape = problems.output_shape(p, self.routing)
         self.dtype = dtype
         self.device = torch.device(device)
         self.reference = self._reference() if with_reference else None
@@ -64,16 +59,10 @@ class Case:
     def _reference(self):
         import torch
 
-        from moe_tune.reference import reference_dw, reference_dx, reference_forward
+        from moe_tune.ops import problems
 
-        p = self.problem
         ref_dtype = torch.float32 if self.device.type == "cuda" else torch.float64
-        flags = dict(gather=p.gather, scatter=p.scatter, weights=self.weights, dtype=ref_dtype)
-        if p.pass_ == "forward":
-            return reference_forward(self.x, self.w, self.routing, **flags)
-        if p.pass_ == "dx":
-            return reference_dx(self.dy, self.w, self.routing, **flags)
-        return reference_dw(self.dy, self.x, self.routing, **flags)
+        return problems.reference(self.problem, self.inputs, self.routing, ref_dtype)
 
     def new_output(self, fill: float = float("nan")):
         import torch
@@ -81,13 +70,12 @@ class Case:
         return torch.full(self.out_shape, fill, dtype=self.dtype, device=self.device)
 
     def launch(self, cfg: KernelConfig, out=None):
-        """Run ``cfg`` once; ``out`` (``out_shape``), when given, is written in place."""
-        from moe_tune.ops import grouped_gemm as gg
+        """Run ``cfg`` once into ``out`` (``out_shape``; a fresh one when None) and return the
+        checked output."""
+        from moe_tune.device import query_device
+        from moe_tune.ops import problems
+        from moe_tune.space import check_config
 
-        p = self.problem
-        flags = dict(gather=p.gather, scatter=p.scatter, weights=self.weights, config=cfg, out=out)
-        if p.pass_ == "forward":
-            return gg.forward(self.x, self.w, self.routing, **flags)
-        if p.pass_ == "dx":
-            return gg.backward_dx(self.dy, self.w, self.routing, **flags)
-        return gg.backward_dw(self.dy, self.x, (p.E, p.N, p.K), self.routing, **flags)
+        check_config(self.problem, cfg, query_device(self.device))
+        out = self.new_output() if out is None else out
+        return problems.launch(self.problem, self.inputs, self.routing, cfg, out, query_device(self.device))

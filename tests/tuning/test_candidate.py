@@ -14,7 +14,8 @@ from moe_tune.device import INTERPRETER_DEVICE
 from moe_tune.models import load_preset
 from moe_tune.problem import KernelConfig
 from moe_tune.space import candidates, default_config
-from moe_tune.tuning.candidate import GATE_TOLERANCE, Bench, LaunchPlan, kernels_compile_only, tiny_tokens
+from moe_tune.ops import launch
+from moe_tune.tuning.candidate import GATE_TOLERANCE, Bench, LaunchPlan, tiny_tokens
 from moe_tune.tuning.cases import Case
 from moe_tune.tuning.protocol import Versus, measure_request, versus_request
 from moe_tune.tuning.routing_spec import RoutingSpec
@@ -63,7 +64,7 @@ def test_gate_sees_an_output_the_kernel_never_wrote(monkeypatch):
     problem = TINY.problems("float32")[0]
     case = Case(problem, 32, RoutingSpec(), 0, "cpu")
     out = case.new_output()
-    with kernels_compile_only():  # launches compile (here: nothing) and write nothing
+    with launch.compile_only():  # launches compile (here: nothing) and write nothing
         result = case.launch(default_config(problem, INTERPRETER_DEVICE), out)
     from moe_tune.reference import relative_error
 
