@@ -18,8 +18,10 @@ Data flow of ``get_config(problem, num_tokens, device)``:
 Warnings go through Python's ``warnings`` module with the category
 ``moe_tune.errors.CacheWarning`` (filter or escalate it like any warning); each is emitted once per
 problem or per file, by this module's own bookkeeping, whatever the warning filters say. A cache
-file that is unreadable, truncated, malformed or from a newer moe-tune is skipped with one
-warning: training never crashes because of a cache file (strict mode raises ``CacheError``).
+file that is unreadable, truncated, malformed, hostile (numbers out of range, nesting without end,
+larger than ``fields.MAX_FILE_BYTES``) or from a newer moe-tune is skipped with one warning, and
+one that is not a regular file (a FIFO) is never opened: training never crashes or blocks because
+of a cache file (strict mode raises ``CacheError``).
 
 Everything read is memoised for the life of the process, so a sweep writing the cache while a
 job trains does not change that job's configs. ``reset()`` forgets it all (after changing
