@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         print("bench_grouped_gemm: needs a CUDA GPU", file=sys.stderr)
         return 2
     from moe_tune.bench import report as fmt
-    from moe_tune.bench.progress import RichProgress
+    from moe_tune.progress import RichProgress
     from moe_tune.bench.run import BenchOptions, run_bench
     from moe_tune.bench.timing import do_bench_timer
     from moe_tune.models import find_preset

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         return 2
     from moe_tune.bench import report as fmt
     from moe_tune.bench.block import block_skip_reason, config_sources
-    from moe_tune.bench.progress import RichProgress
+    from moe_tune.progress import RichProgress
     from moe_tune.bench.results import is_baseline
     from moe_tune.bench.run import BenchOptions, run_bench
     from moe_tune.bench.timing import do_bench_timer

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from moe_tune.bench.isolation import describe_error, peak_memory_mib, peak_memory_reset, release, reset_compiler
-from moe_tune.bench.progress import NullProgress, Progress
+from moe_tune.progress import NullProgress, Progress
 from moe_tune.bench.results import BLOCK_BASELINE, BLOCK_IMPLEMENTATIONS, COMPILED, BlockRow, is_baseline
 from moe_tune.bench.timing import Timer
 from moe_tune.problem import MoeShape

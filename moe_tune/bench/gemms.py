@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from moe_tune.bench.progress import NullProgress, Progress
+from moe_tune.progress import NullProgress, Progress
 from moe_tune.bench.results import GROUPED_MM_COMPILED, ConfigSource, GemmRow
 from moe_tune.bench.timing import Timer
 from moe_tune.device import DeviceInfo, query_device

@@ -26,7 +26,7 @@ import time
 
 from moe_tune.bench.block import block_inputs, implementations, prepare
 from moe_tune.bench.isolation import describe_error, release, synchronize
-from moe_tune.bench.progress import NullProgress, Progress
+from moe_tune.progress import NullProgress, Progress
 from moe_tune.bench.results import COMPILED, HostRow, Timing
 from moe_tune.problem import MoeShape
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from moe_tune.bench.isolation import describe_error, release
-from moe_tune.bench.progress import NullProgress, Progress
+from moe_tune.progress import NullProgress, Progress
 from moe_tune.bench.results import (NOT_REQUESTED, STEP_MODES, BenchReport, BlockSection, HostSection,
                                     StepSection)
 from moe_tune.bench.timing import Timer
@@ -149,6 +149,7 @@ def run_bench(options: BenchOptions, timer: Timer, progress: Progress | None = N
                     skipped=f"the causal LM could not be built ({describe_error(exc)})"))
                 release(options.device)
             save(report)
+    progress.finish()  # a section that could not be built leaves steps planned that never ran
     _pass_on(caught, options, progress)
     return report
 

@@ -24,7 +24,7 @@ from typing import Callable
 
 from moe_tune.bench.isolation import (describe_error, peak_memory_mib, peak_memory_reset, release, reset_compiler,
                                       synchronize)
-from moe_tune.bench.progress import NullProgress, Progress
+from moe_tune.progress import NullProgress, Progress
 from moe_tune.bench.results import STEP_IMPLEMENTATIONS, STEP_MODES, StepRow, Timing
 
 # First-step losses of two runs on the same weights and data: bfloat16 rounding and compile's

@@ -200,7 +200,7 @@ def bench(
         require_cuda()
 
     from moe_tune import runtime
-    from moe_tune.bench.progress import RichProgress
+    from moe_tune.progress import RichProgress
     from moe_tune.bench.run import INTERPRETER_COMPILE_BACKEND, BenchOptions, run_bench
     from moe_tune.bench.timing import do_bench_timer, wall_timer
 

@@ -51,16 +51,19 @@ class CountingTimer:
 
 class RecordingProgress:
     def __init__(self):
-        self.total, self.begun, self.ended, self.notes = None, [], 0, []
+        self.total, self.begun, self.ended, self.notes, self.finished = None, [], 0, [], False
 
-    def start(self, total):
+    def start(self, total, *, task=None, label=""):
         self.total = total
 
-    def begin(self, what):
+    def begin(self, what, *, task=None):
         self.begun.append(what)
 
-    def end(self):
+    def end(self, *, task=None):
         self.ended += 1
+
+    def finish(self, *, task=None):
+        self.finished = True
 
     def note(self, message):
         self.notes.append(message)
@@ -151,7 +154,7 @@ def test_run_bench_whole_report_in_the_interpreter():
     assert [r.tokens for r in report.gemms] == [8] * 6 + [16] * 6
     assert all(set(r.timings) == {"tuned", "default", "grouped_mm", "dense"} for r in report.gemms)
     assert progress.total == planned_steps(options, block_runs=HAS_TRANSFORMERS, host_runs=HAS_TRANSFORMERS)
-    assert progress.ended == progress.total
+    assert progress.ended == progress.total and progress.finished
     # A checkpoint after each token count of each section, the last one the report itself.
     assert saved[-1] == report and len(saved) == (5 if HAS_TRANSFORMERS else 2)
     assert saved[0].gemms == report.gemms[:6] and "did not finish" in str(saved[0].block.skipped)
