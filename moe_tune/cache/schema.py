@@ -57,7 +57,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping
 
 from moe_tune._version import __version__
-from moe_tune.cache import paths
+from moe_tune.cache.paths import file_name
 from moe_tune.cache.fields import MAX_NAME_CHARS, MAX_TEXT_CHARS, Fields, loads, parse_time, show
 from moe_tune.cache.software import Software
 from moe_tune.device import DeviceInfo
@@ -93,9 +93,9 @@ def _sig(value: float) -> float:
 
 # What one launch of the kernels accepts. Blocks: tl.dot needs 16 rows and columns at least, and
 # 1024 keeps every 2-D tile within Triton's 2^20-element tensor limit. GROUP_M: the kernels multiply
-# it by the count of column blocks in 32-bit arithmetic. Warps: a CUDA block holds at most 1024
-# threads. Stages: Triton unrolls a load per stage into the loop's prologue; the full space stops
-# at 6, and a count in the thousands only makes a compile run for minutes.
+# it by the count of column blocks in 32-bit arithmetic (1024 · 2^20/16 stays far inside). Warps: a
+# CUDA block holds at most 1024 threads. Stages: each holds one buffer per operand in shared memory;
+# the full space stops at 6, and 16 leaves room.
 CONFIG_LIMITS: dict[str, tuple[int, int]] = {
     "BLOCK_M": (16, 1024), "BLOCK_N": (16, 1024), "BLOCK_K": (16, 1024),
     "GROUP_M": (1, 1024), "num_warps": (1, 32), "num_stages": (1, 16),
@@ -391,7 +391,7 @@ class CacheFile:
     @property
     def name(self) -> str:
         """The file name this cache lives under (``paths.file_name``)."""
-        return paths.file_name(self.device.name, self.triton)
+        return file_name(self.device.name, self.triton)
 
     @property
     def target(self) -> str:

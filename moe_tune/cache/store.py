@@ -3,7 +3,7 @@ read, however hostile, crashes or blocks its reader.
 
 Data flow of ``CacheStore(directory).write(cache_file)``:
 
-1. ``path = directory / paths.file_name(device, triton)``; take the filelock ``<path>.lock``
+1. ``path = directory / file_name(device, triton)``; take the filelock ``<path>.lock``
    (an OS ``flock``: released by the kernel when its holder dies, so a killed writer never
    leaves the store locked). A waiter gives up only when no writer has finished for
    ``lock_timeout`` seconds (the holder is stuck), never for queueing behind writers that make
@@ -49,21 +49,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from moe_tune.cache import paths
+from moe_tune.cache.paths import Layer, default_store_dir, file_name
 from moe_tune.cache.fields import MAX_FILE_BYTES
 from moe_tune.cache.pack import load_any
 from moe_tune.cache.schema import PACK_KIND, CacheFile, MergeStats
 from moe_tune.device import DeviceInfo
 from moe_tune.errors import CacheError, CacheVersionError, CacheWarning
 
-# Holding the lock takes milliseconds (re-read, merge, write a few hundred KiB); a minute without
-# any writer finishing means the holder is stuck on a hung file system, and failing loudly beats
-# hanging a sweep forever.
+# Holding the lock takes milliseconds for a model's file, about a second for 1,600 entries on a busy
+# 2-core box (re-read, merge, write); a minute without any writer finishing means the holder is
+# stuck on a hung file system, and failing loudly beats hanging a sweep forever.
 DEFAULT_LOCK_TIMEOUT_S = 60.0
 
 # Waiters retry the lock at random intervals, so that they do not retry in step and 31 of them
-# still leave the holder its CPU; the gap after a release is then well under a millisecond, shorter
-# than a writer that just released the lock takes to want it again.
+# still leave the holder its CPU. With 31 waiters the first retry after a release comes within about
+# half a millisecond, about as soon as the writer that released it can come back for it.
 _POLL_S = (0.005, 0.025)
 # How often a waiter checks whether the writers ahead of it are making progress.
 _PROGRESS_CHECK_S = 0.5
@@ -148,7 +148,7 @@ def read_inputs(path: str | os.PathLike) -> list[tuple[str, CacheFile]]:
         raise CacheError(f"{path}: cannot read ({_reason(exc)})") from None
     if is_dir:
         try:
-            files = paths.Layer("input", path).cache_files()
+            files = Layer("input", path).cache_files()
         except OSError as exc:
             raise CacheError(f"{path}: cannot list ({_reason(exc)})") from None
         return [(str(f), read_cache_file(f)) for f in files]
@@ -222,7 +222,7 @@ class CacheStore:
 
     def __init__(self, directory: str | os.PathLike | None = None, *,
                  lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S):
-        self.directory = paths.default_store_dir(directory)
+        self.directory = default_store_dir(directory)
         self.lock_timeout = lock_timeout
 
     def __repr__(self) -> str:
@@ -230,11 +230,11 @@ class CacheStore:
 
     def path_for(self, device: DeviceInfo | str, triton: str) -> Path:
         name = device.name if isinstance(device, DeviceInfo) else device
-        return self.directory / paths.file_name(name, triton)
+        return self.directory / file_name(name, triton)
 
     def files(self) -> list[Path]:
         try:
-            return paths.Layer("store", self.directory).cache_files()
+            return Layer("store", self.directory).cache_files()
         except OSError as exc:
             raise CacheError(f"{self.directory}: cannot list ({_reason(exc)})") from None
 
