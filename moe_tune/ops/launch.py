@@ -126,7 +126,9 @@ class _Launcher:
         full = args + tuple(meta[name] for name in self.constexprs)
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         metadata = compiled.launch_metadata(grid, stream, *full) if enter is not None else None
-        compiled.run(grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata, metadata, enter, leave, *full)
+        grid_yz = (grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        compiled.run(grid[0], *grid_yz, stream, compiled.function, compiled.packed_metadata, metadata, enter, leave,
+                     *full)
 
 
 _LAUNCHERS: dict[Any, _Launcher] = {}

@@ -69,7 +69,8 @@ def run_block(fn, inputs, grad_out):
 def test_forward_and_gradients_match_reference(name, T, H, I, E, k, dtype):
     inputs = make_block(T, H, I, E, k, dtype)
     grad_out = torch.randn(T, H, device="cuda", dtype=dtype)
-    out, grads = run_block(moe_experts, inputs, grad_out)
+    run_block(moe_experts, inputs, grad_out)  # the first call goes through Triton's own launch path
+    out, grads = run_block(moe_experts, inputs, grad_out)  # this one through the cached launchers
     ref_inputs = {n: t.double() if t.is_floating_point() else t for n, t in inputs.items()}
     ref, ref_grads = run_block(reference_moe_experts, ref_inputs, grad_out.double())
     tol = TOLERANCES[dtype]
