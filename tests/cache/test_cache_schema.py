@@ -11,7 +11,7 @@ import pytest
 
 from moe_tune.cache import pack, schema
 from moe_tune.cache.pack import Pack
-from moe_tune.cache.schema import CacheFile, Measurement, pick
+from moe_tune.cache.schema import CacheFile, pick
 from moe_tune.cache.testing import H100, random_cache_file, random_config, random_measurement, random_problem, random_software
 from moe_tune.errors import CacheError, CacheVersionError, InvalidInputError
 
