@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import random
 
-from moe_tune.cache.schema import CacheFile, Measurement, Software
+from moe_tune.cache.schema import CacheFile, Measurement
+from moe_tune.cache.software import Software
 from moe_tune.device import DeviceInfo
 from moe_tune.problem import DTYPES, PASSES, KernelConfig, Problem
 
