@@ -59,11 +59,17 @@ def triton_version() -> str:
     return str(getattr(module, "__version__", "unknown"))
 
 
+# The kernels a cached KernelConfig parameterises. The block's other kernels (routing, SwiGLU,
+# gpt-oss's activation) take no tuned config, so editing them leaves every cached config valid.
+TUNED_KERNEL_SOURCES = ("grouped_mm.py",)
+
+
 @functools.lru_cache(maxsize=None)
 def kernel_source_hash() -> str:
-    """sha256 (first 16 hex digits) over the kernel sources, read as files: each
-    ``moe_tune/kernels/*.py`` by name order, as name, NUL, bytes, NUL. Any edit to a kernel changes
-    it, which is the point: configs tuned for other kernel code may no longer be the fastest.
+    """sha256 (first 16 hex digits) over the sources of the tuned kernels
+    (``TUNED_KERNEL_SOURCES`` in ``moe_tune/kernels/``), read as files: each as name, NUL, bytes,
+    NUL. Any edit to them changes it, which is the point: configs tuned for other kernel code may
+    no longer be the fastest.
 
     Read through ``importlib.resources`` on the ``moe_tune`` package (a zip or wheel works too)
     without importing ``moe_tune.kernels``, which would import triton. ``"unknown"`` when the
@@ -72,13 +78,12 @@ def kernel_source_hash() -> str:
 
     try:
         folder = importlib.resources.files("moe_tune") / "kernels"
-        sources = sorted((f for f in folder.iterdir() if f.name.endswith(".py")), key=lambda f: f.name)
         digest = hashlib.sha256()
-        for source in sources:
-            digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+        for name in TUNED_KERNEL_SOURCES:
+            digest.update(name.encode() + b"\0" + (folder / name).read_bytes() + b"\0")
     except (OSError, ModuleNotFoundError):
         return UNKNOWN_KERNEL_HASH
-    return digest.hexdigest()[:16] if sources else UNKNOWN_KERNEL_HASH
+    return digest.hexdigest()[:16]
 
 
 def current_software() -> Software:
