@@ -8,6 +8,8 @@ download).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -19,6 +21,7 @@ peft = pytest.importorskip("peft", minversion="0.17")
 from peft import PeftModel  # noqa: E402
 
 from moe_tune.integrations.peft import UnsupportedLoraAdapter  # noqa: E402
+from moe_tune.ops import lora_block  # noqa: E402
 from moe_tune.reference import relative_error  # noqa: E402
 
 from peft_models import expert_stack_shapes, lora_config, loss_and_grads, peft_pair  # noqa: E402
@@ -75,6 +78,22 @@ def test_loss_and_lora_grads_match_peft_eager(targets, r):
     ref, ours = pair(targets=targets, r=r)
     ids = torch.randint(0, TINY["vocab_size"], (2, 7))
     assert_same_loss_and_grads(ref, ours, ids)
+
+
+# E=6 experts at r=4: E != r, so mixing PEFT's expert-major A rows with its rank-major B columns
+# cannot cancel out; fp32 rows of r·4 = 16 bytes, the narrowest a TMA descriptor takes.
+NON_DEGENERATE = dict(TINY, hidden_size=40, moe_intermediate_size=24, num_experts=6)
+
+
+def test_same_dtype_adapters_on_tma_loads(monkeypatch):
+    # A float32 model keeps float32 adapters: moe-tune cast nothing, and PEFT's permuted lora_B
+    # view reached the TMA descriptors (innermost stride taken as 1) as is: lora_A gradients 1.4
+    # apart from grouped_mm on an H200. The interpreter's defaults use no TMA: force it.
+    configs = lora_block.lora_configs
+    monkeypatch.setattr(lora_block, "lora_configs", lambda *args, **kwargs: {
+        name: dataclasses.replace(cfg, TMA_LOAD=True) for name, cfg in configs(*args, **kwargs).items()})
+    ref, ours = peft_pair(NON_DEGENERATE, reference="eager", r=4)
+    assert_same_loss_and_grads(ref, ours, torch.randint(0, TINY["vocab_size"], (2, 7)))
 
 
 def test_rslora_scaling_matches():

@@ -9,6 +9,8 @@ NaN (``lora_block._alloc`` is poisoned), so an element a kernel forgets fails th
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -174,6 +176,52 @@ def test_peft_layout_factors_are_views():
     peft_delta = torch.einsum("o r e, e r i -> e o i", b_flat.view(N, r, E), a_flat.view(E, r, K)) * 0.25
     assert torch.allclose(factors.delta_weight(), peft_delta, atol=1e-6)
     assert factors.lora_A.data_ptr() == a_flat.data_ptr() and factors.lora_B.data_ptr() == b_flat.data_ptr()
+
+
+def _tma_loads(monkeypatch):
+    """Every LoRA pass on TMA loads, as the H200 defaults choose them (the interpreter's default
+    configs have none): the descriptors take each weight's innermost stride as 1."""
+    configs = lora_block.lora_configs
+
+    def with_tma(*args, **kwargs):
+        return {name: dataclasses.replace(cfg, TMA_LOAD=True) for name, cfg in configs(*args, **kwargs).items()}
+
+    monkeypatch.setattr(lora_block, "lora_configs", with_tma)
+
+
+# dtype, rank: r·itemsize = 16 bytes, the narrowest row a TMA descriptor takes; E=6 != r, so an
+# expert-major / rank-major mix-up in B cannot cancel out.
+PEFT_LAYOUT_CASES = [(torch.float32, 4), (torch.float16, 8)]
+
+
+@pytest.mark.parametrize("dtype, r", PEFT_LAYOUT_CASES, ids=["fp32", "fp16"])
+def test_peft_layout_factors_on_tma_loads(monkeypatch, dtype, r):
+    # PEFT's lora_B view is permuted (strides (1, r·E, E)); with the factors already in the
+    # weights' dtype, Tensor.to returned it as is and the TMA descriptor read s·B in the wrong
+    # order: 0.2 relative error in out on an H200 (bench_lora, bf16 factors).
+    _tma_loads(monkeypatch)
+    T, H, I, E, k = 11, 40, 24, 6, 2
+    inputs = make_inputs(T, H, I, E, k, r, dtype)
+    grad_out = torch.randn(T, H, dtype=dtype)
+    flat = {"up_a": inputs["up_a"].reshape(E * r, H), "down_a": inputs["down_a"].reshape(E * r, I),
+            "up_b": inputs["up_b"].permute(1, 2, 0).reshape(2 * I, r * E),
+            "down_b": inputs["down_b"].permute(1, 2, 0).reshape(H, r * E)}
+
+    def run_peft(fn, cast=None):
+        leaves = {n: (t.to(cast) if cast else t).clone().requires_grad_() for n, t in flat.items()}
+        lora = MoeLora(LoraFactors.from_peft(leaves["up_a"], leaves["up_b"], E, 0.5),
+                       LoraFactors.from_peft(leaves["down_a"], leaves["down_b"], E, 2.0))
+        block = [inputs[n].to(cast) if cast and inputs[n].is_floating_point() else inputs[n]
+                 for n in ("hidden", "gate_up_w", "down_w", "top_k_index", "top_k_weights")]
+        out = fn(*block, lora=lora)
+        return out, torch.autograd.grad(out, list(leaves.values()), grad_out.to(out.dtype))
+
+    out, grads = run_peft(moe_experts)
+    ref, ref_grads = run_peft(reference, cast=torch.float64)
+    tol = TOLERANCES[dtype]
+    assert relative_error(out, ref) < tol
+    for name, grad, ref_grad in zip(flat, grads, ref_grads):
+        assert relative_error(grad, ref_grad) < tol, name
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])

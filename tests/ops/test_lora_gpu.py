@@ -96,6 +96,34 @@ def test_matches_reference(name, T, H, I, E, k, r, dtype):
     assert worst.item() < WEIGHT_GRAD_TOLERANCES[dtype]
 
 
+@pytest.mark.parametrize("r", [16, 64], ids=["r16", "r64"])
+def test_peft_layout_factors_in_weight_dtype(r):
+    # PEFT's lora_B view is permuted (strides (1, r·E, E)); bf16 factors on bf16 weights
+    # (inject_adapter_in_model casts nothing) must still reach the TMA descriptors contiguous.
+    T, H, I, E, k = 256, 2048, 768, 128, 8
+    inputs = make_inputs(T, H, I, E, k, r, torch.bfloat16)
+    grad_out = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    flat = {"up_a": inputs["up_a"].reshape(E * r, H), "down_a": inputs["down_a"].reshape(E * r, I),
+            "up_b": inputs["up_b"].permute(1, 2, 0).reshape(2 * I, r * E),
+            "down_b": inputs["down_b"].permute(1, 2, 0).reshape(H, r * E)}
+
+    def run_peft(fn, cast):
+        leaves = {n: t.to(cast).requires_grad_() for n, t in flat.items()}
+        lora = MoeLora(LoraFactors.from_peft(leaves["up_a"], leaves["up_b"], E, 0.5),
+                       LoraFactors.from_peft(leaves["down_a"], leaves["down_b"], E, 2.0))
+        block = [inputs[n].to(cast) if inputs[n].is_floating_point() else inputs[n]
+                 for n in ("hidden", "gate_up_w", "down_w", "top_k_index", "top_k_weights")]
+        out = fn(*block, lora=lora)
+        return out, torch.autograd.grad(out, list(leaves.values()), grad_out.to(out.dtype))
+
+    out, grads = run_peft(moe_experts, torch.bfloat16)
+    ref, ref_grads = run_peft(reference, torch.float64)
+    tol = TOLERANCES[torch.bfloat16]
+    assert relative_error(out, ref) < tol
+    for name, grad, ref_grad in zip(flat, grads, ref_grads):
+        assert relative_error(grad, ref_grad) < tol, name
+
+
 def test_compiled_matches_eager():
     # Inductor traces into the triton_ops and compiles the kernels into the graph.
     inputs = make_inputs(512, 256, 128, 8, 2, 16, torch.bfloat16)
