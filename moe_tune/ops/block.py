@@ -76,7 +76,9 @@ def _problems(E: int, H: int, I: int, topk: int, dtype: str) -> dict[tuple[str, 
 _checked: set[tuple[Problem, KernelConfig, DeviceInfo]] = set()
 
 
-def _config(problem: Problem, num_tokens: int, info: DeviceInfo) -> KernelConfig:
+def resolve_config(problem: Problem, num_tokens: int, info: DeviceInfo) -> KernelConfig:
+    """The runtime loader's config for ``problem``, checked against the device once per
+    (problem, config, device): the block's one way to a config (a memoised dict hit when warm)."""
     config = runtime.get_config(problem, num_tokens, device=info)
     key = (problem, config, info)
     if key not in _checked:
@@ -89,7 +91,7 @@ def block_configs(E: int, H: int, I: int, topk: int, dtype: torch.dtype, num_tok
                   info: DeviceInfo) -> dict[tuple[str, str], KernelConfig]:
     """``{(gemm, pass): KernelConfig}`` for the block's six problems, from the runtime loader."""
     problems = _problems(E, H, I, topk, DTYPE_NAMES[dtype])
-    return {key: _config(problem, num_tokens, info) for key, problem in problems.items()}
+    return {key: resolve_config(problem, num_tokens, info) for key, problem in problems.items()}
 
 
 # SwiGLU tiles: 4096 elements a program keeps 32 per thread at 4 warps, enough loads in flight

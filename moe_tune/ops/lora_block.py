@@ -40,14 +40,13 @@ import functools
 
 import torch
 
-from moe_tune import runtime
 from moe_tune.device import DeviceInfo, query_device
 from moe_tune.ops import launch
-from moe_tune.ops.block import block_configs, problem_dims, size_hint, swiglu_backward, swiglu_forward
+from moe_tune.ops.block import (block_configs, problem_dims, resolve_config, size_hint, swiglu_backward,
+                                swiglu_forward)
 from moe_tune.ops.grouped_gemm import DTYPE_NAMES
 from moe_tune.ops.routing import Routing, build_routing
 from moe_tune.problem import KernelConfig, MoeShape, Problem
-from moe_tune.space import check_config
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
     """Every buffer a body writes through a kernel comes from here (the tests poison it)."""
@@ -75,23 +74,13 @@ def _problems(E: int, H: int, I: int, topk: int, dtype: str, up_rank: int, down_
     return problems
 
 
-_checked: set[tuple[Problem, KernelConfig, DeviceInfo]] = set()
-
-
 def lora_configs(E: int, H: int, I: int, topk: int, dtype: torch.dtype, up_rank: int, down_rank: int,
                  num_tokens: int, info: DeviceInfo) -> dict[str, KernelConfig]:
     """``{"<matrix>.<pass>": KernelConfig}`` from the runtime loader for the problems the block
     launches (``MoeShape.lora_problems`` keys; a projection without LoRA uses the base block's
     fused problems, under ``moe_tune.ops.block.block_configs``' keys)."""
-    configs = {}
-    for name, problem in _problems(E, H, I, topk, DTYPE_NAMES[dtype], up_rank, down_rank).items():
-        config = runtime.get_config(problem, num_tokens, device=info)
-        key = (problem, config, info)
-        if key not in _checked:
-            check_config(problem, config, info)
-            _checked.add(key)
-        configs[name] = config
-    return configs
+    problems = _problems(E, H, I, topk, DTYPE_NAMES[dtype], up_rank, down_rank)
+    return {name: resolve_config(problem, num_tokens, info) for name, problem in problems.items()}
 
 
 def _rank(factor_a) -> int:

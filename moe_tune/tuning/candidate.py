@@ -34,7 +34,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from moe_tune.problem import KernelConfig, Problem
 from moe_tune.timer import GpuTimer, WallTimer, summarise
