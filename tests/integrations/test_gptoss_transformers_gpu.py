@@ -24,8 +24,13 @@ pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::moe_tune.erro
 
 # Between two bf16 implementations that round at different points (transformers rounds the GEMM
 # output, the bias add and each activation step to bf16; moe-tune keeps them in float32), and
-# the router's gradient is a difference of near-equal terms through the softmax.
-TOL = {"out": 2e-2, "hidden": 2e-2, "experts.gate_up_proj": 2e-2, "experts.gate_up_proj_bias": 2e-2,
+# the router's gradient is a difference of near-equal terms through the softmax. The gradients
+# through dH (hidden, gate_up_proj and its bias) also differ by the clamps' decisions: transformers
+# clamps round(round(x·W1) + b1), moe-tune round(x·W1) + b1, and an element whose two values lie on
+# either side of ±7 passes its whole gradient on one side only. A float64 emulation of just those
+# decisions on these shapes gives 0.027-0.037 for each of the three (three seeds); measured 0.0266
+# for hidden on an H200. A wiring error moves them by O(1).
+TOL = {"out": 2e-2, "hidden": 6e-2, "experts.gate_up_proj": 6e-2, "experts.gate_up_proj_bias": 6e-2,
        "experts.down_proj": 2e-2, "experts.down_proj_bias": 2e-2, "router.weight": 4e-2, "router.bias": 4e-2}
 
 SMALL = dict(hidden_size=512, intermediate_size=256, num_local_experts=16, num_experts_per_tok=4,
