@@ -55,18 +55,16 @@ import functools
 import torch
 import triton
 
-from moe_tune import runtime
 from moe_tune.device import DeviceInfo, query_device
 from moe_tune.errors import InvalidInputError
 from moe_tune.kernels.gptoss import gptoss_act_fwd_kernel, gptoss_bwd_kernel, gptoss_combine_kernel
 from moe_tune.kernels.grouped_mm import grouped_mm_dw_kernel, grouped_mm_kernel
 from moe_tune.kernels.routing import routing_kernel
 from moe_tune.ops import launch
-from moe_tune.ops.block import size_hint
+from moe_tune.ops.block import resolve_config, size_hint
 from moe_tune.ops.grouped_gemm import DTYPE_NAMES
 from moe_tune.ops.routing import Routing, build_routing
 from moe_tune.problem import KernelConfig, MoeShape, Problem
-from moe_tune.space import check_config
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -99,29 +97,17 @@ def _problems(E: int, H: int, I: int, topk: int, dtype: str) -> dict[tuple[str, 
     return {(p.gemm, p.pass_): p for p in MoeShape(E, H, I, topk, layout="gpt_oss").problems(dtype)}
 
 
-_checked: set[tuple[Problem, KernelConfig, DeviceInfo]] = set()
-
-
-def _config(problem: Problem, num_tokens: int, info: DeviceInfo) -> KernelConfig:
-    config = runtime.get_config(problem, num_tokens, device=info)
-    key = (problem, config, info)
-    if key not in _checked:
-        check_config(problem, config, info)
-        _checked.add(key)
-    return config
-
-
 def block_configs(E: int, H: int, I: int, topk: int, dtype: torch.dtype, num_tokens: int,
                   info: DeviceInfo) -> dict[tuple[str, str], KernelConfig]:
     """``{(gemm, pass): KernelConfig}`` for the block's six problems, from the runtime loader."""
     problems = _problems(E, H, I, topk, DTYPE_NAMES[dtype])
-    return {key: _config(problem, num_tokens, info) for key, problem in problems.items()}
+    return {key: resolve_config(problem, num_tokens, info) for key, problem in problems.items()}
 
 
 def _plain_dw_config(E, H, I, topk, dtype, num_tokens, info) -> KernelConfig:
     """Config of the up dW gathering X itself (the rare path where X_s was not kept)."""
     problem = _problems(E, H, I, topk, DTYPE_NAMES[dtype])["up", "dw"]
-    return _config(problem.with_pass("dw"), num_tokens, info)
+    return resolve_config(problem.with_pass("dw"), num_tokens, info)
 
 
 def dsp_rows(I: int, H: int, with_down_bias: bool) -> tuple[int, int]:

@@ -87,6 +87,11 @@ class SweepOptions:
                 raise InvalidInputError(
                     f"--interpret runs kernels on the CPU, one program at a time: {self.model.name} with "
                     f"{tokens[-1]} tokens would take hours; use --model tiny (and --tokens ≤ {_INTERPRETER_MAX_TOKENS})")
+        if self.model.shape.layout != "concat":
+            # The sweep's cases (moe_tune.ops.problems) run the concatenated-layout problems only.
+            raise InvalidInputError(
+                f"{self.model.name} has the {self.model.shape.layout} experts layout, which the sweep cannot tune "
+                f"yet; its kernels run on the heuristic default configs")
         if self.routing.kind == "trace":
             self.routing.load_trace(self.model.shape.E, self.model.shape.topk)  # fail now, not in a worker
         policy = self.policy or policy_for(space, exhaustive=self.exhaustive, interpreter=self.interpret)
