@@ -63,7 +63,7 @@ from moe_tune.kernels.routing import routing_kernel
 from moe_tune.ops import launch
 from moe_tune.ops.block import resolve_config, size_hint
 from moe_tune.ops.grouped_gemm import DTYPE_NAMES
-from moe_tune.ops.routing import Routing, build_routing
+from moe_tune.ops.routing import Routing, build_routing, check_routing_args
 from moe_tune.problem import KernelConfig, MoeShape, Problem
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -403,15 +403,7 @@ def _check(hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weig
         _fail(f"gate_up_b must be [E, 2I] = {[E, two_i]}, got {list(gate_up_b.shape)}")
     if tuple(down_b.shape) != (E, H):
         _fail(f"down_b must be [E, H] = {[E, H]}, got {list(down_b.shape)}")
-    if top_k_index.dim() != 2 or top_k_index.shape[0] != T:
-        _fail(f"top_k_index must be [T, k] with T={T}, got shape {list(top_k_index.shape)}")
-    if top_k_index.dtype not in (torch.int32, torch.int64):
-        _fail(f"top_k_index must be int32 or int64, got {top_k_index.dtype}")
-    k = top_k_index.shape[1]
-    if not 1 <= k <= E:
-        _fail(f"top-k must be between 1 and the number of experts ({E}), got {k}")
-    if tuple(top_k_weights.shape) != (T, k):
-        _fail(f"top_k_weights must be [T, k] = {[T, k]}, got {list(top_k_weights.shape)}")
+    check_routing_args(top_k_index, top_k_weights, T, E)
     for name, t in named:
         if name != "top_k_index" and t.dtype not in _FLOAT_DTYPES:
             _fail(f"{name} must be bfloat16, float16 or float32, got {t.dtype}")

@@ -16,6 +16,7 @@ import torch
 
 from moe_tune.errors import InvalidInputError
 from moe_tune.ops import block, custom_ops
+from moe_tune.ops.routing import check_routing_args
 from moe_tune.ops.lora import MoeLora, moe_experts_lora
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -47,15 +48,7 @@ def _check(hidden, gate_up_w, down_w, top_k_index, top_k_weights, activation) ->
     I = two_i // 2
     if tuple(down_w.shape) != (E, H, I):
         _fail(f"down_w must be [E, H, I] = {[E, H, I]}, got {_shape(down_w)}")
-    if top_k_index.dim() != 2 or top_k_index.shape[0] != T:
-        _fail(f"top_k_index must be [T, k] with T={T}, got shape {_shape(top_k_index)}")
-    if top_k_index.dtype not in (torch.int32, torch.int64):
-        _fail(f"top_k_index must be int32 or int64, got {top_k_index.dtype}")
-    k = top_k_index.shape[1]
-    if not 1 <= k <= E:
-        _fail(f"top-k must be between 1 and the number of experts ({E}), got {k}")
-    if tuple(top_k_weights.shape) != (T, k):
-        _fail(f"top_k_weights must be [T, k] = {[T, k]}, got {_shape(top_k_weights)}")
+    check_routing_args(top_k_index, top_k_weights, T, E)
     if top_k_weights.dtype not in _FLOAT_DTYPES:
         _fail(f"top_k_weights must be bfloat16, float16 or float32, got {top_k_weights.dtype}")
     if hidden.dtype not in _FLOAT_DTYPES:

@@ -46,6 +46,21 @@ class Routing:
         return self.sorted_slots.numel()
 
 
+def check_routing_args(top_k_index, top_k_weights, num_tokens: int, num_experts: int) -> None:
+    """The router's outputs as the experts blocks take them: ``top_k_index`` [T, k] int32/int64
+    with 1 ≤ k ≤ E, ``top_k_weights`` [T, k]; ``InvalidInputError`` saying what is wrong."""
+    T, E = num_tokens, num_experts
+    if top_k_index.dim() != 2 or top_k_index.shape[0] != T:
+        raise InvalidInputError(f"top_k_index must be [T, k] with T={T}, got shape {list(top_k_index.shape)}")
+    if top_k_index.dtype not in (torch.int32, torch.int64):
+        raise InvalidInputError(f"top_k_index must be int32 or int64, got {top_k_index.dtype}")
+    k = top_k_index.shape[1]
+    if not 1 <= k <= E:
+        raise InvalidInputError(f"top-k must be between 1 and the number of experts ({E}), got {k}")
+    if tuple(top_k_weights.shape) != (T, k):
+        raise InvalidInputError(f"top_k_weights must be [T, k] = {[T, k]}, got {list(top_k_weights.shape)}")
+
+
 def build_routing(top_k_index: torch.Tensor, num_experts: int, *, traced: bool = False,
                   method: str | None = None) -> Routing:
     """Sort token slots by expert. Shapes only are read on the host; no ``.item()``.
