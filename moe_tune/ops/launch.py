@@ -80,14 +80,18 @@ def _descriptor_scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+try:  # Triton's private allocator slot: read per launch, so looked up once here
+    from triton.runtime import _allocation
+except ImportError:
+    _allocation = None
+
+
 def _allocator_missing() -> bool:
     # Triton keeps the allocator in a ContextVar: autograd's backward thread starts without the
     # one the forward's thread set. An allocator the user set is left alone.
     try:
-        from triton.runtime import _allocation
-
         return _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
-    except (ImportError, AttributeError):
+    except AttributeError:
         return True
 
 
@@ -120,11 +124,9 @@ class _Launcher:
         if compiled is None:
             self.compiled[key] = self.kernel[grid](*args, **meta)
             return
-        from triton import knobs
-
         stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
         full = args + tuple(meta[name] for name in self.constexprs)
-        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        enter, leave = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
         metadata = compiled.launch_metadata(grid, stream, *full) if enter is not None else None
         grid_yz = (grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
         compiled.run(grid[0], *grid_yz, stream, compiled.function, compiled.packed_metadata, metadata, enter, leave,
