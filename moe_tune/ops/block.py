@@ -186,7 +186,8 @@ def backward(grad_out: torch.Tensor, hidden: torch.Tensor, gate_up_w: torch.Tens
     cfg = block_configs(E, H, I, k, dtype, size_hint(T), info)
     routing = Routing(expert_offsets, sorted_slots, T, k)
     grad_out = grad_out.contiguous()
-    token_rows = sorted_slots // k  # the token of each expert-ordered row
+    # The token of each expert-ordered row, for the row copies of the weight gradients only.
+    token_rows = sorted_slots // k if need_down or need_gate_up else None
 
     # -- Down dx, unweighted, reading G's token rows directly: dA_raw in expert order -------------
     d_act = _alloc((M, I), dtype, device)  # dA_raw, then w·A
