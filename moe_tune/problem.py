@@ -246,6 +246,17 @@ class MoeShape:
         return [dataclasses.replace(g.with_pass(p), fusion=fusions.get((name, p), "none"))
                 for name, g in (("up", up), ("down", down)) for p in PASSES]
 
+    def lora_rank_of(self, problem: Problem) -> int | None:
+        """The rank r at which ``problem`` is one of the LoRA factors' GEMMs of this layer
+        (``lora_problems(r)``, N = r or K = r, r below H and I); None otherwise."""
+        if self.layout != "concat":
+            return None
+        for rank in sorted({problem.N, problem.K} & set(range(1, min(self.H, self.I)))):
+            factors = [p for name, p in self.lora_problems(rank, problem.dtype).items() if "_" in name.split(".")[0]]
+            if problem in factors:
+                return rank
+        return None
+
     def lora_problems(self, rank: int, dtype: str = "bfloat16") -> dict[str, Problem]:
         """The grouped GEMMs the experts block launches with LoRA of rank ``rank`` on its weights
         (``moe_tune.ops.lora_block``), keyed ``"<matrix>.<pass>"``: ``up`` and ``down`` are the

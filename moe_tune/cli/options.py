@@ -21,7 +21,8 @@ CacheDirOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables.")]
 ModelOption = Annotated[
     Optional[str],
-    typer.Option("--model", help="Only this model preset's six problems (any dtype).", show_default=False),
+    typer.Option("--model", help="Only this model preset's problems (its six and its LoRA GEMMs; any dtype).",
+                 show_default=False),
 ]
 OutputOption = Annotated[Path, typer.Option("-o", "--output", help="File to write (replaced atomically).")]
 DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Report what would change; write nothing.")]
@@ -29,7 +30,8 @@ DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Report what would
 
 def model_filter(name: str | None) -> Callable[[Problem], bool]:
     """Accepts the problems of model ``name``'s MoE layer (its six GEMM shapes and layouts, in any
-    dtype, with or without the fused routing weight); everything when ``name`` is None. An
+    dtype, with or without the fused routing weight, and its LoRA block's GEMMs at any rank);
+    everything when ``name`` is None. An
     unknown model raises ``InvalidInputError`` (from ``moe_tune.models``)."""
     if name is None:
         return lambda problem: True
@@ -38,8 +40,9 @@ def model_filter(name: str | None) -> Callable[[Problem], bool]:
     shape = load_preset(name)
     # The forward down GEMM runs unweighted when the routing weights need a gradient (the
     # autograd path applies them outside the kernel), so `weighted` must not split a model.
-    wanted = {_layout(p) for p in shape.problems()}
-    return lambda problem: _layout(problem) in wanted
+    # LoRA block GEMMs (`sweep --lora-rank`) belong to the model at any rank.
+    wanted = {_layout(p) for p in (*shape.problems(), *shape.lora_problems(1).values())}
+    return lambda problem: _layout(problem) in wanted or shape.lora_rank_of(problem) is not None
 
 
 def _layout(problem: Problem) -> tuple:

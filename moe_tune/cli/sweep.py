@@ -1,4 +1,5 @@
-"""``moe-tune sweep``: tune a model's six problems on this host's GPUs and write them to the cache.
+"""``moe-tune sweep``: tune a model's six problems (and, with ``--lora-rank``, its LoRA block's GEMMs)
+on this host's GPUs and write them to the cache.
 
 Data flow: flags → ``tuning.options.SweepOptions`` → ``tuning.sweep.run_sweep`` (progress bars
 with ETA per problem on stderr: ``moe_tune.progress.RichProgress``) → a summary table (problem ×
@@ -63,6 +64,11 @@ def sweep(
         "[default: 1024..32768 by powers of two; 32,64 with --interpret].", show_default=False)] = None,
     passes: Annotated[str, typer.Option("--passes", help="Passes to tune: forward,dx,dw.")] = "forward,dx,dw",
     gemms: Annotated[str, typer.Option("--gemms", help="GEMMs to tune: up (gate_up), down.")] = "up,down",
+    lora_rank: Annotated[Optional[str], typer.Option(
+        "--lora-rank", help="Also tune the LoRA block's GEMMs at these ranks, e.g. 16,64 (the factors' GEMMs of "
+        "`moe_experts(..., lora=...)` and the PEFT drop-in).", show_default=False)] = None,
+    lora_only: Annotated[bool, typer.Option(
+        "--lora-only", help="With --lora-rank: tune only the LoRA GEMMs and leave the base six as cached.")] = False,
     dtype: Annotated[Optional[str], typer.Option(
         "--dtype", help="bfloat16, float16 or float32 [default: bfloat16; float32 with --interpret].",
         show_default=False)] = None,
@@ -129,6 +135,8 @@ def sweep(
         gpus=parse_gpus(gpus, _lanes_available(interpret)) if gpus is not None else None,
         shard=parse_shard(shard) if shard is not None else None,
         gather_timeout_s=gather_timeout,
+        lora_ranks=_int_list(lora_rank, "--lora-rank") if lora_rank else (),
+        lora_only=lora_only,
     )
     with RichProgress() as progress:
         report = run_sweep(options, progress=progress)
@@ -166,20 +174,23 @@ def _print_summary(report) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from moe_tune.tuning.options import problem_label
+
     device = report.device
     table = Table(title=f"{report.model.name} on {device.name}: {report.options.dtype}, routing "
                         f"{report.options.routing}, {report.elapsed_s:.0f} s")
     for column in ("gemm", "pass", "tokens", "best config", "ms", "TFLOP/s", "vs default"):
         table.add_column(column, justify="left" if column in ("gemm", "pass", "best config") else "right")
     for problem, buckets in report.results.items():
+        gemm = problem_label(report.options, problem).split(".")[0]
         for b in buckets:
             if b.ok:
                 speedup = f"{b.speedup:.2f}x" if b.speedup else "-"
                 tflops = f"{b.tflops:.1f}" if b.tflops is not None else "-"
                 config = b.winner.short() + (" (default)" if b.winner == b.default else "")
-                table.add_row(problem.gemm, problem.pass_, str(b.tokens), config, f"{b.median_ms:.4g}", tflops, speedup)
+                table.add_row(gemm, problem.pass_, str(b.tokens), config, f"{b.median_ms:.4g}", tflops, speedup)
             else:
-                table.add_row(problem.gemm, problem.pass_, str(b.tokens), "[red]no config passed[/red]", "-", "-", "-")
+                table.add_row(gemm, problem.pass_, str(b.tokens), "[red]no config passed[/red]", "-", "-", "-")
     console = Console()
     console.print(table)
     stats = report.stats.to_dict()

@@ -184,7 +184,11 @@ def reset() -> None:
 def sweep_command(problem: Problem) -> str | None:
     """The ``moe-tune sweep`` command that fills ``problem`` (None when no model shape has its
     layout). The sweep tunes a layer's six problems from its shape: the up GEMM gathers with
-    N = 2I, K = H; the down GEMM scatters with N = H, K = I."""
+    N = 2I, K = H; the down GEMM scatters with N = H, K = I. A LoRA factor's GEMM (N = r or
+    K = r) names the preset whose LoRA block launches it and the rank."""
+    lora = _lora_sweep_command(problem)
+    if lora is not None:
+        return lora
     if problem.gemm == "up" and problem.N % 2 == 0:
         H, I = problem.K, problem.N // 2
     elif problem.gemm == "down":
@@ -192,6 +196,23 @@ def sweep_command(problem: Problem) -> str | None:
     else:
         return None
     return f"moe-tune sweep --shape E={problem.E},H={H},I={I},topk={problem.topk} --dtype {problem.dtype}"
+
+
+def _lora_sweep_command(problem: Problem) -> str | None:
+    from moe_tune.models import list_presets
+
+    for preset in list_presets():
+        shape = preset.shape
+        if (shape.layout, shape.E, shape.topk) != ("concat", problem.E, problem.topk):
+            continue
+        command = f"moe-tune sweep --model {preset.name} --lora-rank {{}} --dtype {problem.dtype}"
+        rank = shape.lora_rank_of(problem)
+        if rank is not None:
+            return command.format(rank)
+        # A base GEMM that only the LoRA block launches (its unweighted down dx) is the same at every rank.
+        if problem in shape.lora_problems(1, problem.dtype).values() and problem not in shape.problems(problem.dtype):
+            return command.format(16)
+    return None
 
 
 # -------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 
 from moe_tune.errors import InvalidInputError
@@ -21,6 +22,8 @@ GEMMS = ("up", "down")
 # larger counts take the 32k bucket (the runtime picks the nearest bucket) and behave alike.
 DEFAULT_TOKENS = (1024, 2048, 4096, 8192, 16384, 32768)
 INTERPRETER_TOKENS = (32, 64)
+# LoRA ranks a sweep may tune: the factors' small dimension N = r or K = r of moe_tune.ops.lora_block.
+MAX_LORA_RANK = 1024
 # The interpreter runs a 64-token launch of the tiny preset in ~0.1 s; anything much larger
 # would make `--interpret` a coffee break.
 _INTERPRETER_MAX_ELEMENTS = 1 << 20
@@ -49,6 +52,8 @@ class SweepOptions:
     gpus: tuple[int, ...] | None = None  # None: every visible GPU (CPU lanes with interpret: one by default)
     shard: tuple[int, int] | None = None  # (i, n): this job runs its deterministic 1/n of the units
     gather_timeout_s: float | None = None  # None: distribute.GATHER_TIMEOUT
+    lora_ranks: tuple[int, ...] = ()  # also tune the LoRA block's GEMMs at these ranks
+    lora_only: bool = False  # only those: the base six are left as the cache has them
 
     def resolved(self) -> "SweepOptions":
         """A copy with every default filled in, validated (``InvalidInputError`` otherwise)."""
@@ -66,6 +71,9 @@ class SweepOptions:
             bad = [v for v in values if v not in allowed]
             if bad or not values:
                 raise InvalidInputError(f"{name} takes {', '.join(allowed)}; got {', '.join(values) or 'nothing'}")
+        lora_ranks = tuple(sorted(set(self.lora_ranks)))
+        if any(not isinstance(r, int) or isinstance(r, bool) or not 0 < r <= MAX_LORA_RANK for r in lora_ranks):
+            raise InvalidInputError(f"--lora-rank takes ranks from 1 to {MAX_LORA_RANK}, got {list(self.lora_ranks)}")
         if self.shard is not None:
             i, n = self.shard
             if not 0 <= i < n:
@@ -87,6 +95,11 @@ class SweepOptions:
                 raise InvalidInputError(
                     f"--interpret runs kernels on the CPU, one program at a time: {self.model.name} with "
                     f"{tokens[-1]} tokens would take hours; use --model tiny (and --tokens ≤ {_INTERPRETER_MAX_TOKENS})")
+        if self.lora_only and not lora_ranks:
+            raise InvalidInputError("--lora-only needs --lora-rank")
+        if lora_ranks and self.model.shape.layout != "concat":
+            raise InvalidInputError(f"--lora-rank: {self.model.name}'s {self.model.shape.layout} layout has no LoRA block "
+                                    f"to tune")
         if self.model.shape.layout != "concat":
             # The sweep's cases (moe_tune.ops.problems) run the concatenated-layout problems only.
             raise InvalidInputError(
@@ -95,12 +108,35 @@ class SweepOptions:
         if self.routing.kind == "trace":
             self.routing.load_trace(self.model.shape.E, self.model.shape.topk)  # fail now, not in a worker
         policy = self.policy or policy_for(space, exhaustive=self.exhaustive, interpreter=self.interpret)
-        return dataclasses.replace(self, tokens=tokens, dtype=dtype, space=space, policy=policy)
+        return dataclasses.replace(self, tokens=tokens, dtype=dtype, space=space, policy=policy,
+                                   lora_ranks=lora_ranks)
+
+
+def named_problems(options: SweepOptions) -> dict[str, Problem]:
+    """The problems the options select, by a name for people: the block's six as ``up.forward``
+    and so on, then for each LoRA rank r the LoRA block's GEMMs that the base block does not
+    launch as ``up_a[r16].forward`` (the base down dx, unweighted there, as ``down[lora].dx``; ``MoeShape.lora_problems``; a projection belongs to the
+    ``--gemms`` entry its name starts with). ``lora_only`` drops the six."""
+    shape, dtype = options.model.shape, options.dtype
+    base = {f"{p.gemm}.{p.pass_}": p for p in shape.problems(dtype)}
+    named = dict(base)
+    for rank in options.lora_ranks:
+        for name, problem in shape.lora_problems(rank, dtype).items():
+            if problem not in named.values():
+                matrix, pass_ = name.split(".")
+                tag = "lora" if matrix in ("up", "down") else f"r{rank}"  # a base GEMM run as the LoRA block does
+                named[f"{matrix}[{tag}].{pass_}"] = problem
+    return {name: p for name, p in named.items() if not (options.lora_only and name in base)
+            and p.pass_ in options.passes and re.match(r"[a-z]+", name).group() in options.gemms}
 
 
 def select_problems(options: SweepOptions) -> list[Problem]:
-    return [p for p in options.model.shape.problems(options.dtype)
-            if p.pass_ in options.passes and p.gemm in options.gemms]
+    return list(named_problems(options).values())
+
+
+def problem_label(options: SweepOptions, problem: Problem) -> str:
+    """``named_problems``' name of ``problem`` (its key if the options do not select it)."""
+    return next((name for name, p in named_problems(options).items() if p == problem), problem.key)
 
 
 def sweep_command(options: SweepOptions) -> str:
@@ -119,6 +155,10 @@ def sweep_command(options: SweepOptions) -> str:
     parts += ["--tokens", ",".join(map(str, options.tokens)), "--passes", ",".join(options.passes),
               "--gemms", ",".join(options.gemms), "--dtype", options.dtype, "--routing", str(options.routing),
               "--space", options.space, "--seed", str(options.seed)]
+    if options.lora_ranks:
+        parts += ["--lora-rank", ",".join(map(str, options.lora_ranks))]
+        if options.lora_only:
+            parts.append("--lora-only")
     for flag, on in (("--exhaustive", options.exhaustive), ("--interpret", options.interpret)):
         if on:
             parts.append(flag)

@@ -1,0 +1,122 @@
+"""``sweep --lora-rank``: the LoRA block's GEMMs as tuning problems. Which problems a rank adds
+(and which it shares with the base block), the flag's validation, the provenance command, the
+runtime's hint on a miss, and one interpreter sweep whose cache the LoRA block's config
+resolution then reads (no miss warning, the swept configs)."""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import pytest
+
+from moe_tune import runtime
+from moe_tune.cache import read_cache_file
+from moe_tune.cli.options import model_filter
+from moe_tune.device import INTERPRETER_DEVICE
+from moe_tune.errors import InvalidInputError
+from moe_tune.models import load_preset, resolve_model
+from moe_tune.ops.lora_block import lora_configs
+from moe_tune.runtime import CacheWarning
+from moe_tune.tuning.options import SweepOptions, named_problems, problem_label, select_problems, sweep_command
+from moe_tune.tuning.sweep import run_sweep
+
+QWEN = resolve_model("qwen3-30b-a3b")
+TINY = resolve_model("tiny")
+
+
+def test_each_rank_adds_its_factor_gemms_and_the_lora_down_dx_once():
+    ranks = tuple(sorted(random.sample(range(2, 200), 2)))
+    named = named_problems(SweepOptions(model=QWEN, lora_ranks=ranks[::-1]).resolved())
+    shape = QWEN.shape
+    base = shape.problems("bfloat16")
+    assert list(named.values())[:6] == base
+    factors = {name for name in named if "[r" in name}
+    assert factors == {f"{m}[r{r}].{p}" for r in ranks for m in ("up_a", "up_b", "down_a", "down_b")
+                       for p in ("forward", "dx", "dw")}
+    for r in ranks:
+        lora = shape.lora_problems(r)
+        for name, problem in lora.items():
+            assert problem in named.values(), name  # every launch of the LoRA block is tuned
+            if "_" in name.split(".")[0]:
+                assert named[f"{name.split('.')[0]}[r{r}].{name.split('.')[1]}"] == problem
+                assert shape.lora_rank_of(problem) == r
+    # The unweighted down dx the LoRA block launches is one problem for every rank.
+    assert [n for n in named if "[lora]" in n] == ["down[lora].dx"]
+    assert len(set(named.values())) == len(named)
+
+
+def test_gemms_and_passes_filter_the_lora_problems_too():
+    options = SweepOptions(model=QWEN, lora_ranks=(16,), gemms=("down",), passes=("dw",)).resolved()
+    assert list(named_problems(options)) == ["down.dw", "down_a[r16].dw", "down_b[r16].dw"]
+    assert problem_label(options, select_problems(options)[1]) == "down_a[r16].dw"
+
+
+@pytest.mark.parametrize("ranks", [(0,), (-4,), (4097,), (True,)])
+def test_bad_ranks_are_refused(ranks):
+    with pytest.raises(InvalidInputError, match="--lora-rank"):
+        SweepOptions(model=QWEN, lora_ranks=ranks).resolved()
+
+
+def test_lora_only_leaves_the_base_six_out():
+    options = SweepOptions(model=QWEN, lora_ranks=(32,), lora_only=True).resolved()
+    named = named_problems(options)
+    assert len(named) == 13 and not set(named.values()) & set(QWEN.shape.problems())
+    assert "down[lora].dx" in named and sweep_command(options).endswith("--lora-rank 32 --lora-only")
+    with pytest.raises(InvalidInputError, match="--lora-only needs --lora-rank"):
+        SweepOptions(model=QWEN, lora_only=True).resolved()
+
+
+def test_lora_on_a_layout_without_a_lora_block_is_refused():
+    with pytest.raises(InvalidInputError, match="--lora-rank"):
+        SweepOptions(model=resolve_model("gpt-oss-20b"), lora_ranks=(16,)).resolved()
+
+
+def test_the_provenance_command_carries_the_ranks():
+    command = sweep_command(SweepOptions(model=QWEN, lora_ranks=(64, 16, 64)).resolved())
+    assert command.endswith("--seed 0 --lora-rank 16,64")
+    assert "--lora-rank" not in sweep_command(SweepOptions(model=QWEN).resolved())
+
+
+def test_a_miss_on_a_lora_gemm_names_the_lora_sweep():
+    shape = load_preset("qwen3-30b-a3b")
+    rank = random.choice((8, 16, 32, 64, 128))
+    for name, problem in shape.lora_problems(rank).items():
+        command = runtime.sweep_command(problem)
+        if "_" in name.split(".")[0]:
+            assert command == f"moe-tune sweep --model qwen3-30b-a3b --lora-rank {rank} --dtype bfloat16", name
+        elif problem in shape.problems():
+            assert command == "moe-tune sweep --shape E=128,H=2048,I=768,topk=8 --dtype bfloat16", name
+        else:
+            assert "--lora-rank" in command, name
+    # `show --model` and friends keep a model's LoRA entries.
+    keep = model_filter("qwen3-30b-a3b")
+    assert all(keep(p) for p in shape.lora_problems(rank).values())
+    assert not keep(load_preset("mixtral-8x7b").lora_problems(rank)["up_a.forward"])
+
+
+def test_an_interpreter_lora_sweep_fills_what_the_lora_block_resolves(tmp_path, rng):
+    rank = rng.choice((3, 8))
+    options = SweepOptions(model=TINY, tokens=(32,), interpret=True, cache_dir=tmp_path, lora_ranks=(rank,),
+                           passes=("forward", "dx", "dw"), seed=rng.getrandbits(31)).resolved()
+    report = run_sweep(options)
+    assert report.complete, report.stopped
+    (path,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    cache = read_cache_file(path)
+    assert sorted(p.key for p in cache.problems()) == sorted(p.key for p in select_problems(options))
+    assert f"--lora-rank {rank}" in cache.provenance.writes[-1].command
+
+    shape = TINY.shape
+    runtime.set_cache_dir(tmp_path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CacheWarning)
+            import torch
+            configs = lora_configs(shape.E, shape.H, shape.I, shape.topk, torch.float32, rank, rank, 40,
+                                   INTERPRETER_DEVICE)
+    finally:
+        runtime.set_cache_dir(None)
+    lora = shape.lora_problems(rank, "float32")
+    assert {n for n in lora if "_" in n.split(".")[0]} <= set(configs)
+    for name, config in configs.items():
+        assert config == cache.get(lora[name], 32).config, name
