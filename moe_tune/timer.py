@@ -18,6 +18,11 @@ Data flow of ``GpuTimer(...).samples(fn)``:
    longer on the GPU than enqueuing a graph replay takes on the host, so no sample spans a wait
    for the host.
 
+``interleaved(runs, run_samples, rounds)`` times several prepared runs in rounds, the order
+alternating (A B, B A, …), so a drift of clocks or heat over the seconds it takes favours none of
+them: the sweep's head to head against the default and the bench's tuned-against-default
+comparison both time this way.
+
 ``summarise`` turns samples into the median and the p20–p80 range (linear interpolation between
 ranks, triton.testing's rule). ``WallTimer`` is the stand-in under Triton's CPU interpreter: the
 wall clock of each call, meaningless as a number, so that the same pipelines run in CI.
@@ -53,6 +58,17 @@ def quantile(ordered: Sequence[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def interleaved(runs: Sequence[Callable[[], Any]], run_samples: Callable[[Callable[[], Any]], list[float]],
+                rounds: int) -> list[list[float]]:
+    """Per run, the samples ``run_samples(run)`` gave over ``rounds`` interleaved rounds."""
+    samples: list[list[float]] = [[] for _ in runs]
+    for round_ in range(rounds):
+        order = range(len(runs)) if round_ % 2 == 0 else reversed(range(len(runs)))
+        for i in order:
+            samples[i].extend(run_samples(runs[i]))
+    return samples
 
 
 def summarise(samples: Sequence[float]) -> Summary:

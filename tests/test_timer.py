@@ -72,3 +72,14 @@ def test_the_bench_times_with_it():
     a = torch.randn(1024, 1024, device="cuda")
     timing = do_bench_timer(1, 5, min_samples=10)(lambda: a @ a)
     assert timing.n >= 8 and timing.p20 <= timing.ms <= timing.p80
+
+
+def test_bench_versus_interleaves_the_runs_it_compares():
+    """``bench.timing``'s comparison: each function prepared (warmed) once, then timed in
+    alternating rounds; one Timing per function from all its samples."""
+    from moe_tune.bench.timing import WallTimer as BenchWallTimer
+
+    calls = []
+    timings = BenchWallTimer(repeats=2).versus([lambda: calls.append("A"), lambda: calls.append("B")], rounds=3)
+    assert calls == ["A", "B"] + ["A", "A", "B", "B", "B", "B", "A", "A", "A", "A", "B", "B"]
+    assert [t.n for t in timings] == [6, 6]

@@ -226,12 +226,13 @@ def bench_case(case: GemmCase, info: DeviceInfo, timer: Timer, progress: Progres
     progress.begin(f"{label}: torch._grouped_mm")
     timings["grouped_mm"] = timer(case.grouped_mm)
     progress.end()
-    progress.begin(f"{label}: moe-tune default {default.short()}")
-    timings["default"] = timer(case.moe_tune(default))
+    progress.begin(f"{label}: moe-tune default {default.short()} against tuned {tuned.short()}")
+    if tuned == default:  # the same config is the same kernel: timing it twice would only measure noise
+        timings["default"] = timings["tuned"] = timer(case.moe_tune(default))
+    else:  # head to head in interleaved rounds, as the sweep compared them, so drift favours neither
+        timings["default"], timings["tuned"] = timer.versus([case.moe_tune(default), case.moe_tune(tuned)])
     progress.end()
-    progress.begin(f"{label}: moe-tune tuned {tuned.short()}")
-    # The same config is the same kernel: timing it twice would only measure noise.
-    timings["tuned"] = timings["default"] if tuned == default else timer(case.moe_tune(tuned))
+    progress.begin(f"{label}: moe-tune tuned {tuned.short()} (timed with the default)")
     progress.end()
     if compile_backend is not None:
         progress.begin(f"{label}: torch._grouped_mm + torch.compile")

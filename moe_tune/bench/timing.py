@@ -14,12 +14,18 @@ from __future__ import annotations
 from typing import Callable, Protocol, Sequence
 
 from moe_tune.bench.results import Timing
-from moe_tune.timer import GpuTimer, Summary
+from moe_tune.timer import GpuTimer, Summary, interleaved, summarise
 from moe_tune.timer import WallTimer as _Wall
+
+
+# Rounds of a comparison (``Timer.versus``): the sweep's head to head runs 4 as well.
+VERSUS_ROUNDS = 4
 
 
 class Timer(Protocol):
     def __call__(self, fn: Callable[[], object], grad_to_none: Sequence | None = None) -> Timing: ...
+
+    def versus(self, fns: Sequence[Callable[[], object]], rounds: int = VERSUS_ROUNDS) -> list[Timing]: ...
 
     def describe(self) -> dict: ...
 
@@ -39,6 +45,9 @@ class DoBenchTimer:
     def __call__(self, fn, grad_to_none=None) -> Timing:
         return _timing(self._timer(fn, grad_to_none))
 
+    def versus(self, fns, rounds: int = VERSUS_ROUNDS) -> list[Timing]:
+        return _versus(self._timer, fns, rounds)
+
     def describe(self) -> dict:
         return {"timer": "triton.testing.do_bench", "warmup_ms": self.warmup_ms, "rep_ms": self.rep_ms,
                 "min_samples": self.min_samples, "l2_flushed": True}
@@ -52,8 +61,19 @@ class WallTimer:
     def __call__(self, fn, grad_to_none=None) -> Timing:
         return _timing(self._timer(fn, grad_to_none))
 
+    def versus(self, fns, rounds: int = VERSUS_ROUNDS) -> list[Timing]:
+        return _versus(self._timer, fns, rounds)
+
     def describe(self) -> dict:
         return self._timer.describe()
+
+
+def _versus(timer, fns, rounds: int) -> list[Timing]:
+    """``fns`` timed against each other in interleaved rounds (``moe_tune.timer.interleaved``),
+    each round the timer's whole repetition time; one ``Timing`` per function."""
+    runs = [timer.prepare(fn) for fn in fns]
+    samples = interleaved(runs, timer.run_samples, rounds)
+    return [_timing(summarise(s)) for s in samples]
 
 
 def do_bench_timer(warmup_ms: float = 25, rep_ms: float = 100, min_samples: int = 20) -> DoBenchTimer:

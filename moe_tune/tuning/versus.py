@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from moe_tune.problem import KernelConfig
+from moe_tune.timer import interleaved
 from moe_tune.tuning.protocol import Versus
 
 # The smallest lead that replaces the default whatever the spreads say: timings of one kernel in
@@ -35,12 +36,7 @@ NOISE_FLOOR = 0.01
 def head_to_head(runs: Sequence[Callable[[], Any]], timer: Callable[[Callable[[], Any]], list[float]],
                  rounds: int) -> list[list[float]]:
     """Per run, the samples ``timer(run)`` gave over ``rounds`` interleaved rounds."""
-    samples: list[list[float]] = [[] for _ in runs]
-    for round_ in range(rounds):
-        order = range(len(runs)) if round_ % 2 == 0 else reversed(range(len(runs)))
-        for i in order:
-            samples[i].extend(timer(runs[i]))
-    return samples
+    return interleaved(runs, timer, rounds)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,10 @@ class CountingTimer:
         self.calls += 1
         return Timing.from_samples([float(self.calls)])
 
+    def versus(self, fns, rounds=4) -> list[Timing]:
+        self.versus_calls = getattr(self, "versus_calls", 0) + 1
+        return [self(fn) for fn in fns]
+
     def describe(self) -> dict:
         return {"timer": "counting (test)"}
 
@@ -126,6 +130,7 @@ def test_a_cached_config_is_named_and_timed(tmp_path):
     timer = CountingTimer()
     rows = bench_gemms(TINY, 16, dtype="float32", device="cpu", timer=timer)
     assert timer.calls == 6 * 3 + 1
+    assert timer.versus_calls == 1  # tuned and default timed head to head, only where they differ
     row = rows[0]
     assert row.tuned_config == tuned and row.default_config == default
     assert (row.tuned_from.source, row.tuned_from.bucket) == ("explicit", 32)

@@ -25,9 +25,8 @@ SMALL = dict(hidden_size=512, moe_intermediate_size=256, num_experts=16, num_exp
              norm_topk_prob=True, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=64, vocab_size=512, max_position_embeddings=256)
 
-# bf16 against bf16: both round H, A and the outputs, at different points.
-LOSS_TOL = 5e-3
-GRAD_TOL = 3e-2
+# bf16's loss: one part in 2^8 of slack beyond grouped_mm's own distance from float32.
+LOSS_TOL = 4e-3
 
 
 def pair(dtype=torch.bfloat16, r=16):
@@ -50,15 +49,32 @@ class _OutputShapes(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_loss_and_lora_grads_match_grouped_mm(dtype):
-    ref, ours = pair(dtype)
+def test_loss_and_lora_grads_match_grouped_mm_fp32():
+    ref, ours = pair(torch.float32)
     ids = torch.randint(0, SMALL["vocab_size"], (4, 256), device="cuda")
     ref_loss, ref_grads = loss_and_grads(ref, ids)
     loss, grads = loss_and_grads(ours, ids)
-    assert loss.item() == pytest.approx(ref_loss.item(), rel=LOSS_TOL)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-4)
     for name in (n for n in grads if "lora_" in n):
-        assert relative_error(grads[name], ref_grads[name]) < GRAD_TOL, name
+        assert relative_error(grads[name], ref_grads[name]) < 5e-3, name
+
+
+def test_bf16_loss_and_lora_grads_are_as_close_to_float32_as_grouped_mm_s():
+    """bf16 against bf16 differs by rounding at different points (H, A and the outputs), so both
+    bf16 runs are judged against the float32 grouped_mm run of the same model and adapters:
+    moe-tune's error may not exceed grouped_mm's by more than half again plus a bf16 ulp."""
+    exact, _ = pair(torch.float32)
+    ref, ours = pair(torch.bfloat16)
+    ids = torch.randint(0, SMALL["vocab_size"], (4, 256), device="cuda")
+    exact_loss, exact_grads = loss_and_grads(exact, ids)
+    ref_loss, ref_grads = loss_and_grads(ref, ids)
+    loss, grads = loss_and_grads(ours, ids)
+    slack = abs(ref_loss.item() - exact_loss.item())
+    assert abs(loss.item() - exact_loss.item()) <= 1.5 * slack + LOSS_TOL * abs(exact_loss.item())
+    for name in (n for n in grads if "lora_" in n):
+        ours_err = relative_error(grads[name].float(), exact_grads[name])
+        ref_err = relative_error(ref_grads[name].float(), exact_grads[name])
+        assert ours_err <= 1.5 * ref_err + 8e-3, (name, ours_err, ref_err)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
