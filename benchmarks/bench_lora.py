@@ -154,8 +154,8 @@ def peak_mib(step) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def bench_rank(r: int, args, timer) -> list[dict]:
-    """Every token count at rank ``r``: the modules and compiled functions are built once per rank
+def bench_rank(r: int, args, timer):
+    """Every token count at rank ``r``, one point at a time: the modules and compiled functions are built once per rank
     (``dynamic=True``: one compile serves every token count), inputs per token count."""
     import torch
 
@@ -170,7 +170,7 @@ def bench_rank(r: int, args, timer) -> list[dict]:
         variants.append(("peft+grouped_mm compiled", "grouped_mm",
                          lambda h: torch.compile(peft_fold_forward(h), dynamic=True)))
     variants.append(("moe-tune eager", "moe_tune", lambda h: h.experts))
-    if not args.no_compile:
+    if not args.no_compile and not args.eager_moe_tune_only:
         variants.append(("moe-tune compiled", "moe_tune",
                          lambda h: torch.compile(moe_tune_forward(h), fullgraph=True, dynamic=True)))
     built = []
@@ -179,7 +179,6 @@ def bench_rank(r: int, args, timer) -> list[dict]:
         built.append((label, impl, holder, forward(holder)))
     del base
 
-    points = []
     E, H, k = SHAPE["num_experts"], SHAPE["hidden_size"], SHAPE["num_experts_per_tok"]
     for T in args.tokens:
         gen = torch.Generator(device="cuda").manual_seed(args.seed + T + r)
@@ -201,9 +200,8 @@ def bench_rank(r: int, args, timer) -> list[dict]:
                 rows[label] = dict(error=f"{type(exc).__name__}: {exc}"[:300])
             del step
             torch.cuda.empty_cache()
-        points.append(dict(tokens=T, rank=r, rows=rows, checks=_checks(outputs, built)))
         _speedups(rows)
-    return points
+        yield dict(tokens=T, rank=r, rows=rows, checks=_checks(outputs, built))
 
 
 def _checks(outputs: dict, built: list) -> dict:
@@ -302,6 +300,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    parser.add_argument("--eager-moe-tune-only", action="store_true",
+                        help="time moe-tune eager only (the baselines still run eager and compiled)")
     parser.add_argument("--steps", type=int, default=30, help="training steps of the loss match (0: skip it)")
     parser.add_argument("--warmup", type=float, default=25, help="timer warm-up per measurement, ms")
     parser.add_argument("--rep", type=float, default=100, help="timer repetition time per measurement, ms")
@@ -327,22 +327,27 @@ def main(argv=None) -> int:
     report = dict(env=environment(), dtype=args.dtype, timer=timer.describe(), points=[])
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
+
+    def write() -> str:  # after every point: a run cut short keeps what it measured
+        report["wall_s"] = time.perf_counter() - started
+        with open(os.path.join(args.out, "bench_lora.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+        text = markdown(report)
+        with open(os.path.join(args.out, "bench_lora.md"), "w", encoding="utf-8") as f:
+            f.write(text)
+        return text
+
     for r in args.ranks:
         for point in bench_rank(r, args, timer):
             report["points"].append(point)
             summary = ", ".join(f"{k} {v['median_ms']:.2f} ms / {v['peak_mib']:.0f} MiB" if "median_ms" in v
                                 else f"{k} failed" for k, v in point["rows"].items())
             print(f"T={point['tokens']} r={r}: {summary} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+            write()
     if args.steps:
         report["loss_match"] = loss_match(args)
         print(f"loss match: final rel diff {report['loss_match']['final_rel_diff']:.2e}", file=sys.stderr)
-    report["wall_s"] = time.perf_counter() - started
-    with open(os.path.join(args.out, "bench_lora.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
-    text = markdown(report)
-    with open(os.path.join(args.out, "bench_lora.md"), "w", encoding="utf-8") as f:
-        f.write(text)
-    print(text)
+    print(write())
     failed = [c for p in report["points"] for c in p["checks"].values() if not c["ok"]]
     return 1 if failed or (args.steps and not report["loss_match"]["ok"]) else 0
 

@@ -160,11 +160,15 @@ class Bench:
         try:
             case = self._get_case(request)
             timer = self._timer(plan_for("versus", self.interpreter))
-            runs, outcomes = {}, [None, None]
+            runs, outcomes, launches = {}, [None, None], []
             for i, cfg in enumerate(configs):
                 out, _, outcomes[i] = self._gate(case, cfg)
                 if outcomes[i] is None:  # passed the gate: warm and, on a GPU, captured once for every round
-                    runs[i] = timer.prepare(lambda cfg=cfg, out=out: self.launch(case, cfg, out))
+                    # The launch (and the output buffer it holds) lives as long as the rounds do: a
+                    # captured graph keeps writing to ``out``, and a buffer the allocator had
+                    # handed back faulted with an illegal address (H100 sweep, 2026-11-27).
+                    launches.append(lambda cfg=cfg, out=out: self.launch(case, cfg, out))
+                    runs[i] = timer.prepare(launches[-1])
             live = sorted(runs)
             samples = head_to_head([runs[i] for i in live], timer.run_samples, int(request.get("rounds", 1)))
             for i, times in zip(live, samples):
