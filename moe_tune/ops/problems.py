@@ -9,6 +9,12 @@ weights, routing weights, and the side buffers a fused kernel writes besides its
 
 The checked output is the launcher's (``moe_tune.ops.grouped_gemm``) for a plain problem, and
 dW [E, N, K] from expert-ordered, unweighted operands for a "sorted" dw (what the block runs).
+
+gpt-oss's problems (``weight_layout="kn"``: weights stored [E, K, N], ``moe_tune.ops.gptoss``)
+launch as that block does: forward reads W as stored (``trans_w``), dx without the swap, a "sort"
+launch also writes the rows it gathers in expert order (a side buffer, ``inputs["sorted"]``), and
+the "sorted" dW writes [E, K, N] from (X rows, dY rows) in expert order. Their references are the
+Qwen layout's on the transposed weights.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from moe_tune.ops.routing import Routing
 from moe_tune.problem import KernelConfig, Problem
 
 def supported(problem: Problem) -> bool:
-    return problem.weight_layout == "nk" and problem.fusion in ("none", "sorted")
+    if problem.weight_layout == "kn":
+        return problem.fusion in ("none", "sorted", "sort")
+    return problem.fusion in ("none", "sorted")
 
 
 def _require_supported(problem: Problem) -> None:
@@ -35,7 +43,8 @@ def _require_supported(problem: Problem) -> None:
 
 def output_shape(problem: Problem, routing: Routing) -> tuple[int, ...]:
     p, rows = problem, routing.num_rows
-    return {"forward": (rows, p.N), "dx": (rows, p.K), "dw": (p.E, p.N, p.K)}[p.pass_]
+    dw = (p.E, p.K, p.N) if p.weight_layout == "kn" else (p.E, p.N, p.K)
+    return {"forward": (rows, p.N), "dx": (rows, p.K), "dw": dw}[p.pass_]
 
 
 def make_inputs(problem: Problem, routing: Routing, randn: Callable[..., torch.Tensor],
@@ -51,8 +60,12 @@ def make_inputs(problem: Problem, routing: Routing, randn: Callable[..., torch.T
     if p.weighted and p.fusion != "sorted":
         inputs["weights"] = rand(rows)
     if p.pass_ in ("forward", "dx"):
-        inputs["w"] = (randn(p.E, p.N, p.K) if weight_values
-                       else torch.empty(p.E, p.N, p.K, dtype=like.dtype, device=like.device))
+        w_shape = (p.E, p.K, p.N) if p.weight_layout == "kn" else (p.E, p.N, p.K)
+        inputs["w"] = (randn(*w_shape) if weight_values
+                       else torch.empty(w_shape, dtype=like.dtype, device=like.device))
+    if p.fusion == "sort":  # the gathered rows, in expert order
+        inputs["sorted"] = torch.empty(rows, p.K if p.pass_ == "forward" else p.N, dtype=like.dtype,
+                                       device=like.device)
     if p.fusion == "sorted":
         inputs["dy"], inputs["x"] = randn(rows, p.N), randn(rows, p.K)
     else:
@@ -69,6 +82,8 @@ def launch(problem: Problem, inputs: dict[str, torch.Tensor], routing: Routing, 
     output: ``out`` itself, except for a gathered dx, whose k slots per token are then summed."""
     _require_supported(problem)
     p = problem
+    if p.weight_layout == "kn":
+        return _launch_kn(p, inputs, routing, cfg, out, info)
     if p.fusion == "sorted":
         launchers.grouped_mm_dw(inputs["dy"], inputs["x"], out, routing, None, gather_dy=False, dy_div=1,
                                 gather_x=False, x_div=1, cfg=cfg, info=info)
@@ -81,6 +96,25 @@ def launch(problem: Problem, inputs: dict[str, torch.Tensor], routing: Routing, 
     return gg.backward_dw(inputs["dy"], inputs["x"], (p.E, p.N, p.K), routing, **flags)
 
 
+def _launch_kn(p: Problem, inputs: dict[str, torch.Tensor], routing: Routing, cfg: KernelConfig,
+               out: torch.Tensor, info: DeviceInfo) -> torch.Tensor:
+    sorted_a = inputs.get("sorted")
+    if p.pass_ == "dw":  # "sorted": dW [E, K, N] = X_eᵀ·dY_e, both in expert order
+        launchers.grouped_mm_dw(inputs["x"], inputs["dy"], out, routing, None, gather_dy=False, dy_div=1,
+                                gather_x=False, x_div=1, cfg=cfg, info=info)
+        return out
+    weights = inputs.get("weights")
+    if routing.num_rows == 0:
+        return out
+    if p.pass_ == "forward":
+        launchers.grouped_mm(inputs["x"], inputs["w"], out, routing, weights, trans_w=True, gather_a=p.gather,
+                             gather_div=routing.topk, scatter_c=p.scatter, cfg=cfg, info=info, sorted_a=sorted_a)
+        return out
+    launchers.grouped_mm(inputs["dy"], inputs["w"], out, routing, weights, trans_w=False, gather_a=p.scatter,
+                         gather_div=1, scatter_c=p.gather, cfg=cfg, info=info, sorted_a=sorted_a)
+    return out.view(routing.num_tokens, routing.topk, p.K).sum(1) if p.gather else out
+
+
 def reference(problem: Problem, inputs: dict[str, torch.Tensor], routing: Routing,
               dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The checked output computed with plain torch in ``dtype`` (float64 by default)."""
@@ -90,10 +124,14 @@ def reference(problem: Problem, inputs: dict[str, torch.Tensor], routing: Routin
     p = problem
     weights = inputs.get("weights")
     if p.fusion == "sorted":
-        return reference_dw(inputs["dy"], inputs["x"], routing, dtype=dtype)
+        dw = reference_dw(inputs["dy"], inputs["x"], routing, dtype=dtype)
+        return dw.transpose(1, 2) if p.weight_layout == "kn" else dw
     flags = dict(gather=p.gather, scatter=p.scatter, weights=weights, dtype=dtype)
+    w = inputs.get("w")
+    if w is not None and p.weight_layout == "kn":
+        w = w.transpose(1, 2)  # [E, N, K]: the Qwen layout's references apply
     if p.pass_ == "forward":
-        return reference_forward(inputs["x"], inputs["w"], routing, **flags)
+        return reference_forward(inputs["x"], w, routing, **flags)
     if p.pass_ == "dx":
-        return reference_dx(inputs["dy"], inputs["w"], routing, **flags)
+        return reference_dx(inputs["dy"], w, routing, **flags)
     return reference_dw(inputs["dy"], inputs["x"], routing, **flags)

@@ -185,7 +185,13 @@ def sweep_command(problem: Problem) -> str | None:
     """The ``moe-tune sweep`` command that fills ``problem`` (None when no model shape has its
     layout). The sweep tunes a layer's six problems from its shape: the up GEMM gathers with
     N = 2I, K = H; the down GEMM scatters with N = H, K = I. A LoRA factor's GEMM (N = r or
-    K = r) names the preset whose LoRA block launches it and the rank."""
+    K = r) names the preset whose LoRA block launches it and the rank; a gpt-oss problem (weights
+    stored [E, K, N]) the preset whose layer it is."""
+    if problem.weight_layout == "kn":  # gpt-oss: only a preset knows the layout (--shape means Qwen's)
+        from moe_tune.models import list_presets
+
+        return next((f"moe-tune sweep --model {preset.name} --dtype {problem.dtype}" for preset in list_presets()
+                     if problem in preset.shape.problems(problem.dtype)), None)
     lora = _lora_sweep_command(problem)
     if lora is not None:
         return lora

@@ -100,11 +100,6 @@ class SweepOptions:
         if lora_ranks and self.model.shape.layout != "concat":
             raise InvalidInputError(f"--lora-rank: {self.model.name}'s {self.model.shape.layout} layout has no LoRA block "
                                     f"to tune")
-        if self.model.shape.layout != "concat":
-            # The sweep's cases (moe_tune.ops.problems) run the concatenated-layout problems only.
-            raise InvalidInputError(
-                f"{self.model.name} has the {self.model.shape.layout} experts layout, which the sweep cannot tune "
-                f"yet; its kernels run on the heuristic default configs")
         if self.routing.kind == "trace":
             self.routing.load_trace(self.model.shape.E, self.model.shape.topk)  # fail now, not in a worker
         policy = self.policy or policy_for(space, exhaustive=self.exhaustive, interpreter=self.interpret)
@@ -119,7 +114,7 @@ def named_problems(options: SweepOptions) -> dict[str, Problem]:
     ``--gemms`` entry its name starts with). ``lora_only`` drops the six."""
     shape, dtype = options.model.shape, options.dtype
     base = {f"{p.gemm}.{p.pass_}": p for p in shape.problems(dtype)}
-    named = dict(base)
+    named = dict(base)  # gpt-oss's six are named alike: MoeShape.problems gives each layout's
     for rank in options.lora_ranks:
         for name, problem in shape.lora_problems(rank, dtype).items():
             if problem not in named.values():

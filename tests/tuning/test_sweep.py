@@ -94,8 +94,6 @@ def test_options_are_validated_before_anything_runs(tmp_path):
         SweepOptions(model=TINY, passes=("backward",)).resolved()
     with pytest.raises(InvalidInputError, match="--space"):
         SweepOptions(model=TINY, space="huge").resolved()
-    with pytest.raises(InvalidInputError, match="gpt_oss experts layout"):
-        SweepOptions(model=resolve_model("gpt-oss-20b")).resolved()
     with pytest.raises(InvalidInputError, match="does not exist"):
         SweepOptions(model=TINY, routing=RoutingSpec.parse(f"trace:{tmp_path / 'none.pt'}")).resolved()
     resolved = SweepOptions(model=TINY, interpret=True).resolved()

@@ -1,7 +1,8 @@
-"""``sweep --lora-rank``: the LoRA block's GEMMs as tuning problems. Which problems a rank adds
-(and which it shares with the base block), the flag's validation, the provenance command, the
-runtime's hint on a miss, and one interpreter sweep whose cache the LoRA block's config
-resolution then reads (no miss warning, the swept configs)."""
+"""What the sweep tunes besides the Qwen layout's six. ``--lora-rank``: the LoRA block's GEMMs —
+which problems a rank adds (and which it shares with the base block), the flag's validation, the
+provenance command, the runtime's hint on a miss, and one interpreter sweep whose cache the LoRA
+block's config resolution then reads (no miss warning, the swept configs). gpt-oss's layout: one
+interpreter sweep of its six problems, read back by its block, and the hint on a miss."""
 
 from __future__ import annotations
 
@@ -120,3 +121,41 @@ def test_an_interpreter_lora_sweep_fills_what_the_lora_block_resolves(tmp_path, 
     assert {n for n in lora if "_" in n.split(".")[0]} <= set(configs)
     for name, config in configs.items():
         assert config == cache.get(lora[name], 32).config, name
+
+
+# -- gpt-oss's layout: the same sweep, its own launches (moe_tune.ops.problems) ----------------------
+
+
+def test_an_interpreter_sweep_tunes_the_gpt_oss_layout_and_the_block_reads_it(tmp_path, rng):
+    from moe_tune.models import ModelSpec
+    from moe_tune.ops.gptoss import block_configs
+    from moe_tune.problem import MoeShape
+
+    shape = MoeShape(E=4, H=64, I=32, topk=2, layout="gpt_oss")
+    options = SweepOptions(model=ModelSpec("tiny-gpt-oss", shape, source="shape"), tokens=(32,), interpret=True,
+                           cache_dir=tmp_path, seed=rng.getrandbits(31)).resolved()
+    report = run_sweep(options)
+    assert report.complete, report.stopped
+    (path,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    cache = read_cache_file(path)
+    assert sorted(p.key for p in cache.problems()) == sorted(p.key for p in shape.problems("float32"))
+    for problem in shape.problems("float32"):
+        assert cache.get(problem, 32).measurement.correct
+
+    import torch
+    runtime.set_cache_dir(tmp_path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CacheWarning)
+            configs = block_configs(shape.E, shape.H, shape.I, shape.topk, torch.float32, 40, INTERPRETER_DEVICE)
+    finally:
+        runtime.set_cache_dir(None)
+    for (gemm, pass_), config in configs.items():
+        problem = next(p for p in shape.problems("float32") if (p.gemm, p.pass_) == (gemm, pass_))
+        assert config == cache.get(problem, 32).config
+
+
+def test_a_miss_on_a_gpt_oss_problem_names_its_preset():
+    for name in ("gpt-oss-20b", "gpt-oss-120b"):
+        for problem in load_preset(name).problems():
+            assert runtime.sweep_command(problem) == f"moe-tune sweep --model {name} --dtype bfloat16"
