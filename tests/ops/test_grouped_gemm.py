@@ -266,3 +266,22 @@ def test_routing_weight_gradient_uses_the_weighted_problems_config(monkeypatch):
     gg.grouped_gemm(x, w, routing, scatter=True, routing_weights=weights)
     forward_problems = [p for p in asked if p.pass_ == "forward"]
     assert forward_problems and all(p.weighted for p in forward_problems)
+
+
+def test_relative_error_in_chunks_matches_the_whole_tensor_formula(monkeypatch):
+    """``relative_error`` sums squares a chunk at a time (a float64 copy of a large dW ran a GPU
+    out of memory): the same number as the one-pass formula, NaN or inf anywhere gives inf."""
+    from moe_tune.reference import grouped_mm as ref_mod
+
+    monkeypatch.setattr(ref_mod, "RELATIVE_ERROR_CHUNK", 7)  # several chunks and a ragged last one
+    ref = torch.randn(5, 9, 4, dtype=torch.float64)
+    out = (ref + 1e-3 * torch.randn_like(ref)).to(torch.float32)
+    whole = ((out.double() - ref).norm() / ref.norm()).item()
+    assert ref_mod.relative_error(out, ref) == pytest.approx(whole, rel=1e-12)
+    assert ref_mod.relative_error(torch.zeros(3), torch.zeros(3)) == 0.0
+    for bad in (float("nan"), float("inf")):
+        poisoned = out.clone()
+        poisoned.view(-1)[torch.randint(0, poisoned.numel(), (1,)).item()] = bad
+        assert ref_mod.relative_error(poisoned, ref) == float("inf")
+    with pytest.raises(ValueError, match="shapes differ"):
+        ref_mod.relative_error(out, ref[:1])
