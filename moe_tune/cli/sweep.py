@@ -172,6 +172,7 @@ def _lanes_available(interpret: bool) -> int:
 
 def _print_summary(report) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from moe_tune.tuning.options import problem_label
@@ -182,7 +183,7 @@ def _print_summary(report) -> None:
     for column in ("gemm", "pass", "tokens", "best config", "ms", "TFLOP/s", "vs default"):
         table.add_column(column, justify="left" if column in ("gemm", "pass", "best config") else "right")
     for problem, buckets in report.results.items():
-        gemm = problem_label(report.options, problem).split(".")[0]
+        gemm = escape(problem_label(report.options, problem).split(".")[0])  # "[r16]" is no style tag
         for b in buckets:
             if b.ok:
                 speedup = f"{b.speedup:.2f}x" if b.speedup else "-"

@@ -13,7 +13,7 @@ from moe_tune.device import DeviceInfo
 from moe_tune.models import ModelSpec
 from moe_tune.problem import Problem
 from moe_tune.tuning.engine import EngineStats
-from moe_tune.tuning.options import SweepOptions
+from moe_tune.tuning.options import SweepOptions, named_problems
 from moe_tune.tuning.results import BucketResult
 
 
@@ -45,6 +45,7 @@ class SweepReport:
 
     def to_dict(self) -> dict[str, Any]:
         shape = self.model.shape
+        names = {problem: name for name, problem in named_problems(self.options).items()}
         return {
             "model": self.model.name,
             "shape": {"E": shape.E, "H": shape.H, "I": shape.I, "topk": shape.topk},
@@ -66,7 +67,8 @@ class SweepReport:
             "units": self.units,
             "balance_bound": round(self.balance_bound, 3) if self.balance_bound is not None else None,
             "problems": [
-                {"problem": p.key, "gemm": p.gemm, "pass": p.pass_, "buckets": [b.to_dict() for b in buckets]}
+                {"problem": p.key, "name": names.get(p, p.key), "gemm": p.gemm, "pass": p.pass_,
+                 "buckets": [b.to_dict() for b in buckets]}
                 for p, buckets in self.results.items()
             ],
         }

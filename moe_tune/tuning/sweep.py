@@ -43,7 +43,7 @@ from moe_tune.tuning.distribute import (GATHER_TIMEOUT, Gather, Launch, assign, 
                                         largest_first, split_settings)
 from moe_tune.tuning.engine import BudgetExhausted, Engine, Lane, compile_workers
 from moe_tune.tuning.journal import Journal, journal_path, journal_settings, sibling_records
-from moe_tune.tuning.options import SweepOptions, select_problems, sweep_command
+from moe_tune.tuning.options import SweepOptions, named_problems, select_problems, sweep_command
 from moe_tune.tuning.protocol import Outcome
 from moe_tune.tuning.ranked import Share, gather_shares, run_ranked
 from moe_tune.tuning.report import SweepReport
@@ -125,9 +125,11 @@ def run_sweep(options: SweepOptions, progress: Progress | None = None, *,
     run = Run(options, plans, engine, progress, done, write)
     stopped = None
     try:
+        labels = {problem: name.replace(".", " ") for name, problem in named_problems(options).items()}
+        width = max(map(len, labels.values()), default=0)
         for problem in priority:
             progress.start(sum(measurements_planned(plans[problem], options.policy).values()), task=problem,
-                           label=f"{problem.gemm:>4} {problem.pass_:<7}")
+                           label=f"{labels.get(problem, problem.key):>{width}}")
         if gather is None:
             run.phase(run.buckets(priority, settle=True))
         else:

@@ -167,3 +167,26 @@ def test_doctor_reports_versions_gpu_and_cache_contents(cli, tmp_path, rng):
     assert "error" in files["junk__triton-3.6.0.json"]
     text = cli("doctor", "--cache-dir", tmp_path / "c")
     assert text.code == 0 and cache.name in text.stdout and "unreadable" in text.stdout
+
+
+def test_sweep_lora_rank_through_the_cli(cli, tmp_path, rng):
+    """``--lora-rank R --lora-only``: the LoRA GEMMs alone, labelled by matrix and rank in the
+    summary, their keys in the cache, the flags in its provenance; bad ranks are one line, exit 2."""
+    rank = rng.choice((2, 5))
+    out = tmp_path / "cache"
+    result = cli("sweep", "--interpret", "--tokens", "32", "--lora-rank", rank, "--lora-only", "--passes", "forward",
+                 "-o", out)
+    assert result.code == 0, result.stderr
+    for label in ("up_a", "up_b", "down_a", "down_b"):
+        assert f"{label}[r{rank}]" in result.stdout
+    shape = load_preset("tiny").lora_problems(rank, "float32")
+    wanted = {p.key for name, p in shape.items() if name.endswith(".forward") and "_" in name.split(".")[0]}
+    cache = interpreter_cache(out)
+    assert {p.key for p in cache.problems()} == wanted  # --lora-only: no base problem
+    assert f"--lora-rank {rank} --lora-only" in cache.provenance.writes[-1].command
+    for bad in ("0", "x", "16,-1"):
+        refused = cli("sweep", "--interpret", "--lora-rank", bad, "-o", out)
+        assert refused.code == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert "--lora-rank" in refused.stderr
+    alone = cli("sweep", "--interpret", "--lora-only", "-o", out)
+    assert alone.code == 2 and "--lora-only needs --lora-rank" in alone.stderr
