@@ -251,7 +251,7 @@ class MoeShape:
         (``lora_problems(r)``, N = r or K = r, r below H and I); None otherwise."""
         if self.layout != "concat":
             return None
-        for rank in sorted({problem.N, problem.K} & set(range(1, min(self.H, self.I)))):
+        for rank in sorted(r for r in {problem.N, problem.K} if 0 < r < min(self.H, self.I)):
             factors = [p for name, p in self.lora_problems(rank, problem.dtype).items() if "_" in name.split(".")[0]]
             if problem in factors:
                 return rank

@@ -31,8 +31,8 @@ DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Report what would
 def model_filter(name: str | None) -> Callable[[Problem], bool]:
     """Accepts the problems of model ``name``'s MoE layer (its six GEMM shapes and layouts, in any
     dtype, with or without the fused routing weight, and its LoRA block's GEMMs at any rank);
-    everything when ``name`` is None. An
-    unknown model raises ``InvalidInputError`` (from ``moe_tune.models``)."""
+    everything when ``name`` is None. An unknown model raises ``InvalidInputError`` (from
+    ``moe_tune.models``)."""
     if name is None:
         return lambda problem: True
     from moe_tune.models import load_preset
@@ -46,4 +46,5 @@ def model_filter(name: str | None) -> Callable[[Problem], bool]:
 
 
 def _layout(problem: Problem) -> tuple:
-    return (problem.pass_, problem.E, problem.N, problem.K, problem.topk, problem.gather, problem.scatter)
+    return (problem.pass_, problem.E, problem.N, problem.K, problem.topk, problem.gather, problem.scatter,
+            problem.weight_layout)
