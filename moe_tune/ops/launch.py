@@ -148,13 +148,18 @@ def compile_only() -> Iterator[None]:
         _compile_only.on = False
 
 
+def compiling_only() -> bool:
+    """Whether this thread is inside ``compile_only()`` (launches compile and run nothing)."""
+    return getattr(_compile_only, "on", False)
+
+
 def launch_kernel(kernel, traced: bool, grid: tuple, args: tuple, meta: dict, outputs: tuple) -> None:
     """Launch any of moe-tune's kernels: traced, through ``traceable`` (an op body, ``outputs``
     being the tensors it writes); on a GPU, eager, through the kernel's cached launcher; in the
     interpreter, plainly."""
     if traced:
         traceable(kernel, *outputs)[grid](*args, **meta)
-    elif getattr(_compile_only, "on", False):
+    elif compiling_only():
         kernel.warmup(*args, grid=grid, **meta)
     elif OPAQUE_OPS:
         kernel[grid](*args, **meta)

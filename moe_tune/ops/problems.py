@@ -19,6 +19,7 @@ Qwen layout's on the transposed weights.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -48,10 +49,11 @@ def output_shape(problem: Problem, routing: Routing) -> tuple[int, ...]:
 
 
 def make_inputs(problem: Problem, routing: Routing, randn: Callable[..., torch.Tensor],
-                rand: Callable[..., torch.Tensor], *, weight_values: bool = True) -> dict[str, torch.Tensor]:
+                rand: Callable[..., torch.Tensor], *, compile_only: bool = False) -> dict[str, torch.Tensor]:
     """The tensors one launch reads and writes besides its checked output. ``randn``/``rand``
-    draw seeded values of the problem's dtype; ``weight_values=False`` leaves the weights
-    uninitialised (compile-only workers never read them)."""
+    draw seeded values of the problem's dtype. ``compile_only``: the weights are one expert's
+    uninitialised memory seen E times (``expanded``), for launches under ``launch.compile_only``,
+    which compile and run nothing."""
     _require_supported(problem)
     p = problem
     rows, tokens = routing.num_rows, routing.num_tokens
@@ -61,8 +63,7 @@ def make_inputs(problem: Problem, routing: Routing, randn: Callable[..., torch.T
         inputs["weights"] = rand(rows)
     if p.pass_ in ("forward", "dx"):
         w_shape = (p.E, p.K, p.N) if p.weight_layout == "kn" else (p.E, p.N, p.K)
-        inputs["w"] = (randn(*w_shape) if weight_values
-                       else torch.empty(w_shape, dtype=like.dtype, device=like.device))
+        inputs["w"] = expanded(w_shape, like) if compile_only else randn(*w_shape)
     if p.fusion == "sort":  # the gathered rows, in expert order
         inputs["sorted"] = torch.empty(rows, p.K if p.pass_ == "forward" else p.N, dtype=like.dtype,
                                        device=like.device)
@@ -74,6 +75,19 @@ def make_inputs(problem: Problem, routing: Routing, randn: Callable[..., torch.T
         if p.pass_ in ("dx", "dw"):
             inputs["dy"] = randn(rows, p.N)
     return inputs
+
+
+def expanded(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """``shape`` [E, ...] as E views of one uninitialised [1, ...]: a compile-only stand-in for a
+    stack of expert weights (or a dW output) that costs one expert's memory. Triton specialises a
+    kernel on each stride's divisibility by 16 and on its being 1, not on its value, so the expert
+    stride 0 compiles the kernel the full stack does whenever the true stride (a multiple of N·K)
+    is a multiple of 16 (otherwise the stack is allocated whole); gpt-oss-120b's [128, 2880, 5760]
+    stacks took 4.6 GiB per compile worker."""
+    per_expert = math.prod(shape[1:])
+    if per_expert % 16 or per_expert == 1:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return torch.empty((1, *shape[1:]), dtype=like.dtype, device=like.device).expand(shape)
 
 
 def launch(problem: Problem, inputs: dict[str, torch.Tensor], routing: Routing, cfg: KernelConfig,

@@ -286,8 +286,7 @@ class Bench:
                 key = (problem, tokens)
                 if self._compile_case is None or self._compile_key != key:
                     self._compile_case = None
-                    self._compile_case = Case(problem, tokens, RoutingSpec(), 0, self.device,
-                                              with_reference=False, weight_values=False)
+                    self._compile_case = Case(problem, tokens, RoutingSpec(), 0, self.device, compile_only=True)
                     self._compile_key = key
                 with launch.compile_only():
                     self.launch(self._compile_case, cfg)

@@ -28,7 +28,7 @@ class Case:
     experts block runs it (a "sorted" dW on expert-ordered operands included)."""
 
     def __init__(self, problem: Problem, tokens: int, routing_spec: RoutingSpec, seed: int, device,
-                 *, with_reference: bool = True, weight_values: bool = True):
+                 *, with_reference: bool = True, compile_only: bool = False):
         import torch
 
         from moe_tune.ops import problems
@@ -48,12 +48,14 @@ class Case:
         def rand(*shape):
             return torch.rand(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
 
-        # Compile workers never read the weights: uninitialised tensors are enough there.
-        self.inputs = problems.make_inputs(p, self.routing, randn, rand, weight_values=weight_values)
+        # Compile workers launch nothing (``launch.compile_only``): one expert's memory stands in
+        # for each stack of E (``problems.expanded``).
+        self.compile_only = compile_only
+        self.inputs = problems.make_inputs(p, self.routing, randn, rand, compile_only=compile_only)
         self.out_shape = problems.output_shape(p, self.routing)
         self.dtype = dtype
         self.device = torch.device(device)
-        self.reference = self._reference() if with_reference else None
+        self.reference = self._reference() if with_reference and not compile_only else None
         self.gated: dict[KernelConfig, float] = {}  # config → relative error, once it passed the gate
 
     def _reference(self):
@@ -67,6 +69,10 @@ class Case:
     def new_output(self, fill: float = float("nan")):
         import torch
 
+        if self.compile_only and self.problem.pass_ == "dw":  # [E, ...]: nothing is written
+            from moe_tune.ops import problems
+
+            return problems.expanded(self.out_shape, torch.empty(0, dtype=self.dtype, device=self.device))
         return torch.full(self.out_shape, fill, dtype=self.dtype, device=self.device)
 
     def launch(self, cfg: KernelConfig, out=None):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from moe_tune.device import INTERPRETER_DEVICE
+from moe_tune.errors import InvalidInputError
 from moe_tune.models import load_preset
 from moe_tune.problem import KernelConfig
 from moe_tune.space import candidates, default_config
@@ -136,3 +137,54 @@ def test_precompile_binds_the_same_arguments_as_a_launch(monkeypatch):
         for (_, c_args, c_kwargs), (_, l_args, l_kwargs) in zip(compiled, launched):
             assert c_kwargs == l_kwargs  # every constexpr and launch option
             assert [type(a) for a in c_args] == [type(a) for a in l_args]
+
+
+def test_compile_only_stacks_cost_one_expert_and_specialise_like_the_launch(monkeypatch, rng):
+    """The compile workers' weight stacks and dW outputs are one expert's memory seen E times
+    (``problems.expanded``); Triton's sm90 specialisation of every argument (the key of the binary
+    the timing worker looks up) is still the launch's, for both layouts and a LoRA factor."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    from moe_tune.kernels import grouped_mm
+    from moe_tune.problem import MoeShape
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    gemms = {grouped_mm.grouped_mm_kernel.fn, grouped_mm.grouped_mm_dw_kernel.fn}
+    binders = {fn: create_function_from_signature(JITFunction(fn).signature, JITFunction(fn).params, backend)
+               for fn in gemms}
+    seen = []
+    real_run = InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        if self.fn in gemms:
+            options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+            meta = {k: v for k, v in kwargs.items() if k not in options}
+            seen.append(binders[self.fn](*args, **meta, **options)[1])
+            if warmup:
+                return None  # compile-only: nothing to run (the stand-in stacks hold no data)
+        return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+    E = rng.choice((4, 8))
+    shapes = [MoeShape(E=E, H=64, I=48, topk=2), MoeShape(E=E, H=64, I=48, topk=2, layout="gpt_oss")]
+    problems = [p for s in shapes for p in s.problems("float32")]
+    problems += [shapes[0].lora_problems(16, "float32")[rng.choice(("up_a.dw", "down_b.forward", "up_b.dx"))]]
+    for problem in problems:
+        cfg = default_config(problem, INTERPRETER_DEVICE)
+        stand_in = Case(problem, 32, RoutingSpec(), 0, "cpu", compile_only=True)
+        stacks = [t for t in (stand_in.inputs.get("w"), stand_in.new_output()) if t is not None and t.dim() == 3]
+        assert stacks and all(t.stride(0) == 0 and t.untyped_storage().nbytes() * E == t.numel() * t.element_size()
+                              for t in stacks), problem.key
+        seen.clear()
+        with launch.compile_only():
+            stand_in.launch(cfg)
+        compiled = list(seen)
+        seen.clear()
+        Case(problem, 32, RoutingSpec(), 0, "cpu", with_reference=False).launch(cfg)
+        assert compiled and compiled == seen, problem.key
+    with pytest.raises(InvalidInputError, match="contiguous"):  # outside compile_only, a stand-in is refused
+        stand_in = Case(problems[0], 32, RoutingSpec(), 0, "cpu", compile_only=True)
+        stand_in.launch(default_config(problems[0], INTERPRETER_DEVICE))
