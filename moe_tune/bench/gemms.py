@@ -29,6 +29,9 @@ moe-tune's dw cases run the dW as the experts block does (``fusion="sorted"``): 
 operand copied to expert order inside the timed call, the routing weight already in A (the
 block's SwiGLU backward writes w·A, so that multiply is outside the timer here too).
 
+gpt-oss's layout (weights stored [E, K, N]) runs its six as its block does
+(``moe_tune.ops.problems``), against ``torch._grouped_mm`` on the same weights.
+
 Works on any ``MoeShape`` and device: ``device="cpu"`` runs moe-tune's kernels in Triton's
 interpreter (``TRITON_INTERPRET=1``, float32) so the tests exercise this module on tiny shapes.
 """
@@ -105,8 +108,9 @@ def build_cases(shape: MoeShape, tokens: int, dtype: str = "bfloat16", device: s
     w_route_rows = w_route[slots].to(dt)[:, None]  # in expert order, as the torch path applies it
 
     x = randn(T, H)  # up input, token order
-    w1 = randn(E, 2 * I, H, scale=H**-0.5)  # gate_up [E, 2I, H]
-    w2 = randn(E, H, I, scale=I**-0.5)  # down [E, H, I]
+    kn = shape.layout == "gpt_oss"  # weights stored [E, K, N]; w1 and w2 are then [E, N, K] views
+    w1 = randn(E, H, 2 * I, scale=H**-0.5).transpose(1, 2) if kn else randn(E, 2 * I, H, scale=H**-0.5)
+    w2 = randn(E, I, H, scale=I**-0.5).transpose(1, 2) if kn else randn(E, H, I, scale=I**-0.5)
     a = randn(M, I)  # down input, expert order
     dy_up = randn(M, 2 * I)  # gradient of the up output, expert order
     dy_down = randn(M, H)  # gradient of the down output, slot order
@@ -154,6 +158,11 @@ def build_cases(shape: MoeShape, tokens: int, dtype: str = "bfloat16", device: s
         launch.grouped_mm_dw(dy_s, x_s, out, routing, None, gather_dy=False, dy_div=1, gather_x=False, x_div=1,
                              cfg=cfg, info=info)
         return out
+
+    if kn:
+        return _gpt_oss_cases(up + down, T, routing, info, x, w1.transpose(1, 2), w2.transpose(1, 2), a, dy_up,
+                              dy_down, w_route, weighted_a,
+                              [up_fwd_ref, up_dx_ref, up_dw_ref, down_fwd_ref, down_dx_ref, down_dw_ref])
     return [
         GemmCase(p["forward"], T, lambda c: lambda: gg.forward(x, w1, routing, gather=True, config=c),
                  up_fwd_ref, (M, H, 2 * I)),
@@ -169,6 +178,40 @@ def build_cases(shape: MoeShape, tokens: int, dtype: str = "bfloat16", device: s
                                                           c),
                  down_dw_ref, (H, M, I)),
     ]
+
+
+def _gpt_oss_cases(problems, T, routing, info, x, w1, w2, a, dy_up, dy_down, w_route, weighted_a, refs):
+    """gpt-oss's six as its block launches them (``moe_tune.ops.problems``: [E, K, N] weights
+    ``w1``/``w2`` read as stored, the "sort" launches writing their gathered rows too, dW written
+    [E, K, N] and compared through a transposed view); the ``torch._grouped_mm`` paths are the
+    Qwen layout's on the transposed views, which is what a user writes for these weights."""
+    from moe_tune.ops import problems as runs
+
+    M, H = routing.num_rows, x.shape[1]
+    slots = routing.sorted_slots.long()
+    operands = [
+        dict(x=x, w=w1, sorted=x.new_empty(M, H)),  # up forward, X rows also written in expert order
+        dict(dy=dy_up, w=w1),  # up dx
+        lambda: dict(x=x.index_select(0, slots // routing.topk), dy=dy_up),  # up dW: the row copy is timed
+        dict(x=a, w=w2, weights=w_route),  # down forward
+        dict(dy=dy_down, w=w2, weights=w_route, sorted=dy_down.new_empty(M, H)),  # down dx, G rows sorted too
+        lambda: dict(x=weighted_a, dy=dy_down.index_select(0, slots)),  # down dW
+    ]
+
+    def run(problem, inputs):
+        def with_config(cfg):
+            def launch_once():
+                given = inputs() if callable(inputs) else inputs
+                out = torch.empty(runs.output_shape(problem, routing), dtype=x.dtype, device=x.device)
+                result = runs.launch(problem, given, routing, cfg, out, info)
+                return result.transpose(1, 2) if problem.pass_ == "dw" else result
+            return launch_once
+        return with_config
+
+    mnk = [(M, H, w1.shape[2]), (M, w1.shape[2], H), (w1.shape[2], M, H), (M, a.shape[1], H), (M, H, a.shape[1]),
+           (H, M, a.shape[1])]
+    return [GemmCase(problem, T, run(problem, inputs), ref, dims)
+            for problem, inputs, ref, dims in zip(problems, operands, refs, mnk)]
 
 
 def dense_matmul(mnk: tuple[int, int, int], dtype: str, device: str, seed: int = 0) -> Callable[[], torch.Tensor]:

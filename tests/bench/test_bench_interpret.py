@@ -77,7 +77,8 @@ class RecordingProgress:
     (TINY, 16),  # the tiny preset
     (MoeShape(E=8, H=64, I=48, topk=3), 9),  # 2I = 96 and k = 3: masked columns, odd row counts
     (MoeShape(E=16, H=32, I=32, topk=1), 5),  # more experts than rows: most experts empty
-], ids=["tiny", "masked", "empty-experts"])
+    (MoeShape(E=4, H=64, I=48, topk=2, layout="gpt_oss"), 9),  # [E, K, N] weights, sort launches
+], ids=["tiny", "masked", "empty-experts", "gpt-oss"])
 def test_grouped_mm_paths_compute_what_the_kernels_compute(device, shape, tokens):
     info = query_device(device)
     tol = 1e-5 if info.is_interpreter else 5e-3  # float32 runs the GPU's MMA in TF32
@@ -90,8 +91,9 @@ def test_grouped_mm_paths_compute_what_the_kernels_compute(device, shape, tokens
             assert relative_difference(out, reference) < tol, (case.problem.key, cfg.short())
 
 
-def test_dense_ceiling_has_the_same_flops():
-    for case in build_cases(TINY, 16, "float32", "cpu"):
+@pytest.mark.parametrize("shape", [TINY, MoeShape(E=4, H=64, I=48, topk=2, layout="gpt_oss")], ids=["tiny", "gpt-oss"])
+def test_dense_ceiling_has_the_same_flops(shape):
+    for case in build_cases(shape, 16, "float32", "cpu"):
         m, k, n = case.dense_mnk
         assert 2 * m * n * k == case.problem.flops(16), case.problem.key
 
