@@ -21,7 +21,7 @@ Data flow: ``run.run_bench(BenchOptions, timer, progress, checkpoint)`` →
   compiling or warming up;
 * ``isolation`` — a failed measurement becomes a row error and the device is cleared after it;
 
-→ ``results.BenchReport`` (plain data, JSON round trip, ``merge_reports`` for runs of separate
+→ ``run_report.BenchReport`` (plain data, JSON round trip, ``merge_reports`` for runs of separate
 sections) → ``report``: rich tables, Markdown, JSON, a TFLOP/s plot. ``testing`` builds
 synthetic reports for CPU tests.
 

@@ -33,7 +33,8 @@ from typing import Any, Iterable
 
 from moe_tune.bench.env import header
 from moe_tune.bench.results import (ALL_GEMM_VARIANTS, BLOCK_BASELINE, BLOCK_IMPLEMENTATIONS, GROUPED_MM_COMPILED,
-                                    BenchReport, BlockRow, GemmRow, Timing, is_baseline)
+                                    BlockRow, GemmRow, Timing, is_baseline)
+from moe_tune.bench.run_report import BenchReport
 
 VARIANT_LABELS = {"tuned": "tuned", "default": "default", "grouped_mm": "grouped_mm",
                   GROUPED_MM_COMPILED: "grouped_mm+compile", "dense": "dense"}

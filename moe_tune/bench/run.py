@@ -21,8 +21,8 @@ from typing import Callable
 
 from moe_tune.bench.isolation import describe_error, release
 from moe_tune.progress import NullProgress, Progress
-from moe_tune.bench.results import (NOT_REQUESTED, STEP_MODES, BenchReport, BlockSection, HostSection,
-                                    StepSection)
+from moe_tune.bench.results import NOT_REQUESTED, STEP_MODES, BlockSection, HostSection, StepSection
+from moe_tune.bench.run_report import BenchReport
 from moe_tune.bench.timing import Timer
 from moe_tune.errors import CacheWarning
 from moe_tune.problem import MoeShape

@@ -10,8 +10,9 @@ from __future__ import annotations
 import random
 
 from moe_tune.bench.results import (BLOCK_BASELINE, BLOCK_IMPLEMENTATIONS, GROUPED_MM_COMPILED, NOT_REQUESTED,
-                                    STEP_IMPLEMENTATIONS, STEP_MODES, BenchReport, BlockRow, BlockSection,
-                                    ConfigSource, GemmRow, HostRow, HostSection, StepRow, StepSection, Timing)
+                                    STEP_IMPLEMENTATIONS, STEP_MODES, BlockRow, BlockSection, ConfigSource, GemmRow,
+                                    HostRow, HostSection, StepRow, StepSection, Timing)
+from moe_tune.bench.run_report import BenchReport
 from moe_tune.problem import KernelConfig, MoeShape
 
 QWEN3_30B = MoeShape(E=128, H=2048, I=768, topk=8)

@@ -91,7 +91,7 @@ def _step_modes(text: str) -> tuple[str, ...]:
 
 def _load_reports(paths: list[Path]):
     from moe_tune.bench import report as fmt
-    from moe_tune.bench.results import merge_reports
+    from moe_tune.bench.run_report import merge_reports
 
     reports = []
     for path in paths:

@@ -14,8 +14,8 @@ import pytest
 
 from moe_tune.bench import report as fmt
 from moe_tune.bench.env import header
-from moe_tune.bench.results import (GEMM_VARIANTS, GROUPED_MM_COMPILED, BenchReport, BlockRow, GemmRow, HostRow,
-                                    StepRow, Timing, merge_reports)
+from moe_tune.bench.results import GEMM_VARIANTS, GROUPED_MM_COMPILED, BlockRow, GemmRow, HostRow, StepRow, Timing
+from moe_tune.bench.run_report import BenchReport, merge_reports
 from moe_tune.bench.testing import ENVIRONMENT, synthetic_report
 from moe_tune.errors import InvalidInputError
 

@@ -18,7 +18,7 @@ import torch
 import random
 
 from moe_tune.bench import report as fmt
-from moe_tune.bench.results import BenchReport
+from moe_tune.bench.run_report import BenchReport
 from moe_tune.bench.testing import synthetic_report
 from moe_tune.cli.bench import _token_counts
 from moe_tune.errors import InvalidInputError
