@@ -92,9 +92,7 @@ def policy_for(space: str, *, exhaustive: bool = False, interpreter: bool = Fals
 # Per-SM rates of an H100 SXM (989 dense bf16 TFLOP/s over 132 SMs at ~1.0 GHz-equivalent units
 # of ns; ~5.5 TB/s of L2 bandwidth shared by the SMs; 3.35 TB/s of HBM). Only ratios matter:
 # the model ranks configs, it does not predict times.
-# per SM, by element size: fp32 runs three TF32 products at half bf16's rate each (the sweep's
-# worker keeps torch's "highest" float32 precision, so ops.launch.dot_precision picks tf32x3)
-_MMA_FLOP_PER_NS = {2: 7500.0, 4: 1250.0}
+_MMA_FLOP_PER_NS = {2: 7500.0, 4: 3750.0}  # per SM, by element size (fp32 runs TF32 at half rate)
 _L2_BYTES_PER_NS = 42.0  # per SM
 _HBM_BYTES_PER_NS = 3350.0  # whole device
 _STEP_NS = 35.0  # fixed cost of one reduction step (barriers, address math, loop)
