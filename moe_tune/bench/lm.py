@@ -127,8 +127,21 @@ def describe(config, family: str, shape: MoeShape, seq_len: int) -> dict[str, An
             "hidden": H, "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
             "head_dim": d, "vocab": config.vocab_size, "seq_len": seq_len,
             "attention": getattr(config, "_attn_implementation", None) or "sdpa",
-            "lora_rank": LORA_RANK, "optimizer": "torch.optim.AdamW (lr 1e-5, torch's defaults otherwise)",
+            "lora_rank": LORA_RANK, "optimizer": OPTIMIZER,
             "flop_share": {name: value / total for name, value in flops.items()}}
+
+
+LEARNING_RATE = 1e-5
+# What the step trains with: HF Trainer's default optimizer since transformers 4.5x on torch >= 2.8
+# ("adamw_torch_fused", one fused kernel per parameter group); off CUDA torch's default AdamW.
+OPTIMIZER = "torch.optim.AdamW (fused=True on CUDA, HF Trainer's default 'adamw_torch_fused'; lr 1e-5)"
+
+
+def make_optimizer(params, device: str):
+    """The step's AdamW (see ``OPTIMIZER``)."""
+    import torch
+
+    return torch.optim.AdamW(params, lr=LEARNING_RATE, fused=True if device == "cuda" else None)
 
 
 def build_lm(config, dtype: str, device: str, seed: int = 0):

@@ -4,7 +4,7 @@ implementation (transformers' grouped_mm, moe-tune), eager and under ``torch.com
 
 Data flow: the master LM (built once) and one batch of token ids per token count (the same for
 every run) → per (mode, eager/compiled, implementation) ``run_steps``: a deep copy of the master
-set to the mode and implementation, its AdamW, ``torch.compile(model)`` when compiled; the first
+set to the mode and implementation, its AdamW (``lm.make_optimizer``), ``torch.compile(model)`` when compiled; the first
 step's loss (before any update: every run's must agree); warm-up steps (compiles and recompiles);
 then ``steps`` timed steps → ``StepRow``. A failure (a compile error, out of memory, PEFT refusing)
 is a row with its error, and the device is cleared before the next run.
@@ -30,7 +30,6 @@ from moe_tune.bench.results import STEP_IMPLEMENTATIONS, STEP_MODES, StepRow, Ti
 # First-step losses of two runs on the same weights and data: bfloat16 rounding and compile's
 # fusion order move the mean loss by ~1e-4 relative; NaN, inf and gross errors land far above.
 LOSS_TOLERANCE = {"bfloat16": 5e-3, "float16": 2e-3, "float32": 1e-4}
-LEARNING_RATE = 1e-5
 # Steps before timing, eager and compiled: the first step compiles, the next may recompile (the
 # optimizer's state exists from the second step on).
 WARMUP_STEPS = {False: 2, True: 3}
@@ -54,11 +53,11 @@ def run_steps(master, ids, *, tokens: int, mode: str, implementation: str, compi
     ``steps`` steps; time the latter."""
     import torch
 
-    from moe_tune.bench.lm import prepare_mode
+    from moe_tune.bench.lm import make_optimizer, prepare_mode
 
     base = peak_memory_reset(device)
     model = prepare_mode(copy.deepcopy(master), implementation, mode, seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], device)
     if compiled:
         reset_compiler()
         graphs_before = _graph_count()

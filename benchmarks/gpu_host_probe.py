@@ -1,0 +1,146 @@
+"""GPU probe of where the eager experts block spends host time, and where a gpt-oss block spends
+GPU time. One script, so one device call answers both.
+
+    PYTHONPATH=. python3 benchmarks/gpu_host_probe.py --out $OUT [--host] [--gptoss PRESET:T ...]
+
+``--host``: Qwen3-30B-A3B experts at 128 tokens, moe-tune eager, fwd+bwd with the weights trained
+and frozen, and the forward alone: host ms per call with the GPU held back (the method of
+``moe_tune.bench.host``), then ``cProfile`` of the same held loop (top functions by own time).
+``--gptoss``: per preset and token count, moe-tune's gpt-oss block fwd+bwd under torch.profiler,
+GPU time per kernel name. Writes ``host_probe.txt`` / ``gptoss_probe.txt`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+from pathlib import Path
+
+import torch
+
+from moe_tune.bench.host import SPIN_CYCLES_PER_MS
+from moe_tune.ops.moe_experts import moe_experts
+from moe_tune.ops.routing import random_routing
+
+
+def held_loop(call, iterations: int, hold_ms: float = 400.0) -> float:
+    torch.cuda._sleep(int(hold_ms * SPIN_CYCLES_PER_MS))
+    start = time.perf_counter()
+    for _ in range(iterations):
+        call()
+    elapsed = time.perf_counter() - start
+    marker = torch.cuda.Event()
+    marker.record()
+    held = not marker.query()
+    torch.cuda.synchronize()
+    return elapsed * 1e3 / iterations if held else float("nan")
+
+
+def host_probe(out: Path, tokens: int = 128, iterations: int = 20) -> None:
+    E, H, I, k = 128, 2048, 768, 8
+    dev, dt = "cuda", torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(0)
+    w1 = (torch.randn(E, 2 * I, H, device=dev, generator=gen) * 0.02).to(dt)
+    w2 = (torch.randn(E, H, I, device=dev, generator=gen) * 0.02).to(dt)
+    x = torch.randn(tokens, H, device=dev, generator=gen).to(dt)
+    idx = random_routing(tokens, E, k, device=dev, generator=gen)
+    wts = torch.softmax(torch.randn(tokens, k, device=dev, generator=gen), -1)
+    grad = torch.randn(tokens, H, device=dev, generator=gen).to(dt)
+    lines = []
+    for mode in ("full", "frozen", "forward"):
+        w1.requires_grad_(mode == "full")
+        w2.requires_grad_(mode == "full")
+        x.requires_grad_(mode != "forward")
+        wts.requires_grad_(mode != "forward")
+        leaves = [t for t in (x, wts, w1, w2) if t.requires_grad]
+
+        def call():
+            for t in leaves:
+                t.grad = None
+            out = moe_experts(x, w1, w2, idx, wts)
+            if mode != "forward":
+                out.backward(grad)
+
+        for _ in range(3):
+            call()
+        torch.cuda.synchronize()
+        times = sorted(held_loop(call, iterations) for _ in range(5))
+        lines.append(f"## {mode}: host ms per call (held GPU, {iterations} calls x 5): "
+                     + ", ".join(f"{t:.3f}" for t in times))
+        prof = cProfile.Profile()
+        torch.cuda._sleep(int(800 * SPIN_CYCLES_PER_MS))
+        prof.enable()
+        for _ in range(iterations):
+            call()
+        prof.disable()
+        torch.cuda.synchronize()
+        buf = io.StringIO()
+        stats = pstats.Stats(prof, stream=buf)
+        stats.sort_stats("tottime").print_stats(28)
+        stats.sort_stats("cumulative").print_stats(28)
+        lines.append(buf.getvalue())
+    (out / "host_probe.txt").write_text("\n".join(lines))
+    print("\n".join(line for line in lines if line.startswith("##")), flush=True)
+
+
+def gptoss_probe(out: Path, cases: list[str]) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from moe_tune.ops.gptoss import gptoss_experts
+
+    presets = {"gpt-oss-20b": (32, 2880, 2880, 4), "gpt-oss-120b": (128, 2880, 2880, 4)}
+    dev, dt = "cuda", torch.bfloat16
+    text = []
+    for case in cases:
+        name, T = case.split(":")
+        E, H, I, k = presets[name]
+        T = int(T)
+        gen = torch.Generator(device=dev).manual_seed(0)
+        w1 = (torch.randn(E, H, 2 * I, device=dev, generator=gen) * 3.5 / H**0.5).to(dt).requires_grad_()
+        b1 = torch.randn(E, 2 * I, device=dev, generator=gen).to(dt).requires_grad_()
+        w2 = (torch.randn(E, I, H, device=dev, generator=gen) * 3.5 / I**0.5).to(dt).requires_grad_()
+        b2 = torch.randn(E, H, device=dev, generator=gen).to(dt).requires_grad_()
+        x = torch.randn(T, H, device=dev, generator=gen).to(dt).requires_grad_()
+        idx = random_routing(T, E, k, device=dev, generator=gen)
+        wts = torch.softmax(torch.randn(T, k, device=dev, generator=gen), -1).requires_grad_()
+        grad = torch.randn(T, H, device=dev, generator=gen).to(dt)
+        leaves = (x, wts, w1, b1, w2, b2)
+
+        def call():
+            for t in leaves:
+                t.grad = None
+            gptoss_experts(x, w1, b1, w2, b2, idx, wts, limit=7.0, alpha=1.702).backward(grad)
+
+        for _ in range(3):
+            call()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                call()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70)
+        text.append(f"## {name} T={T} (5 calls)\n{table}")
+        print(text[-1], flush=True)
+        torch.cuda.empty_cache()
+    (out / "gptoss_probe.txt").write_text("\n".join(text))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--host", action="store_true")
+    parser.add_argument("--gptoss", nargs="*", default=[])
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.host:
+        host_probe(out)
+    if args.gptoss:
+        gptoss_probe(out, args.gptoss)
+
+
+if __name__ == "__main__":
+    main()
