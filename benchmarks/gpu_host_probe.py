@@ -86,6 +86,75 @@ def host_probe(out: Path, tokens: int = 128, iterations: int = 20) -> None:
     print("\n".join(line for line in lines if line.startswith("##")), flush=True)
 
 
+def launch_probe(out: Path, tokens: int = 128, calls: int = 200) -> None:
+    """Host µs per call of each piece of one eager fwd+bwd, GPU held (no waiting)."""
+    from moe_tune.ops import block, launch
+    from moe_tune.ops.routing import build_routing
+    from moe_tune.kernels.grouped_mm import grouped_mm_kernel
+    from moe_tune.device import query_device
+
+    E, H, I, k = 128, 2048, 768, 8
+    dev, dt = "cuda", torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(0)
+    w1 = (torch.randn(E, 2 * I, H, device=dev, generator=gen) * 0.02).to(dt)
+    w2 = (torch.randn(E, H, I, device=dev, generator=gen) * 0.02).to(dt)
+    x = torch.randn(tokens, H, device=dev, generator=gen).to(dt)
+    idx = random_routing(tokens, E, k, device=dev, generator=gen)
+    wts = torch.softmax(torch.randn(tokens, k, device=dev, generator=gen), -1)
+    grad = torch.randn(tokens, H, device=dev, generator=gen).to(dt)
+    info = query_device(x.device)
+    cfg = block.block_configs(E, H, I, k, dt, tokens, info)
+    routing = build_routing(idx, E)
+    h = torch.empty(tokens * k, 2 * I, device=dev, dtype=dt)
+    fwd_state = block.forward(x, w1, w2, idx, wts, traced=False)
+    torch.cuda.synchronize()
+
+    def up():
+        launch.grouped_mm(x, w1, h, routing, None, trans_w=False, gather_a=True, gather_div=k, scatter_c=False,
+                          cfg=cfg["up", "forward"], info=info)
+
+    up()
+    up()
+    launcher = launch._LAUNCHERS[grouped_mm_kernel]
+    compiled = next(iter(launcher.compiled.values()))[0]
+    real_run, seen = compiled._run, {}
+
+    def capture(*a):
+        seen["args"] = a[9:]
+        real_run(*a)
+
+    compiled._run = capture
+    up()
+    compiled._run = real_run
+    full = seen["args"]
+    stream = torch._C._cuda_getCurrentRawStream(x.device.index)
+
+    def raw():
+        real_run(info.sm_count, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *full)
+
+    pieces = {
+        "raw compiled.run (floor)": raw,
+        "torch.empty [M, 2I]": lambda: torch.empty(tokens * k, 2 * I, device=dev, dtype=dt),
+        "query_device": lambda: query_device(x.device),
+        "block_configs": lambda: block.block_configs(E, H, I, k, dt, tokens, info),
+        "build_routing": lambda: build_routing(idx, E),
+        "launch.grouped_mm (up fwd)": up,
+        "block.forward": lambda: block.forward(x, w1, w2, idx, wts, traced=False),
+        "block.backward": lambda: block.backward(grad, x, w1, w2, wts, fwd_state[1], fwd_state[2], fwd_state[3],
+                                                 need_hidden=True, need_gate_up=True, need_down=True, traced=False),
+        "moe_experts fwd (no grad)": lambda: moe_experts(x, w1, w2, idx, wts),
+    }
+    lines = []
+    for name, fn in pieces.items():
+        fn()
+        torch.cuda.synchronize()
+        n = calls if "block" not in name else 40
+        best = min(held_loop(fn, n) for _ in range(3)) * 1e3
+        lines.append(f"{name:<32} {best:8.1f} us")
+    (out / "launch_probe.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
 def gptoss_probe(out: Path, cases: list[str]) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -133,11 +202,14 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--host", action="store_true")
     parser.add_argument("--gptoss", nargs="*", default=[])
+    parser.add_argument("--launch", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.host:
         host_probe(out)
+    if args.launch:
+        launch_probe(out)
     if args.gptoss:
         gptoss_probe(out, args.gptoss)
 

@@ -77,15 +77,25 @@ def _query_cuda(index: int) -> DeviceInfo:
     )
 
 
+# A tensor's torch.device → its DeviceInfo: the experts blocks ask once per pass, and a CUDA
+# tensor's device always carries its index, so the answer never changes.
+_BY_DEVICE: dict[Any, DeviceInfo] = {}
+
+
 def query_device(device: Any = None) -> DeviceInfo:
     """Describe the device a tensor lives on (``None``: the current CUDA device)."""
+    found = _BY_DEVICE.get(device)
+    if found is not None:
+        return found
     import torch
 
     dev = torch.device(device) if device is not None else None
     if dev is None or dev.type == "cuda":
         if torch.cuda.is_available():
-            index = dev.index if dev is not None and dev.index is not None else torch.cuda.current_device()
-            return _query_cuda(index)
+            if dev is not None and dev.index is not None:
+                info = _BY_DEVICE[device] = _query_cuda(dev.index)
+                return info
+            return _query_cuda(torch.cuda.current_device())
         if interpreting():
             return INTERPRETER_DEVICE
         raise NoGPUError("no CUDA GPU is visible (and TRITON_INTERPRET is not set)")

@@ -101,6 +101,12 @@ def ensure_allocator(cfg: KernelConfig, device: torch.device) -> None:
         triton.set_allocator(_descriptor_scratch)
 
 
+def _hooked(hook) -> bool:
+    """Whether a Triton launch hook would call anything: 3.6 keeps an always-present chain of
+    hooks (empty unless a profiler or tool added one), older versions None or a function."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 class _Launcher:
     """``kernel[grid](*args, **meta)`` for eager calls, minus Triton's per-call binding.
 
@@ -108,29 +114,36 @@ class _Launcher:
     on every launch. Here the key is cheaper and at least as fine: each tensor's dtype and address
     modulo 16 (Triton specialises on 16-byte alignment), every other argument's value, and the
     constexprs. The first launch with a key goes through Triton (compiling or loading as usual)
-    and keeps the ``CompiledKernel`` it returns; later ones call its launcher directly with the
-    argument list Triton would pass. A new token count is a new key: one Triton launch, then hits.
+    and keeps what the ``CompiledKernel`` it returns needs to launch again: its launcher, function
+    handle, packed metadata and the constexprs in parameter order. Later launches call that
+    launcher directly with the argument list Triton would pass, and build Triton's launch metadata
+    only when a launch hook (a profiler) would read it. A new token count is a new key: one Triton
+    launch, then hits.
     """
 
     def __init__(self, kernel):
         self.kernel = kernel
-        self.compiled: dict[tuple, Any] = {}
+        self.compiled: dict[tuple, tuple] = {}
         self.constexprs = [p.name for p in kernel.params if p.is_constexpr]
 
     def __call__(self, grid: tuple, args: tuple, meta: dict) -> None:
         key = (grid, *[(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args],
                *meta.values())
-        compiled = self.compiled.get(key)
-        if compiled is None:
-            self.compiled[key] = self.kernel[grid](*args, **meta)
+        entry = self.compiled.get(key)
+        if entry is None:
+            compiled = self.kernel[grid](*args, **meta)
+            grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+            self.compiled[key] = (compiled, grid3, tuple(meta[name] for name in self.constexprs))
             return
+        compiled, (gx, gy, gz), constexprs = entry
         stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
-        full = args + tuple(meta[name] for name in self.constexprs)
         enter, leave = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
-        metadata = compiled.launch_metadata(grid, stream, *full) if enter is not None else None
-        grid_yz = (grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-        compiled.run(grid[0], *grid_yz, stream, compiled.function, compiled.packed_metadata, metadata, enter, leave,
-                     *full)
+        full = args + constexprs
+        if _hooked(enter) or _hooked(leave):
+            compiled.run(gx, gy, gz, stream, compiled.function, compiled.packed_metadata,
+                         compiled.launch_metadata(grid, stream, *full), enter, leave, *full)
+        else:
+            compiled.run(gx, gy, gz, stream, compiled.function, compiled.packed_metadata, None, None, None, *full)
 
 
 _LAUNCHERS: dict[Any, _Launcher] = {}

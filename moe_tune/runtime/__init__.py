@@ -173,12 +173,24 @@ def set_cache_dir(path: str | os.PathLike | None) -> None:
         _state.explicit = None if path is None else os.fspath(path)
 
 
+_generation = 0
+
+
+def generation() -> int:
+    """A number that changes whenever ``reset`` (or ``set_cache_dir``) forgets what was memoised:
+    callers that keep resolved configs of their own (the experts blocks' per-call plans) key them
+    on it."""
+    return _generation
+
+
 def reset() -> None:
     """Forget memoised configs, parsed files and which warnings were already shown."""
+    global _generation
     with _state.lock:
         explicit = _state.explicit
         _state.__init__()
         _state.explicit = explicit
+        _generation += 1
 
 
 def sweep_command(problem: Problem) -> str | None:
