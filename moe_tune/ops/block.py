@@ -91,20 +91,27 @@ _BLOCK_CONFIGS: dict[tuple, dict[tuple[str, str], KernelConfig]] = {}
 _BLOCK_CONFIGS_LIMIT = 4096  # distinct (shape, token count) keys kept; refilling costs microseconds
 
 
-def block_configs(E: int, H: int, I: int, topk: int, dtype: torch.dtype, num_tokens: int,
-                  info: DeviceInfo) -> dict[tuple[str, str], KernelConfig]:
-    """``{(gemm, pass): KernelConfig}`` for the block's six problems, from the runtime loader;
-    one dict hit per pass when warm (keyed on ``runtime.generation()``, so a cache reset or a new
-    cache directory is seen at once)."""
-    key = (E, H, I, topk, dtype, num_tokens, info, runtime.generation())
+def configs_for(problems_of, E: int, H: int, I: int, topk: int, dtype: torch.dtype, num_tokens: int,
+                info: DeviceInfo) -> dict[tuple[str, str], KernelConfig]:
+    """``{(gemm, pass): KernelConfig}`` for the problems ``problems_of(E, H, I, topk, dtype
+    name)`` returns (a layout's), from the runtime loader: one dict hit per pass when warm,
+    keyed on ``runtime.generation()`` so that a cache reset or a new cache directory is seen at
+    once."""
+    key = (problems_of, E, H, I, topk, dtype, num_tokens, info, runtime.generation())
     found = _BLOCK_CONFIGS.get(key)
     if found is None:
-        problems = _problems(E, H, I, topk, DTYPE_NAMES[dtype])
+        problems = problems_of(E, H, I, topk, DTYPE_NAMES[dtype])
         found = {name: resolve_config(problem, num_tokens, info) for name, problem in problems.items()}
         if len(_BLOCK_CONFIGS) >= _BLOCK_CONFIGS_LIMIT:
             _BLOCK_CONFIGS.clear()
         _BLOCK_CONFIGS[key] = found
     return found
+
+
+def block_configs(E: int, H: int, I: int, topk: int, dtype: torch.dtype, num_tokens: int,
+                  info: DeviceInfo) -> dict[tuple[str, str], KernelConfig]:
+    """``{(gemm, pass): KernelConfig}`` for the block's six problems (``configs_for``)."""
+    return configs_for(_problems, E, H, I, topk, dtype, num_tokens, info)
 
 
 # SwiGLU tiles: 4096 elements a program keeps 32 per thread at 4 warps, enough loads in flight

@@ -61,7 +61,7 @@ from moe_tune.kernels.gptoss import gptoss_act_fwd_kernel, gptoss_bwd_kernel, gp
 from moe_tune.kernels.grouped_mm import grouped_mm_dw_kernel, grouped_mm_kernel
 from moe_tune.kernels.routing import routing_kernel
 from moe_tune.ops import launch
-from moe_tune.ops.block import resolve_config, size_hint
+from moe_tune.ops.block import configs_for, resolve_config, size_hint
 from moe_tune.ops.grouped_gemm import DTYPE_NAMES
 from moe_tune.ops.routing import Routing, build_routing, check_routing_args
 from moe_tune.problem import KernelConfig, MoeShape, Problem
@@ -99,9 +99,8 @@ def _problems(E: int, H: int, I: int, topk: int, dtype: str) -> dict[tuple[str, 
 
 def block_configs(E: int, H: int, I: int, topk: int, dtype: torch.dtype, num_tokens: int,
                   info: DeviceInfo) -> dict[tuple[str, str], KernelConfig]:
-    """``{(gemm, pass): KernelConfig}`` for the block's six problems, from the runtime loader."""
-    problems = _problems(E, H, I, topk, DTYPE_NAMES[dtype])
-    return {key: resolve_config(problem, num_tokens, info) for key, problem in problems.items()}
+    """``{(gemm, pass): KernelConfig}`` for the block's six problems (``block.configs_for``)."""
+    return configs_for(_problems, E, H, I, topk, dtype, num_tokens, info)
 
 
 def _plain_dw_config(E, H, I, topk, dtype, num_tokens, info) -> KernelConfig:

@@ -309,3 +309,27 @@ def test_bad_arguments_are_invalid_input():
         runtime.get_config(UP_FWD, -1, H100)
     with pytest.raises(InvalidInputError):
         runtime.get_config(UP_FWD, 4, {"name": "x"})
+
+
+def test_block_configs_follow_a_new_cache_dir(layers, rng):
+    """The experts block keeps its six configs per (shape, tokens, device); a new cache directory
+    (or a reset) must reach it at once, not after a restart."""
+    import torch
+
+    from moe_tune.ops.block import block_configs
+
+    first, second = config(rng, BLOCK_N=64), config(rng, BLOCK_N=128)
+    tokens = rng.choice([1024, 4096, 16384])
+    dirs = [layers.explicit / "a", layers.explicit / "b"]
+    write(dirs[0], {UP_FWD: {tokens: first}}, rng=rng)
+    write(dirs[1], {UP_FWD: {tokens: second}}, rng=rng)
+    for directory, expected in zip(dirs, (first, second)):
+        runtime.set_cache_dir(directory)
+        for _ in range(2):  # the second call is the memo's hit
+            got = block_configs(SHAPE.E, SHAPE.H, SHAPE.I, SHAPE.topk, torch.bfloat16, tokens, H100)
+            assert got["up", "forward"] == expected
+            assert got["down", "dx"] == default_config(DOWN_DX, H100)
+    runtime.reset()
+    runtime.set_cache_dir(layers.explicit / "missing")
+    got = block_configs(SHAPE.E, SHAPE.H, SHAPE.I, SHAPE.topk, torch.bfloat16, tokens, H100)
+    assert got["up", "forward"] == default_config(UP_FWD, H100)
