@@ -197,12 +197,59 @@ def gptoss_probe(out: Path, cases: list[str]) -> None:
     (out / "gptoss_probe.txt").write_text("\n".join(text))
 
 
+def bwd_scan(out: Path, cases: list[str]) -> None:
+    """fwd+bwd ms of the gpt-oss block per tile of its activation-backward kernel."""
+    from triton.testing import do_bench
+
+    from moe_tune.ops import gptoss
+    from moe_tune.ops.gptoss import gptoss_experts
+
+    presets = {"gpt-oss-20b": (32, 2880, 2880, 4), "gpt-oss-120b": (128, 2880, 2880, 4)}
+    tiles = [(32, 64, 4), (64, 64, 4), (64, 64, 8), (128, 64, 8), (16, 64, 4), (32, 128, 4), (64, 128, 8),
+             (128, 32, 4), (64, 32, 4)]
+    lines = []
+    for case in cases:
+        name, T = case.split(":")
+        E, H, I, k = presets[name]
+        T = int(T)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        dt = torch.bfloat16
+        w1 = (torch.randn(E, H, 2 * I, device="cuda", generator=gen) * 3.5 / H**0.5).to(dt).requires_grad_()
+        b1 = torch.randn(E, 2 * I, device="cuda", generator=gen).to(dt).requires_grad_()
+        w2 = (torch.randn(E, I, H, device="cuda", generator=gen) * 3.5 / I**0.5).to(dt).requires_grad_()
+        b2 = torch.randn(E, H, device="cuda", generator=gen).to(dt).requires_grad_()
+        x = torch.randn(T, H, device="cuda", generator=gen).to(dt).requires_grad_()
+        idx = random_routing(T, E, k, device="cuda", generator=gen)
+        wts = torch.softmax(torch.randn(T, k, device="cuda", generator=gen), -1).requires_grad_()
+        grad = torch.randn(T, H, device="cuda", generator=gen).to(dt)
+        leaves = [x, wts, w1, b1, w2, b2]
+        ref = None
+        for bm, bn, warps in tiles:
+            gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS = bm, bn, warps
+
+            def call():
+                gptoss_experts(x, w1, b1, w2, b2, idx, wts, limit=7.0, alpha=1.702).backward(grad)
+
+            for t in leaves:
+                t.grad = None
+            call()
+            got = [t.grad.float().clone() for t in leaves]
+            ref = ref or got
+            err = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(got, ref))
+            ms = do_bench(call, warmup=10, rep=100, grad_to_none=leaves)
+            lines.append(f"{name} T={T} bwd tile {bm}x{bn} w{warps}: {ms:.3f} ms (diff vs first {err:.1e})")
+            print(lines[-1], flush=True)
+        gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS = 32, 64, 4
+    (out / "bwd_scan.txt").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--host", action="store_true")
     parser.add_argument("--gptoss", nargs="*", default=[])
     parser.add_argument("--launch", action="store_true")
+    parser.add_argument("--bwd-scan", nargs="*", default=[])
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -210,6 +257,8 @@ def main() -> None:
         host_probe(out)
     if args.launch:
         launch_probe(out)
+    if args.bwd_scan:
+        bwd_scan(out, args.bwd_scan)
     if args.gptoss:
         gptoss_probe(out, args.gptoss)
 

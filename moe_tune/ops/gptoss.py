@@ -28,9 +28,13 @@ backward (G = d out [T, H])
                                                         gradient dS = ⟨dA_raw, A⟩ + ⟨G, b2[e]⟩ in
                                                         float32 partials, db1[e] = Σ dH rows,
                                                         db2[e] = Σ w·G rows
-    dW2[e]      = (w·A)_eᵀ · G_s,e                      grouped_mm_dw, operands in expert order
     dX          = Σ_j (dH·W1[e]ᵀ)[t·k + j]              up dx, scattered to slot order, summed
     dW1[e]      = X_s,eᵀ · dH_e                         grouped_mm_dw (X's rows gathered without X_s)
+    dW2[e]      = (w·A)_eᵀ · G_s,e                      grouped_mm_dw, operands in expert order
+
+The order keeps the peak low: the eager path hands H and X_s over to the backward instead of
+saving them (``block.hand_over``), which frees H after the activation backward and X_s after dW1,
+and the larger weight gradient (dW1) is made before dW2 exists.
 
 Two paths reach these bodies, as for the Qwen-layout block (``moe_tune.ops.moe_experts``): an
 eager ``torch.autograd.Function``, and, under torch.compile, the ``moe_tune::gptoss_experts_fwd`` /
@@ -61,7 +65,7 @@ from moe_tune.kernels.gptoss import gptoss_act_fwd_kernel, gptoss_bwd_kernel, gp
 from moe_tune.kernels.grouped_mm import grouped_mm_dw_kernel, grouped_mm_kernel
 from moe_tune.kernels.routing import routing_kernel
 from moe_tune.ops import launch
-from moe_tune.ops.block import configs_for, resolve_config, size_hint
+from moe_tune.ops.block import claim, configs_for, hand_over, resolve_config, size_hint, take
 from moe_tune.ops.grouped_gemm import DTYPE_NAMES
 from moe_tune.ops.routing import Routing, build_routing, check_routing_args
 from moe_tune.problem import KernelConfig, MoeShape, Problem
@@ -72,7 +76,7 @@ _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # I are 128 interleaved gate/up columns, 256 bytes of bf16 per row per load.
 ACT_BLOCK_M, ACT_BLOCK_N = 32, 64
 COMBINE_BLOCK_T, COMBINE_BLOCK_N = 16, 128
-BWD_BLOCK_M, BWD_BLOCK_N = 32, 64
+BWD_BLOCK_M, BWD_BLOCK_N, BWD_WARPS = 32, 64, 4
 ELEMENTWISE_WARPS = 4
 
 
@@ -178,7 +182,8 @@ def backward(grad_out: torch.Tensor, hidden: torch.Tensor, x_sorted: torch.Tenso
              need_down_b: bool, need_weights: bool, traced: bool):
     """Returns (d hidden [T, H], d gate_up_w, d gate_up_b, d down_w, d down_b, d top_k_weights
     [T, k]); a gradient not asked for comes back as an empty tensor (op outputs may not alias).
-    d gate_up_b is always computed: it is a register sum inside the pass that writes dH."""
+    d gate_up_b is always computed: it is a register sum inside the pass that writes dH. ``h`` and
+    ``x_sorted``: the forward's buffers, or ``hand_over`` lists holding them (freed once read)."""
     E, H, I, k = problem_dims(gate_up_w, top_k_weights.shape[1])
     T = grad_out.shape[0]
     M = T * k
@@ -187,6 +192,7 @@ def backward(grad_out: torch.Tensor, hidden: torch.Tensor, x_sorted: torch.Tenso
     num_tokens = size_hint(T)
     cfg = block_configs(E, H, I, k, dtype, num_tokens, info)
     routing = Routing(expert_offsets, sorted_slots, T, k)
+    h, x_sorted = take(h), take(x_sorted)
     grad_out = grad_out.contiguous()
     weights = top_k_weights.reshape(M)
 
@@ -212,21 +218,12 @@ def backward(grad_out: torch.Tensor, hidden: torch.Tensor, x_sorted: torch.Tenso
          M, I, H, k, limit, alpha,
          d_act.stride(0), h.stride(0), gate_up_b.stride(0), grad_out.stride(0), down_b.stride(0), d_h.stride(0),
          weighted_act.stride(0), d_gate_up_b.stride(0), db2_arg.stride(0)),
-        dict(I_BLOCKS=i_blocks, BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, num_warps=ELEMENTWISE_WARPS),
+        dict(I_BLOCKS=i_blocks, BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, num_warps=BWD_WARPS),
         (d_h, weighted_act, dsp, d_gate_up_b, d_down_b))
     d_weights = grad_out.new_empty(0)
     if need_weights:
         d_weights = dsp.sum(0).view(T, k).to(top_k_weights.dtype)
-    del d_act, dsp
-
-    # -- Down dW: dW2[e] [I, H] = (w·A)_eᵀ · G_s,e --------------------------------------------------
-    d_down = grad_out.new_empty(0)
-    if need_down:
-        d_down = _alloc(tuple(down_w.shape), dtype, device)
-        launch.grouped_mm_dw(weighted_act, g_sorted, d_down, routing, None, gather_dy=False, dy_div=1,
-                             gather_x=False, x_div=1, cfg=cfg["down", "dw"], info=info, traced=traced)
-    # Frees M·(H + I) before the up dx allocates its [M, H] slot rows.
-    del g_sorted, weighted_act
+    del d_act, dsp, h  # H's last reader: a handed-over H is freed here
 
     # -- Up dx: dH·W1[e]ᵀ (W1 as stored is [H, 2I]: no trans_w), slot order, k slots summed -------
     d_hidden = grad_out.new_empty(0)
@@ -248,6 +245,15 @@ def backward(grad_out: torch.Tensor, hidden: torch.Tensor, x_sorted: torch.Tenso
             dw_cfg = _plain_dw_config(E, H, I, k, dtype, num_tokens, info)
             launch.grouped_mm_dw(hidden, d_h, d_gate_up, routing, None, gather_dy=True, dy_div=k, gather_x=False,
                                  x_div=1, cfg=dw_cfg, info=info, traced=traced)
+    # Frees M·(H + 2I) (a handed-over X_s included) before dW2's buffer exists.
+    del x_sorted, d_h
+
+    # -- Down dW: dW2[e] [I, H] = (w·A)_eᵀ · G_s,e --------------------------------------------------
+    d_down = grad_out.new_empty(0)
+    if need_down:
+        d_down = _alloc(tuple(down_w.shape), dtype, device)
+        launch.grouped_mm_dw(weighted_act, g_sorted, d_down, routing, None, gather_dy=False, dy_div=1,
+                             gather_x=False, x_div=1, cfg=cfg["down", "dw"], info=info, traced=traced)
     return d_hidden, d_gate_up, d_gate_up_b, d_down, d_down_b, d_weights
 
 
@@ -355,21 +361,26 @@ gptoss_experts_fwd.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 class _EagerBlock(torch.autograd.Function):
-    """The block outside torch.compile: the bodies run as plain Python, kernels launched eagerly."""
+    """The block outside torch.compile: the bodies run as plain Python, kernels launched eagerly.
+    H and X_s are handed over to the backward (``block.hand_over``) rather than saved, so the
+    backward frees each once read: H after the activation backward, X_s after dW1."""
 
     @staticmethod
     def forward(ctx, hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, limit, alpha, sort_x):
         out, h, x_sorted, offsets, slots = forward(hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index,
                                                    top_k_weights, limit=limit, alpha=alpha, sort_x=sort_x,
                                                    traced=False)
-        ctx.save_for_backward(None if sort_x else hidden, x_sorted, gate_up_w, gate_up_b, down_w, down_b,
-                              top_k_index, top_k_weights, h, offsets, slots)
+        ctx.save_for_backward(None if sort_x else hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index,
+                              top_k_weights, offsets, slots)
+        ctx.h, ctx.x_sorted = hand_over(h), hand_over(x_sorted)
         ctx.limit, ctx.alpha = limit, alpha
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        grads = backward(grad_out, *ctx.saved_tensors, limit=ctx.limit, alpha=ctx.alpha,
+        hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, offsets, slots = ctx.saved_tensors
+        grads = backward(grad_out, hidden, claim(ctx, "x_sorted"), gate_up_w, gate_up_b, down_w, down_b, top_k_index,
+                         top_k_weights, claim(ctx, "h"), offsets, slots, limit=ctx.limit, alpha=ctx.alpha,
                          **_needs(ctx.needs_input_grad), traced=False)
         return _input_grads(ctx.needs_input_grad, grads)
 

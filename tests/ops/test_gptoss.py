@@ -375,3 +375,45 @@ def test_non_positive_limit_raises():
     inputs = make_block(4, 32, 16, 4, 2, torch.float32)
     with pytest.raises(InvalidInputError, match="limit must be positive"):
         gptoss_experts(*(inputs[n] for n in NAMES), limit=0.0, alpha=ALPHA)
+
+
+def test_backward_frees_h_and_sorted_x_before_the_down_weight_gradient(monkeypatch):
+    """H [M, 2I] and X_s [M, H] are handed to the backward, not saved: H goes after the activation
+    backward, X_s after dW1, so neither exists when dW2 (the last allocation) is made."""
+    import weakref
+
+    from moe_tune.ops import launch
+
+    T, H, I, E, k = 9, 40, 24, 4, 2
+    made, poisoned = [], gptoss._alloc
+
+    def tracking_alloc(shape, dtype, device):
+        t = poisoned(shape, dtype, device)
+        made.append((tuple(shape), weakref.ref(t)))
+        return t
+
+    monkeypatch.setattr(gptoss, "_alloc", tracking_alloc)
+    seen = []
+    real_dw = launch.grouped_mm_dw
+
+    def checking_dw(*args, **kwargs):
+        seen.append({shape: ref() is not None for shape, ref in made[:2]})  # the forward's H, X_s
+        return real_dw(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "grouped_mm_dw", checking_dw)
+    inputs = make_block(T, H, I, E, k, torch.float32)
+    out, grads = run_block(gptoss_experts, inputs, torch.randn(T, H))
+    assert [shape for shape, _ in made[:2]] == [(T * k, 2 * I), (T * k, H)]
+    assert len(seen) == 2
+    assert seen[0] == {(T * k, 2 * I): False, (T * k, H): True}  # dW1 reads X_s; H is gone
+    assert seen[1] == {(T * k, 2 * I): False, (T * k, H): False}  # dW2: both gone
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_backward_twice_is_a_clear_error():
+    T, H, I, E, k = 5, 32, 16, 4, 2
+    leaves = {n: t.requires_grad_(n in DIFFERENTIABLE) for n, t in make_block(T, H, I, E, k, torch.float32).items()}
+    out = gptoss_experts(*(leaves[n] for n in NAMES), limit=LIMIT, alpha=ALPHA)
+    out.backward(torch.randn(T, H), retain_graph=True)
+    with pytest.raises(RuntimeError, match="second time"):
+        out.backward(torch.randn(T, H))

@@ -249,3 +249,51 @@ def test_block_kernel_paths(name, fields, monkeypatch):
     for grad_name in ("hidden", "gate_up_w", "down_w"):
         assert relative_error(grads[grad_name], ref_grads[grad_name]) < 1e-5, grad_name
     assert_weight_grad_close(grads["top_k_weights"], ref_grads["top_k_weights"], inputs, grad_out, torch.float32)
+
+
+def _track_allocations(monkeypatch, module):
+    """Wrap the poisoned ``_alloc`` so every buffer a body allocates is remembered weakly."""
+    import weakref
+
+    made = []
+    poisoned = module._alloc
+
+    def tracking_alloc(shape, dtype, device):
+        t = poisoned(shape, dtype, device)
+        made.append((tuple(shape), weakref.ref(t)))
+        return t
+
+    monkeypatch.setattr(module, "_alloc", tracking_alloc)
+    return made
+
+
+def test_backward_frees_h_before_the_weight_gradients(monkeypatch):
+    """H [M, 2I] is handed to the backward, not saved: it must be gone before the up dx allocates
+    its [M, H] rows and the weight gradients exist (the block's memory peak)."""
+    from moe_tune.ops import launch
+
+    T, H, I, E, k = 9, 40, 24, 4, 2
+    inputs = make_block(T, H, I, E, k, torch.float32)
+    made = _track_allocations(monkeypatch, block)
+    alive_at_dw = []
+    real_dw = launch.grouped_mm_dw
+
+    def checking_dw(*args, **kwargs):
+        alive_at_dw.append([ref() is not None for shape, ref in made if shape == (T * k, 2 * I)])
+        return real_dw(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "grouped_mm_dw", checking_dw)
+    out, grads = run_block(moe_experts, inputs, torch.randn(T, H))
+    # [M, 2I] buffers: the forward's H, then the backward's dH; at each dW only dH may be alive
+    assert len(alive_at_dw) == 2 and all(alive.count(True) <= 1 for alive in alive_at_dw)
+    assert alive_at_dw[0][0] is False  # H itself went before dW1
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_backward_twice_is_a_clear_error():
+    T, H, I, E, k = 5, 32, 16, 4, 2
+    leaves = {n: t.requires_grad_(n in DIFFERENTIABLE) for n, t in make_block(T, H, I, E, k, torch.float32).items()}
+    out = moe_experts(**leaves)
+    out.backward(torch.randn(T, H), retain_graph=True)
+    with pytest.raises(RuntimeError, match="second time"):
+        out.backward(torch.randn(T, H))
