@@ -40,6 +40,14 @@ def _bias_pairs(b_ptr, experts, stride_b_e, cols2, mask2):
 
 
 @triton.jit
+def _as_float32(scalar):
+    """A float scalar argument in float32: eager launches type a Python float fp32, but
+    Inductor's launch of a user kernel (the torch.compile path) types it fp64, which would turn
+    the float32 accumulators it meets into fp64 ones."""
+    return tl.cast(scalar, tl.float32)
+
+
+@triton.jit
 def _clamped_glu(gate, up, limit, alpha):
     """(a, g, u, sigmoid(alpha·g)) of the clamped SwiGLU, float32."""
     g = tl.minimum(gate, limit)
@@ -68,6 +76,7 @@ def gptoss_act_fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """Grid: (⌈M / BLOCK_M⌉, ⌈I / BLOCK_N⌉). A = clamped SwiGLU of (H + b1[e])."""
+    limit, alpha = _as_float32(limit), _as_float32(alpha)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -241,6 +250,7 @@ def gptoss_bwd_kernel(
     atomics, and an empty expert stores zeros. Programs below I_BLOCKS run the activation's
     backward; the rest the down bias's. One launch for both keeps a launch's host time off the
     block (the eager step at a few thousand tokens is host-bound)."""
+    limit, alpha = _as_float32(limit), _as_float32(alpha)
     pid_n = tl.program_id(0)
     e = tl.program_id(1)
     row_start = tl.load(expert_offsets_ptr + e)

@@ -417,3 +417,49 @@ def test_backward_twice_is_a_clear_error():
     out.backward(torch.randn(T, H), retain_graph=True)
     with pytest.raises(RuntimeError, match="second time"):
         out.backward(torch.randn(T, H))
+
+
+_BUILD_WITH_FP64 = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from moe_tune.kernels import gptoss as kernels
+from moe_tune.ops import gptoss
+
+fn = getattr(kernels, sys.argv[1])
+signature = {}
+for p in fn.params:
+    if p.is_constexpr:
+        signature[p.name] = "constexpr"
+    elif p.name in ("limit", "alpha"):
+        signature[p.name] = "fp64"
+    elif p.name in ("sorted_slots_ptr", "expert_offsets_ptr", "top_k_index_ptr"):
+        signature[p.name] = "*i32"
+    elif p.name in ("dsp_ptr", "weights_ptr"):
+        signature[p.name] = "*fp32"
+    elif p.name.endswith("_ptr"):
+        signature[p.name] = "*bf16"
+    else:
+        signature[p.name] = "i32"
+values = {"BLOCK_M": gptoss.BWD_BLOCK_M, "BLOCK_N": gptoss.BWD_BLOCK_N, "I_BLOCKS": 45}
+constexprs = {n: values[n] for n, t in signature.items() if t == "constexpr"}
+triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+print("built")
+"""
+
+
+@pytest.mark.parametrize("kernel_name", ["gptoss_act_fwd_kernel", "gptoss_bwd_kernel"])
+def test_kernels_build_with_float64_scalars(kernel_name, tmp_path):
+    """Under torch.compile, Inductor launches these kernels itself and types ``limit`` and
+    ``alpha`` fp64 (eager launches type them fp32); the kernels must still build for sm90 (a
+    float32 accumulator met by an fp64 scalar would turn fp64 and stop the build). Compiled on
+    the CPU with Triton's own toolchain, in a process where the kernels are not interpreted."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", _BUILD_WITH_FP64, kernel_name], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and "built" in done.stdout, done.stderr[-2000:]
