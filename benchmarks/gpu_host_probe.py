@@ -243,18 +243,60 @@ def bwd_scan(out: Path, cases: list[str]) -> None:
     (out / "bwd_scan.txt").write_text("\n".join(lines) + "\n")
 
 
+def host_method(out: Path) -> None:
+    """The bench's host figure under several loop lengths, held and unheld, to see how the depth
+    of the launch queue moves it."""
+    from moe_tune.bench.block import block_inputs, build_block, prepare
+    from moe_tune.problem import MoeShape
+
+    shape = MoeShape(128, 2048, 768, 8)
+    blk = build_block(shape, "bfloat16", "cuda")
+    inputs = block_inputs(blk, shape, 128, "bfloat16", "cuda")
+    lines = []
+    for label in ("grouped_mm", "moe_tune"):
+        prepared = prepare(blk, label, inputs)
+
+        def call():
+            inputs.clear()
+            prepared.fwd_bwd()
+
+        for _ in range(3):
+            call()
+        torch.cuda.synchronize()
+        for n in (2, 4, 10, 20, 36):
+            held = sorted(held_loop(call, n) for _ in range(5))
+            lines.append(f"{label} held n={n}: " + ", ".join(f"{t:.3f}" for t in held))
+        for n in (10, 50):
+            host, wall = [], []
+            for _ in range(5):
+                start = time.perf_counter()
+                for _ in range(n):
+                    call()
+                mid = time.perf_counter()
+                torch.cuda.synchronize()
+                host.append((mid - start) * 1e3 / n)
+                wall.append((time.perf_counter() - start) * 1e3 / n)
+            lines.append(f"{label} unheld n={n}: host " + ", ".join(f"{t:.3f}" for t in sorted(host))
+                         + " | wall " + ", ".join(f"{t:.3f}" for t in sorted(wall)))
+        print("\n".join(lines[-7:]), flush=True)
+    (out / "host_method.txt").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--host", action="store_true")
     parser.add_argument("--gptoss", nargs="*", default=[])
     parser.add_argument("--launch", action="store_true")
+    parser.add_argument("--host-method", action="store_true")
     parser.add_argument("--bwd-scan", nargs="*", default=[])
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.host:
         host_probe(out)
+    if args.host_method:
+        host_method(out)
     if args.launch:
         launch_probe(out)
     if args.bwd_scan:
