@@ -38,9 +38,11 @@ from moe_tune.problem import MoeShape
 
 HOST_TOKENS = 128  # the issue's figure: the token count where a training step is bound by launches
 
-# Launches a held loop may queue: well under the ~1000 pending launches after which a CUDA launch
-# blocks until the GPU drains some (the host would then time the GPU again).
-QUEUED_LAUNCHES = 512
+# Launches a held loop may queue. Past ~1000 pending launches a CUDA launch blocks until the GPU
+# drains some, and the host would time the GPU again (H200: 20 calls of grouped_mm's 74-launch
+# fwd+bwd took 20 ms a call held, 1.6-2.4 ms at 2-10 calls): short loops far from that, and many
+# repeats, as the host clock of one short loop is noisy.
+QUEUED_LAUNCHES = 128
 # The spin kernel's rate, cycles per ms: H100/H200 boost clocks are ~1.7-2.0 GHz; a slower clock
 # only holds the GPU longer.
 SPIN_CYCLES_PER_MS = 2_000_000
@@ -110,7 +112,7 @@ def _held_ms(call, iterations: int, device: str, *, estimate_ms: float) -> float
 
 
 def bench_host(block, shape: MoeShape, *, tokens: int = HOST_TOKENS, dtype: str, device: str,
-               iterations: int = 50, repeats: int = 5, progress: Progress | None = None,
+               iterations: int = 50, repeats: int = 15, progress: Progress | None = None,
                compile_block: bool = False, compile_backend: str = "inductor", seed: int = 0) -> list[HostRow]:
     """One ``HostRow`` per implementation (``block.implementations`` order)."""
     progress = progress or NullProgress()

@@ -51,8 +51,8 @@ class LmFamily:
     fixed: Mapping[str, Any] = field(default_factory=dict)
 
 
-# Families whose transformers experts module has the Qwen3-MoE layout moe-tune runs
-# (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``, SwiGLU, no bias).
+# Families whose transformers experts module moe-tune runs: the Qwen3-MoE layout
+# (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``, SwiGLU, no bias) and gpt-oss's.
 LM_FAMILIES = {
     "qwen3_moe": LmFamily("Qwen3MoeConfig", _qwen3_experts),
     # The tiny preset: Qwen3-MoE with attention small enough for Triton's CPU interpreter.
@@ -62,6 +62,10 @@ LM_FAMILIES = {
                                                     num_experts_per_tok=s.topk)),
     "mixtral": LmFamily("MixtralConfig", lambda s: dict(hidden_size=s.H, intermediate_size=s.I,
                                                         num_local_experts=s.E, num_experts_per_tok=s.topk)),
+    # gpt-oss's own layout (transposed weights, biases, interleaved clamped SwiGLU): the
+    # integration runs it through moe_tune.ops.gptoss.
+    "gpt_oss": LmFamily("GptOssConfig", lambda s: dict(hidden_size=s.H, intermediate_size=s.I,
+                                                       num_local_experts=s.E, num_experts_per_tok=s.topk)),
 }
 
 

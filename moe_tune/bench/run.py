@@ -53,7 +53,7 @@ class BenchOptions:
     compile_backend: str = "inductor"
     host_tokens: int = 128
     host_iterations: int = 50
-    host_repeats: int = 5
+    host_repeats: int = 15
     step_modes: tuple[str, ...] = STEP_MODES
     step_layers: int = 2
     step_vocab: int = 16384

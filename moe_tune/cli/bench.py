@@ -212,7 +212,7 @@ def bench(
                            step=step, compile=compile_,
                            compile_backend=INTERPRETER_COMPILE_BACKEND if interpret else "inductor",
                            host_tokens=host_tokens or small.get("host_tokens", 128),
-                           host_iterations=small.get("host_iterations", 50), host_repeats=small.get("host_repeats", 5),
+                           host_iterations=small.get("host_iterations", 50), host_repeats=small.get("host_repeats", 15),
                            step_modes=modes, step_layers=step_layers, step_vocab=step_vocab,
                            step_seq_len=step_seq_len, step_steps=step_steps or small.get("step_steps", 10),
                            step_warmup=small.get("step_warmup"))

@@ -176,7 +176,8 @@ def test_run_bench_whole_report_in_the_interpreter():
         assert max(ours.errors.values()) < 1e-4
         assert ours.peak_mib is None  # CUDA only
         assert report.host.tokens == 8 and [r.implementation for r in report.host.rows] == ["grouped_mm", "moe_tune"]
-        assert all(r.host.ms > 0 and r.wall.ms >= r.host.ms and r.kernels is None for r in report.host.rows)
+        # host (the held loop) and wall (the unheld one) are separate loops: no order between them
+        assert all(r.host.ms > 0 and r.wall.ms > 0 and r.kernels is None for r in report.host.rows)
     else:
         assert "transformers is not installed" in report.block.skipped
     assert report.step.skipped == "not requested"

@@ -90,7 +90,9 @@ def test_modes_train_what_they_say():
 @pytest.mark.parametrize("family, shape", [
     ("olmoe", MoeShape(E=4, H=64, I=32, topk=2)),  # OLMoE's attention defaults: 16 heads
     ("mixtral", MoeShape(E=4, H=64, I=48, topk=2)),  # Mixtral's: 32 heads, 8 key/value; 2I = 96
-], ids=["olmoe", "mixtral"])
+    # gpt-oss: transposed weights, biases, interleaved clamped SwiGLU, attention sinks
+    ("gpt_oss", MoeShape(E=4, H=64, I=48, topk=2, layout="gpt_oss")),
+], ids=["olmoe", "mixtral", "gpt-oss"])
 def test_other_families_build_and_agree(family, shape):
     config, master = tiny_master(family=family, shape=shape)
     assert type(config).__name__ == lm.LM_FAMILIES[family].config_class
