@@ -92,7 +92,7 @@ def _skip_reasons(options: BenchOptions) -> tuple[str | None, str | None, str | 
     from moe_tune.bench.block import block_skip_reason
     from moe_tune.bench.lm import lora_skip_reason, step_skip_reason
 
-    block_reason = block_skip_reason(options.family, options.model) if options.block or options.host else None
+    block_reason = block_skip_reason(options.shape, options.model) if options.block or options.host else None
     block = (block_reason or None) if options.block else NOT_REQUESTED
     host = (block_reason or None) if options.host else NOT_REQUESTED
     step = step_skip_reason(options.family, options.model) if options.step else NOT_REQUESTED

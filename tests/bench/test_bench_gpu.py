@@ -12,6 +12,7 @@ import pytest
 
 from moe_tune.bench.results import ALL_GEMM_VARIANTS, STEP_MODES
 from moe_tune.bench.timing import do_bench_timer
+from moe_tune.models import find_preset
 from moe_tune.problem import MoeShape
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::moe_tune.errors.CacheWarning")]
@@ -34,7 +35,7 @@ def test_six_problems_agree_with_grouped_mm():
 def test_experts_block_against_transformers():
     from moe_tune.bench.block import bench_block, block_skip_reason, build_block
 
-    assert block_skip_reason("qwen3_moe", "qwen3-30b-a3b") is None
+    assert block_skip_reason(find_preset("qwen3-30b-a3b").shape, "qwen3-30b-a3b") is None
     block = build_block(QWEN3_30B, "bfloat16", "cuda")
     rows = bench_block(block, QWEN3_30B, 512, dtype="bfloat16", device="cuda",
                        timer=do_bench_timer(2, 10, min_samples=5), compile_block=True)

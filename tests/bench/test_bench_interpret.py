@@ -225,11 +225,16 @@ def test_describe_error_keeps_dynamo_explanations():
 
 
 def test_block_skip_reasons(monkeypatch):
-    assert "mixtral-8x7b is a mixtral model" in block_mod.block_skip_reason("mixtral", "mixtral-8x7b")
+    from moe_tune.models import find_preset
+
+    # Every concatenated-layout preset builds the Qwen3-MoE experts with its shapes; gpt-oss does not.
+    for name in ("mixtral-8x7b", "deepseek-v2-lite", "qwen3-next-80b-a3b", "olmoe-1b-7b"):
+        assert block_mod.block_skip_reason(find_preset(name).shape, name) is None
+    assert "gpt_oss layout" in block_mod.block_skip_reason(find_preset("gpt-oss-20b").shape, "gpt-oss-20b")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "transformers" else real(name, *a))
-    assert block_mod.block_skip_reason("qwen3_moe", "qwen3-30b-a3b") == \
+    assert block_mod.block_skip_reason(find_preset("qwen3-30b-a3b").shape, "qwen3-30b-a3b") == \
         "transformers is not installed (pip install 'transformers>=5')"
 
 
