@@ -109,7 +109,7 @@ def _gptoss_layout_problems(module: torch.nn.Module) -> list[str]:
         if getattr(module, flag, expected) != expected:
             problems.append(f"{flag}={not expected} (gpt-oss's layout has {flag}={expected})")
     for name in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"):
-        if not isinstance(getattr(module, name, None), torch.Tensor):
+        if not _holds_tensor(module, name):  # a parametrized (LoRA) weight is not read here
             problems.append(f"no {name} tensor")
     if getattr(module, "_is_expert_parallel", False):
         problems.append("expert parallelism (sentinel expert ids)")

@@ -191,3 +191,41 @@ def test_gpt_oss_subclass_with_another_gate_is_refused_by_name():
         torch.nn.init.normal_(p)
     with pytest.raises(UnsupportedExpertsLayout, match=r"SquaredGateExperts\._apply_gate"):
         experts(torch.randn(3, 32), torch.zeros(3, 2, dtype=torch.long), torch.rand(3, 2))
+
+
+def test_peft_lora_on_the_experts_compiles_and_matches_eager(block_calls):
+    """PEFT LoRA (``target_parameters``) on gpt-oss's expert stacks, under torch.compile: the
+    layout check must not read the parametrized weights (each read builds W + ΔW, and two reads
+    in one frame made Dynamo fail its own guard on parametrize's cache)."""
+    peft = pytest.importorskip("peft", minversion="0.17")
+    torch._dynamo.reset()
+    register()
+    torch.manual_seed(0)
+    base = modeling_gpt_oss.GptOssForCausalLM(tiny_config())
+    for name, p in base.named_parameters():
+        torch.nn.init.normal_(p, std=0.3 if "experts" in name or "router" in name else 0.1)
+    lower_limits(base)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 8))
+    seed = int(torch.randint(0, 2**31, ()))
+    results = []
+    for impl, compile_it in (("eager", False), ("moe_tune", True)):
+        torch.manual_seed(seed)  # the same adapters for both: PEFT draws lora_A from the global generator
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[],
+                               target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+        model = peft.get_peft_model(copy.deepcopy(base), lora)
+        with torch.no_grad():  # lora_B starts at zero: give the adapters a real contribution
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(std=0.3)
+        model.base_model.model.set_experts_implementation(impl)
+        run = torch.compile(model, backend="aot_eager") if compile_it else model
+        loss = run(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        results.append((loss.item(), {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters()
+                                      if p.requires_grad}))
+    (ref_loss, ref_grads), (loss, grads) = results
+    assert block_calls  # the compiled model ran moe-tune's block
+    assert loss == pytest.approx(ref_loss, rel=MODEL_TOL)
+    assert set(grads) == set(ref_grads) and len(grads) == 4 * TINY["num_hidden_layers"]
+    for name, ref_grad in ref_grads.items():
+        assert relative_error(grads[name], ref_grad) < MODEL_TOL, name
