@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from moe_tune.bench.host import SPIN_CYCLES_PER_MS
+SPIN_CYCLES_PER_MS = 2_000_000  # torch.cuda._sleep cycles per ms at H100/H200 clocks (~2 GHz)
 from moe_tune.ops.moe_experts import moe_experts
 from moe_tune.ops.routing import random_routing
 

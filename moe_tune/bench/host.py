@@ -9,16 +9,15 @@ Data flow: the block and routing of ``moe_tune.bench.block`` (``block_inputs``, 
 weights and routing, compiled when the label says so) at ``tokens`` tokens (default 128) →
 per implementation:
 
-* host time — ``time.perf_counter`` around a loop of fwd+bwd calls that never synchronise, divided
-  by the calls: one sample per repeat. On CUDA the GPU is held back first by a spin kernel
-  (``torch.cuda._sleep``) long enough to outlast the loop, and the loop is short enough for its
-  launches to fit CUDA's launch queue, so the host never waits on the GPU: the figure is the
-  host's work alone. (Without the hold, a block whose GPU work takes longer than its host work —
-  Qwen3-30B-A3B's full fwd+bwd reads ~2.4 GB of weights and writes ~1.2 GB of weight gradients,
-  ~1 ms on an H200 even at 128 tokens — would time the GPU.) A loop the GPU caught up with is
-  repeated with a longer hold;
-* wall time — ``iterations`` calls unheld, until the device finished them, per call: the block's
-  real rate at this size, host- or GPU-bound, whichever is slower;
+* host time — ``time.perf_counter`` from the first call of a loop of fwd+bwd calls that never
+  synchronise to the return of its last launch, divided by the calls: one sample per repeat. CUDA
+  launches are asynchronous, so the host waits on the GPU only when CUDA's launch queue is full
+  (~1000 pending launches); each loop is kept to ``QUEUED_LAUNCHES`` launches, far from that, so
+  the figure is the host's work alone even where the GPU is the slower side. (Holding the GPU
+  back with a spin kernel instead was tried: it made launches slower and read above the wall
+  time, H200);
+* wall time — ``iterations`` calls, until the device finished them, per call: the block's real
+  rate at this size, host- or GPU-bound, whichever is slower;
 * launches — one fwd+bwd under ``torch.profiler`` with CUDA activity: GPU kernels, and
   memcpy/memset operations, counted from its CUDA events (CUDA only);
 
@@ -38,15 +37,9 @@ from moe_tune.problem import MoeShape
 
 HOST_TOKENS = 128  # the issue's figure: the token count where a training step is bound by launches
 
-# Launches a held loop may queue. Past ~1000 pending launches a CUDA launch blocks until the GPU
-# drains some, and the host would time the GPU again (H200: 20 calls of grouped_mm's 74-launch
-# fwd+bwd took 20 ms a call held, 1.6-2.4 ms at 2-10 calls): short loops far from that, and many
-# repeats, as the host clock of one short loop is noisy.
-QUEUED_LAUNCHES = 128
-# The spin kernel's rate, cycles per ms: H100/H200 boost clocks are ~1.7-2.0 GHz; a slower clock
-# only holds the GPU longer.
-SPIN_CYCLES_PER_MS = 2_000_000
-HOLD_TRIES = 4
+# Launches one host-time loop may queue: well under the ~1000 after which a CUDA launch blocks
+# until the GPU drains some (the old 50-call loop queued 3700 of grouped_mm's, and timed the GPU).
+QUEUED_LAUNCHES = 512
 
 
 def count_launches(fn, device: str) -> tuple[int | None, int | None]:
@@ -83,32 +76,15 @@ def _unheld_ms(call, iterations: int, device: str) -> float:
     return (time.perf_counter() - start) * 1e3 / iterations
 
 
-def _held_ms(call, iterations: int, device: str, *, estimate_ms: float) -> float:
-    """Host ms per call of ``iterations`` calls, the GPU held back so that none of them waits on
-    it (off CUDA: the plain loop). ``estimate_ms``: a call's unheld time, to size the hold."""
-    if device != "cuda":
-        start = time.perf_counter()
-        for _ in range(iterations):
-            call()
-        return (time.perf_counter() - start) * 1e3 / iterations
-    import torch
-
-    hold_ms = 4 * estimate_ms * iterations + 20
-    for _ in range(HOLD_TRIES):
-        torch.cuda._sleep(int(hold_ms * SPIN_CYCLES_PER_MS))
-        start = time.perf_counter()
-        for _ in range(iterations):
-            call()
-        elapsed = time.perf_counter() - start
-        marker = torch.cuda.Event()
-        marker.record()
-        still_held = not marker.query()  # the GPU has not reached the loop's end: it never waited
-        synchronize(device)
-        if still_held:
-            return elapsed * 1e3 / iterations
-        hold_ms *= 4
-    raise RuntimeError(f"the GPU caught up with a loop of {iterations} calls despite a {hold_ms / 4:.0f} ms hold: "
-                       "the host figure would include waiting on it")
+def _host_ms(call, iterations: int, device: str) -> float:
+    """Host ms per call of ``iterations`` calls, up to the return of the last launch; the device
+    is synchronised after the clock stops, so the next loop starts on an empty queue."""
+    start = time.perf_counter()
+    for _ in range(iterations):
+        call()
+    elapsed = time.perf_counter() - start
+    synchronize(device)
+    return elapsed * 1e3 / iterations
 
 
 def bench_host(block, shape: MoeShape, *, tokens: int = HOST_TOKENS, dtype: str, device: str,
@@ -133,8 +109,8 @@ def bench_host(block, shape: MoeShape, *, tokens: int = HOST_TOKENS, dtype: str,
             synchronize(device)
             wall = [_unheld_ms(call, iterations, device) for _ in range(repeats)]
             kernels, memops = count_launches(call, device)
-            held = max(1, min(iterations, QUEUED_LAUNCHES // max(1, (kernels or 0) + (memops or 0))))
-            host = [_held_ms(call, held, device, estimate_ms=min(wall)) for _ in range(repeats)]
+            calls = max(1, min(iterations, QUEUED_LAUNCHES // max(1, (kernels or 0) + (memops or 0))))
+            host = [_host_ms(call, calls, device) for _ in range(repeats)]
             rows.append(HostRow(implementation=label, host=Timing.from_samples(host), wall=Timing.from_samples(wall),
                                 kernels=kernels, memops=memops, note=prepared.note))
         except Exception as exc:  # one failed implementation is a row error; the others still run
