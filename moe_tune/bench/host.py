@@ -12,7 +12,7 @@ per implementation:
 * host time — ``time.perf_counter`` from the first call of a loop of fwd+bwd calls that never
   synchronise to the return of its last launch, divided by the calls: one sample per repeat. CUDA
   launches are asynchronous, so the host waits on the GPU only when CUDA's launch queue is full
-  (~1000 pending launches); each loop is kept to ``QUEUED_LAUNCHES`` launches, far from that, so
+  (~1000 pending launches); each loop is kept to ``QUEUED_LAUNCHES`` launches, below that, so
   the figure is the host's work alone even where the GPU is the slower side. (Holding the GPU
   back with a spin kernel instead was tried: it made launches slower and read above the wall
   time, H200);
@@ -37,9 +37,11 @@ from moe_tune.problem import MoeShape
 
 HOST_TOKENS = 128  # the figure: the token count where a training step is bound by launches
 
-# Launches one host-time loop may queue: well under the ~1000 after which a CUDA launch blocks
-# until the GPU drains some (the old 50-call loop queued 3700 of grouped_mm's, and timed the GPU).
-QUEUED_LAUNCHES = 512
+# Launches one host-time loop may queue: under the ~1000 after which a CUDA launch blocks until
+# the GPU drains some (a 50-call loop queued 3700 of grouped_mm's, and timed the GPU), yet long
+# enough to amortise the first calls after a synchronise, which run slow (a host thread woken
+# from its wait: 6-call loops read ~1.5x the per-call wall time of 50 calls, H100).
+QUEUED_LAUNCHES = 768
 
 
 def count_launches(fn, device: str) -> tuple[int | None, int | None]:

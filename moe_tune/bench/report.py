@@ -245,7 +245,7 @@ def host_caption(report: BenchReport) -> str:
     loops = f"{h.repeats} loop" + ("s" if h.repeats != 1 else "")
     return (f"Experts block forward+backward at T={h.tokens} tokens: host ms = time.perf_counter from the first "
             "call of a loop that never synchronises to the return of its last launch, per call, each loop short "
-            "enough (at most 512 launches) that CUDA's launch queue never fills, so no call waits on the GPU: the "
+            "enough (at most 768 launches) that CUDA's launch queue never fills, so no call waits on the GPU: the "
             f"host's work alone (median of {loops}); wall ms = {calls} until the GPU finished them, per call (the "
             "block's real rate at this size: near host ms when host-bound, above it when the GPU is the bound). "
             "GPU kernels and memcpy/memset per call from torch.profiler's CUDA events.")
