@@ -4,8 +4,11 @@ GPU time. One script, so one device call answers both.
     PYTHONPATH=. python3 benchmarks/gpu_host_probe.py --out $OUT [--host] [--gptoss PRESET:T ...]
 
 ``--host``: Qwen3-30B-A3B experts at 128 tokens, moe-tune eager, fwd+bwd with the weights trained
-and frozen, and the forward alone: host ms per call with the GPU held back (the method of
-``moe_tune.bench.host``), then ``cProfile`` of the same held loop (top functions by own time).
+and frozen, and the forward alone: host ms per call with the GPU held back by a spin kernel, then
+``cProfile`` of the same held loop (top functions by own time). ``--launch``: the same, piece by
+piece (a bare compiled-kernel launch, one GEMM launch, the routing, each body). ``--host-method``:
+the bench's host figure under held and unheld loops of several lengths. (The hold reads launch
+costs high when other launches are queued; ``moe_tune.bench.host`` times unheld, shallow loops.)
 ``--gptoss``: per preset and token count, moe-tune's gpt-oss block fwd+bwd under torch.profiler,
 GPU time per kernel name. Writes ``host_probe.txt`` / ``gptoss_probe.txt`` under ``--out``.
 """

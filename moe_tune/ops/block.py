@@ -22,7 +22,8 @@ backward (G = d out [T, H])
                                                         both operands stream through TMA
 
 The order keeps the eager peak low: H goes as soon as the SwiGLU backward has read it (the eager
-path hands it over instead of saving it, ``hand_over``), and the larger weight gradient (dW1) is
+path hands it over instead of saving it, ``hand_over``, unless saved-tensor hooks such as a
+non-reentrant checkpoint's are active, ``hands_over``), and the larger weight gradient (dW1) is
 made while dW2 does not exist yet; at the end only the gradients, wA and G_s are live. Traced
 (torch.compile), H is an op input that lives to the end and Inductor plans the buffers; there dW2
 comes right after the SwiGLU backward, as measured lower (H200, 16384 tokens: 2561 MiB against
@@ -57,6 +58,15 @@ ACTIVATIONS = ("silu",)
 def _alloc(shape, dtype, device) -> torch.Tensor:
     """Every buffer a body writes through a kernel comes from here (the tests poison it)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def hands_over() -> bool:
+    """Whether the eager forward may hand buffers over (``hand_over``) rather than save them: not
+    while saved-tensor hooks are active (non-reentrant activation checkpointing, activation
+    offloading), which must see every tensor the backward needs to do their work (a handed-over
+    buffer would stay alive from forward to backward under a checkpoint)."""
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top_hooks is not None and top_hooks(False) is None
 
 
 def hand_over(tensor: torch.Tensor) -> list[torch.Tensor]:

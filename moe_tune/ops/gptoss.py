@@ -65,7 +65,7 @@ from moe_tune.kernels.gptoss import gptoss_act_fwd_kernel, gptoss_bwd_kernel, gp
 from moe_tune.kernels.grouped_mm import grouped_mm_dw_kernel, grouped_mm_kernel
 from moe_tune.kernels.routing import routing_kernel
 from moe_tune.ops import launch
-from moe_tune.ops.block import claim, configs_for, hand_over, resolve_config, size_hint, take
+from moe_tune.ops.block import claim, configs_for, hand_over, hands_over, resolve_config, size_hint, take
 from moe_tune.ops.grouped_gemm import DTYPE_NAMES
 from moe_tune.ops.routing import Routing, build_routing, check_routing_args
 from moe_tune.problem import KernelConfig, MoeShape, Problem
@@ -363,24 +363,29 @@ gptoss_experts_fwd.register_autograd(_op_backward, setup_context=_setup_context)
 class _EagerBlock(torch.autograd.Function):
     """The block outside torch.compile: the bodies run as plain Python, kernels launched eagerly.
     H and X_s are handed over to the backward (``block.hand_over``) rather than saved, so the
-    backward frees each once read: H after the activation backward, X_s after dW1."""
+    backward frees each once read: H after the activation backward, X_s after dW1. Under
+    saved-tensor hooks (non-reentrant checkpointing, offloading) they are saved like the rest."""
 
     @staticmethod
     def forward(ctx, hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, limit, alpha, sort_x):
         out, h, x_sorted, offsets, slots = forward(hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index,
                                                    top_k_weights, limit=limit, alpha=alpha, sort_x=sort_x,
                                                    traced=False)
+        ctx.handed = hands_over()
         ctx.save_for_backward(None if sort_x else hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index,
-                              top_k_weights, offsets, slots)
-        ctx.h, ctx.x_sorted = hand_over(h), hand_over(x_sorted)
+                              top_k_weights, offsets, slots, *(() if ctx.handed else (h, x_sorted)))
+        if ctx.handed:
+            ctx.h, ctx.x_sorted = hand_over(h), hand_over(x_sorted)
         ctx.limit, ctx.alpha = limit, alpha
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, offsets, slots = ctx.saved_tensors
-        grads = backward(grad_out, hidden, claim(ctx, "x_sorted"), gate_up_w, gate_up_b, down_w, down_b, top_k_index,
-                         top_k_weights, claim(ctx, "h"), offsets, slots, limit=ctx.limit, alpha=ctx.alpha,
+        hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, offsets, slots, *kept = \
+            ctx.saved_tensors
+        h, x_sorted = (claim(ctx, "h"), claim(ctx, "x_sorted")) if ctx.handed else kept
+        grads = backward(grad_out, hidden, x_sorted, gate_up_w, gate_up_b, down_w, down_b, top_k_index,
+                         top_k_weights, h, offsets, slots, limit=ctx.limit, alpha=ctx.alpha,
                          **_needs(ctx.needs_input_grad), traced=False)
         return _input_grads(ctx.needs_input_grad, grads)
 

@@ -102,21 +102,23 @@ def moe_experts(
 class _EagerBlock(torch.autograd.Function):
     """The block outside torch.compile: the bodies run as plain Python, kernels launched directly.
     H, the largest activation, is handed over to the backward (``block.hand_over``) rather than
-    saved, so the backward frees it as soon as the SwiGLU backward has read it."""
+    saved, so the backward frees it as soon as the SwiGLU backward has read it; under saved-tensor
+    hooks (non-reentrant checkpointing, offloading) it is saved like the rest."""
 
     @staticmethod
     def forward(ctx, hidden, gate_up_w, down_w, top_k_index, top_k_weights):
         out, h, offsets, slots = block.forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights, traced=False)
-        ctx.save_for_backward(hidden, gate_up_w, down_w, top_k_weights, offsets, slots)
-        ctx.h = block.hand_over(h)
+        ctx.handed = block.hands_over()
+        ctx.save_for_backward(hidden, gate_up_w, down_w, top_k_weights, offsets, slots, *(() if ctx.handed else (h,)))
+        ctx.h = block.hand_over(h) if ctx.handed else None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         need_hidden, need_gate_up, need_down, _, need_weights = ctx.needs_input_grad
-        hidden, gate_up_w, down_w, top_k_weights, offsets, slots = ctx.saved_tensors
+        hidden, gate_up_w, down_w, top_k_weights, offsets, slots, *saved_h = ctx.saved_tensors
         d_hidden, d_gate_up, d_down, d_weights = block.backward(
-            grad_out, hidden, gate_up_w, down_w, top_k_weights, block.claim(ctx, "h"), offsets, slots,
-            need_hidden=need_hidden, need_gate_up=need_gate_up, need_down=need_down, traced=False)
+            grad_out, hidden, gate_up_w, down_w, top_k_weights, block.claim(ctx, "h") if ctx.handed else saved_h[0],
+            offsets, slots, need_hidden=need_hidden, need_gate_up=need_gate_up, need_down=need_down, traced=False)
         return (d_hidden if need_hidden else None, d_gate_up if need_gate_up else None,
                 d_down if need_down else None, None, d_weights if need_weights else None)

@@ -463,3 +463,34 @@ def test_kernels_build_with_float64_scalars(kernel_name, tmp_path):
     done = subprocess.run([sys.executable, "-c", _BUILD_WITH_FP64, kernel_name], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0 and "built" in done.stdout, done.stderr[-2000:]
+
+
+def test_non_reentrant_checkpoint_frees_h_and_sorted_x_and_matches(monkeypatch):
+    """Under torch.utils.checkpoint(use_reentrant=False), H and X_s go through the saved-tensor
+    hooks like every saved tensor: both are gone once the forward returns, and the recomputed
+    block gives the plain block's gradients."""
+    import weakref
+
+    from torch.utils.checkpoint import checkpoint
+
+    T, H, I, E, k = 9, 40, 24, 4, 2
+    inputs = make_block(T, H, I, E, k, torch.float32)
+    grad_out = torch.randn(T, H)
+    plain_out, plain_grads = run_block(gptoss_experts, inputs, grad_out)
+    made, poisoned = [], gptoss._alloc
+
+    def tracking_alloc(shape, dtype, device):
+        t = poisoned(shape, dtype, device)
+        made.append((tuple(shape), weakref.ref(t)))
+        return t
+
+    monkeypatch.setattr(gptoss, "_alloc", tracking_alloc)
+    leaves = {name: t.clone().requires_grad_(name in DIFFERENTIABLE) for name, t in inputs.items()}
+    out = checkpoint(lambda *a: gptoss_experts(*a, limit=LIMIT, alpha=ALPHA), *(leaves[n] for n in NAMES),
+                     use_reentrant=False)
+    assert [shape for shape, _ in made[:2]] == [(T * k, 2 * I), (T * k, H)]
+    assert all(ref() is None for _, ref in made[:2])
+    grads = dict(zip(DIFFERENTIABLE, torch.autograd.grad(out, [leaves[n] for n in DIFFERENTIABLE], grad_out)))
+    assert relative_error(out, plain_out) < 1e-6
+    for name in DIFFERENTIABLE:
+        assert relative_error(grads[name], plain_grads[name]) < 1e-6, name

@@ -297,3 +297,25 @@ def test_backward_twice_is_a_clear_error():
     out.backward(torch.randn(T, H), retain_graph=True)
     with pytest.raises(RuntimeError, match="second time"):
         out.backward(torch.randn(T, H))
+
+
+def test_non_reentrant_checkpoint_frees_h_and_matches(monkeypatch):
+    """Under torch.utils.checkpoint(use_reentrant=False) the block saves H through the saved-tensor
+    hooks (handing it over would keep it alive from forward to backward, defeating the
+    checkpoint): the forward's H is gone once the forward returns, and the recomputed block gives
+    the plain block's gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    T, H, I, E, k = 9, 40, 24, 4, 2
+    inputs = make_block(T, H, I, E, k, torch.float32)
+    grad_out = torch.randn(T, H)
+    plain_out, plain_grads = run_block(moe_experts, inputs, grad_out)
+    made = _track_allocations(monkeypatch, block)
+    leaves = {name: t.clone().requires_grad_(name in DIFFERENTIABLE) for name, t in inputs.items()}
+    out = checkpoint(lambda **kw: moe_experts(**kw), use_reentrant=False, **leaves)
+    first_h = [ref for shape, ref in made if shape == (T * k, 2 * I)]
+    assert len(first_h) == 1 and first_h[0]() is None  # dropped by the checkpoint, not kept by the block
+    grads = dict(zip(DIFFERENTIABLE, torch.autograd.grad(out, [leaves[n] for n in DIFFERENTIABLE], grad_out)))
+    assert relative_error(out, plain_out) < 1e-6
+    for name in DIFFERENTIABLE:
+        assert relative_error(grads[name], plain_grads[name]) < 1e-6, name
