@@ -84,7 +84,10 @@ _BY_DEVICE: dict[Any, DeviceInfo] = {}
 
 def query_device(device: Any = None) -> DeviceInfo:
     """Describe the device a tensor lives on (``None``: the current CUDA device)."""
-    found = _BY_DEVICE.get(device)
+    try:
+        found = _BY_DEVICE.get(device)
+    except TypeError:  # unhashable: torch.device below says what is wrong with it
+        found = None
     if found is not None:
         return found
     import torch
