@@ -38,9 +38,10 @@ from moe_tune.problem import MoeShape
 HOST_TOKENS = 128  # the issue's figure: the token count where a training step is bound by launches
 
 # Launches one host-time loop may queue: under the ~1000 after which a CUDA launch blocks until
-# the GPU drains some (a 50-call loop queued 3700 of grouped_mm's, and timed the GPU), yet long
-# enough to amortise the first calls after a synchronise, which run slow (a host thread woken
-# from its wait: 6-call loops read ~1.5x the per-call wall time of 50 calls, H100).
+# the GPU drains some (a 50-call loop queued 3700 of grouped_mm's, and timed the GPU). Not
+# understood yet: grouped_mm's short loops (6-10 calls) still read ~1.6x its 50-call wall time
+# per call (H100), where moe-tune's 50-call loops read at or below theirs; read the host column
+# beside the wall column, and compare runs of one machine only.
 QUEUED_LAUNCHES = 768
 
 
@@ -69,7 +70,7 @@ def count_launches(fn, device: str) -> tuple[int | None, int | None]:
     return kernels, memops
 
 
-def _unheld_ms(call, iterations: int, device: str) -> float:
+def _wall_ms(call, iterations: int, device: str) -> float:
     """ms per call of ``iterations`` calls, until the device finished them."""
     start = time.perf_counter()
     for _ in range(iterations):
@@ -109,7 +110,7 @@ def bench_host(block, shape: MoeShape, *, tokens: int = HOST_TOKENS, dtype: str,
 
             call()  # the second call: allocator warm, nothing compiled
             synchronize(device)
-            wall = [_unheld_ms(call, iterations, device) for _ in range(repeats)]
+            wall = [_wall_ms(call, iterations, device) for _ in range(repeats)]
             kernels, memops = count_launches(call, device)
             calls = max(1, min(iterations, QUEUED_LAUNCHES // max(1, (kernels or 0) + (memops or 0))))
             host = [_host_ms(call, calls, device) for _ in range(repeats)]
