@@ -24,9 +24,11 @@ from pathlib import Path
 
 import torch
 
-SPIN_CYCLES_PER_MS = 2_000_000  # torch.cuda._sleep cycles per ms at H100/H200 clocks (~2 GHz)
 from moe_tune.ops.moe_experts import moe_experts
 from moe_tune.ops.routing import random_routing
+
+SPIN_CYCLES_PER_MS = 2_000_000  # torch.cuda._sleep cycles per ms at H100/H200 clocks (~2 GHz)
+QWEN = (128, 2048, 768, 8)  # Qwen3-30B-A3B's experts: E, H, I, k
 
 
 def held_loop(call, iterations: int, hold_ms: float = 400.0) -> float:
@@ -42,8 +44,9 @@ def held_loop(call, iterations: int, hold_ms: float = 400.0) -> float:
     return elapsed * 1e3 / iterations if held else float("nan")
 
 
-def host_probe(out: Path, tokens: int = 128, iterations: int = 20) -> None:
-    E, H, I, k = 128, 2048, 768, 8
+def qwen_block_inputs(tokens: int):
+    """(w1, w2, x, top_k_index, top_k_weights, grad) at Qwen3-30B-A3B's expert shapes, bf16."""
+    E, H, I, k = QWEN
     dev, dt = "cuda", torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
     w1 = (torch.randn(E, 2 * I, H, device=dev, generator=gen) * 0.02).to(dt)
@@ -52,6 +55,11 @@ def host_probe(out: Path, tokens: int = 128, iterations: int = 20) -> None:
     idx = random_routing(tokens, E, k, device=dev, generator=gen)
     wts = torch.softmax(torch.randn(tokens, k, device=dev, generator=gen), -1)
     grad = torch.randn(tokens, H, device=dev, generator=gen).to(dt)
+    return w1, w2, x, idx, wts, grad
+
+
+def host_probe(out: Path, tokens: int = 128, iterations: int = 20) -> None:
+    w1, w2, x, idx, wts, grad = qwen_block_inputs(tokens)
     lines = []
     for mode in ("full", "frozen", "forward"):
         w1.requires_grad_(mode == "full")
@@ -96,15 +104,9 @@ def launch_probe(out: Path, tokens: int = 128, calls: int = 200) -> None:
     from moe_tune.kernels.grouped_mm import grouped_mm_kernel
     from moe_tune.device import query_device
 
-    E, H, I, k = 128, 2048, 768, 8
+    E, H, I, k = QWEN
     dev, dt = "cuda", torch.bfloat16
-    gen = torch.Generator(device=dev).manual_seed(0)
-    w1 = (torch.randn(E, 2 * I, H, device=dev, generator=gen) * 0.02).to(dt)
-    w2 = (torch.randn(E, H, I, device=dev, generator=gen) * 0.02).to(dt)
-    x = torch.randn(tokens, H, device=dev, generator=gen).to(dt)
-    idx = random_routing(tokens, E, k, device=dev, generator=gen)
-    wts = torch.softmax(torch.randn(tokens, k, device=dev, generator=gen), -1)
-    grad = torch.randn(tokens, H, device=dev, generator=gen).to(dt)
+    w1, w2, x, idx, wts, grad = qwen_block_inputs(tokens)
     info = query_device(x.device)
     cfg = block.block_configs(E, H, I, k, dt, tokens, info)
     routing = build_routing(idx, E)

@@ -70,24 +70,16 @@ def count_launches(fn, device: str) -> tuple[int | None, int | None]:
     return kernels, memops
 
 
-def _wall_ms(call, iterations: int, device: str) -> float:
-    """ms per call of ``iterations`` calls, until the device finished them."""
+def _loop_ms(call, iterations: int, device: str) -> tuple[float, float]:
+    """(host, wall) ms per call of ``iterations`` calls: the host's up to the return of the last
+    launch, the wall's until the device finished them (the next loop starts on an empty queue)."""
     start = time.perf_counter()
     for _ in range(iterations):
         call()
+    launched = time.perf_counter()
     synchronize(device)
-    return (time.perf_counter() - start) * 1e3 / iterations
-
-
-def _host_ms(call, iterations: int, device: str) -> float:
-    """Host ms per call of ``iterations`` calls, up to the return of the last launch; the device
-    is synchronised after the clock stops, so the next loop starts on an empty queue."""
-    start = time.perf_counter()
-    for _ in range(iterations):
-        call()
-    elapsed = time.perf_counter() - start
-    synchronize(device)
-    return elapsed * 1e3 / iterations
+    done = time.perf_counter()
+    return (launched - start) * 1e3 / iterations, (done - start) * 1e3 / iterations
 
 
 def bench_host(block, shape: MoeShape, *, tokens: int = HOST_TOKENS, dtype: str, device: str,
@@ -110,10 +102,10 @@ def bench_host(block, shape: MoeShape, *, tokens: int = HOST_TOKENS, dtype: str,
 
             call()  # the second call: allocator warm, nothing compiled
             synchronize(device)
-            wall = [_wall_ms(call, iterations, device) for _ in range(repeats)]
+            wall = [_loop_ms(call, iterations, device)[1] for _ in range(repeats)]
             kernels, memops = count_launches(call, device)
             calls = max(1, min(iterations, QUEUED_LAUNCHES // max(1, (kernels or 0) + (memops or 0))))
-            host = [_host_ms(call, calls, device) for _ in range(repeats)]
+            host = [_loop_ms(call, calls, device)[0] for _ in range(repeats)]
             rows.append(HostRow(implementation=label, host=Timing.from_samples(host), wall=Timing.from_samples(wall),
                                 kernels=kernels, memops=memops, note=prepared.note))
         except Exception as exc:  # one failed implementation is a row error; the others still run

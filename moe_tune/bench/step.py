@@ -4,9 +4,9 @@ implementation (transformers' grouped_mm, moe-tune), eager and under ``torch.com
 
 Data flow: the master LM (built once) and one batch of token ids per token count (the same for
 every run) → per (mode, eager/compiled, implementation) ``run_steps``: a deep copy of the master
-set to the mode and implementation, its AdamW (``lm.make_optimizer``), ``torch.compile(model)`` when compiled; the first
-step's loss (before any update: every run's must agree); warm-up steps (compiles and recompiles);
-then ``steps`` timed steps → ``StepRow``. A failure (a compile error, out of memory, PEFT refusing)
+set to the mode and implementation, its AdamW (``lm.make_optimizer``), ``torch.compile(model)``
+when compiled; the first step's loss (before any update: every run's must agree); warm-up steps
+(compiles and recompiles); then ``steps`` timed steps → ``StepRow``. A failure (a compile error, out of memory, PEFT refusing)
 is a row with its error, and the device is cleared before the next run.
 
 Timing is the host clock, not CUDA events (a step is many launches and an optimizer step; the

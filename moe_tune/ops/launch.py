@@ -140,10 +140,10 @@ class _Launcher:
         enter, leave = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
         full = args + constexprs
         if _hooked(enter) or _hooked(leave):
-            compiled.run(gx, gy, gz, stream, compiled.function, compiled.packed_metadata,
-                         compiled.launch_metadata(grid, stream, *full), enter, leave, *full)
-        else:
-            compiled.run(gx, gy, gz, stream, compiled.function, compiled.packed_metadata, None, None, None, *full)
+            metadata = compiled.launch_metadata(grid, stream, *full)
+        else:  # nothing would read it: no metadata, no hook calls
+            metadata = enter = leave = None
+        compiled.run(gx, gy, gz, stream, compiled.function, compiled.packed_metadata, metadata, enter, leave, *full)
 
 
 _LAUNCHERS: dict[Any, _Launcher] = {}

@@ -121,14 +121,20 @@ def test_sparse_block_matches_transformers_eager(T, block_calls):
     assert len(block_calls) == 1
 
 
-def test_tiny_gpt_oss_for_causal_lm_matches_eager_in_loss_and_every_gradient(block_calls):
+def tiny_causal_lm():
+    """A seeded tiny ``GptOssForCausalLM``, every weight and bias random (a zero bias would leave
+    its gradient's layout untested), limits lowered."""
     register()
     torch.manual_seed(0)
-    ref = modeling_gpt_oss.GptOssForCausalLM(tiny_config())
-    for name, p in ref.named_parameters():
-        # Biases random too: a zero bias would leave its gradient's layout untested.
+    model = modeling_gpt_oss.GptOssForCausalLM(tiny_config())
+    for name, p in model.named_parameters():
         torch.nn.init.normal_(p, std=0.3 if "experts" in name or "router" in name else 0.1)
-    lower_limits(ref)
+    lower_limits(model)
+    return model
+
+
+def test_tiny_gpt_oss_for_causal_lm_matches_eager_in_loss_and_every_gradient(block_calls):
+    ref = tiny_causal_lm()
     ours = copy.deepcopy(ref)
     ref.set_experts_implementation("eager")
     ours.set_experts_implementation("moe_tune")
@@ -199,12 +205,7 @@ def test_peft_lora_on_the_experts_compiles_and_matches_eager(block_calls):
     in one frame made Dynamo fail its own guard on parametrize's cache)."""
     peft = pytest.importorskip("peft", minversion="0.17")
     torch._dynamo.reset()
-    register()
-    torch.manual_seed(0)
-    base = modeling_gpt_oss.GptOssForCausalLM(tiny_config())
-    for name, p in base.named_parameters():
-        torch.nn.init.normal_(p, std=0.3 if "experts" in name or "router" in name else 0.1)
-    lower_limits(base)
+    base = tiny_causal_lm()
     ids = torch.randint(0, TINY["vocab_size"], (2, 8))
     seed = int(torch.randint(0, 2**31, ()))
     results = []

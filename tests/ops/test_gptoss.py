@@ -16,6 +16,7 @@ import functools
 import pytest
 import torch
 import triton.runtime.interpreter
+from alloc_tracking import track_allocations
 from gptoss_reference import reference_rounded_h
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -380,19 +381,10 @@ def test_non_positive_limit_raises():
 def test_backward_frees_h_and_sorted_x_before_the_down_weight_gradient(monkeypatch):
     """H [M, 2I] and X_s [M, H] are handed to the backward, not saved: H goes after the activation
     backward, X_s after dW1, so neither exists when dW2 (the last allocation) is made."""
-    import weakref
-
     from moe_tune.ops import launch
 
     T, H, I, E, k = 9, 40, 24, 4, 2
-    made, poisoned = [], gptoss._alloc
-
-    def tracking_alloc(shape, dtype, device):
-        t = poisoned(shape, dtype, device)
-        made.append((tuple(shape), weakref.ref(t)))
-        return t
-
-    monkeypatch.setattr(gptoss, "_alloc", tracking_alloc)
+    made = track_allocations(monkeypatch, gptoss)
     seen = []
     real_dw = launch.grouped_mm_dw
 
@@ -469,22 +461,13 @@ def test_non_reentrant_checkpoint_frees_h_and_sorted_x_and_matches(monkeypatch):
     """Under torch.utils.checkpoint(use_reentrant=False), H and X_s go through the saved-tensor
     hooks like every saved tensor: both are gone once the forward returns, and the recomputed
     block gives the plain block's gradients."""
-    import weakref
-
     from torch.utils.checkpoint import checkpoint
 
     T, H, I, E, k = 9, 40, 24, 4, 2
     inputs = make_block(T, H, I, E, k, torch.float32)
     grad_out = torch.randn(T, H)
     plain_out, plain_grads = run_block(gptoss_experts, inputs, grad_out)
-    made, poisoned = [], gptoss._alloc
-
-    def tracking_alloc(shape, dtype, device):
-        t = poisoned(shape, dtype, device)
-        made.append((tuple(shape), weakref.ref(t)))
-        return t
-
-    monkeypatch.setattr(gptoss, "_alloc", tracking_alloc)
+    made = track_allocations(monkeypatch, gptoss)
     leaves = {name: t.clone().requires_grad_(name in DIFFERENTIABLE) for name, t in inputs.items()}
     out = checkpoint(lambda *a: gptoss_experts(*a, limit=LIMIT, alpha=ALPHA), *(leaves[n] for n in NAMES),
                      use_reentrant=False)

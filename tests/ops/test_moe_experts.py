@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from alloc_tracking import track_allocations
 
 from moe_tune.errors import InvalidInputError
 from moe_tune.ops import block, custom_ops
@@ -251,22 +252,6 @@ def test_block_kernel_paths(name, fields, monkeypatch):
     assert_weight_grad_close(grads["top_k_weights"], ref_grads["top_k_weights"], inputs, grad_out, torch.float32)
 
 
-def _track_allocations(monkeypatch, module):
-    """Wrap the poisoned ``_alloc`` so every buffer a body allocates is remembered weakly."""
-    import weakref
-
-    made = []
-    poisoned = module._alloc
-
-    def tracking_alloc(shape, dtype, device):
-        t = poisoned(shape, dtype, device)
-        made.append((tuple(shape), weakref.ref(t)))
-        return t
-
-    monkeypatch.setattr(module, "_alloc", tracking_alloc)
-    return made
-
-
 def test_backward_frees_h_before_the_weight_gradients(monkeypatch):
     """H [M, 2I] is handed to the backward, not saved: it must be gone before the up dx allocates
     its [M, H] rows and the weight gradients exist (the block's memory peak)."""
@@ -274,7 +259,7 @@ def test_backward_frees_h_before_the_weight_gradients(monkeypatch):
 
     T, H, I, E, k = 9, 40, 24, 4, 2
     inputs = make_block(T, H, I, E, k, torch.float32)
-    made = _track_allocations(monkeypatch, block)
+    made = track_allocations(monkeypatch, block)
     alive_at_dw = []
     real_dw = launch.grouped_mm_dw
 
@@ -310,7 +295,7 @@ def test_non_reentrant_checkpoint_frees_h_and_matches(monkeypatch):
     inputs = make_block(T, H, I, E, k, torch.float32)
     grad_out = torch.randn(T, H)
     plain_out, plain_grads = run_block(moe_experts, inputs, grad_out)
-    made = _track_allocations(monkeypatch, block)
+    made = track_allocations(monkeypatch, block)
     leaves = {name: t.clone().requires_grad_(name in DIFFERENTIABLE) for name, t in inputs.items()}
     out = checkpoint(lambda **kw: moe_experts(**kw), use_reentrant=False, **leaves)
     first_h = [ref for shape, ref in made if shape == (T * k, 2 * I)]
