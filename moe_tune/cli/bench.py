@@ -73,7 +73,7 @@ def _use_interpreter() -> None:
     """Kernels decorated before TRITON_INTERPRET was set would try to compile for a GPU."""
     launch = sys.modules.get("moe_tune.ops.launch")
     os.environ["TRITON_INTERPRET"] = "1"
-    if launch is not None and not launch.OPAQUE_OPS:
+    if launch is not None and not launch.INTERPRETED:
         raise InvalidInputError("--interpret: the kernels were already loaded for a GPU in this process; "
                                 "set TRITON_INTERPRET=1 before starting it")
 

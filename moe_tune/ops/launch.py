@@ -1,25 +1,28 @@
 """How moe-tune launches its Triton kernels: the public launchers of the grouped-GEMM kernels, and
-the wrapping that lets torch.compile trace a launch inside an op body.
+how an op body that torch.compile sees launches them.
 
 ``grouped_mm`` and ``grouped_mm_dw`` turn tensors, a ``Routing`` and a ``KernelConfig`` into one
 persistent-grid launch; they check nothing (callers validate: ``moe_tune.ops.grouped_gemm`` for
-the public single-GEMM API, ``moe_tune.ops.block`` for the experts block). ``traced=True`` routes
-the launch through ``traceable`` below, for calls made from a ``torch.library`` op body.
+the public single-GEMM API, ``moe_tune.ops.block`` for the experts block). ``traced=True`` marks
+a call made from a ``torch.library`` op body (``register_op``).
 
-Inside a ``torch.library.triton_op`` body, ``traceable(kernel, *tensors)[grid](...)`` is
-``torch.library.wrap_triton(kernel)``: run eagerly, the op launches the kernel directly; traced
-(AOTAutograd under torch.compile), the launch becomes a Triton-kernel node that Inductor compiles
-into the graph, so ``fullgraph=True`` holds through the kernels.
+The ops torch.compile sees are registered one of two ways (``OPS``, from ``MOE_TUNE_OPS``):
+
+* ``opaque`` (the default): ``torch.library.custom_op``. Inductor calls the op as a black box; its
+  body runs at run time with the same cached launches as the eager path. Its fake implementation
+  is the body itself: on fake tensors every launch is skipped, and the body's torch ops produce
+  outputs of the right shape, dtype and device.
+* ``triton_op``: ``torch.library.triton_op``. Inductor traces into the body and compiles each
+  launch (``torch.library.wrap_triton``) into the graph as a user-defined Triton kernel node.
 
 Triton's CPU interpreter (``TRITON_INTERPRET=1``) turns kernels into Python functions that cannot
-be traced. There the ops are registered opaque (``torch.library.custom_op``) with the same body as
-their fake implementation, and ``traceable`` skips a launch whose tensors are fake: a fake
-implementation only has to produce outputs of the right shape, dtype and device.
+be traced, so there the ops are always opaque.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from typing import Any, Iterator
 
@@ -28,34 +31,33 @@ import triton
 from torch._subclasses.fake_tensor import is_fake
 
 from moe_tune.device import DeviceInfo, interpreting
+from moe_tune.errors import InvalidInputError
 from moe_tune.kernels.grouped_mm import grouped_mm_dw_kernel, grouped_mm_kernel
 from moe_tune.problem import KernelConfig
 
+OPS_MODES = ("opaque", "triton_op")
+
 # Decided once, at import, like Triton's own choice between compiling and interpreting kernels.
-OPAQUE_OPS = interpreting()
+INTERPRETED = interpreting()
 
 
-class _SkipLaunch:
-    def __getitem__(self, grid: Any):
-        return lambda *args, **kwargs: None
+def _ops_mode() -> str:
+    mode = os.environ.get("MOE_TUNE_OPS", "opaque").strip() or "opaque"
+    if mode not in OPS_MODES:
+        raise InvalidInputError(f"MOE_TUNE_OPS must be one of {', '.join(OPS_MODES)}, got {mode!r}")
+    return "opaque" if INTERPRETED else mode
 
 
-_SKIP = _SkipLaunch()
-
-
-def traceable(kernel, *tensors: torch.Tensor):
-    """``kernel`` launchable from an op body: ``traceable(k, out)[grid](args..., META=...)``."""
-    if OPAQUE_OPS and any(is_fake(t) for t in tensors):
-        return _SKIP
-    return torch.library.wrap_triton(kernel)
+OPS = _ops_mode()
+OPAQUE_OPS = OPS == "opaque"
 
 
 def register_op(qualname: str, fn, kernels: tuple = ()):
-    """Register ``fn`` (type-annotated, no host sync, kernels launched through ``traceable``) as
-    the op ``qualname``: a ``triton_op`` on GPUs, an opaque custom op in the interpreter.
+    """Register ``fn`` (type-annotated, no host sync, every kernel launched through
+    ``launch_kernel`` with ``traced=True``) as the op ``qualname`` (see ``OPS``).
 
-    ``kernels``: every Triton kernel the body launches. torch finds them by reading the body's
-    source for ``wrap_triton(...)`` calls, which it cannot see through ``traceable`` and the
+    ``kernels``: every Triton kernel the body launches. For a ``triton_op``, torch finds them by
+    reading the body's source for ``wrap_triton(...)`` calls, which it cannot see through the
     launch helpers; AOTAutograd's compile cache hashes their source, so listing them keeps a
     kernel edit from serving a stale compiled graph.
     """
@@ -167,14 +169,19 @@ def compiling_only() -> bool:
 
 
 def launch_kernel(kernel, traced: bool, grid: tuple, args: tuple, meta: dict, outputs: tuple) -> None:
-    """Launch any of moe-tune's kernels: traced, through ``traceable`` (an op body, ``outputs``
-    being the tensors it writes); on a GPU, eager, through the kernel's cached launcher; in the
-    interpreter, plainly."""
+    """Launch any of moe-tune's kernels. ``traced``: from an op body (``outputs`` being the
+    tensors the launch writes), which a ``triton_op`` compiles into the graph and an opaque op's
+    fake implementation skips; otherwise, on a GPU, through the kernel's cached launcher, in the
+    interpreter plainly."""
     if traced:
-        traceable(kernel, *outputs)[grid](*args, **meta)
-    elif compiling_only():
+        if not OPAQUE_OPS:
+            torch.library.wrap_triton(kernel)[grid](*args, **meta)
+            return
+        if any(is_fake(t) for t in outputs):
+            return
+    if compiling_only():
         kernel.warmup(*args, grid=grid, **meta)
-    elif OPAQUE_OPS:
+    elif INTERPRETED:
         kernel[grid](*args, **meta)
     else:
         launcher = _LAUNCHERS.get(kernel)
