@@ -146,7 +146,7 @@ def launch_probe(out: Path, tokens: int = 128, calls: int = 200) -> None:
         "launch.grouped_mm (up fwd)": up,
         "block.forward": lambda: block.forward(x, w1, w2, idx, wts, traced=False),
         "block.backward": lambda: block.backward(grad, x, w1, w2, wts, fwd_state[1], fwd_state[2], fwd_state[3],
-                                                 need_hidden=True, need_gate_up=True, need_down=True, traced=False),
+                                                 need_hidden=True, need_gate_up=True, need_down=True),
         "moe_experts fwd (no grad)": lambda: moe_experts(x, w1, w2, idx, wts),
     }
     lines = []

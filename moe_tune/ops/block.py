@@ -21,13 +21,15 @@ backward (G = d out [T, H])
     dW2[e]      = G_s,eᵀ · wA_e                         G_s = G's rows copied to expert order, so
                                                         both operands stream through TMA
 
-The order keeps the eager peak low: H goes as soon as the SwiGLU backward has read it (the eager
-path hands it over instead of saving it, ``hand_over``, unless saved-tensor hooks such as a
-non-reentrant checkpoint's are active, ``hands_over``), and the larger weight gradient (dW1) is
-made while dW2 does not exist yet; at the end only the gradients, wA and G_s are live. Traced
-(torch.compile), H is an op input that lives to the end and Inductor plans the buffers; there dW2
-comes right after the SwiGLU backward, as measured lower (H200, 16384 tokens: 2561 MiB against
-3009 in the eager order).
+The backward runs in three parts — ``backward_act`` (down dx, SwiGLU backward), ``backward_up``
+(up dx, dW1), ``backward_down`` (dW2) — eager in one call (``backward``), under torch.compile as
+three ops, so that between them the caller (the eager body, Inductor's graph) drops what the next
+part does not read. That order keeps the peak low: H goes as soon as the SwiGLU backward has read
+it (the eager path hands it over instead of saving it, ``hand_over``, unless saved-tensor hooks such
+as a non-reentrant checkpoint's are active, ``hands_over``), dH goes once dW1 is made, and the
+larger weight gradient (dW1) is made while dW2 does not exist yet; at the end only the gradients,
+wA and G_s are live. (As one backward op, H lived to the end under torch.compile: 2753 MiB against
+1985 eager at 16384 tokens, H100.)
 
 The row copies cost ~0.27 ms each at 16k tokens on an H200 and lift both dW from gathered-row
 rates (331-391 TFLOP/s) to TMA rates (500-560); each lives only while its dW runs. Every config
@@ -233,50 +235,47 @@ def forward(hidden: torch.Tensor, gate_up_w: torch.Tensor, down_w: torch.Tensor,
 # -------------------------------------------------------------------------------------------------
 
 
-def backward(grad_out: torch.Tensor, hidden: torch.Tensor, gate_up_w: torch.Tensor, down_w: torch.Tensor,
-             top_k_weights: torch.Tensor, h: torch.Tensor, expert_offsets: torch.Tensor, sorted_slots: torch.Tensor,
-             *, need_hidden: bool, need_gate_up: bool, need_down: bool, traced: bool):
-    """Returns (d hidden [T, H], d gate_up_w, d down_w, d top_k_weights [T, k]); a gradient not
-    asked for comes back as an empty tensor (op outputs may not alias). ``h``: the forward's H, or
-    a ``hand_over`` list holding it (then freed once read)."""
-    E, H, I, k = problem_dims(gate_up_w, top_k_weights.shape[1])
+def backward_act(grad_out: torch.Tensor, down_w: torch.Tensor, top_k_weights: torch.Tensor, h,
+                 expert_offsets: torch.Tensor, sorted_slots: torch.Tensor, *, traced: bool):
+    """Down dx and the SwiGLU backward: returns (w·A [M, I], dH [M, 2I], d top_k_weights [T, k]).
+    ``h``: the forward's H, or a ``hand_over`` list holding it (then freed once read)."""
+    E, H, I = (int(d) for d in down_w.shape)
+    k = int(top_k_weights.shape[1])
     T = grad_out.shape[0]
     M = T * k
-    device, dtype = grad_out.device, gate_up_w.dtype
+    device, dtype = grad_out.device, down_w.dtype
     info = query_device(device)
     cfg = block_configs(E, H, I, k, dtype, size_hint(T), info)
     routing = Routing(expert_offsets, sorted_slots, T, k)
     h = take(h)
-    grad_out = grad_out.contiguous()
-    # The token of each expert-ordered row, for the row copies of the weight gradients only.
-    token_rows = sorted_slots // k if need_down or need_gate_up else None
 
     # -- Down dx, unweighted, reading G's token rows directly: dA_raw in expert order -------------
     d_act = _alloc((M, I), dtype, device)  # dA_raw, then w·A
-    launch.grouped_mm(grad_out, down_w, d_act, routing, None, trans_w=True, gather_a=True, gather_div=k,
-                      scatter_c=False, cfg=cfg["down", "dx"], info=info, traced=traced)
+    launch.grouped_mm(grad_out.contiguous(), down_w, d_act, routing, None, trans_w=True, gather_a=True,
+                      gather_div=k, scatter_c=False, cfg=cfg["down", "dx"], info=info, traced=traced)
 
     # -- SwiGLU backward: dH, the routing-weight gradient, and w·A over dA_raw ---------------------
     d_h = _alloc((M, 2 * I), dtype, device)
     d_weights = _alloc((T, k), top_k_weights.dtype, device)
     swiglu_backward(d_act, h, top_k_weights.reshape(M), sorted_slots, d_h, d_weights, traced=traced)
+    return d_act, d_h, d_weights
 
-    del h  # the last reader of H: a handed-over buffer is freed here (see ``hand_over``)
 
-    def down_dw() -> torch.Tensor:
-        # -- Down dW: G's rows in expert order against w·A ------------------------------------------
-        g_sorted = grad_out.index_select(0, token_rows)
-        d_down = _alloc(tuple(down_w.shape), dtype, device)
-        launch.grouped_mm_dw(g_sorted, d_act, d_down, routing, None, gather_dy=False, dy_div=1, gather_x=False,
-                             x_div=1, cfg=cfg["down", "dw"], info=info, traced=traced)
-        return d_down
-
-    # Under torch.compile Inductor plans the op's buffers itself and H stays an input to the end:
-    # there dW2 first, which lets w·A and G_s go before the [M, H] rows below (measured lower).
-    d_down = down_dw() if need_down and traced else grad_out.new_empty(0)
+def backward_up(d_h, hidden: torch.Tensor, gate_up_w: torch.Tensor, expert_offsets: torch.Tensor,
+                sorted_slots: torch.Tensor, topk: int, *, need_hidden: bool, need_gate_up: bool, traced: bool):
+    """Up dx and up dW: returns (d hidden [T, H], d gate_up_w), one not asked for as an empty
+    tensor. ``d_h``: dH, or a ``hand_over`` list holding it (then freed once dW1 is made)."""
+    E, H, I, k = problem_dims(gate_up_w, topk)
+    T = hidden.shape[0]
+    M = T * k
+    device, dtype = hidden.device, gate_up_w.dtype
+    info = query_device(device)
+    cfg = block_configs(E, H, I, k, dtype, size_hint(T), info)
+    routing = Routing(expert_offsets, sorted_slots, T, k)
+    d_h = take(d_h)
 
     # -- Up dx: rows scattered to slot order, then the k slots of a token summed -----------------
-    d_hidden = grad_out.new_empty(0)
+    d_hidden = hidden.new_empty(0)
     if need_hidden:
         d_rows = _alloc((M, H), dtype, device)
         launch.grouped_mm(d_h, gate_up_w, d_rows, routing, None, trans_w=True, gather_a=False, gather_div=1,
@@ -286,15 +285,49 @@ def backward(grad_out: torch.Tensor, hidden: torch.Tensor, gate_up_w: torch.Tens
         del d_rows
 
     # -- Up dW: expert-ordered dH against X's rows copied to expert order --------------------------
-    d_gate_up = grad_out.new_empty(0)
+    d_gate_up = hidden.new_empty(0)
     if need_gate_up:
-        x_sorted = hidden.index_select(0, token_rows)
+        x_sorted = hidden.index_select(0, sorted_slots // k)
         d_gate_up = _alloc(tuple(gate_up_w.shape), dtype, device)
         launch.grouped_mm_dw(d_h, x_sorted, d_gate_up, routing, None, gather_dy=False, dy_div=1, gather_x=False,
                              x_div=1, cfg=cfg["up", "dw"], info=info, traced=traced)
-        del x_sorted
-    del d_h  # frees M·2I before dW2's buffer exists
+    return d_hidden, d_gate_up
 
-    if need_down and not traced:
-        d_down = down_dw()
+
+def backward_down(grad_out: torch.Tensor, d_act: torch.Tensor, down_w: torch.Tensor, expert_offsets: torch.Tensor,
+                  sorted_slots: torch.Tensor, topk: int, *, traced: bool) -> torch.Tensor:
+    """Down dW: G's rows copied to expert order against w·A (``backward_act``'s first output)."""
+    E, H, I = (int(d) for d in down_w.shape)
+    k = int(topk)
+    T = grad_out.shape[0]
+    device, dtype = grad_out.device, down_w.dtype
+    info = query_device(device)
+    cfg = block_configs(E, H, I, k, dtype, size_hint(T), info)
+    routing = Routing(expert_offsets, sorted_slots, T, k)
+    g_sorted = grad_out.index_select(0, sorted_slots // k)
+    d_down = _alloc(tuple(down_w.shape), dtype, device)
+    launch.grouped_mm_dw(g_sorted, d_act, d_down, routing, None, gather_dy=False, dy_div=1, gather_x=False,
+                         x_div=1, cfg=cfg["down", "dw"], info=info, traced=traced)
+    return d_down
+
+
+def backward(grad_out: torch.Tensor, hidden: torch.Tensor, gate_up_w: torch.Tensor, down_w: torch.Tensor,
+             top_k_weights: torch.Tensor, h, expert_offsets: torch.Tensor, sorted_slots: torch.Tensor,
+             *, need_hidden: bool, need_gate_up: bool, need_down: bool):
+    """The eager backward, the three parts in order: returns (d hidden [T, H], d gate_up_w,
+    d down_w, d top_k_weights [T, k]), a gradient not asked for as an empty tensor. ``h``: the
+    forward's H, or a ``hand_over`` list holding it (then freed once read)."""
+    k = int(top_k_weights.shape[1])
+    grad_out = grad_out.contiguous()
+    d_act, d_h, d_weights = backward_act(grad_out, down_w, top_k_weights, h, expert_offsets, sorted_slots,
+                                         traced=False)
+    d_h = hand_over(d_h)  # the only holder: backward_up frees dH once dW1 is made, before dW2 exists
+    d_hidden, d_gate_up = grad_out.new_empty(0), grad_out.new_empty(0)
+    if need_hidden or need_gate_up:
+        d_hidden, d_gate_up = backward_up(d_h, hidden, gate_up_w, expert_offsets, sorted_slots, k,
+                                          need_hidden=need_hidden, need_gate_up=need_gate_up, traced=False)
+    del d_h
+    d_down = grad_out.new_empty(0)
+    if need_down:
+        d_down = backward_down(grad_out, d_act, down_w, expert_offsets, sorted_slots, k, traced=False)
     return d_hidden, d_gate_up, d_down, d_weights

@@ -39,8 +39,8 @@ and the larger weight gradient (dW1) is made before dW2 exists.
 Two paths reach these bodies, as for the Qwen-layout block (``moe_tune.ops.moe_experts``): an
 eager ``torch.autograd.Function``, and, under torch.compile, the ``moe_tune::gptoss_experts_fwd`` /
 ``_bwd`` ops (``register_autograd``), so ``fullgraph=True`` holds. Every launch, the routing's
-included, goes through ``launch.launch_kernel`` with the body's ``traced``: an op body launches
-through ``wrap_triton``, which torch.compile traces and which launches nothing on fake tensors.
+included, goes through ``launch.launch_kernel`` with the body's ``traced``, which launches nothing
+on the fake tensors torch.compile traces an op's body with.
 Every GEMM config comes from the runtime loader for the six problems of
 ``MoeShape(layout="gpt_oss").problems()``; nothing reads device memory on the host.
 
@@ -62,8 +62,6 @@ import triton
 from moe_tune.device import DeviceInfo, query_device
 from moe_tune.errors import InvalidInputError
 from moe_tune.kernels.gptoss import gptoss_act_fwd_kernel, gptoss_bwd_kernel, gptoss_combine_kernel
-from moe_tune.kernels.grouped_mm import grouped_mm_dw_kernel, grouped_mm_kernel
-from moe_tune.kernels.routing import routing_kernel
 from moe_tune.ops import launch
 from moe_tune.ops.block import claim, configs_for, hand_over, hands_over, resolve_config, size_hint, take
 from moe_tune.ops.grouped_gemm import DTYPE_NAMES
@@ -261,10 +259,6 @@ def backward(grad_out: torch.Tensor, hidden: torch.Tensor, x_sorted: torch.Tenso
 # torch.library ops (the torch.compile path)
 # -------------------------------------------------------------------------------------------------
 
-_KERNELS = (grouped_mm_kernel, grouped_mm_dw_kernel, routing_kernel, gptoss_act_fwd_kernel, gptoss_combine_kernel,
-            gptoss_bwd_kernel)
-
-
 def _gptoss_experts_fwd(
     hidden: torch.Tensor,
     gate_up_w: torch.Tensor,
@@ -282,7 +276,7 @@ def _gptoss_experts_fwd(
                    alpha=alpha, sort_x=sort_x, traced=True)
 
 
-gptoss_experts_fwd = launch.register_op("moe_tune::gptoss_experts_fwd", _gptoss_experts_fwd, _KERNELS)
+gptoss_experts_fwd = launch.register_op("moe_tune::gptoss_experts_fwd", _gptoss_experts_fwd)
 
 
 def _gptoss_experts_bwd(
@@ -314,7 +308,7 @@ def _gptoss_experts_bwd(
                     need_weights=need_weights, traced=True)
 
 
-gptoss_experts_bwd = launch.register_op("moe_tune::gptoss_experts_bwd", _gptoss_experts_bwd, _KERNELS)
+gptoss_experts_bwd = launch.register_op("moe_tune::gptoss_experts_bwd", _gptoss_experts_bwd)
 
 # needs_input_grad positions of the forward op's and the eager Function's inputs
 _HIDDEN, _GATE_UP, _GATE_UP_B, _DOWN, _DOWN_B, _WEIGHTS = 0, 1, 2, 3, 4, 6

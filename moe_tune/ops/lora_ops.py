@@ -2,9 +2,9 @@
 ``moe_tune::moe_experts_lora_bwd``, tied together by ``register_autograd``: the path
 torch.compile traces (``moe_tune.ops.lora.moe_experts_lora`` takes it while compiling).
 
-Registered like ``moe_tune.ops.custom_ops`` (``triton_op`` on GPUs, opaque in the interpreter; see
-``moe_tune.ops.launch.register_op``); the bodies are ``moe_tune.ops.lora_block.forward`` and
-``backward``. A projection without LoRA passes None for its factors.
+Registered like ``moe_tune.ops.custom_ops`` (opaque ops, ``moe_tune.ops.launch.register_op``); the
+bodies are ``moe_tune.ops.lora_block.forward`` and ``backward``. A projection without LoRA passes
+None for its factors.
 
 No ``from __future__ import annotations`` here: torch.library infers op schemas from the
 annotations' runtime values.
@@ -14,14 +14,8 @@ from typing import Optional
 
 import torch
 
-from moe_tune.kernels.grouped_mm import grouped_mm_dw_kernel, grouped_mm_kernel
-from moe_tune.kernels.routing import routing_kernel
-from moe_tune.kernels.swiglu import swiglu_backward_kernel, swiglu_forward_kernel
 from moe_tune.ops import lora_block
 from moe_tune.ops.launch import register_op
-
-_KERNELS = (grouped_mm_kernel, grouped_mm_dw_kernel, routing_kernel, swiglu_forward_kernel, swiglu_backward_kernel)
-
 
 def _moe_experts_lora_fwd(
     hidden: torch.Tensor,
@@ -39,7 +33,7 @@ def _moe_experts_lora_fwd(
                               traced=True)
 
 
-moe_experts_lora_fwd = register_op("moe_tune::moe_experts_lora_fwd", _moe_experts_lora_fwd, _KERNELS)
+moe_experts_lora_fwd = register_op("moe_tune::moe_experts_lora_fwd", _moe_experts_lora_fwd)
 
 
 def _moe_experts_lora_bwd(
@@ -71,7 +65,7 @@ def _moe_experts_lora_bwd(
                                need_down_b=need_down_b, traced=True)
 
 
-moe_experts_lora_bwd = register_op("moe_tune::moe_experts_lora_bwd", _moe_experts_lora_bwd, _KERNELS)
+moe_experts_lora_bwd = register_op("moe_tune::moe_experts_lora_bwd", _moe_experts_lora_bwd)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -4,10 +4,10 @@ kernels.
 Checks the caller's tensors (shapes, dtypes, devices: metadata only, nothing read from the device),
 then takes one of two paths to the same bodies (``moe_tune.ops.block``, where the data flow is):
 
-* eager: a ``torch.autograd.Function`` that launches the kernels directly — no dispatcher, no
-  ``wrap_triton``, so a training step at a few thousand tokens is not bound by host time;
-* under torch.compile: the ``moe_tune::moe_experts_fwd`` op, whose registered autograd runs
-  ``moe_tune::moe_experts_bwd`` (``moe_tune.ops.custom_ops``), so ``fullgraph=True`` holds.
+* eager: a ``torch.autograd.Function`` that launches the kernels directly — no dispatcher, so a
+  training step at a few thousand tokens is not bound by host time;
+* under torch.compile: the ``moe_tune::moe_experts_fwd`` op, whose registered autograd runs the
+  backward ops (``moe_tune.ops.custom_ops``), so ``fullgraph=True`` holds.
 """
 
 from __future__ import annotations
@@ -119,6 +119,6 @@ class _EagerBlock(torch.autograd.Function):
         hidden, gate_up_w, down_w, top_k_weights, offsets, slots, *saved_h = ctx.saved_tensors
         d_hidden, d_gate_up, d_down, d_weights = block.backward(
             grad_out, hidden, gate_up_w, down_w, top_k_weights, block.claim(ctx, "h") if ctx.handed else saved_h[0],
-            offsets, slots, need_hidden=need_hidden, need_gate_up=need_gate_up, need_down=need_down, traced=False)
+            offsets, slots, need_hidden=need_hidden, need_gate_up=need_gate_up, need_down=need_down)
         return (d_hidden if need_hidden else None, d_gate_up if need_gate_up else None,
                 d_down if need_down else None, None, d_weights if need_weights else None)

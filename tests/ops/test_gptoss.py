@@ -208,9 +208,9 @@ def test_clamps_decide_on_the_stored_h():
 
 def test_op_bodies_launch_nothing_eagerly_on_fake_tensors(monkeypatch):
     # torch.compile runs the op bodies on fake tensors, which have no data pointer: every launch
-    # must go through launch.launch_kernel with traced=True (wrap_triton on a GPU, skipped on
-    # fakes here). The routing kernel launched eagerly from the forward body failed compiling on
-    # an H200 with "Cannot access data pointer of Tensor (e.g. FakeTensor...)".
+    # must go through launch.launch_kernel with traced=True (skipped on fakes). The routing
+    # kernel launched eagerly from the forward body failed compiling on an H200 with "Cannot
+    # access data pointer of Tensor (e.g. FakeTensor...)".
     def eager_launch(self, *args, **kwargs):
         raise AssertionError(f"{self.fn.__name__} launched eagerly from an op body")
 

@@ -125,7 +125,7 @@ def test_peft_layout_factors_in_weight_dtype(r):
 
 
 def test_compiled_matches_eager():
-    # Inductor traces into the triton_ops and compiles the kernels into the graph.
+    # Under torch.compile the block runs as opaque ops around the same kernels.
     inputs = make_inputs(512, 256, 128, 8, 2, 16, torch.bfloat16)
     grad_out = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
     torch._dynamo.reset()

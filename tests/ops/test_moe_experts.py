@@ -178,14 +178,20 @@ def test_opcheck_forward_op():
     torch.library.opcheck(custom_ops.moe_experts_fwd, args)
 
 
-@pytest.mark.parametrize("needs", [(True, True, True), (False, True, False)], ids=["all", "gate-up-only"])
-def test_opcheck_backward_op(needs):
+@pytest.mark.parametrize("needs", [(True, True), (False, True), (True, False)],
+                         ids=["both", "gate-up-only", "hidden-only"])
+def test_opcheck_backward_ops(needs):
     T, H, I, E, k = 6, 32, 16, 4, 2
     inputs = make_block(T, H, I, E, k, torch.float32)
     routing = build_routing(inputs["top_k_index"], E)
-    args = (torch.randn(T, H), inputs["hidden"], inputs["gate_up_w"], inputs["down_w"], inputs["top_k_weights"],
-            torch.randn(T * k, 2 * I), routing.expert_offsets, routing.sorted_slots, "silu", *needs)
-    torch.library.opcheck(custom_ops.moe_experts_bwd, args)
+    offsets, slots = routing.expert_offsets, routing.sorted_slots
+    grad_out = torch.randn(T, H)
+    torch.library.opcheck(custom_ops.moe_experts_bwd_act, (grad_out, inputs["down_w"], inputs["top_k_weights"],
+                                                          torch.randn(T * k, 2 * I), offsets, slots))
+    torch.library.opcheck(custom_ops.moe_experts_bwd_up, (torch.randn(T * k, 2 * I), inputs["hidden"],
+                                                         inputs["gate_up_w"], offsets, slots, k, *needs))
+    torch.library.opcheck(custom_ops.moe_experts_bwd_down, (grad_out, torch.randn(T * k, I), inputs["down_w"],
+                                                           offsets, slots, k))
 
 
 def _bad(**changes):
@@ -252,13 +258,20 @@ def test_block_kernel_paths(name, fields, monkeypatch):
     assert_weight_grad_close(grads["top_k_weights"], ref_grads["top_k_weights"], inputs, grad_out, torch.float32)
 
 
-def test_backward_frees_h_before_the_weight_gradients(monkeypatch):
-    """H [M, 2I] is handed to the backward, not saved: it must be gone before the up dx allocates
-    its [M, H] rows and the weight gradients exist (the block's memory peak)."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_backward_frees_h_and_dh_before_the_weight_gradients(monkeypatch, compiled):
+    """Eager, H [M, 2I] is handed to the backward, not saved; under torch.compile the backward is
+    three ops, and the graph drops H after the first. Either way H must be gone before dW1 and
+    dH before dW2 (the block's memory peak is at the weight gradients)."""
     from moe_tune.ops import launch
 
     T, H, I, E, k = 9, 40, 24, 4, 2
     inputs = make_block(T, H, I, E, k, torch.float32)
+    fn = moe_experts
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(moe_experts, fullgraph=True, backend="aot_eager")
+        run_block(fn, inputs, torch.randn(T, H))  # compiles: fake tensors pass through the bodies
     made = track_allocations(monkeypatch, block)
     alive_at_dw = []
     real_dw = launch.grouped_mm_dw
@@ -268,10 +281,9 @@ def test_backward_frees_h_before_the_weight_gradients(monkeypatch):
         return real_dw(*args, **kwargs)
 
     monkeypatch.setattr(launch, "grouped_mm_dw", checking_dw)
-    out, grads = run_block(moe_experts, inputs, torch.randn(T, H))
-    # [M, 2I] buffers: the forward's H, then the backward's dH; at each dW only dH may be alive
-    assert len(alive_at_dw) == 2 and all(alive.count(True) <= 1 for alive in alive_at_dw)
-    assert alive_at_dw[0][0] is False  # H itself went before dW1
+    out, grads = run_block(fn, inputs, torch.randn(T, H))
+    # [M, 2I] buffers: the forward's H, then the backward's dH
+    assert alive_at_dw == [[False, True], [False, False]]
     assert all(torch.isfinite(g).all() for g in grads.values())
 
 
