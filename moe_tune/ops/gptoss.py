@@ -173,32 +173,31 @@ def forward(hidden: torch.Tensor, gate_up_w: torch.Tensor, gate_up_b: torch.Tens
 # -------------------------------------------------------------------------------------------------
 
 
-def backward(grad_out: torch.Tensor, hidden: torch.Tensor, x_sorted: torch.Tensor, gate_up_w: torch.Tensor,
-             gate_up_b: torch.Tensor, down_w: torch.Tensor, down_b: torch.Tensor, top_k_index: torch.Tensor,
-             top_k_weights: torch.Tensor, h: torch.Tensor, expert_offsets: torch.Tensor, sorted_slots: torch.Tensor,
-             *, limit: float, alpha: float, need_hidden: bool, need_gate_up: bool, need_down: bool,
-             need_down_b: bool, need_weights: bool, traced: bool):
-    """Returns (d hidden [T, H], d gate_up_w, d gate_up_b, d down_w, d down_b, d top_k_weights
-    [T, k]); a gradient not asked for comes back as an empty tensor (op outputs may not alias).
-    d gate_up_b is always computed: it is a register sum inside the pass that writes dH. ``h`` and
-    ``x_sorted``: the forward's buffers, or ``hand_over`` lists holding them (freed once read)."""
-    E, H, I, k = problem_dims(gate_up_w, top_k_weights.shape[1])
+def backward_act(grad_out: torch.Tensor, gate_up_b: torch.Tensor, down_w: torch.Tensor, down_b: torch.Tensor,
+                 top_k_weights: torch.Tensor, h, expert_offsets: torch.Tensor, sorted_slots: torch.Tensor, *,
+                 limit: float, alpha: float, need_down: bool, need_down_b: bool, need_weights: bool, traced: bool):
+    """Down dx and the activation backward: returns (dH [M, 2I], w·A [M, I], G_s [M, H] or empty,
+    d gate_up_b, d down_b, d top_k_weights [T, k]); a gradient not asked for comes back empty. d
+    gate_up_b is always computed: it is a register sum inside the pass that writes dH. ``h``: the
+    forward's H, or a ``hand_over`` list holding it (then freed once read)."""
+    E, I, H = (int(d) for d in down_w.shape)
+    k = int(top_k_weights.shape[1])
     T = grad_out.shape[0]
     M = T * k
-    device, dtype = grad_out.device, gate_up_w.dtype
+    device, dtype = grad_out.device, down_w.dtype
     info = query_device(device)
-    num_tokens = size_hint(T)
-    cfg = block_configs(E, H, I, k, dtype, num_tokens, info)
+    cfg = block_configs(E, H, I, k, dtype, size_hint(T), info)
     routing = Routing(expert_offsets, sorted_slots, T, k)
-    h, x_sorted = take(h), take(x_sorted)
+    h = take(h)
     grad_out = grad_out.contiguous()
     weights = top_k_weights.reshape(M)
 
     # -- Down dx: dA_raw = G·W2[e]ᵀ (W2 as stored is [I, H] per expert: no trans_w) --------------
     d_act = _alloc((M, I), dtype, device)
-    g_sorted = _alloc((M, H), dtype, device) if need_down else None
+    g_sorted = _alloc((M, H), dtype, device) if need_down else grad_out.new_empty(0)
     launch.grouped_mm(grad_out, down_w, d_act, routing, None, trans_w=False, gather_a=True, gather_div=k,
-                      scatter_c=False, cfg=cfg["down", "dx"], info=info, sorted_a=g_sorted, traced=traced)
+                      scatter_c=False, cfg=cfg["down", "dx"], info=info, sorted_a=g_sorted if need_down else None,
+                      traced=traced)
 
     # -- Activation backward, both bias gradients, routing-weight gradient: one launch ------------
     with_down_bias = need_down_b or need_weights
@@ -221,10 +220,26 @@ def backward(grad_out: torch.Tensor, hidden: torch.Tensor, x_sorted: torch.Tenso
     d_weights = grad_out.new_empty(0)
     if need_weights:
         d_weights = dsp.sum(0).view(T, k).to(top_k_weights.dtype)
-    del d_act, dsp, h  # H's last reader: a handed-over H is freed here
+    return d_h, weighted_act, g_sorted, d_gate_up_b, d_down_b, d_weights
+
+
+def backward_up(d_h, hidden: torch.Tensor, x_sorted, gate_up_w: torch.Tensor, expert_offsets: torch.Tensor,
+                sorted_slots: torch.Tensor, topk: int, *, need_hidden: bool, need_gate_up: bool, traced: bool):
+    """Up dx and up dW: returns (d hidden [T, H], d gate_up_w), one not asked for as an empty tensor.
+    ``x_sorted``: X's rows in expert order, or an empty tensor when the forward did not keep them
+    (then ``hidden`` is X). ``d_h`` and ``x_sorted`` may be ``hand_over`` lists (freed once read)."""
+    E, H, I, k = problem_dims(gate_up_w, topk)
+    d_h, x_sorted = take(d_h), take(x_sorted)
+    M = d_h.shape[0]
+    T = M // k if k else 0
+    device, dtype = d_h.device, gate_up_w.dtype
+    info = query_device(device)
+    num_tokens = size_hint(T)
+    cfg = block_configs(E, H, I, k, dtype, num_tokens, info)
+    routing = Routing(expert_offsets, sorted_slots, T, k)
 
     # -- Up dx: dH·W1[e]ᵀ (W1 as stored is [H, 2I]: no trans_w), slot order, k slots summed -------
-    d_hidden = grad_out.new_empty(0)
+    d_hidden = d_h.new_empty(0)
     if need_hidden:
         d_rows = _alloc((M, H), dtype, device)
         launch.grouped_mm(d_h, gate_up_w, d_rows, routing, None, trans_w=False, gather_a=False, gather_div=1,
@@ -233,7 +248,7 @@ def backward(grad_out: torch.Tensor, hidden: torch.Tensor, x_sorted: torch.Tenso
         del d_rows
 
     # -- Up dW: dW1[e] [H, 2I] = X_s,eᵀ · dH_e (X's rows gathered when X_s was not kept) -----------
-    d_gate_up = grad_out.new_empty(0)
+    d_gate_up = d_h.new_empty(0)
     if need_gate_up:
         d_gate_up = _alloc(tuple(gate_up_w.shape), dtype, device)
         if x_sorted.dim() == 2:
@@ -243,15 +258,47 @@ def backward(grad_out: torch.Tensor, hidden: torch.Tensor, x_sorted: torch.Tenso
             dw_cfg = _plain_dw_config(E, H, I, k, dtype, num_tokens, info)
             launch.grouped_mm_dw(hidden, d_h, d_gate_up, routing, None, gather_dy=True, dy_div=k, gather_x=False,
                                  x_div=1, cfg=dw_cfg, info=info, traced=traced)
-    # Frees M·(H + 2I) (a handed-over X_s included) before dW2's buffer exists.
-    del x_sorted, d_h
+    return d_hidden, d_gate_up
 
-    # -- Down dW: dW2[e] [I, H] = (w·A)_eᵀ · G_s,e --------------------------------------------------
+
+def backward_down(weighted_act: torch.Tensor, g_sorted: torch.Tensor, down_w: torch.Tensor,
+                  expert_offsets: torch.Tensor, sorted_slots: torch.Tensor, topk: int, *, traced: bool) -> torch.Tensor:
+    """Down dW: dW2[e] [I, H] = (w·A)_eᵀ · G_s,e (``backward_act``'s second and third outputs)."""
+    E, I, H = (int(d) for d in down_w.shape)
+    k = int(topk)
+    M = weighted_act.shape[0]
+    T = M // k if k else 0
+    device, dtype = weighted_act.device, down_w.dtype
+    info = query_device(device)
+    cfg = block_configs(E, H, I, k, dtype, size_hint(T), info)
+    routing = Routing(expert_offsets, sorted_slots, T, k)
+    d_down = _alloc(tuple(down_w.shape), dtype, device)
+    launch.grouped_mm_dw(weighted_act, g_sorted, d_down, routing, None, gather_dy=False, dy_div=1,
+                         gather_x=False, x_div=1, cfg=cfg["down", "dw"], info=info, traced=traced)
+    return d_down
+
+
+def backward(grad_out: torch.Tensor, hidden: torch.Tensor, x_sorted, gate_up_w: torch.Tensor,
+             gate_up_b: torch.Tensor, down_w: torch.Tensor, down_b: torch.Tensor, top_k_weights: torch.Tensor, h,
+             expert_offsets: torch.Tensor, sorted_slots: torch.Tensor, *, limit: float, alpha: float,
+             need_hidden: bool, need_gate_up: bool, need_down: bool, need_down_b: bool, need_weights: bool):
+    """The eager backward, the three parts in order: returns (d hidden [T, H], d gate_up_w,
+    d gate_up_b, d down_w, d down_b, d top_k_weights [T, k]), a gradient not asked for as an
+    empty tensor. ``h`` and ``x_sorted``: the forward's buffers, or ``hand_over`` lists holding
+    them (freed once read: H after the activation backward, X_s and dH after dW1)."""
+    k = int(top_k_weights.shape[1])
+    d_h, weighted_act, g_sorted, d_gate_up_b, d_down_b, d_weights = backward_act(
+        grad_out, gate_up_b, down_w, down_b, top_k_weights, h, expert_offsets, sorted_slots, limit=limit,
+        alpha=alpha, need_down=need_down, need_down_b=need_down_b, need_weights=need_weights, traced=False)
+    d_h = hand_over(d_h)  # the only holder: backward_up frees dH once dW1 is made, before dW2 exists
+    d_hidden, d_gate_up = grad_out.new_empty(0), grad_out.new_empty(0)
+    if need_hidden or need_gate_up:
+        d_hidden, d_gate_up = backward_up(d_h, hidden, x_sorted, gate_up_w, expert_offsets, sorted_slots, k,
+                                          need_hidden=need_hidden, need_gate_up=need_gate_up, traced=False)
+    del d_h, x_sorted
     d_down = grad_out.new_empty(0)
     if need_down:
-        d_down = _alloc(tuple(down_w.shape), dtype, device)
-        launch.grouped_mm_dw(weighted_act, g_sorted, d_down, routing, None, gather_dy=False, dy_div=1,
-                             gather_x=False, x_div=1, cfg=cfg["down", "dw"], info=info, traced=traced)
+        d_down = backward_down(weighted_act, g_sorted, down_w, expert_offsets, sorted_slots, k, traced=False)
     return d_hidden, d_gate_up, d_gate_up_b, d_down, d_down_b, d_weights
 
 
@@ -279,36 +326,62 @@ def _gptoss_experts_fwd(
 gptoss_experts_fwd = launch.register_op("moe_tune::gptoss_experts_fwd", _gptoss_experts_fwd)
 
 
-def _gptoss_experts_bwd(
+def _gptoss_experts_bwd_act(
     grad_out: torch.Tensor,
-    hidden: torch.Tensor,
-    x_sorted: torch.Tensor,
-    gate_up_w: torch.Tensor,
     gate_up_b: torch.Tensor,
     down_w: torch.Tensor,
     down_b: torch.Tensor,
-    top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
     gate_up_out: torch.Tensor,
     expert_offsets: torch.Tensor,
     sorted_slots: torch.Tensor,
     limit: float,
     alpha: float,
-    need_hidden: bool,
-    need_gate_up: bool,
     need_down: bool,
     need_down_b: bool,
     need_weights: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (d hidden, d gate_up_w, d gate_up_b, d down_w, d down_b, d top_k_weights); a
-    gradient not asked for comes back as an empty tensor."""
-    return backward(grad_out, hidden, x_sorted, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights,
-                    gate_up_out, expert_offsets, sorted_slots, limit=limit, alpha=alpha, need_hidden=need_hidden,
-                    need_gate_up=need_gate_up, need_down=need_down, need_down_b=need_down_b,
-                    need_weights=need_weights, traced=True)
+    """Returns (dH, w·A, G_s or empty, d gate_up_b, d down_b, d top_k_weights)."""
+    return backward_act(grad_out, gate_up_b, down_w, down_b, top_k_weights, gate_up_out, expert_offsets,
+                        sorted_slots, limit=limit, alpha=alpha, need_down=need_down, need_down_b=need_down_b,
+                        need_weights=need_weights, traced=True)
 
 
-gptoss_experts_bwd = launch.register_op("moe_tune::gptoss_experts_bwd", _gptoss_experts_bwd)
+gptoss_experts_bwd_act = launch.register_op("moe_tune::gptoss_experts_bwd_act", _gptoss_experts_bwd_act)
+
+
+def _gptoss_experts_bwd_up(
+    d_gate_up_out: torch.Tensor,
+    hidden: torch.Tensor,
+    x_sorted: torch.Tensor,
+    gate_up_w: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    topk: int,
+    need_hidden: bool,
+    need_gate_up: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (d hidden, d gate_up_w); one not asked for comes back as an empty tensor."""
+    return backward_up(d_gate_up_out, hidden, x_sorted, gate_up_w, expert_offsets, sorted_slots, topk,
+                       need_hidden=need_hidden, need_gate_up=need_gate_up, traced=True)
+
+
+gptoss_experts_bwd_up = launch.register_op("moe_tune::gptoss_experts_bwd_up", _gptoss_experts_bwd_up)
+
+
+def _gptoss_experts_bwd_down(
+    weighted_act: torch.Tensor,
+    g_sorted: torch.Tensor,
+    down_w: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    topk: int,
+) -> torch.Tensor:
+    """Returns d down_w."""
+    return backward_down(weighted_act, g_sorted, down_w, expert_offsets, sorted_slots, topk, traced=True)
+
+
+gptoss_experts_bwd_down = launch.register_op("moe_tune::gptoss_experts_bwd_down", _gptoss_experts_bwd_down)
 
 # needs_input_grad positions of the forward op's and the eager Function's inputs
 _HIDDEN, _GATE_UP, _GATE_UP_B, _DOWN, _DOWN_B, _WEIGHTS = 0, 1, 2, 3, 4, 6
@@ -335,15 +408,28 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(gate_up_out, x_sorted, expert_offsets, sorted_slots)
     # With X_s kept, X itself is not needed: save an empty stand-in instead of pinning it.
     kept_hidden = hidden.new_empty(0) if sort_x else hidden
-    ctx.save_for_backward(kept_hidden, x_sorted, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights,
+    ctx.save_for_backward(kept_hidden, x_sorted, gate_up_w, gate_up_b, down_w, down_b, top_k_weights,
                           gate_up_out, expert_offsets, sorted_slots)
     ctx.limit, ctx.alpha = limit, alpha
 
 
 def _op_backward(ctx, grad_out, _grad_gate_up_out, _grad_x_sorted, _grad_offsets, _grad_slots):
+    """Three ops, so that the graph drops H after the first and X_s and dH after the second (the
+    eager body's order, ``backward``)."""
+    hidden, x_sorted, gate_up_w, gate_up_b, down_w, down_b, top_k_weights, gate_up_out, offsets, slots = \
+        ctx.saved_tensors
     needs = _needs(ctx.needs_input_grad)
-    grads = gptoss_experts_bwd(grad_out, *ctx.saved_tensors, ctx.limit, ctx.alpha, *needs.values())
-    return _input_grads(ctx.needs_input_grad, grads)
+    topk = top_k_weights.shape[1]
+    d_h, weighted_act, g_sorted, d_gate_up_b, d_down_b, d_weights = gptoss_experts_bwd_act(
+        grad_out, gate_up_b, down_w, down_b, top_k_weights, gate_up_out, offsets, slots, ctx.limit, ctx.alpha,
+        needs["need_down"], needs["need_down_b"], needs["need_weights"])
+    d_hidden = d_gate_up = d_down = None
+    if needs["need_hidden"] or needs["need_gate_up"]:
+        d_hidden, d_gate_up = gptoss_experts_bwd_up(d_h, hidden, x_sorted, gate_up_w, offsets, slots, topk,
+                                                    needs["need_hidden"], needs["need_gate_up"])
+    if needs["need_down"]:
+        d_down = gptoss_experts_bwd_down(weighted_act, g_sorted, down_w, offsets, slots, topk)
+    return _input_grads(ctx.needs_input_grad, (d_hidden, d_gate_up, d_gate_up_b, d_down, d_down_b, d_weights))
 
 
 gptoss_experts_fwd.register_autograd(_op_backward, setup_context=_setup_context)
@@ -366,8 +452,8 @@ class _EagerBlock(torch.autograd.Function):
                                                    top_k_weights, limit=limit, alpha=alpha, sort_x=sort_x,
                                                    traced=False)
         ctx.handed = hands_over()
-        ctx.save_for_backward(None if sort_x else hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index,
-                              top_k_weights, offsets, slots, *(() if ctx.handed else (h, x_sorted)))
+        ctx.save_for_backward(None if sort_x else hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_weights,
+                              offsets, slots, *(() if ctx.handed else (h, x_sorted)))
         if ctx.handed:
             ctx.h, ctx.x_sorted = hand_over(h), hand_over(x_sorted)
         ctx.limit, ctx.alpha = limit, alpha
@@ -375,12 +461,10 @@ class _EagerBlock(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, offsets, slots, *kept = \
-            ctx.saved_tensors
+        hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_weights, offsets, slots, *kept = ctx.saved_tensors
         h, x_sorted = (claim(ctx, "h"), claim(ctx, "x_sorted")) if ctx.handed else kept
-        grads = backward(grad_out, hidden, x_sorted, gate_up_w, gate_up_b, down_w, down_b, top_k_index,
-                         top_k_weights, h, offsets, slots, limit=ctx.limit, alpha=ctx.alpha,
-                         **_needs(ctx.needs_input_grad), traced=False)
+        grads = backward(grad_out, hidden, x_sorted, gate_up_w, gate_up_b, down_w, down_b, top_k_weights, h,
+                         offsets, slots, limit=ctx.limit, alpha=ctx.alpha, **_needs(ctx.needs_input_grad))
         return _input_grads(ctx.needs_input_grad, grads)
 
 

@@ -220,11 +220,16 @@ def test_op_bodies_launch_nothing_eagerly_on_fake_tensors(monkeypatch):
         inputs = make_block(T, H, I, E, k, torch.float32)
         args = tuple(inputs[n] for n in NAMES)
         out, h, x_sorted, offsets, slots = gptoss._gptoss_experts_fwd(*args, LIMIT, ALPHA, True)
-        grads = gptoss._gptoss_experts_bwd(torch.randn(T, H), inputs["hidden"], x_sorted, *args[1:], h, offsets,
-                                           slots, LIMIT, ALPHA, True, True, True, True, True)
+        act = gptoss._gptoss_experts_bwd_act(torch.randn(T, H), inputs["gate_up_b"], inputs["down_w"],
+                                             inputs["down_b"], inputs["top_k_weights"], h, offsets, slots, LIMIT,
+                                             ALPHA, True, True, True)
+        up = gptoss._gptoss_experts_bwd_up(act[0], inputs["hidden"], x_sorted, inputs["gate_up_w"], offsets, slots,
+                                           k, True, True)
+        down = gptoss._gptoss_experts_bwd_down(act[1], act[2], inputs["down_w"], offsets, slots, k)
     assert [tuple(t.shape) for t in (out, h, x_sorted, offsets, slots)] == [(T, H), (T * k, 2 * I), (T * k, H),
                                                                            (E + 1,), (T * k,)]
-    assert [tuple(g.shape) for g in grads] == [(T, H), (E, H, 2 * I), (E, 2 * I), (E, I, H), (E, H), (T, k)]
+    assert [tuple(g.shape) for g in act] == [(T * k, 2 * I), (T * k, I), (T * k, H), (E, 2 * I), (E, H), (T, k)]
+    assert [tuple(g.shape) for g in (*up, down)] == [(T, H), (E, H, 2 * I), (E, I, H)]
 
 
 @pytest.mark.parametrize("trainable", [("hidden",), ("gate_up_w",), ("down_w",), ("gate_up_b", "down_b"),
@@ -254,10 +259,11 @@ def test_up_dw_gathers_x_when_its_sorted_rows_were_not_kept():
     _, h, x_sorted, offsets, slots = gptoss.forward(*args, limit=LIMIT, alpha=ALPHA, sort_x=True, traced=False)
     grad_out = torch.randn(T, H)
     needs = dict(need_hidden=False, need_gate_up=True, need_down=False, need_down_b=False, need_weights=False)
-    kept = gptoss.backward(grad_out, inputs["hidden"], x_sorted, *args[1:], h, offsets, slots, limit=LIMIT,
-                           alpha=ALPHA, traced=False, **needs)
-    gathered = gptoss.backward(grad_out, inputs["hidden"], inputs["hidden"].new_empty(0), *args[1:], h, offsets, slots,
-                               limit=LIMIT, alpha=ALPHA, traced=False, **needs)
+    weights = tuple(inputs[n] for n in ("gate_up_w", "gate_up_b", "down_w", "down_b", "top_k_weights"))
+    kept = gptoss.backward(grad_out, inputs["hidden"], x_sorted, *weights, h, offsets, slots, limit=LIMIT,
+                           alpha=ALPHA, **needs)
+    gathered = gptoss.backward(grad_out, inputs["hidden"], inputs["hidden"].new_empty(0), *weights, h, offsets, slots,
+                               limit=LIMIT, alpha=ALPHA, **needs)
     assert torch.allclose(kept[1], gathered[1], rtol=1e-6, atol=1e-6)
     _, ref_grads = reference(inputs, grad_out, ("gate_up_w",))
     assert relative_error(gathered[1], ref_grads["gate_up_w"]) < 1e-5
@@ -289,14 +295,21 @@ def test_opcheck_forward_op():
 
 @pytest.mark.parametrize("needs", [(True, True, True, True, True), (False, True, False, False, False)],
                          ids=["all", "gate-up-only"])
-def test_opcheck_backward_op(needs):
+def test_opcheck_backward_ops(needs):
+    need_hidden, need_gate_up, need_down, need_down_b, need_weights = needs
     T, H, I, E, k = 6, 32, 16, 4, 2
     inputs = make_block(T, H, I, E, k, torch.float32)
     routing = build_routing(inputs["top_k_index"], E)
-    x_sorted = inputs["hidden"][routing.sorted_slots.long() // k]
-    args = (torch.randn(T, H), inputs["hidden"], x_sorted, *(inputs[n] for n in NAMES[1:]), torch.randn(T * k, 2 * I),
-            routing.expert_offsets, routing.sorted_slots, LIMIT, ALPHA, *needs)
-    torch.library.opcheck(gptoss.gptoss_experts_bwd, args)
+    offsets, slots = routing.expert_offsets, routing.sorted_slots
+    x_sorted = inputs["hidden"][slots.long() // k]
+    torch.library.opcheck(gptoss.gptoss_experts_bwd_act, (
+        torch.randn(T, H), inputs["gate_up_b"], inputs["down_w"], inputs["down_b"], inputs["top_k_weights"],
+        torch.randn(T * k, 2 * I), offsets, slots, LIMIT, ALPHA, need_down, need_down_b, need_weights))
+    torch.library.opcheck(gptoss.gptoss_experts_bwd_up, (
+        torch.randn(T * k, 2 * I), inputs["hidden"], x_sorted, inputs["gate_up_w"], offsets, slots, k, need_hidden,
+        need_gate_up))
+    torch.library.opcheck(gptoss.gptoss_experts_bwd_down, (
+        torch.randn(T * k, I), torch.randn(T * k, H), inputs["down_w"], offsets, slots, k))
 
 
 # every kernel path of the GEMMs on [E, K, N] weights: pointer loads, TMA loads (the trans_w
@@ -378,27 +391,36 @@ def test_non_positive_limit_raises():
         gptoss_experts(*(inputs[n] for n in NAMES), limit=0.0, alpha=ALPHA)
 
 
-def test_backward_frees_h_and_sorted_x_before_the_down_weight_gradient(monkeypatch):
-    """H [M, 2I] and X_s [M, H] are handed to the backward, not saved: H goes after the activation
-    backward, X_s after dW1, so neither exists when dW2 (the last allocation) is made."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_backward_frees_h_sorted_x_and_dh_before_the_down_weight_gradient(monkeypatch, compiled):
+    """Eager, H [M, 2I] and X_s [M, H] are handed to the backward, not saved; under torch.compile
+    the backward is three ops and the graph drops them as it goes. Either way H goes after the
+    activation backward, X_s and dH after dW1, so none exists when dW2 (the last allocation) is
+    made."""
     from moe_tune.ops import launch
 
     T, H, I, E, k = 9, 40, 24, 4, 2
+    inputs = make_block(T, H, I, E, k, torch.float32)
+    fn = gptoss_experts
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(gptoss_experts, fullgraph=True, backend="aot_eager")
+        run_block(fn, inputs, torch.randn(T, H))  # compiles: fake tensors pass through the bodies
     made = track_allocations(monkeypatch, gptoss)
     seen = []
     real_dw = launch.grouped_mm_dw
 
     def checking_dw(*args, **kwargs):
-        seen.append({shape: ref() is not None for shape, ref in made[:2]})  # the forward's H, X_s
+        # the forward's H and X_s, then the backward's dH
+        seen.append([ref() is not None for shape, ref in made if shape in ((T * k, 2 * I), (T * k, H))][:2] +
+                    [ref() is not None for shape, ref in made if shape == (T * k, 2 * I)][1:2])
         return real_dw(*args, **kwargs)
 
     monkeypatch.setattr(launch, "grouped_mm_dw", checking_dw)
-    inputs = make_block(T, H, I, E, k, torch.float32)
-    out, grads = run_block(gptoss_experts, inputs, torch.randn(T, H))
+    out, grads = run_block(fn, inputs, torch.randn(T, H))
     assert [shape for shape, _ in made[:2]] == [(T * k, 2 * I), (T * k, H)]
-    assert len(seen) == 2
-    assert seen[0] == {(T * k, 2 * I): False, (T * k, H): True}  # dW1 reads X_s; H is gone
-    assert seen[1] == {(T * k, 2 * I): False, (T * k, H): False}  # dW2: both gone
+    assert seen == [[False, True, True],  # dW1 reads X_s and dH; H is gone
+                    [False, False, False]]  # dW2: all three gone
     assert all(torch.isfinite(g).all() for g in grads.values())
 
 
