@@ -11,22 +11,28 @@ How PEFT runs LoRA on a 3-D expert parameter (peft ≥ 0.17, ``ParamWrapper``): 
 experts module, so reading ``module.gate_up_proj`` yields W + ΔW for the whole stack. Registering
 it already evaluates it once (torch checks a parametrization's shape and dtype unless
 ``unsafe=True``), and the experts forward evaluates it again; float8 weights or several adapters
-get an eager delta before the experts run.
+get an eager delta before the experts run. Registering a parametrization swaps the module's class
+and re-seats the parameter in place, which torch.compile cannot trace: two graph breaks per
+wrapped weight and forward.
 
 ``install`` replaces ``ParamWrapper._activate_lora`` with a version that, for an experts module
 whose ``config._experts_implementation`` is one registered by moe-tune and whose weights are
-stored ``[E, N, K]`` (the Qwen3-MoE family; gpt-oss's ``[E, K, N]`` keeps PEFT's path), registers ``LazyLoraDelta`` instead: an unchecked parametrization holding the wrapper's factors
-and building nothing. moe-tune's ``experts_forward`` then reads the frozen weight from
-``module.parametrizations.<name>.original`` and the factors from ``LazyLoraDelta``
-(``experts_weights``) and runs ``moe_tune.moe_experts(..., lora=...)``. Anything else that reads
-the parameter gets PEFT's own W + ΔW (``LazyLoraDelta.forward``). Every other experts
-implementation keeps PEFT's original code path, untouched.
+stored ``[E, N, K]`` (the Qwen3-MoE family; gpt-oss's ``[E, K, N]`` keeps PEFT's path), touches
+neither the module's class nor its parameters: for the duration of the wrapper's forward it sets
+one plain attribute on the experts module naming the active (wrapper, adapter) per weight.
+moe-tune's ``experts_forward`` reads the frozen weights and those wrappers' factors
+(``experts_weights``) and runs ``moe_tune.moe_experts(..., lora=...)``; W + ΔW is never built, and
+torch.compile traces the whole forward (no graph break). What that trades: code other than the
+experts forward that reads ``module.gate_up_proj`` inside the wrapper's forward (a hook, say) sees
+the frozen weight, not PEFT's W + ΔW. Every other experts implementation keeps PEFT's original
+code path, untouched.
 
 The adapter's parameters stay PEFT's (the factors are views of ``lora_A``/``lora_B`` weights), so
 saving and loading adapters is PEFT's business as before. What the fused path cannot compute
 raises ``UnsupportedLoraAdapter`` before the experts run: several active adapters, DoRA or other
-LoRA variants, LoRA dropout, a LoRA bias. A merged or disabled adapter
-never activates: the experts run on the (merged) base weights, as in PEFT.
+LoRA variants, LoRA dropout, a LoRA bias, another parametrization on a LoRA-targeted weight. A
+merged or disabled adapter never activates: the experts run on the (merged) base weights, as in
+PEFT.
 
 Importing this module imports neither peft nor transformers; ``install`` imports peft.
 """
@@ -34,7 +40,6 @@ Importing this module imports neither peft nor transformers; ``install`` imports
 from __future__ import annotations
 
 import contextlib
-import weakref
 
 import torch
 from torch.nn.utils import parametrize
@@ -72,27 +77,9 @@ def install(implementation: str) -> bool:
     return True
 
 
-class LazyLoraDelta(torch.nn.Module):
-    """The parametrization ``install`` registers instead of PEFT's: it keeps the LoRA factors of
-    one ``ParamWrapper`` adapter and builds W + ΔW only if something reads the parameter."""
-
-    def __init__(self, wrapper: torch.nn.Module, adapter: str):
-        super().__init__()
-        # A weak reference, not a submodule: the wrapper owns the experts module this
-        # parametrization lives on, so a strong one would put the wrapper inside its own state.
-        self._wrapper = weakref.ref(wrapper)
-        self.adapter = adapter
-
-    def factors(self) -> LoraFactors:
-        wrapper = self._wrapper()
-        return LoraFactors.from_peft(wrapper.lora_A[self.adapter].weight, wrapper.lora_B[self.adapter].weight,
-                                     wrapper.num_experts, wrapper.scaling[self.adapter])
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        # PEFT's single-adapter fold (_LoraFactorsProxy), in the weight's dtype with autocast off.
-        lhs, rhs, scaling = self._wrapper().get_delta_factors(self.adapter)
-        with torch.autocast(device_type=weight.device.type, enabled=False):
-            return torch.baddbmm(weight, lhs, rhs, alpha=scaling)
+# The experts module's attribute naming its active LoRA while a ParamWrapper's forward runs: a
+# tuple of (weight name, wrapper, adapter), set and restored by ``_activate_lora``.
+_ACTIVE = "_moe_tune_lora"
 
 
 def _runs_fused(module: torch.nn.Module) -> bool:
@@ -128,49 +115,32 @@ def _activate_lora(wrapper, active_adapters: list[str]):
             yield
         return
     _check_supported(wrapper, adapters)
-    name = wrapper.parameter_name
-    stored = module.parametrizations[name].original if parametrize.is_parametrized(module, name) else getattr(module, name)
-    requires_grad = stored.requires_grad
-    # unsafe: torch would otherwise evaluate the parametrization (build W + ΔW) to check it.
-    parametrize.register_parametrization(module, name, LazyLoraDelta(wrapper, adapters[0]), unsafe=True)
-    module.parametrizations[name].original.requires_grad_(requires_grad)
+    outer = getattr(module, _ACTIVE, None)
+    # A new tuple each time, never mutated: nested wrappers (gate_up inside down) each add theirs.
+    module._moe_tune_lora = (outer or ()) + ((wrapper.parameter_name, wrapper, adapters[0]),)
     try:
-        with parametrize.cached():
-            yield
+        yield
     finally:
-        _remove(module, name)
-
-
-def _remove(module: torch.nn.Module, name: str) -> None:
-    plist = module.parametrizations[name]
-    if len(plist) == 1:
-        parametrize.remove_parametrizations(module, name, leave_parametrized=False)
-        return
-    # Another parametrization sits below ours: drop only ours (the last one registered).
-    for i in reversed(range(len(plist))):
-        if isinstance(plist[i], LazyLoraDelta):
-            del plist[i]
-            return
+        module._moe_tune_lora = outer
 
 
 def experts_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, MoeLora | None]:
-    """(gate_up_w, down_w, lora) of a transformers experts module: the frozen weights and
-    ``LazyLoraDelta``'s factors where PEFT's LoRA is active, else the parameters as read (an
-    unrelated parametrization applies as usual) and None."""
-    weights, factors = [], {}
+    """(gate_up_w, down_w, lora) of a transformers experts module: the frozen weights and the
+    active wrappers' factors where PEFT's LoRA is active (``_activate_lora``), else the
+    parameters as read (an unrelated parametrization applies as usual) and None."""
+    factors = {}
+    for name, wrapper, adapter in getattr(module, _ACTIVE, None) or ():
+        factors[name] = LoraFactors.from_peft(wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight,
+                                              wrapper.num_experts, wrapper.scaling[adapter])
     for name in _WEIGHTS:
-        plist = module.parametrizations[name] if parametrize.is_parametrized(module, name) else ()
-        lazy = [p for p in plist if isinstance(p, LazyLoraDelta)]
-        if lazy and len(plist) == 1:
-            weights.append(plist.original)
-            factors[name] = lazy[0].factors()
+        if not parametrize.is_parametrized(module, name):
             continue
-        if lazy or any(type(p).__module__.startswith("peft.") for p in plist):
+        plist = module.parametrizations[name]
+        if name in factors or any(type(p).__module__.startswith("peft.") for p in plist):
             raise UnsupportedLoraAdapter(
                 f"{type(module).__name__}.{name} carries PEFT's own LoRA parametrization (W + ΔW built every "
                 "forward) or another parametrization under the LoRA; call "
                 "moe_tune.integrations.transformers.register() before the model runs, and keep other "
                 "parametrizations off LoRA-targeted expert weights")
-        weights.append(getattr(module, name))
     lora = MoeLora(gate_up=factors.get("gate_up_proj"), down=factors.get("down_proj")) if factors else None
-    return weights[0], weights[1], lora
+    return module.gate_up_proj, module.down_proj, lora

@@ -176,3 +176,23 @@ def test_other_experts_implementations_keep_peft_path():
     with _OutputShapes() as seen:
         loss_and_grads(ref, torch.randint(0, TINY["vocab_size"], (1, 4)))
     assert seen.shapes & expert_stack_shapes(ref)
+
+
+def test_compiles_whole_and_matches_eager():
+    # PEFT's own activation registers a parametrization every forward (two graph breaks per
+    # wrapped weight); the fused path sets one attribute, so the whole causal LM traces as one
+    # graph and gives the eager fused path's loss and LoRA gradients.
+    _, ours = pair()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 6))
+    loss, grads = loss_and_grads(ours, ids)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    compiled_loss, compiled_grads = loss_and_grads(compiled, ids)
+    compiled_grads = {name.removeprefix("_orig_mod."): grad for name, grad in compiled_grads.items()}
+    assert compiled_loss.item() == pytest.approx(loss.item(), rel=TOL)
+    lora_names = [n for n in grads if "lora_" in n]
+    assert lora_names and set(compiled_grads) == set(grads)
+    for name in lora_names:
+        assert relative_error(compiled_grads[name], grads[name]) < 10 * TOL, name
+    experts = ours.base_model.model.model.layers[0].mlp.experts.get_base_layer()
+    assert getattr(experts, "_moe_tune_lora", None) is None  # nothing left active after the forward
