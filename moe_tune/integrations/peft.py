@@ -16,13 +16,18 @@ and re-seats the parameter in place, which torch.compile cannot trace: two graph
 wrapped weight and forward.
 
 ``install`` replaces ``ParamWrapper._activate_lora`` with a version that, for an experts module
-whose ``config._experts_implementation`` is one registered by moe-tune and whose weights are
-stored ``[E, N, K]`` (the Qwen3-MoE family; gpt-oss's ``[E, K, N]`` keeps PEFT's path), touches
-neither the module's class nor its parameters: for the duration of the wrapper's forward it sets
-one plain attribute on the experts module naming the active (wrapper, adapter) per weight.
-moe-tune's ``experts_forward`` reads the frozen weights and those wrappers' factors
-(``experts_weights``) and runs ``moe_tune.moe_experts(..., lora=...)``; W + ΔW is never built, and
-torch.compile traces the whole forward (no graph break). What that trades: code other than the
+whose ``config._experts_implementation`` is one registered by moe-tune, touches neither the
+module's class nor its parameters: for the duration of the wrapper's forward it sets one plain
+attribute on the experts module naming the active (wrapper, adapter) per weight, so torch.compile
+traces the whole forward (no graph break). moe-tune's ``experts_forward`` then reads
+
+* weights stored ``[E, N, K]`` (the Qwen3-MoE family): the frozen weights and those wrappers'
+  factors (``experts_weights``), and runs ``moe_tune.moe_experts(..., lora=...)``; W + ΔW is never
+  built;
+* weights stored ``[E, K, N]`` (gpt-oss): W + ΔW folded as PEFT folds it, one ``baddbmm`` per
+  weight (``folded_weights``), into moe-tune's gpt-oss block; the fused LoRA block is the
+  ``[E, N, K]`` one. Several adapters or float8 weights keep PEFT's own path there.
+ What that trades: code other than the
 experts forward that reads ``module.gate_up_proj`` inside the wrapper's forward (a hook, say) sees
 the frozen weight, not PEFT's W + ΔW. Every other experts implementation keeps PEFT's original
 code path, untouched.
@@ -81,6 +86,9 @@ def install(implementation: str) -> bool:
 # tuple of (weight name, wrapper, adapter), set and restored by ``_activate_lora``.
 _ACTIVE = "_moe_tune_lora"
 
+# Weight dtypes PEFT folds one adapter into with a baddbmm (float8 types take its eager delta).
+_FOLD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 
 def _runs_fused(module: torch.nn.Module) -> bool:
     implementation = getattr(getattr(module, "config", None), "_experts_implementation", None)
@@ -104,17 +112,33 @@ def _check_supported(wrapper, adapters: list[str]) -> None:
         raise UnsupportedLoraAdapter(f"{where}: a LoRA bias (lora_bias=True) is not supported")
 
 
+def _foldable(wrapper, adapters: list[str]) -> bool:
+    """Whether ``folded_weights`` computes what PEFT would for an ``[E, K, N]`` weight: PEFT's own
+    one-adapter fold (``_LoraFactorsProxy``), which it uses for one adapter on weights that are
+    not of a float8 type, and a plain adapter (no variant, dropout or bias)."""
+    adapter = adapters[0]
+    dropout = wrapper.lora_dropout[adapter]
+    return (len(adapters) == 1 and wrapper.num_experts > 1 and wrapper.get_param().dtype in _FOLD_DTYPES
+            and not wrapper.use_dora.get(adapter) and adapter not in getattr(wrapper, "lora_variant", {})
+            and (isinstance(dropout, torch.nn.Identity) or getattr(dropout, "p", 1.0) == 0)
+            and not wrapper.lora_bias.get(adapter))
+
+
 @contextlib.contextmanager
 def _activate_lora(wrapper, active_adapters: list[str]):
     """``ParamWrapper._activate_lora`` once ``install`` ran (``wrapper`` is the ParamWrapper)."""
     module = wrapper.get_base_layer()
     adapters = [a for a in active_adapters if a in wrapper.lora_A]
-    # A weight stored [E, K, N] (gpt-oss) keeps PEFT's W + ΔW: the fused LoRA block is the [E, N, K] one.
-    if not adapters or not _runs_fused(module) or not wrapper._did_swap_in_out_features:
+    if not adapters or not _runs_fused(module):
         with _peft_activate_lora(wrapper, active_adapters):
             yield
         return
-    _check_supported(wrapper, adapters)
+    if wrapper._did_swap_in_out_features:
+        _check_supported(wrapper, adapters)
+    elif not _foldable(wrapper, adapters):
+        with _peft_activate_lora(wrapper, active_adapters):
+            yield
+        return
     outer = getattr(module, _ACTIVE, None)
     # A new tuple each time, never mutated: nested wrappers (gate_up inside down) each add theirs.
     module._moe_tune_lora = (outer or ()) + ((wrapper.parameter_name, wrapper, adapters[0]),)
@@ -144,3 +168,20 @@ def experts_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor
                 "parametrizations off LoRA-targeted expert weights")
     lora = MoeLora(gate_up=factors.get("gate_up_proj"), down=factors.get("down_proj")) if factors else None
     return module.gate_up_proj, module.down_proj, lora
+
+
+def folded_weights(module: torch.nn.Module, names: tuple[str, ...]) -> list[torch.Tensor]:
+    """The ``names`` weights of an experts module as PEFT's active LoRA makes them: W + s·lhs·rhs
+    in W's dtype (PEFT's one-adapter fold, autocast off) where ``_activate_lora`` marked one
+    active, else the parameter as read."""
+    active = {name: (wrapper, adapter) for name, wrapper, adapter in getattr(module, _ACTIVE, None) or ()}
+    weights = []
+    for name in names:
+        weight = getattr(module, name)
+        if name in active:
+            wrapper, adapter = active[name]
+            lhs, rhs, scaling = wrapper.get_delta_factors(adapter)
+            with torch.autocast(device_type=weight.device.type, enabled=False):
+                weight = torch.baddbmm(weight, lhs, rhs, alpha=scaling)
+        weights.append(weight)
+    return weights
