@@ -111,7 +111,7 @@ def launch_probe(out: Path, tokens: int = 128, calls: int = 200) -> None:
     cfg = block.block_configs(E, H, I, k, dt, tokens, info)
     routing = build_routing(idx, E)
     h = torch.empty(tokens * k, 2 * I, device=dev, dtype=dt)
-    fwd_state = block.forward(x, w1, w2, idx, wts, traced=False)
+    fwd_state = block.forward(x, w1, w2, idx, wts, in_op=False)
     torch.cuda.synchronize()
 
     def up():
@@ -144,7 +144,7 @@ def launch_probe(out: Path, tokens: int = 128, calls: int = 200) -> None:
         "block_configs": lambda: block.block_configs(E, H, I, k, dt, tokens, info),
         "build_routing": lambda: build_routing(idx, E),
         "launch.grouped_mm (up fwd)": up,
-        "block.forward": lambda: block.forward(x, w1, w2, idx, wts, traced=False),
+        "block.forward": lambda: block.forward(x, w1, w2, idx, wts, in_op=False),
         "block.backward": lambda: block.backward(grad, x, w1, w2, wts, fwd_state[1], fwd_state[2], fwd_state[3],
                                                  need_hidden=True, need_gate_up=True, need_down=True),
         "moe_experts fwd (no grad)": lambda: moe_experts(x, w1, w2, idx, wts),

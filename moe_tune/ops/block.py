@@ -168,12 +168,12 @@ def _swiglu_blocks(inter: int) -> tuple[int, int]:
 
 
 def swiglu_forward(h: torch.Tensor, act: torch.Tensor, *, delta: torch.Tensor | None = None,
-                   traced: bool = False) -> None:
+                   in_op: bool = False) -> None:
     """``act = silu(h_gate)·h_up`` ([M, 2I] → [M, I]); with ``delta``, ``h += delta`` first."""
     M, I = act.shape
     block_m, block_i = _swiglu_blocks(I)
     other = delta if delta is not None else h
-    launch.launch_kernel(swiglu_forward_kernel, traced, (triton.cdiv(M, block_m), triton.cdiv(I, block_i)),
+    launch.launch_kernel(swiglu_forward_kernel, in_op, (triton.cdiv(M, block_m), triton.cdiv(I, block_i)),
                          (h, other, act, M, I, h.stride(0), other.stride(0), act.stride(0)),
                          dict(HAS_DELTA=delta is not None, BLOCK_M=block_m, BLOCK_N=block_i, num_warps=4),
                          (h, act))
@@ -181,7 +181,7 @@ def swiglu_forward(h: torch.Tensor, act: torch.Tensor, *, delta: torch.Tensor | 
 
 def swiglu_backward(d_act: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, sorted_slots: torch.Tensor,
                     d_h: torch.Tensor, d_weights: torch.Tensor, *, lora: tuple | None = None,
-                    traced: bool = False) -> None:
+                    in_op: bool = False) -> None:
     """SwiGLU's backward over expert-ordered rows: ``d_h`` [M, 2I] and the per-slot routing-weight
     gradient ``d_weights`` [M] out, ``w·A`` written over ``d_act`` (dA_raw in). ``lora``:
     (dA_lora [M, I], P [M, R], L2 [M, R]) of ``moe_tune.ops.lora_block``."""
@@ -190,7 +190,7 @@ def swiglu_backward(d_act: torch.Tensor, h: torch.Tensor, weights: torch.Tensor,
     d_lora, p, l2 = lora if lora is not None else (d_act, d_act, d_act)
     rank = p.shape[1] if lora is not None else 0
     launch.launch_kernel(
-        swiglu_backward_kernel, traced, (triton.cdiv(M, block_m),),
+        swiglu_backward_kernel, in_op, (triton.cdiv(M, block_m),),
         (d_act, d_lora, h, d_h, weights, sorted_slots, p, l2, d_weights, M, I, rank,
          d_act.stride(0), d_lora.stride(0), h.stride(0), d_h.stride(0), p.stride(0), l2.stride(0)),
         dict(LORA=lora is not None, BLOCK_M=block_m, BLOCK_N=block_i,
@@ -204,7 +204,7 @@ def swiglu_backward(d_act: torch.Tensor, h: torch.Tensor, weights: torch.Tensor,
 
 
 def forward(hidden: torch.Tensor, gate_up_w: torch.Tensor, down_w: torch.Tensor, top_k_index: torch.Tensor,
-            top_k_weights: torch.Tensor, *, traced: bool):
+            top_k_weights: torch.Tensor, *, in_op: bool):
     """Returns (out [T, H], H [M, 2I], expert_offsets, sorted_slots); all but ``out`` are what the
     backward needs."""
     E, H, I, k = problem_dims(gate_up_w, top_k_index.shape[1])
@@ -213,19 +213,19 @@ def forward(hidden: torch.Tensor, gate_up_w: torch.Tensor, down_w: torch.Tensor,
     device, dtype = hidden.device, hidden.dtype
     info = query_device(device)
     cfg = block_configs(E, H, I, k, dtype, size_hint(T), info)
-    routing = build_routing(top_k_index, E, traced=traced)
+    routing = build_routing(top_k_index, E, in_op=in_op)
 
     # -- Up GEMM: token rows gathered on load, output in expert order, then SwiGLU ----------------
     h = _alloc((M, 2 * I), dtype, device)
     launch.grouped_mm(hidden, gate_up_w, h, routing, None, trans_w=False, gather_a=True, gather_div=k,
-                      scatter_c=False, cfg=cfg["up", "forward"], info=info, traced=traced)
+                      scatter_c=False, cfg=cfg["up", "forward"], info=info, in_op=in_op)
     act = _alloc((M, I), dtype, device)
-    swiglu_forward(h, act, traced=traced)
+    swiglu_forward(h, act, in_op=in_op)
 
     # -- Down GEMM: routing weight in the epilogue, rows stored in slot order, then summed ---------
     down_out = _alloc((M, H), dtype, device)
     launch.grouped_mm(act, down_w, down_out, routing, top_k_weights.reshape(M), trans_w=False, gather_a=False,
-                      gather_div=1, scatter_c=True, cfg=cfg["down", "forward"], info=info, traced=traced)
+                      gather_div=1, scatter_c=True, cfg=cfg["down", "forward"], info=info, in_op=in_op)
     out = down_out.view(T, k, H).sum(1)
     return out, h, routing.expert_offsets, routing.sorted_slots
 
@@ -236,7 +236,7 @@ def forward(hidden: torch.Tensor, gate_up_w: torch.Tensor, down_w: torch.Tensor,
 
 
 def backward_act(grad_out: torch.Tensor, down_w: torch.Tensor, top_k_weights: torch.Tensor, h,
-                 expert_offsets: torch.Tensor, sorted_slots: torch.Tensor, *, traced: bool):
+                 expert_offsets: torch.Tensor, sorted_slots: torch.Tensor, *, in_op: bool):
     """Down dx and the SwiGLU backward: returns (w·A [M, I], dH [M, 2I], d top_k_weights [T, k]).
     ``h``: the forward's H, or a ``hand_over`` list holding it (then freed once read)."""
     E, H, I = (int(d) for d in down_w.shape)
@@ -252,17 +252,17 @@ def backward_act(grad_out: torch.Tensor, down_w: torch.Tensor, top_k_weights: to
     # -- Down dx, unweighted, reading G's token rows directly: dA_raw in expert order -------------
     d_act = _alloc((M, I), dtype, device)  # dA_raw, then w·A
     launch.grouped_mm(grad_out.contiguous(), down_w, d_act, routing, None, trans_w=True, gather_a=True,
-                      gather_div=k, scatter_c=False, cfg=cfg["down", "dx"], info=info, traced=traced)
+                      gather_div=k, scatter_c=False, cfg=cfg["down", "dx"], info=info, in_op=in_op)
 
     # -- SwiGLU backward: dH, the routing-weight gradient, and w·A over dA_raw ---------------------
     d_h = _alloc((M, 2 * I), dtype, device)
     d_weights = _alloc((T, k), top_k_weights.dtype, device)
-    swiglu_backward(d_act, h, top_k_weights.reshape(M), sorted_slots, d_h, d_weights, traced=traced)
+    swiglu_backward(d_act, h, top_k_weights.reshape(M), sorted_slots, d_h, d_weights, in_op=in_op)
     return d_act, d_h, d_weights
 
 
 def backward_up(d_h, hidden: torch.Tensor, gate_up_w: torch.Tensor, expert_offsets: torch.Tensor,
-                sorted_slots: torch.Tensor, topk: int, *, need_hidden: bool, need_gate_up: bool, traced: bool):
+                sorted_slots: torch.Tensor, topk: int, *, need_hidden: bool, need_gate_up: bool, in_op: bool):
     """Up dx and up dW: returns (d hidden [T, H], d gate_up_w), one not asked for as an empty
     tensor. ``d_h``: dH, or a ``hand_over`` list holding it (then freed once dW1 is made)."""
     E, H, I, k = problem_dims(gate_up_w, topk)
@@ -279,7 +279,7 @@ def backward_up(d_h, hidden: torch.Tensor, gate_up_w: torch.Tensor, expert_offse
     if need_hidden:
         d_rows = _alloc((M, H), dtype, device)
         launch.grouped_mm(d_h, gate_up_w, d_rows, routing, None, trans_w=True, gather_a=False, gather_div=1,
-                          scatter_c=True, cfg=cfg["up", "dx"], info=info, traced=traced)
+                          scatter_c=True, cfg=cfg["up", "dx"], info=info, in_op=in_op)
         d_hidden = d_rows.view(T, k, H).sum(1)
         # Free the M·H slot rows before dW1's E·2I·H buffer exists.
         del d_rows
@@ -290,12 +290,12 @@ def backward_up(d_h, hidden: torch.Tensor, gate_up_w: torch.Tensor, expert_offse
         x_sorted = hidden.index_select(0, sorted_slots // k)
         d_gate_up = _alloc(tuple(gate_up_w.shape), dtype, device)
         launch.grouped_mm_dw(d_h, x_sorted, d_gate_up, routing, None, gather_dy=False, dy_div=1, gather_x=False,
-                             x_div=1, cfg=cfg["up", "dw"], info=info, traced=traced)
+                             x_div=1, cfg=cfg["up", "dw"], info=info, in_op=in_op)
     return d_hidden, d_gate_up
 
 
 def backward_down(grad_out: torch.Tensor, d_act: torch.Tensor, down_w: torch.Tensor, expert_offsets: torch.Tensor,
-                  sorted_slots: torch.Tensor, topk: int, *, traced: bool) -> torch.Tensor:
+                  sorted_slots: torch.Tensor, topk: int, *, in_op: bool) -> torch.Tensor:
     """Down dW: G's rows copied to expert order against w·A (``backward_act``'s first output)."""
     E, H, I = (int(d) for d in down_w.shape)
     k = int(topk)
@@ -307,7 +307,7 @@ def backward_down(grad_out: torch.Tensor, d_act: torch.Tensor, down_w: torch.Ten
     g_sorted = grad_out.index_select(0, sorted_slots // k)
     d_down = _alloc(tuple(down_w.shape), dtype, device)
     launch.grouped_mm_dw(g_sorted, d_act, d_down, routing, None, gather_dy=False, dy_div=1, gather_x=False,
-                         x_div=1, cfg=cfg["down", "dw"], info=info, traced=traced)
+                         x_div=1, cfg=cfg["down", "dw"], info=info, in_op=in_op)
     return d_down
 
 
@@ -320,14 +320,14 @@ def backward(grad_out: torch.Tensor, hidden: torch.Tensor, gate_up_w: torch.Tens
     k = int(top_k_weights.shape[1])
     grad_out = grad_out.contiguous()
     d_act, d_h, d_weights = backward_act(grad_out, down_w, top_k_weights, h, expert_offsets, sorted_slots,
-                                         traced=False)
+                                         in_op=False)
     d_h = hand_over(d_h)  # the only holder: backward_up frees dH once dW1 is made, before dW2 exists
     d_hidden, d_gate_up = grad_out.new_empty(0), grad_out.new_empty(0)
     if need_hidden or need_gate_up:
         d_hidden, d_gate_up = backward_up(d_h, hidden, gate_up_w, expert_offsets, sorted_slots, k,
-                                          need_hidden=need_hidden, need_gate_up=need_gate_up, traced=False)
+                                          need_hidden=need_hidden, need_gate_up=need_gate_up, in_op=False)
     del d_h
     d_down = grad_out.new_empty(0)
     if need_down:
-        d_down = backward_down(grad_out, d_act, down_w, expert_offsets, sorted_slots, k, traced=False)
+        d_down = backward_down(grad_out, d_act, down_w, expert_offsets, sorted_slots, k, in_op=False)
     return d_hidden, d_gate_up, d_down, d_weights

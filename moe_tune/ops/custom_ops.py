@@ -1,6 +1,6 @@
 """The experts block as torch.library ops: ``moe_tune::moe_experts_fwd``, whose registered autograd
 runs the backward as three ops (``moe_experts_bwd_act``, ``_bwd_up``, ``_bwd_down``): the path
-torch.compile traces (``moe_tune.moe_experts`` takes it while compiling; eager calls skip the
+taken under torch.compile (``moe_tune.moe_experts`` takes it while compiling; eager calls skip the
 dispatcher).
 
 All are opaque ops (``moe_tune.ops.launch.register_op``): torch.compile calls each as a black box,
@@ -28,7 +28,7 @@ def _moe_experts_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out [T, H], H [M, 2I], expert_offsets [E+1], sorted_slots [M])."""
     assert activation in block.ACTIVATIONS, activation
-    return block.forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights, traced=True)
+    return block.forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights, in_op=True)
 
 
 moe_experts_fwd = register_op("moe_tune::moe_experts_fwd", _moe_experts_fwd)
@@ -44,7 +44,7 @@ def _moe_experts_bwd_act(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (w·A [M, I], dH [M, 2I], d top_k_weights [T, k])."""
     return block.backward_act(grad_out, down_w, top_k_weights, gate_up_out, expert_offsets, sorted_slots,
-                              traced=True)
+                              in_op=True)
 
 
 moe_experts_bwd_act = register_op("moe_tune::moe_experts_bwd_act", _moe_experts_bwd_act)
@@ -62,7 +62,7 @@ def _moe_experts_bwd_up(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (d hidden [T, H], d gate_up_w); one not asked for comes back as an empty tensor."""
     return block.backward_up(d_gate_up_out, hidden, gate_up_w, expert_offsets, sorted_slots, topk,
-                             need_hidden=need_hidden, need_gate_up=need_gate_up, traced=True)
+                             need_hidden=need_hidden, need_gate_up=need_gate_up, in_op=True)
 
 
 moe_experts_bwd_up = register_op("moe_tune::moe_experts_bwd_up", _moe_experts_bwd_up)
@@ -77,7 +77,7 @@ def _moe_experts_bwd_down(
     topk: int,
 ) -> torch.Tensor:
     """Returns d down_w."""
-    return block.backward_down(grad_out, weighted_act, down_w, expert_offsets, sorted_slots, topk, traced=True)
+    return block.backward_down(grad_out, weighted_act, down_w, expert_offsets, sorted_slots, topk, in_op=True)
 
 
 moe_experts_bwd_down = register_op("moe_tune::moe_experts_bwd_down", _moe_experts_bwd_down)

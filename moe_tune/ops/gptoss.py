@@ -39,7 +39,7 @@ and the larger weight gradient (dW1) is made before dW2 exists.
 Two paths reach these bodies, as for the Qwen-layout block (``moe_tune.ops.moe_experts``): an
 eager ``torch.autograd.Function``, and, under torch.compile, the ``moe_tune::gptoss_experts_fwd`` /
 ``_bwd`` ops (``register_autograd``), so ``fullgraph=True`` holds. Every launch, the routing's
-included, goes through ``launch.launch_kernel`` with the body's ``traced``, which launches nothing
+included, goes through ``launch.launch_kernel`` with the body's ``in_op``, which launches nothing
 on the fake tensors torch.compile traces an op's body with.
 Every GEMM config comes from the runtime loader for the six problems of
 ``MoeShape(layout="gpt_oss").problems()``; nothing reads device memory on the host.
@@ -124,7 +124,7 @@ def dsp_rows(I: int, H: int, with_down_bias: bool) -> tuple[int, int]:
 
 def forward(hidden: torch.Tensor, gate_up_w: torch.Tensor, gate_up_b: torch.Tensor, down_w: torch.Tensor,
             down_b: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *, limit: float,
-            alpha: float, sort_x: bool, traced: bool):
+            alpha: float, sort_x: bool, in_op: bool):
     """Returns (out [T, H], H [M, 2I] without bias, X_s [M, H] (empty without ``sort_x``),
     expert_offsets, sorted_slots); all but ``out`` are what the backward needs."""
     E, H, I, k = problem_dims(gate_up_w, top_k_index.shape[1])
@@ -133,7 +133,7 @@ def forward(hidden: torch.Tensor, gate_up_w: torch.Tensor, gate_up_b: torch.Tens
     device, dtype = hidden.device, hidden.dtype
     info = query_device(device)
     cfg = block_configs(E, H, I, k, dtype, size_hint(T), info)
-    routing = build_routing(top_k_index, E, traced=traced)
+    routing = build_routing(top_k_index, E, in_op=in_op)
     flat_index = top_k_index.reshape(M)
 
     # -- Up GEMM on W1 as stored ([E, H, 2I]: trans_w), gathered token rows in, H out in expert order
@@ -141,12 +141,12 @@ def forward(hidden: torch.Tensor, gate_up_w: torch.Tensor, gate_up_b: torch.Tens
     x_sorted = _alloc((M, H), dtype, device) if sort_x else hidden.new_empty(0)
     launch.grouped_mm(hidden, gate_up_w, h, routing, None, trans_w=True, gather_a=True, gather_div=k,
                       scatter_c=False, cfg=cfg["up", "forward"], info=info,
-                      sorted_a=x_sorted if sort_x else None, traced=traced)
+                      sorted_a=x_sorted if sort_x else None, in_op=in_op)
 
     # -- Bias + interleaved clamped SwiGLU ------------------------------------------------------
     act = _alloc((M, I), dtype, device)
     launch.launch_kernel(
-        gptoss_act_fwd_kernel, traced, (triton.cdiv(M, ACT_BLOCK_M), triton.cdiv(I, ACT_BLOCK_N)),
+        gptoss_act_fwd_kernel, in_op, (triton.cdiv(M, ACT_BLOCK_M), triton.cdiv(I, ACT_BLOCK_N)),
         (h, gate_up_b, act, routing.sorted_slots, flat_index, M, I, limit, alpha,
          h.stride(0), gate_up_b.stride(0), act.stride(0)),
         dict(BLOCK_M=ACT_BLOCK_M, BLOCK_N=ACT_BLOCK_N, num_warps=ELEMENTWISE_WARPS),
@@ -156,12 +156,12 @@ def forward(hidden: torch.Tensor, gate_up_w: torch.Tensor, gate_up_b: torch.Tens
     weights = top_k_weights.reshape(M)
     down_out = _alloc((M, H), dtype, device)
     launch.grouped_mm(act, down_w, down_out, routing, weights, trans_w=True, gather_a=False, gather_div=1,
-                      scatter_c=True, cfg=cfg["down", "forward"], info=info, traced=traced)
+                      scatter_c=True, cfg=cfg["down", "forward"], info=info, in_op=in_op)
 
     # -- k-slot sum + routing-weighted down bias ---------------------------------------------------
     out = _alloc((T, H), dtype, device)
     launch.launch_kernel(
-        gptoss_combine_kernel, traced, (triton.cdiv(T, COMBINE_BLOCK_T), triton.cdiv(H, COMBINE_BLOCK_N)),
+        gptoss_combine_kernel, in_op, (triton.cdiv(T, COMBINE_BLOCK_T), triton.cdiv(H, COMBINE_BLOCK_N)),
         (down_out, down_b, weights, flat_index, out, T, H, k, down_out.stride(0), down_b.stride(0), out.stride(0)),
         dict(BLOCK_T=COMBINE_BLOCK_T, BLOCK_N=COMBINE_BLOCK_N, num_warps=ELEMENTWISE_WARPS),
         (out,))
@@ -175,7 +175,7 @@ def forward(hidden: torch.Tensor, gate_up_w: torch.Tensor, gate_up_b: torch.Tens
 
 def backward_act(grad_out: torch.Tensor, gate_up_b: torch.Tensor, down_w: torch.Tensor, down_b: torch.Tensor,
                  top_k_weights: torch.Tensor, h, expert_offsets: torch.Tensor, sorted_slots: torch.Tensor, *,
-                 limit: float, alpha: float, need_down: bool, need_down_b: bool, need_weights: bool, traced: bool):
+                 limit: float, alpha: float, need_down: bool, need_down_b: bool, need_weights: bool, in_op: bool):
     """Down dx and the activation backward: returns (dH [M, 2I], w·A [M, I], G_s [M, H] or empty,
     d gate_up_b, d down_b, d top_k_weights [T, k]); a gradient not asked for comes back empty. d
     gate_up_b is always computed: it is a register sum inside the pass that writes dH. ``h``: the
@@ -197,7 +197,7 @@ def backward_act(grad_out: torch.Tensor, gate_up_b: torch.Tensor, down_w: torch.
     g_sorted = _alloc((M, H), dtype, device) if need_down else grad_out.new_empty(0)
     launch.grouped_mm(grad_out, down_w, d_act, routing, None, trans_w=False, gather_a=True, gather_div=k,
                       scatter_c=False, cfg=cfg["down", "dx"], info=info, sorted_a=g_sorted if need_down else None,
-                      traced=traced)
+                      in_op=in_op)
 
     # -- Activation backward, both bias gradients, routing-weight gradient: one launch ------------
     with_down_bias = need_down_b or need_weights
@@ -209,7 +209,7 @@ def backward_act(grad_out: torch.Tensor, gate_up_b: torch.Tensor, down_w: torch.
     d_down_b = _alloc((E, H), down_b.dtype, device) if with_down_bias else grad_out.new_empty(0)
     db2_arg = d_down_b if with_down_bias else d_gate_up_b  # never written when h_blocks == 0
     launch.launch_kernel(
-        gptoss_bwd_kernel, traced, (i_blocks + h_blocks, E),
+        gptoss_bwd_kernel, in_op, (i_blocks + h_blocks, E),
         (d_act, h, gate_up_b, grad_out, down_b, weights, sorted_slots, expert_offsets,
          d_h, weighted_act, dsp, d_gate_up_b, db2_arg,
          M, I, H, k, limit, alpha,
@@ -224,7 +224,7 @@ def backward_act(grad_out: torch.Tensor, gate_up_b: torch.Tensor, down_w: torch.
 
 
 def backward_up(d_h, hidden: torch.Tensor, x_sorted, gate_up_w: torch.Tensor, expert_offsets: torch.Tensor,
-                sorted_slots: torch.Tensor, topk: int, *, need_hidden: bool, need_gate_up: bool, traced: bool):
+                sorted_slots: torch.Tensor, topk: int, *, need_hidden: bool, need_gate_up: bool, in_op: bool):
     """Up dx and up dW: returns (d hidden [T, H], d gate_up_w), one not asked for as an empty tensor.
     ``x_sorted``: X's rows in expert order, or an empty tensor when the forward did not keep them
     (then ``hidden`` is X). ``d_h`` and ``x_sorted`` may be ``hand_over`` lists (freed once read)."""
@@ -243,7 +243,7 @@ def backward_up(d_h, hidden: torch.Tensor, x_sorted, gate_up_w: torch.Tensor, ex
     if need_hidden:
         d_rows = _alloc((M, H), dtype, device)
         launch.grouped_mm(d_h, gate_up_w, d_rows, routing, None, trans_w=False, gather_a=False, gather_div=1,
-                          scatter_c=True, cfg=cfg["up", "dx"], info=info, traced=traced)
+                          scatter_c=True, cfg=cfg["up", "dx"], info=info, in_op=in_op)
         d_hidden = d_rows.view(T, k, H).sum(1)
         del d_rows
 
@@ -253,16 +253,16 @@ def backward_up(d_h, hidden: torch.Tensor, x_sorted, gate_up_w: torch.Tensor, ex
         d_gate_up = _alloc(tuple(gate_up_w.shape), dtype, device)
         if x_sorted.dim() == 2:
             launch.grouped_mm_dw(x_sorted, d_h, d_gate_up, routing, None, gather_dy=False, dy_div=1,
-                                 gather_x=False, x_div=1, cfg=cfg["up", "dw"], info=info, traced=traced)
+                                 gather_x=False, x_div=1, cfg=cfg["up", "dw"], info=info, in_op=in_op)
         else:
             dw_cfg = _plain_dw_config(E, H, I, k, dtype, num_tokens, info)
             launch.grouped_mm_dw(hidden, d_h, d_gate_up, routing, None, gather_dy=True, dy_div=k, gather_x=False,
-                                 x_div=1, cfg=dw_cfg, info=info, traced=traced)
+                                 x_div=1, cfg=dw_cfg, info=info, in_op=in_op)
     return d_hidden, d_gate_up
 
 
 def backward_down(weighted_act: torch.Tensor, g_sorted: torch.Tensor, down_w: torch.Tensor,
-                  expert_offsets: torch.Tensor, sorted_slots: torch.Tensor, topk: int, *, traced: bool) -> torch.Tensor:
+                  expert_offsets: torch.Tensor, sorted_slots: torch.Tensor, topk: int, *, in_op: bool) -> torch.Tensor:
     """Down dW: dW2[e] [I, H] = (w·A)_eᵀ · G_s,e (``backward_act``'s second and third outputs)."""
     E, I, H = (int(d) for d in down_w.shape)
     k = int(topk)
@@ -274,7 +274,7 @@ def backward_down(weighted_act: torch.Tensor, g_sorted: torch.Tensor, down_w: to
     routing = Routing(expert_offsets, sorted_slots, T, k)
     d_down = _alloc(tuple(down_w.shape), dtype, device)
     launch.grouped_mm_dw(weighted_act, g_sorted, d_down, routing, None, gather_dy=False, dy_div=1,
-                         gather_x=False, x_div=1, cfg=cfg["down", "dw"], info=info, traced=traced)
+                         gather_x=False, x_div=1, cfg=cfg["down", "dw"], info=info, in_op=in_op)
     return d_down
 
 
@@ -289,16 +289,16 @@ def backward(grad_out: torch.Tensor, hidden: torch.Tensor, x_sorted, gate_up_w: 
     k = int(top_k_weights.shape[1])
     d_h, weighted_act, g_sorted, d_gate_up_b, d_down_b, d_weights = backward_act(
         grad_out, gate_up_b, down_w, down_b, top_k_weights, h, expert_offsets, sorted_slots, limit=limit,
-        alpha=alpha, need_down=need_down, need_down_b=need_down_b, need_weights=need_weights, traced=False)
+        alpha=alpha, need_down=need_down, need_down_b=need_down_b, need_weights=need_weights, in_op=False)
     d_h = hand_over(d_h)  # the only holder: backward_up frees dH once dW1 is made, before dW2 exists
     d_hidden, d_gate_up = grad_out.new_empty(0), grad_out.new_empty(0)
     if need_hidden or need_gate_up:
         d_hidden, d_gate_up = backward_up(d_h, hidden, x_sorted, gate_up_w, expert_offsets, sorted_slots, k,
-                                          need_hidden=need_hidden, need_gate_up=need_gate_up, traced=False)
+                                          need_hidden=need_hidden, need_gate_up=need_gate_up, in_op=False)
     del d_h, x_sorted
     d_down = grad_out.new_empty(0)
     if need_down:
-        d_down = backward_down(weighted_act, g_sorted, down_w, expert_offsets, sorted_slots, k, traced=False)
+        d_down = backward_down(weighted_act, g_sorted, down_w, expert_offsets, sorted_slots, k, in_op=False)
     return d_hidden, d_gate_up, d_gate_up_b, d_down, d_down_b, d_weights
 
 
@@ -320,7 +320,7 @@ def _gptoss_experts_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out [T, H], H [M, 2I], X_s [M, H] or empty, expert_offsets [E+1], sorted_slots [M])."""
     return forward(hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, limit=limit,
-                   alpha=alpha, sort_x=sort_x, traced=True)
+                   alpha=alpha, sort_x=sort_x, in_op=True)
 
 
 gptoss_experts_fwd = launch.register_op("moe_tune::gptoss_experts_fwd", _gptoss_experts_fwd)
@@ -344,7 +344,7 @@ def _gptoss_experts_bwd_act(
     """Returns (dH, w·A, G_s or empty, d gate_up_b, d down_b, d top_k_weights)."""
     return backward_act(grad_out, gate_up_b, down_w, down_b, top_k_weights, gate_up_out, expert_offsets,
                         sorted_slots, limit=limit, alpha=alpha, need_down=need_down, need_down_b=need_down_b,
-                        need_weights=need_weights, traced=True)
+                        need_weights=need_weights, in_op=True)
 
 
 gptoss_experts_bwd_act = launch.register_op("moe_tune::gptoss_experts_bwd_act", _gptoss_experts_bwd_act)
@@ -363,7 +363,7 @@ def _gptoss_experts_bwd_up(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (d hidden, d gate_up_w); one not asked for comes back as an empty tensor."""
     return backward_up(d_gate_up_out, hidden, x_sorted, gate_up_w, expert_offsets, sorted_slots, topk,
-                       need_hidden=need_hidden, need_gate_up=need_gate_up, traced=True)
+                       need_hidden=need_hidden, need_gate_up=need_gate_up, in_op=True)
 
 
 gptoss_experts_bwd_up = launch.register_op("moe_tune::gptoss_experts_bwd_up", _gptoss_experts_bwd_up)
@@ -378,7 +378,7 @@ def _gptoss_experts_bwd_down(
     topk: int,
 ) -> torch.Tensor:
     """Returns d down_w."""
-    return backward_down(weighted_act, g_sorted, down_w, expert_offsets, sorted_slots, topk, traced=True)
+    return backward_down(weighted_act, g_sorted, down_w, expert_offsets, sorted_slots, topk, in_op=True)
 
 
 gptoss_experts_bwd_down = launch.register_op("moe_tune::gptoss_experts_bwd_down", _gptoss_experts_bwd_down)
@@ -450,7 +450,7 @@ class _EagerBlock(torch.autograd.Function):
     def forward(ctx, hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, limit, alpha, sort_x):
         out, h, x_sorted, offsets, slots = forward(hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index,
                                                    top_k_weights, limit=limit, alpha=alpha, sort_x=sort_x,
-                                                   traced=False)
+                                                   in_op=False)
         ctx.handed = hands_over()
         ctx.save_for_backward(None if sort_x else hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_weights,
                               offsets, slots, *(() if ctx.handed else (h, x_sorted)))

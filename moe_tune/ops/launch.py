@@ -3,7 +3,7 @@ how an op body that torch.compile sees launches them.
 
 ``grouped_mm`` and ``grouped_mm_dw`` turn tensors, a ``Routing`` and a ``KernelConfig`` into one
 persistent-grid launch; they check nothing (callers validate: ``moe_tune.ops.grouped_gemm`` for
-the public single-GEMM API, ``moe_tune.ops.block`` for the experts block). ``traced=True`` marks
+the public single-GEMM API, ``moe_tune.ops.block`` for the experts block). ``in_op=True`` marks
 a call made from a ``torch.library`` op body (``register_op``).
 
 The ops torch.compile sees (``register_op``) are opaque ``torch.library.custom_op``s: Inductor calls
@@ -35,7 +35,7 @@ INTERPRETED = interpreting()
 
 def register_op(qualname: str, fn):
     """Register ``fn`` (type-annotated, no host sync, every kernel launched through
-    ``launch_kernel`` with ``traced=True``) as the opaque op ``qualname``, its own fake."""
+    ``launch_kernel`` with ``in_op=True``) as the opaque op ``qualname``, its own fake."""
     op = torch.library.custom_op(qualname, fn, mutates_args=())
     op.register_fake(fn)
     return op
@@ -135,11 +135,11 @@ def compiling_only() -> bool:
     return getattr(_compile_only, "on", False)
 
 
-def launch_kernel(kernel, traced: bool, grid: tuple, args: tuple, meta: dict, outputs: tuple) -> None:
+def launch_kernel(kernel, in_op: bool, grid: tuple, args: tuple, meta: dict, outputs: tuple) -> None:
     """Launch any of moe-tune's kernels: on a GPU through the kernel's cached launcher, in the
-    interpreter plainly. ``traced``: from an op body, ``outputs`` being the tensors the launch
+    interpreter plainly. ``in_op``: from an op body, ``outputs`` being the tensors the launch
     writes; the op's fake implementation (fake ``outputs``) launches nothing."""
-    if traced and any(is_fake(t) for t in outputs):
+    if in_op and any(is_fake(t) for t in outputs):
         return
     if compiling_only():
         kernel.warmup(*args, grid=grid, **meta)
@@ -153,7 +153,7 @@ def launch_kernel(kernel, traced: bool, grid: tuple, args: tuple, meta: dict, ou
 
 
 def grouped_mm(a, w, c, routing, weights, *, trans_w: bool, gather_a: bool, gather_div: int, scatter_c: bool,
-               cfg: KernelConfig, info: DeviceInfo, sorted_a=None, traced: bool = False) -> None:
+               cfg: KernelConfig, info: DeviceInfo, sorted_a=None, in_op: bool = False) -> None:
     """One launch of ``grouped_mm_kernel``: C = A·W[e]ᵀ (``trans_w``: A·W[e]) per expert, rows of A
     gathered as ``slot // gather_div`` when ``gather_a``, rows of C scattered to slot order when
     ``scatter_c``, multiplied by ``weights`` when given. ``sorted_a`` [M, RED], when given, receives
@@ -182,11 +182,11 @@ def grouped_mm(a, w, c, routing, weights, *, trans_w: bool, gather_a: bool, gath
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     outputs = (a, c) if sorted_a is None else (a, c, sorted_a)
-    launch_kernel(grouped_mm_kernel, traced, (info.sm_count,), args, meta, outputs)
+    launch_kernel(grouped_mm_kernel, in_op, (info.sm_count,), args, meta, outputs)
 
 
 def grouped_mm_dw(dy, x, dw, routing, weights, *, gather_dy: bool, dy_div: int, gather_x: bool, x_div: int,
-                  cfg: KernelConfig, info: DeviceInfo, traced: bool = False) -> None:
+                  cfg: KernelConfig, info: DeviceInfo, in_op: bool = False) -> None:
     """dW[e] = dY_eᵀ·X_e into ``dw`` [E, N, K]; a gathered row is ``slot // div``. With
     ``cfg.GATHER_COPY`` the gathered operands are first copied into expert order (folding the
     routing weight into dY's copy), so the kernel streams both through TMA."""
@@ -215,4 +215,4 @@ def grouped_mm_dw(dy, x, dw, routing, weights, *, gather_dy: bool, dy_div: int, 
         TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    launch_kernel(grouped_mm_dw_kernel, traced, (info.sm_count,), args, meta, (dy, dw))
+    launch_kernel(grouped_mm_dw_kernel, in_op, (info.sm_count,), args, meta, (dy, dw))

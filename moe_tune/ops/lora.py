@@ -152,7 +152,7 @@ class _EagerLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, gate_up_w, down_w, top_k_index, top_k_weights, up_a, up_b, down_a, down_b):
         out, h, l1, l2, offsets, slots = lora_block.forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights,
-                                                            up_a, up_b, down_a, down_b, traced=False)
+                                                            up_a, up_b, down_a, down_b, in_op=False)
         # X is read again only by dA1.
         ctx.save_for_backward(hidden if up_a is not None else None, gate_up_w, down_w, top_k_weights, h, l1, l2,
                               offsets, slots, up_a, up_b, down_a, down_b)
@@ -166,7 +166,7 @@ class _EagerLora(torch.autograd.Function):
         d_hidden, d_up_a, d_up_b, d_down_a, d_down_b, d_weights = lora_block.backward(
             grad_out, hidden, gate_up_w, down_w, top_k_weights, h, l1, l2, offsets, slots, up_a, up_b, down_a,
             down_b, need_hidden=need_hidden, need_up_a=need_up_a, need_up_b=need_up_b, need_down_a=need_down_a,
-            need_down_b=need_down_b, traced=False)
+            need_down_b=need_down_b, in_op=False)
         return (d_hidden if need_hidden else None, None, None, None, d_weights if need_weights else None,
                 d_up_a if need_up_a else None, d_up_b if need_up_b else None,
                 d_down_a if need_down_a else None, d_down_b if need_down_b else None)

@@ -92,7 +92,7 @@ def _rank(factor_a) -> int:
 # -------------------------------------------------------------------------------------------------
 
 
-def forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights, up_a, up_b, down_a, down_b, *, traced: bool):
+def forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights, up_a, up_b, down_a, down_b, *, in_op: bool):
     """``up_a`` [E, r1, H], ``up_b`` [E, 2I, r1] (scaled), ``down_a`` [E, r2, I], ``down_b``
     [E, H, r2] (scaled), contiguous; None where a projection has no LoRA. Returns (out [T, H],
     H [M, 2I], L1 [M, r1], L2 [M, r2], expert_offsets, sorted_slots), L1/L2 empty without LoRA."""
@@ -103,7 +103,7 @@ def forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights, up_a, up_b, d
     info = query_device(device)
     num_tokens = size_hint(T)
     cfg = lora_configs(E, H, I, k, dtype, _rank(up_a), _rank(down_a), num_tokens, info)
-    routing = build_routing(top_k_index, E, traced=traced)
+    routing = build_routing(top_k_index, E, in_op=in_op)
     weights = top_k_weights.reshape(M)
 
     # -- Up: base and LoRA parts of H summed, then SwiGLU ---------------------------------------
@@ -113,33 +113,33 @@ def forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights, up_a, up_b, d
     if up_a is None:
         launch.grouped_mm(hidden, gate_up_w, h, routing, None, trans_w=False, gather_a=True, gather_div=k,
                           scatter_c=False, cfg=block_configs(E, H, I, k, dtype, num_tokens, info)["up", "forward"],
-                          info=info, traced=traced)
-        swiglu_forward(h, act, traced=traced)
+                          info=info, in_op=in_op)
+        swiglu_forward(h, act, in_op=in_op)
     else:
         launch.grouped_mm(hidden, gate_up_w, h, routing, None, trans_w=False, gather_a=True, gather_div=k,
-                          scatter_c=False, cfg=cfg["up.forward"], info=info, traced=traced)
+                          scatter_c=False, cfg=cfg["up.forward"], info=info, in_op=in_op)
         l1 = _alloc((M, up_a.shape[1]), dtype, device)
         launch.grouped_mm(hidden, up_a, l1, routing, None, trans_w=False, gather_a=True, gather_div=k,
-                          scatter_c=False, cfg=cfg["up_a.forward"], info=info, traced=traced)
+                          scatter_c=False, cfg=cfg["up_a.forward"], info=info, in_op=in_op)
         h_lora = _alloc((M, 2 * I), dtype, device)
         launch.grouped_mm(l1, up_b, h_lora, routing, None, trans_w=False, gather_a=False, gather_div=1,
-                          scatter_c=False, cfg=cfg["up_b.forward"], info=info, traced=traced)
-        swiglu_forward(h, act, delta=h_lora, traced=traced)
+                          scatter_c=False, cfg=cfg["up_b.forward"], info=info, in_op=in_op)
+        swiglu_forward(h, act, delta=h_lora, in_op=in_op)
         del h_lora
 
     # -- Down: base rows, summed over the slots; LoRA rows into the same buffer, summed on top ----
     down_cfg = cfg.get("down.forward") or block_configs(E, H, I, k, dtype, num_tokens, info)["down", "forward"]
     rows = _alloc((M, H), dtype, device)
     launch.grouped_mm(act, down_w, rows, routing, weights, trans_w=False, gather_a=False, gather_div=1,
-                      scatter_c=True, cfg=down_cfg, info=info, traced=traced)
+                      scatter_c=True, cfg=down_cfg, info=info, in_op=in_op)
     out = rows.view(T, k, H).sum(1)
     l2 = _empty(hidden)
     if down_a is not None:
         l2 = _alloc((M, down_a.shape[1]), dtype, device)
         launch.grouped_mm(act, down_a, l2, routing, None, trans_w=False, gather_a=False, gather_div=1,
-                          scatter_c=False, cfg=cfg["down_a.forward"], info=info, traced=traced)
+                          scatter_c=False, cfg=cfg["down_a.forward"], info=info, in_op=in_op)
         launch.grouped_mm(l2, down_b, rows, routing, weights, trans_w=False, gather_a=False, gather_div=1,
-                          scatter_c=True, cfg=cfg["down_b.forward"], info=info, traced=traced)
+                          scatter_c=True, cfg=cfg["down_b.forward"], info=info, in_op=in_op)
         out += rows.view(T, k, H).sum(1)
     return out, h, l1, l2, routing.expert_offsets, routing.sorted_slots
 
@@ -151,7 +151,7 @@ def forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights, up_a, up_b, d
 
 def backward(grad_out, hidden, gate_up_w, down_w, top_k_weights, h, l1, l2, expert_offsets, sorted_slots,
              up_a, up_b, down_a, down_b, *, need_hidden: bool, need_up_a: bool, need_up_b: bool,
-             need_down_a: bool, need_down_b: bool, traced: bool):
+             need_down_a: bool, need_down_b: bool, in_op: bool):
     """Returns (d hidden [T, H], d up_a, d up_b, d down_a, d down_b, d top_k_weights [T, k]); a
     gradient not asked for comes back as an empty tensor. ``hidden`` may be empty when up_a is
     None (only dA1 reads it)."""
@@ -173,32 +173,32 @@ def backward(grad_out, hidden, gate_up_w, down_w, top_k_weights, h, l1, l2, expe
         d_act = _alloc((M, I), dtype, device)
         launch.grouped_mm(grad_out, down_w, d_act, routing, None, trans_w=True, gather_a=True, gather_div=k,
                           scatter_c=False, cfg=block_configs(E, H, I, k, dtype, num_tokens, info)["down", "dx"],
-                          info=info, traced=traced)
+                          info=info, in_op=in_op)
         d_weights = _alloc((T, k), top_k_weights.dtype, device)
-        swiglu_backward(d_act, h, weights, sorted_slots, d_h, d_weights, traced=traced)
+        swiglu_backward(d_act, h, weights, sorted_slots, d_h, d_weights, in_op=in_op)
         del d_act
     else:
         p = _alloc((M, down_a.shape[1]), dtype, device)
         launch.grouped_mm(grad_out, down_b, p, routing, None, trans_w=True, gather_a=True, gather_div=k,
-                          scatter_c=False, cfg=cfg["down_b.dx"], info=info, traced=traced)
+                          scatter_c=False, cfg=cfg["down_b.dx"], info=info, in_op=in_op)
         d_act_lora = _alloc((M, I), dtype, device)
         launch.grouped_mm(p, down_a, d_act_lora, routing, weights, trans_w=True, gather_a=False, gather_div=1,
-                          scatter_c=False, cfg=cfg["down_a.dx"], info=info, traced=traced)
+                          scatter_c=False, cfg=cfg["down_a.dx"], info=info, in_op=in_op)
         d_act = _alloc((M, I), dtype, device)
         launch.grouped_mm(grad_out, down_w, d_act, routing, None, trans_w=True, gather_a=True, gather_div=k,
-                          scatter_c=False, cfg=cfg["down.dx"], info=info, traced=traced)
+                          scatter_c=False, cfg=cfg["down.dx"], info=info, in_op=in_op)
         d_weights = _alloc((T, k), top_k_weights.dtype, device)
-        swiglu_backward(d_act, h, weights, sorted_slots, d_h, d_weights, lora=(d_act_lora, p, l2), traced=traced)
+        swiglu_backward(d_act, h, weights, sorted_slots, d_h, d_weights, lora=(d_act_lora, p, l2), in_op=in_op)
         del d_act_lora
         weighted_act = d_act  # swiglu_backward wrote w·A over dA_raw
         if need_down_b:
             d_down_b = _alloc(tuple(down_b.shape), dtype, device)
             launch.grouped_mm_dw(grad_out, l2, d_down_b, routing, weights, gather_dy=True, dy_div=k, gather_x=False,
-                                 x_div=1, cfg=cfg["down_b.dw"], info=info, traced=traced)
+                                 x_div=1, cfg=cfg["down_b.dw"], info=info, in_op=in_op)
         if need_down_a:
             d_down_a = _alloc(tuple(down_a.shape), dtype, device)
             launch.grouped_mm_dw(p, weighted_act, d_down_a, routing, None, gather_dy=False, dy_div=1, gather_x=False,
-                                 x_div=1, cfg=cfg["down_a.dw"], info=info, traced=traced)
+                                 x_div=1, cfg=cfg["down_a.dw"], info=info, in_op=in_op)
         del p, d_act, weighted_act
 
     # -- Up: dL1 = dH·B̃1, the LoRA weight gradients, then dX --------------------------------------
@@ -207,25 +207,25 @@ def backward(grad_out, hidden, gate_up_w, down_w, top_k_weights, h, l1, l2, expe
         if need_hidden or need_up_a:
             q = _alloc((M, up_a.shape[1]), dtype, device)
             launch.grouped_mm(d_h, up_b, q, routing, None, trans_w=True, gather_a=False, gather_div=1,
-                              scatter_c=False, cfg=cfg["up_b.dx"], info=info, traced=traced)
+                              scatter_c=False, cfg=cfg["up_b.dx"], info=info, in_op=in_op)
         if need_up_b:
             d_up_b = _alloc(tuple(up_b.shape), dtype, device)
             launch.grouped_mm_dw(d_h, l1, d_up_b, routing, None, gather_dy=False, dy_div=1, gather_x=False, x_div=1,
-                                 cfg=cfg["up_b.dw"], info=info, traced=traced)
+                                 cfg=cfg["up_b.dw"], info=info, in_op=in_op)
         if need_up_a:
             d_up_a = _alloc(tuple(up_a.shape), dtype, device)
             launch.grouped_mm_dw(q, hidden, d_up_a, routing, None, gather_dy=False, dy_div=1, gather_x=True, x_div=k,
-                                 cfg=cfg["up_a.dw"], info=info, traced=traced)
+                                 cfg=cfg["up_a.dw"], info=info, in_op=in_op)
     d_hidden = _empty(grad_out)
     if need_hidden:
         up_dx_cfg = cfg.get("up.dx") or block_configs(E, H, I, k, dtype, num_tokens, info)["up", "dx"]
         rows = _alloc((M, H), dtype, device)
         launch.grouped_mm(d_h, gate_up_w, rows, routing, None, trans_w=True, gather_a=False, gather_div=1,
-                          scatter_c=True, cfg=up_dx_cfg, info=info, traced=traced)
+                          scatter_c=True, cfg=up_dx_cfg, info=info, in_op=in_op)
         del d_h
         d_hidden = rows.view(T, k, H).sum(1)
         if q is not None:
             launch.grouped_mm(q, up_a, rows, routing, None, trans_w=True, gather_a=False, gather_div=1,
-                              scatter_c=True, cfg=cfg["up_a.dx"], info=info, traced=traced)
+                              scatter_c=True, cfg=cfg["up_a.dx"], info=info, in_op=in_op)
             d_hidden += rows.view(T, k, H).sum(1)
     return d_hidden, d_up_a, d_up_b, d_down_a, d_down_b, d_weights

@@ -30,7 +30,7 @@ def _moe_experts_lora_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out [T, H], H [M, 2I], L1 [M, r1], L2 [M, r2], expert_offsets [E+1], sorted_slots [M])."""
     return lora_block.forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights, up_a, up_b, down_a, down_b,
-                              traced=True)
+                              in_op=True)
 
 
 moe_experts_lora_fwd = register_op("moe_tune::moe_experts_lora_fwd", _moe_experts_lora_fwd)
@@ -62,7 +62,7 @@ def _moe_experts_lora_bwd(
     return lora_block.backward(grad_out, hidden, gate_up_w, down_w, top_k_weights, gate_up_out, l1, l2,
                                expert_offsets, sorted_slots, up_a, up_b, down_a, down_b, need_hidden=need_hidden,
                                need_up_a=need_up_a, need_up_b=need_up_b, need_down_a=need_down_a,
-                               need_down_b=need_down_b, traced=True)
+                               need_down_b=need_down_b, in_op=True)
 
 
 moe_experts_lora_bwd = register_op("moe_tune::moe_experts_lora_bwd", _moe_experts_lora_bwd)

@@ -107,7 +107,7 @@ class _EagerBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, gate_up_w, down_w, top_k_index, top_k_weights):
-        out, h, offsets, slots = block.forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights, traced=False)
+        out, h, offsets, slots = block.forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights, in_op=False)
         ctx.handed = block.hands_over()
         ctx.save_for_backward(hidden, gate_up_w, down_w, top_k_weights, offsets, slots, *(() if ctx.handed else (h,)))
         ctx.h = block.hand_over(h) if ctx.handed else None

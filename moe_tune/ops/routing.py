@@ -61,11 +61,11 @@ def check_routing_args(top_k_index, top_k_weights, num_tokens: int, num_experts:
         raise InvalidInputError(f"top_k_weights must be [T, k] = {[T, k]}, got {list(top_k_weights.shape)}")
 
 
-def build_routing(top_k_index: torch.Tensor, num_experts: int, *, traced: bool = False,
+def build_routing(top_k_index: torch.Tensor, num_experts: int, *, in_op: bool = False,
                   method: str | None = None) -> Routing:
     """Sort token slots by expert. Shapes only are read on the host; no ``.item()``.
 
-    ``traced``: called from a torch.library op body (see ``moe_tune.ops.launch``). ``method``:
+    ``in_op``: called from a torch.library op body (see ``moe_tune.ops.launch``). ``method``:
     ``"kernel"`` or ``"sort"`` to force one way (tests); default by ``KERNEL_MAX_WORK``."""
     if top_k_index.dim() != 2:
         raise InvalidInputError(f"top_k_index must be [T, k], got shape {tuple(top_k_index.shape)}")
@@ -83,7 +83,7 @@ def build_routing(top_k_index: torch.Tensor, num_experts: int, *, traced: bool =
         slots = torch.empty(ids.numel(), dtype=torch.int32, device=ids.device)
         from moe_tune.ops.launch import launch_kernel
 
-        launch_kernel(routing_kernel, traced, (num_experts + 1,), (ids, offsets, slots, ids.numel()),
+        launch_kernel(routing_kernel, in_op, (num_experts + 1,), (ids, offsets, slots, ids.numel()),
                       dict(BLOCK=_ROUTING_BLOCK, num_warps=4), (offsets, slots))
         return Routing(offsets, slots, num_tokens, topk)
     # One stable sort gives both outputs: its permutation is the slot order, and the offsets are

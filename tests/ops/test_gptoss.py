@@ -208,7 +208,7 @@ def test_clamps_decide_on_the_stored_h():
 
 def test_op_bodies_launch_nothing_eagerly_on_fake_tensors(monkeypatch):
     # torch.compile runs the op bodies on fake tensors, which have no data pointer: every launch
-    # must go through launch.launch_kernel with traced=True (skipped on fakes). The routing
+    # must go through launch.launch_kernel with in_op=True (skipped on fakes). The routing
     # kernel launched eagerly from the forward body failed compiling on an H200 with "Cannot
     # access data pointer of Tensor (e.g. FakeTensor...)".
     def eager_launch(self, *args, **kwargs):
@@ -256,7 +256,7 @@ def test_up_dw_gathers_x_when_its_sorted_rows_were_not_kept():
     T, H, I, E, k = 7, 32, 16, 4, 2
     inputs = make_block(T, H, I, E, k, torch.float32)
     args = tuple(inputs[n] for n in NAMES)
-    _, h, x_sorted, offsets, slots = gptoss.forward(*args, limit=LIMIT, alpha=ALPHA, sort_x=True, traced=False)
+    _, h, x_sorted, offsets, slots = gptoss.forward(*args, limit=LIMIT, alpha=ALPHA, sort_x=True, in_op=False)
     grad_out = torch.randn(T, H)
     needs = dict(need_hidden=False, need_gate_up=True, need_down=False, need_down_b=False, need_weights=False)
     weights = tuple(inputs[n] for n in ("gate_up_w", "gate_up_b", "down_w", "down_b", "top_k_weights"))
