@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +21,6 @@ from triton.testing import do_bench
 
 from moe_tune.device import query_device
 from moe_tune.ops import block, launch
-from moe_tune.ops.moe_experts import moe_experts
 from moe_tune.ops.routing import build_routing, random_routing
 from moe_tune.problem import KernelConfig, MoeShape
 
@@ -250,9 +248,9 @@ def host_overhead(shape: MoeShape, results: dict, T=128, iters=20):
     results["host"] = rows
 
 
-def breakdown(shape: MoeShape, T: int, results: dict):
-    from torch.profiler import ProfilerActivity, profile
-
+def moe_tune_case(shape: MoeShape, T: int):
+    """(block, experts module set to moe-tune, x, top_k_index, top_k_weights, output gradient,
+    leaves) at ``T`` tokens: the routing from the block's own router, run once."""
     blk = build_experts(shape)
     experts = blk.experts
     experts.config._experts_implementation = "moe_tune"
@@ -260,8 +258,13 @@ def breakdown(shape: MoeShape, T: int, results: dict):
     with torch.no_grad():
         _, w, idx = blk.gate(x)
     w = w.detach().requires_grad_()
-    grad = torch.randn_like(x)
-    leaves = [x, w, experts.gate_up_proj, experts.down_proj]
+    return blk, experts, x, idx, w, torch.randn_like(x), [x, w, experts.gate_up_proj, experts.down_proj]
+
+
+def breakdown(shape: MoeShape, T: int, results: dict):
+    from torch.profiler import ProfilerActivity, profile
+
+    blk, experts, x, idx, w, grad, leaves = moe_tune_case(shape, T)
     for _ in range(3):
         experts(x, idx, w).backward(grad)
     torch.cuda.synchronize()

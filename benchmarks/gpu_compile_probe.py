@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpu_block_probe import SHAPES, build_experts, time_block  # noqa: E402
+from gpu_block_probe import SHAPES, moe_tune_case, time_block  # noqa: E402
 
 
 def kernel_table(shape, T: int, compiled: bool, calls: int = 5) -> list[tuple[str, int, float]]:
@@ -31,16 +31,8 @@ def kernel_table(shape, T: int, compiled: bool, calls: int = 5) -> list[tuple[st
     from torch.profiler import ProfilerActivity, profile
 
     torch._dynamo.reset()
-    blk = build_experts(shape)
-    experts = blk.experts
-    experts.config._experts_implementation = "moe_tune"
+    blk, experts, x, idx, w, grad, leaves = moe_tune_case(shape, T)
     module = torch.compile(experts, fullgraph=True) if compiled else experts
-    x = torch.randn(T, shape.H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    with torch.no_grad():
-        _, w, idx = blk.gate(x)
-    w = w.detach().requires_grad_()
-    grad = torch.randn_like(x)
-    leaves = [x, w, experts.gate_up_proj, experts.down_proj]
     for _ in range(3):
         module(x, idx, w).backward(grad)
     torch.cuda.synchronize()

@@ -95,33 +95,30 @@ def _runs_fused(module: torch.nn.Module) -> bool:
     return implementation in _FUSED_IMPLEMENTATIONS
 
 
-def _check_supported(wrapper, adapters: list[str]) -> None:
+def _unsupported(wrapper, adapters: list[str]) -> str | None:
+    """Why moe-tune cannot run these active adapters of ``wrapper`` (None: it can)."""
     where = f"LoRA on {type(wrapper.get_base_layer()).__name__}.{wrapper.parameter_name}"
     if len(adapters) > 1:
-        raise UnsupportedLoraAdapter(
-            f"{where}: experts_implementation='moe_tune' runs one active adapter, got {len(adapters)} "
-            f"({', '.join(adapters)}); activate one (model.set_adapter(name)) or merge the others first")
+        return (f"{where}: experts_implementation='moe_tune' runs one active adapter, got {len(adapters)} "
+                f"({', '.join(adapters)}); activate one (model.set_adapter(name)) or merge the others first")
     adapter = adapters[0]
     if wrapper.use_dora.get(adapter) or adapter in getattr(wrapper, "lora_variant", {}):
-        raise UnsupportedLoraAdapter(f"{where}: DoRA and other LoRA variants are not supported by the fused path")
+        return f"{where}: DoRA and other LoRA variants are not supported by the fused path"
     dropout = wrapper.lora_dropout[adapter]
     if not isinstance(dropout, torch.nn.Identity) and getattr(dropout, "p", 1.0) != 0:
-        raise UnsupportedLoraAdapter(f"{where}: LoRA dropout must be 0 (dropout acts on x before A, which the fused "
-                                     "path never materialises per expert)")
+        return (f"{where}: LoRA dropout must be 0 (dropout acts on x before A, which the fused path never "
+                "materialises per expert)")
     if wrapper.lora_bias.get(adapter):
-        raise UnsupportedLoraAdapter(f"{where}: a LoRA bias (lora_bias=True) is not supported")
+        return f"{where}: a LoRA bias (lora_bias=True) is not supported"
+    return None
 
 
 def _foldable(wrapper, adapters: list[str]) -> bool:
-    """Whether ``folded_weights`` computes what PEFT would for an ``[E, K, N]`` weight: PEFT's own
-    one-adapter fold (``_LoraFactorsProxy``), which it uses for one adapter on weights that are
-    not of a float8 type, and a plain adapter (no variant, dropout or bias)."""
-    adapter = adapters[0]
-    dropout = wrapper.lora_dropout[adapter]
-    return (len(adapters) == 1 and wrapper.num_experts > 1 and wrapper.get_param().dtype in _FOLD_DTYPES
-            and not wrapper.use_dora.get(adapter) and adapter not in getattr(wrapper, "lora_variant", {})
-            and (isinstance(dropout, torch.nn.Identity) or getattr(dropout, "p", 1.0) == 0)
-            and not wrapper.lora_bias.get(adapter))
+    """Whether ``folded_weights`` computes what PEFT would for an ``[E, K, N]`` weight: a plain
+    adapter (``_unsupported`` finds nothing) that PEFT itself folds (``_LoraFactorsProxy``: one
+    adapter, weights not of a float8 type)."""
+    return (_unsupported(wrapper, adapters) is None and wrapper.num_experts > 1
+            and wrapper.get_param().dtype in _FOLD_DTYPES)
 
 
 @contextlib.contextmanager
@@ -134,7 +131,9 @@ def _activate_lora(wrapper, active_adapters: list[str]):
             yield
         return
     if wrapper._did_swap_in_out_features:
-        _check_supported(wrapper, adapters)
+        reason = _unsupported(wrapper, adapters)
+        if reason is not None:
+            raise UnsupportedLoraAdapter(reason)
     elif not _foldable(wrapper, adapters):
         with _peft_activate_lora(wrapper, active_adapters):
             yield

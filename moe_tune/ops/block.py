@@ -156,6 +156,15 @@ def block_configs(E: int, H: int, I: int, topk: int, dtype: torch.dtype, num_tok
     return configs_for(_problems, E, H, I, topk, dtype, num_tokens, info)
 
 
+def part_context(configs_of, E: int, H: int, I: int, k: int, T, dtype: torch.dtype, device: torch.device,
+                 expert_offsets: torch.Tensor, sorted_slots: torch.Tensor) -> tuple[DeviceInfo, dict, Routing]:
+    """(device info, ``configs_of``'s configs, the forward's Routing) for one backward part:
+    each part runs as its own op under torch.compile, so each looks them up (dict hits)."""
+    info = query_device(device)
+    return (info, configs_of(E, H, I, k, dtype, size_hint(T), info),
+            Routing(expert_offsets, sorted_slots, T, k))
+
+
 # SwiGLU tiles: 4096 elements a program keeps 32 per thread at 4 warps, enough loads in flight
 # for a memory-bound pass; the I chunk stays at most 256 wide.
 _SWIGLU_TILE = 4096
@@ -244,9 +253,7 @@ def backward_act(grad_out: torch.Tensor, down_w: torch.Tensor, top_k_weights: to
     T = grad_out.shape[0]
     M = T * k
     device, dtype = grad_out.device, down_w.dtype
-    info = query_device(device)
-    cfg = block_configs(E, H, I, k, dtype, size_hint(T), info)
-    routing = Routing(expert_offsets, sorted_slots, T, k)
+    info, cfg, routing = part_context(block_configs, E, H, I, k, T, dtype, device, expert_offsets, sorted_slots)
     h = take(h)
 
     # -- Down dx, unweighted, reading G's token rows directly: dA_raw in expert order -------------
@@ -269,9 +276,7 @@ def backward_up(d_h, hidden: torch.Tensor, gate_up_w: torch.Tensor, expert_offse
     T = hidden.shape[0]
     M = T * k
     device, dtype = hidden.device, gate_up_w.dtype
-    info = query_device(device)
-    cfg = block_configs(E, H, I, k, dtype, size_hint(T), info)
-    routing = Routing(expert_offsets, sorted_slots, T, k)
+    info, cfg, routing = part_context(block_configs, E, H, I, k, T, dtype, device, expert_offsets, sorted_slots)
     d_h = take(d_h)
 
     # -- Up dx: rows scattered to slot order, then the k slots of a token summed -----------------
@@ -301,9 +306,7 @@ def backward_down(grad_out: torch.Tensor, d_act: torch.Tensor, down_w: torch.Ten
     k = int(topk)
     T = grad_out.shape[0]
     device, dtype = grad_out.device, down_w.dtype
-    info = query_device(device)
-    cfg = block_configs(E, H, I, k, dtype, size_hint(T), info)
-    routing = Routing(expert_offsets, sorted_slots, T, k)
+    info, cfg, routing = part_context(block_configs, E, H, I, k, T, dtype, device, expert_offsets, sorted_slots)
     g_sorted = grad_out.index_select(0, sorted_slots // k)
     d_down = _alloc(tuple(down_w.shape), dtype, device)
     launch.grouped_mm_dw(g_sorted, d_act, d_down, routing, None, gather_dy=False, dy_div=1, gather_x=False,

@@ -63,9 +63,10 @@ from moe_tune.device import DeviceInfo, query_device
 from moe_tune.errors import InvalidInputError
 from moe_tune.kernels.gptoss import gptoss_act_fwd_kernel, gptoss_bwd_kernel, gptoss_combine_kernel
 from moe_tune.ops import launch
-from moe_tune.ops.block import claim, configs_for, hand_over, hands_over, resolve_config, size_hint, take
+from moe_tune.ops.block import (claim, configs_for, hand_over, hands_over, part_context, resolve_config, size_hint,
+                                take)
 from moe_tune.ops.grouped_gemm import DTYPE_NAMES
-from moe_tune.ops.routing import Routing, build_routing, check_routing_args
+from moe_tune.ops.routing import build_routing, check_routing_args
 from moe_tune.problem import KernelConfig, MoeShape, Problem
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -185,9 +186,7 @@ def backward_act(grad_out: torch.Tensor, gate_up_b: torch.Tensor, down_w: torch.
     T = grad_out.shape[0]
     M = T * k
     device, dtype = grad_out.device, down_w.dtype
-    info = query_device(device)
-    cfg = block_configs(E, H, I, k, dtype, size_hint(T), info)
-    routing = Routing(expert_offsets, sorted_slots, T, k)
+    info, cfg, routing = part_context(block_configs, E, H, I, k, T, dtype, device, expert_offsets, sorted_slots)
     h = take(h)
     grad_out = grad_out.contiguous()
     weights = top_k_weights.reshape(M)
@@ -233,10 +232,7 @@ def backward_up(d_h, hidden: torch.Tensor, x_sorted, gate_up_w: torch.Tensor, ex
     M = d_h.shape[0]
     T = M // k if k else 0
     device, dtype = d_h.device, gate_up_w.dtype
-    info = query_device(device)
-    num_tokens = size_hint(T)
-    cfg = block_configs(E, H, I, k, dtype, num_tokens, info)
-    routing = Routing(expert_offsets, sorted_slots, T, k)
+    info, cfg, routing = part_context(block_configs, E, H, I, k, T, dtype, device, expert_offsets, sorted_slots)
 
     # -- Up dx: dH·W1[e]ᵀ (W1 as stored is [H, 2I]: no trans_w), slot order, k slots summed -------
     d_hidden = d_h.new_empty(0)
@@ -255,7 +251,7 @@ def backward_up(d_h, hidden: torch.Tensor, x_sorted, gate_up_w: torch.Tensor, ex
             launch.grouped_mm_dw(x_sorted, d_h, d_gate_up, routing, None, gather_dy=False, dy_div=1,
                                  gather_x=False, x_div=1, cfg=cfg["up", "dw"], info=info, in_op=in_op)
         else:
-            dw_cfg = _plain_dw_config(E, H, I, k, dtype, num_tokens, info)
+            dw_cfg = _plain_dw_config(E, H, I, k, dtype, size_hint(T), info)
             launch.grouped_mm_dw(hidden, d_h, d_gate_up, routing, None, gather_dy=True, dy_div=k, gather_x=False,
                                  x_div=1, cfg=dw_cfg, info=info, in_op=in_op)
     return d_hidden, d_gate_up
@@ -269,9 +265,7 @@ def backward_down(weighted_act: torch.Tensor, g_sorted: torch.Tensor, down_w: to
     M = weighted_act.shape[0]
     T = M // k if k else 0
     device, dtype = weighted_act.device, down_w.dtype
-    info = query_device(device)
-    cfg = block_configs(E, H, I, k, dtype, size_hint(T), info)
-    routing = Routing(expert_offsets, sorted_slots, T, k)
+    info, cfg, routing = part_context(block_configs, E, H, I, k, T, dtype, device, expert_offsets, sorted_slots)
     d_down = _alloc(tuple(down_w.shape), dtype, device)
     launch.grouped_mm_dw(weighted_act, g_sorted, d_down, routing, None, gather_dy=False, dy_div=1,
                          gather_x=False, x_div=1, cfg=cfg["down", "dw"], info=info, in_op=in_op)

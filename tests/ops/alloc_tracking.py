@@ -1,10 +1,14 @@
 """Which buffers an experts block's body allocated, and whether each is still alive: the body's
 ``_alloc`` (already poisoned by the test module's fixture) wrapped to keep a weak reference to
-every buffer, with its shape, in allocation order."""
+every buffer, with its shape, in allocation order; and which are alive at each weight gradient."""
 
 from __future__ import annotations
 
 import weakref
+
+import torch
+
+from moe_tune.ops import launch
 
 
 def track_allocations(monkeypatch, module) -> list[tuple[tuple[int, ...], weakref.ref]]:
@@ -18,3 +22,24 @@ def track_allocations(monkeypatch, module) -> list[tuple[tuple[int, ...], weakre
 
     monkeypatch.setattr(module, "_alloc", tracking_alloc)
     return made
+
+
+def alive_at_each_dw(monkeypatch, module, fn, run, alive, *, compiled: bool):
+    """Run ``run(fn)`` (under ``torch.compile(fullgraph=True, backend="aot_eager")`` when
+    ``compiled``, compiled and warmed up before anything is recorded) and record ``alive(made)``
+    at each ``launch.grouped_mm_dw`` call, ``made`` being ``module``'s allocations so far.
+    Returns (the records, ``made``, what ``run`` returned)."""
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        run(fn)  # compiles: fake tensors pass through the bodies
+    made = track_allocations(monkeypatch, module)
+    seen = []
+    real_dw = launch.grouped_mm_dw
+
+    def checking_dw(*args, **kwargs):
+        seen.append(alive(made))
+        return real_dw(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "grouped_mm_dw", checking_dw)
+    return seen, made, run(fn)

@@ -16,7 +16,7 @@ import functools
 import pytest
 import torch
 import triton.runtime.interpreter
-from alloc_tracking import track_allocations
+from alloc_tracking import alive_at_each_dw, track_allocations
 from gptoss_reference import reference_rounded_h
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -397,27 +397,16 @@ def test_backward_frees_h_sorted_x_and_dh_before_the_down_weight_gradient(monkey
     the backward is three ops and the graph drops them as it goes. Either way H goes after the
     activation backward, X_s and dH after dW1, so none exists when dW2 (the last allocation) is
     made."""
-    from moe_tune.ops import launch
-
     T, H, I, E, k = 9, 40, 24, 4, 2
     inputs = make_block(T, H, I, E, k, torch.float32)
-    fn = gptoss_experts
-    if compiled:
-        torch._dynamo.reset()
-        fn = torch.compile(gptoss_experts, fullgraph=True, backend="aot_eager")
-        run_block(fn, inputs, torch.randn(T, H))  # compiles: fake tensors pass through the bodies
-    made = track_allocations(monkeypatch, gptoss)
-    seen = []
-    real_dw = launch.grouped_mm_dw
 
-    def checking_dw(*args, **kwargs):
-        # the forward's H and X_s, then the backward's dH
-        seen.append([ref() is not None for shape, ref in made if shape in ((T * k, 2 * I), (T * k, H))][:2] +
-                    [ref() is not None for shape, ref in made if shape == (T * k, 2 * I)][1:2])
-        return real_dw(*args, **kwargs)
+    def alive(made):  # the forward's H and X_s, then the backward's dH
+        return ([ref() is not None for shape, ref in made if shape in ((T * k, 2 * I), (T * k, H))][:2] +
+                [ref() is not None for shape, ref in made if shape == (T * k, 2 * I)][1:2])
 
-    monkeypatch.setattr(launch, "grouped_mm_dw", checking_dw)
-    out, grads = run_block(fn, inputs, torch.randn(T, H))
+    seen, made, (out, grads) = alive_at_each_dw(
+        monkeypatch, gptoss, gptoss_experts, lambda fn: run_block(fn, inputs, torch.randn(T, H)), alive,
+        compiled=compiled)
     assert [shape for shape, _ in made[:2]] == [(T * k, 2 * I), (T * k, H)]
     assert seen == [[False, True, True],  # dW1 reads X_s and dH; H is gone
                     [False, False, False]]  # dW2: all three gone

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from alloc_tracking import track_allocations
+from alloc_tracking import alive_at_each_dw, track_allocations
 
 from moe_tune.errors import InvalidInputError
 from moe_tune.ops import block, custom_ops
@@ -263,25 +263,11 @@ def test_backward_frees_h_and_dh_before_the_weight_gradients(monkeypatch, compil
     """Eager, H [M, 2I] is handed to the backward, not saved; under torch.compile the backward is
     three ops, and the graph drops H after the first. Either way H must be gone before dW1 and
     dH before dW2 (the block's memory peak is at the weight gradients)."""
-    from moe_tune.ops import launch
-
     T, H, I, E, k = 9, 40, 24, 4, 2
     inputs = make_block(T, H, I, E, k, torch.float32)
-    fn = moe_experts
-    if compiled:
-        torch._dynamo.reset()
-        fn = torch.compile(moe_experts, fullgraph=True, backend="aot_eager")
-        run_block(fn, inputs, torch.randn(T, H))  # compiles: fake tensors pass through the bodies
-    made = track_allocations(monkeypatch, block)
-    alive_at_dw = []
-    real_dw = launch.grouped_mm_dw
-
-    def checking_dw(*args, **kwargs):
-        alive_at_dw.append([ref() is not None for shape, ref in made if shape == (T * k, 2 * I)])
-        return real_dw(*args, **kwargs)
-
-    monkeypatch.setattr(launch, "grouped_mm_dw", checking_dw)
-    out, grads = run_block(fn, inputs, torch.randn(T, H))
+    alive_at_dw, _, (out, grads) = alive_at_each_dw(
+        monkeypatch, block, moe_experts, lambda fn: run_block(fn, inputs, torch.randn(T, H)),
+        lambda made: [ref() is not None for shape, ref in made if shape == (T * k, 2 * I)], compiled=compiled)
     # [M, 2I] buffers: the forward's H, then the backward's dH
     assert alive_at_dw == [[False, True], [False, False]]
     assert all(torch.isfinite(g).all() for g in grads.values())
