@@ -24,7 +24,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::moe_tune.erro
 # dtype, relative-error bound against float64: H, A, dA_raw, dH and the down output are rounded once each
 # (the gradients' reference rounds H too: where that moves a pre-activation across a clamp, the
 # gradient changes by all or nothing, 2-3% of d hidden in bf16, which no tolerance here covers).
-TOLERANCES = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
+# The kernels' H can still differ from the reference's rounded H by one unit where the float32 and
+# float64 sums round differently, and an element within that unit of ±7 flips its clamp: in fp16 at
+# the gpt-oss-20b shape that alone moved d hidden by 3.2e-3 (H100, 2026-11-28), hence 5e-3 there.
+TOLERANCES = {torch.bfloat16: 1.5e-2, torch.float16: 5e-3}
 # Per slot against the sum of the terms' magnitudes (bf16: 2^-8 ≈ 3.9e-3, fp16: 2^-11 ≈ 4.9e-4).
 WEIGHT_GRAD_TOLERANCES = {torch.bfloat16: 2e-2, torch.float16: 3e-3}
 LIMIT, ALPHA = 7.0, 1.702  # the released models' constants
