@@ -249,8 +249,6 @@ class MoeShape:
     def lora_rank_of(self, problem: Problem) -> int | None:
         """The rank r at which ``problem`` is one of the LoRA factors' GEMMs of this layer
         (``lora_problems(r)``, N = r or K = r, r below H and I); None otherwise."""
-        if self.layout != "concat":
-            return None
         for rank in sorted(r for r in {problem.N, problem.K} if 0 < r < min(self.H, self.I)):
             factors = [p for name, p in self.lora_problems(rank, problem.dtype).items() if "_" in name.split(".")[0]]
             if problem in factors:
@@ -264,18 +262,25 @@ class MoeShape:
         ``up_b``/``down_b`` the factors B ``[E, N, r]`` (K = r). Each is a plain problem whose
         flags describe the launch exactly, so the sweep tunes and the cache stores it like any
         other. The base up forward and down dx run without their fused epilogues (the LoRA terms
-        join H and dA before SwiGLU and its backward), and no base dW runs at all."""
+        join H and dA before SwiGLU and its backward), and no base dW runs at all. With the
+        gpt-oss layout (``moe_tune.ops.gptoss_lora``) the four base problems read the weights as
+        stored ([E, K, N], ``kn``) and write no expert-ordered rows (no base dW needs them); PEFT's
+        factors have the same per-expert shapes in both layouts, so their twelve are the same."""
         r = _as_pos_int(rank, "rank")
         E, H, I, k = self.E, self.H, self.I, self.topk
+        base_layout = "kn" if self.layout == "gpt_oss" else "nk"
 
         def problem(pass_: str, n: int, kk: int, **flags: bool) -> Problem:
             return Problem(pass_, E, n, kk, k, dtype, **flags)
 
+        def base(pass_: str, n: int, kk: int, **flags: bool) -> Problem:
+            return Problem(pass_, E, n, kk, k, dtype, weight_layout=base_layout, **flags)
+
         return {
-            "up.forward": problem("forward", 2 * I, H, gather=True),
-            "up.dx": problem("dx", 2 * I, H, gather=True),
-            "down.forward": problem("forward", H, I, scatter=True, weighted=True),
-            "down.dx": problem("dx", H, I, scatter=True),  # unweighted: dA_raw feeds the weight gradient
+            "up.forward": base("forward", 2 * I, H, gather=True),
+            "up.dx": base("dx", 2 * I, H, gather=True),
+            "down.forward": base("forward", H, I, scatter=True, weighted=True),
+            "down.dx": base("dx", H, I, scatter=True),  # unweighted: dA_raw feeds the weight gradient
             "up_a.forward": problem("forward", r, H, gather=True),  # L1 = X·A1ᵀ
             "up_a.dx": problem("dx", r, H, gather=True),  # dL1·A1, scattered to slot order
             "up_a.dw": problem("dw", r, H, gather=True),  # dL1ᵀ·X

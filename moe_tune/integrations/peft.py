@@ -21,16 +21,15 @@ module's class nor its parameters: for the duration of the wrapper's forward it 
 attribute on the experts module naming the active (wrapper, adapter) per weight, so torch.compile
 traces the whole forward (no graph break). moe-tune's ``experts_forward`` then reads
 
-* weights stored ``[E, N, K]`` (the Qwen3-MoE family): the frozen weights and those wrappers'
-  factors (``experts_weights``), and runs ``moe_tune.moe_experts(..., lora=...)``; W + ΔW is never
-  built;
-* weights stored ``[E, K, N]`` (gpt-oss): W + ΔW folded as PEFT folds it, one ``baddbmm`` per
-  weight (``folded_weights``), into moe-tune's gpt-oss block; the fused LoRA block is the
-  ``[E, N, K]`` one. Several adapters or float8 weights keep PEFT's own path there.
- What that trades: code other than the
-experts forward that reads ``module.gate_up_proj`` inside the wrapper's forward (a hook, say) sees
-the frozen weight, not PEFT's W + ΔW. Every other experts implementation keeps PEFT's original
-code path, untouched.
+the frozen weights and those wrappers' factors (``experts_weights``), and runs the fused LoRA
+block: ``moe_tune.moe_experts(..., lora=...)`` for weights stored ``[E, N, K]`` (the Qwen3-MoE
+family), ``gptoss_experts(..., lora=...)`` for weights stored ``[E, K, N]`` (gpt-oss). W + ΔW is
+never built. On gpt-oss, what the fused block cannot compute (several active adapters, float8
+weights, the rest below) keeps PEFT's own path, W + ΔW into the plain gpt-oss block, as long as
+neither weight of the module runs fused. What that trades: code other than the experts forward
+that reads ``module.gate_up_proj`` inside the wrapper's forward (a hook, say) sees the frozen
+weight, not PEFT's W + ΔW. Every other experts implementation keeps PEFT's original code path,
+untouched.
 
 The adapter's parameters stay PEFT's (the factors are views of ``lora_A``/``lora_B`` weights), so
 saving and loading adapters is PEFT's business as before. What the fused path cannot compute
@@ -86,8 +85,8 @@ def install(implementation: str) -> bool:
 # tuple of (weight name, wrapper, adapter), set and restored by ``_activate_lora``.
 _ACTIVE = "_moe_tune_lora"
 
-# Weight dtypes PEFT folds one adapter into with a baddbmm (float8 types take its eager delta).
-_FOLD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Weight dtypes the fused block runs (PEFT's float8 expert weights keep its own path on gpt-oss).
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _runs_fused(module: torch.nn.Module) -> bool:
@@ -113,12 +112,11 @@ def _unsupported(wrapper, adapters: list[str]) -> str | None:
     return None
 
 
-def _foldable(wrapper, adapters: list[str]) -> bool:
-    """Whether ``folded_weights`` computes what PEFT would for an ``[E, K, N]`` weight: a plain
-    adapter (``_unsupported`` finds nothing) that PEFT itself folds (``_LoraFactorsProxy``: one
-    adapter, weights not of a float8 type)."""
+def _fusable_kn(wrapper, adapters: list[str]) -> bool:
+    """Whether the fused gpt-oss LoRA block runs this ``[E, K, N]`` weight's adapter: one plain
+    adapter (``_unsupported`` finds nothing) on a stack of experts in a dtype the kernels take."""
     return (_unsupported(wrapper, adapters) is None and wrapper.num_experts > 1
-            and wrapper.get_param().dtype in _FOLD_DTYPES)
+            and wrapper.get_param().dtype in _FUSED_DTYPES)
 
 
 @contextlib.contextmanager
@@ -134,7 +132,7 @@ def _activate_lora(wrapper, active_adapters: list[str]):
         reason = _unsupported(wrapper, adapters)
         if reason is not None:
             raise UnsupportedLoraAdapter(reason)
-    elif not _foldable(wrapper, adapters):
+    elif not _fusable_kn(wrapper, adapters):
         with _peft_activate_lora(wrapper, active_adapters):
             yield
         return
@@ -147,10 +145,13 @@ def _activate_lora(wrapper, active_adapters: list[str]):
         module._moe_tune_lora = outer
 
 
-def experts_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, MoeLora | None]:
+def experts_weights(module: torch.nn.Module, *, kn: bool = False) -> tuple[torch.Tensor, torch.Tensor,
+                                                                           MoeLora | None]:
     """(gate_up_w, down_w, lora) of a transformers experts module: the frozen weights and the
     active wrappers' factors where PEFT's LoRA is active (``_activate_lora``), else the
-    parameters as read (an unrelated parametrization applies as usual) and None."""
+    parameters as read (an unrelated parametrization applies as usual) and None. ``kn``: weights
+    stored [E, K, N] (gpt-oss), where PEFT's own parametrization (W + ΔW, an adapter the fused
+    block does not run) is read as is when no weight of the module runs fused."""
     factors = {}
     for name, wrapper, adapter in getattr(module, _ACTIVE, None) or ():
         factors[name] = LoraFactors.from_peft(wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight,
@@ -159,7 +160,15 @@ def experts_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor
         if not parametrize.is_parametrized(module, name):
             continue
         plist = module.parametrizations[name]
-        if name in factors or any(type(p).__module__.startswith("peft.") for p in plist):
+        peft_own = any(type(p).__module__.startswith("peft.") for p in plist)
+        if kn and peft_own and not factors:
+            continue
+        if kn and peft_own:
+            raise UnsupportedLoraAdapter(
+                f"{type(module).__name__}: the LoRA on {', '.join(sorted(factors))} runs fused but the one on {name} "
+                "takes PEFT's own path (several adapters, float8, dropout or another LoRA variant on it); give "
+                "both expert weights the same kind of adapter")
+        if name in factors or peft_own:
             raise UnsupportedLoraAdapter(
                 f"{type(module).__name__}.{name} carries PEFT's own LoRA parametrization (W + ΔW built every "
                 "forward) or another parametrization under the LoRA; call "
@@ -167,20 +176,3 @@ def experts_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor
                 "parametrizations off LoRA-targeted expert weights")
     lora = MoeLora(gate_up=factors.get("gate_up_proj"), down=factors.get("down_proj")) if factors else None
     return module.gate_up_proj, module.down_proj, lora
-
-
-def folded_weights(module: torch.nn.Module, names: tuple[str, ...]) -> list[torch.Tensor]:
-    """The ``names`` weights of an experts module as PEFT's active LoRA makes them: W + s·lhs·rhs
-    in W's dtype (PEFT's one-adapter fold, autocast off) where ``_activate_lora`` marked one
-    active, else the parameter as read."""
-    active = {name: (wrapper, adapter) for name, wrapper, adapter in getattr(module, _ACTIVE, None) or ()}
-    weights = []
-    for name in names:
-        weight = getattr(module, name)
-        if name in active:
-            wrapper, adapter = active[name]
-            lhs, rhs, scaling = wrapper.get_delta_factors(adapter)
-            with torch.autocast(device_type=weight.device.type, enabled=False):
-                weight = torch.baddbmm(weight, lhs, rhs, alpha=scaling)
-        weights.append(weight)
-    return weights

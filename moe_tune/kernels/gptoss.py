@@ -60,6 +60,7 @@ def _clamped_glu(gate, up, limit, alpha):
 def gptoss_act_fwd_kernel(
     # Pointers --------------------------------------------------------------------------------
     h_ptr,  # (M, 2I) expert order: X·W1[e] without its bias, gate/up interleaved
+    delta_ptr,  # (M, 2I) expert order: the LoRA part of H (HAS_DELTA), added into h
     b1_ptr,  # (E, 2I): gate_up_proj_bias, interleaved like h
     a_ptr,  # (M, I) expert order: the activation, the down GEMM's input
     sorted_slots_ptr,  # (M,) int32: token-slot id of each expert-ordered row
@@ -70,12 +71,14 @@ def gptoss_act_fwd_kernel(
     limit,  # swiglu_limit
     alpha,  # swiglu_alpha
     # Strides -----------------------------------------------------------------------------------
-    stride_h_m, stride_b1_e, stride_a_m,
+    stride_h_m, stride_delta_m, stride_b1_e, stride_a_m,
     # Meta-parameters ---------------------------------------------------------------------------
+    HAS_DELTA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Grid: (⌈M / BLOCK_M⌉, ⌈I / BLOCK_N⌉). A = clamped SwiGLU of (H + b1[e])."""
+    """Grid: (⌈M / BLOCK_M⌉, ⌈I / BLOCK_N⌉). A = clamped SwiGLU of (H + b1[e]); with HAS_DELTA,
+    H + delta is first stored over H (rounded as H is), so the backward reads the sum."""
     limit, alpha = _as_float32(limit), _as_float32(alpha)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -87,7 +90,16 @@ def gptoss_act_fwd_kernel(
     cols2 = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
     mask2 = row_mask[:, None] & (cols2 < 2 * inter)[None, :]
 
-    gate, up = _load_pairs(h_ptr, rows, stride_h_m, cols2, mask2)
+    if HAS_DELTA:
+        h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h_m + cols2[None, :]
+        total = tl.load(h_ptrs, mask=mask2, other=0.0).to(tl.float32)
+        total += tl.load(delta_ptr + rows.to(tl.int64)[:, None] * stride_delta_m + cols2[None, :], mask=mask2,
+                         other=0.0).to(tl.float32)
+        total = total.to(h_ptr.dtype.element_ty)
+        tl.store(h_ptrs, total, mask=mask2)
+        gate, up = tl.split(tl.reshape(total.to(tl.float32), [BLOCK_M, BLOCK_N, 2]))
+    else:
+        gate, up = _load_pairs(h_ptr, rows, stride_h_m, cols2, mask2)
     b_gate, b_up = _bias_pairs(b1_ptr, experts, stride_b1_e, cols2, mask2)
     a, _g, _u, _sig = _clamped_glu(gate + b_gate, up + b_up, limit, alpha)
 
@@ -99,6 +111,7 @@ def gptoss_act_fwd_kernel(
 def gptoss_combine_kernel(
     # Pointers --------------------------------------------------------------------------------
     y_ptr,  # (T·k, H) slot order: w · A·W2[e] per slot (the down GEMM, weighted in its epilogue)
+    y2_ptr,  # (T·k, H) slot order, HAS_Y2: a second term per slot (the down LoRA's w · L2·B̃2ᵀ)
     b2_ptr,  # (E, H): down_proj_bias
     weights_ptr,  # (T·k,): routing weight of each slot
     top_k_index_ptr,  # (T·k,) int32 or int64
@@ -108,13 +121,14 @@ def gptoss_combine_kernel(
     hidden,  # H
     topk,  # k
     # Strides -----------------------------------------------------------------------------------
-    stride_y_m, stride_b2_e, stride_out_t,
+    stride_y_m, stride_y2_m, stride_b2_e, stride_out_t,
     # Meta-parameters ---------------------------------------------------------------------------
+    HAS_Y2: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Grid: (⌈T / BLOCK_T⌉, ⌈H / BLOCK_N⌉). out[t] = Σ_j (Y[t·k+j] + w[t,j]·b2[e_tj]), summed in
-    float32: the bias joins the k-slot sum the block needs anyway, so it costs no pass."""
+    """Grid: (⌈T / BLOCK_T⌉, ⌈H / BLOCK_N⌉). out[t] = Σ_j (Y[t·k+j] (+ Y2[t·k+j]) + w[t,j]·b2[e_tj]),
+    summed in float32: the bias joins the k-slot sum the block needs anyway, so it costs no pass."""
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -129,19 +143,25 @@ def gptoss_combine_kernel(
         y = tl.load(y_ptr + slots[:, None] * stride_y_m + cols[None, :], mask=mask, other=0.0)
         b = tl.load(b2_ptr + experts.to(tl.int64)[:, None] * stride_b2_e + cols[None, :], mask=mask, other=0.0)
         acc += y.to(tl.float32) + w[:, None] * b.to(tl.float32)
+        if HAS_Y2:
+            acc += tl.load(y2_ptr + slots[:, None] * stride_y2_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     out_ptrs = out_ptr + tokens.to(tl.int64)[:, None] * stride_out_t + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _act_bwd_tile(
-    d_act_ptr, h_ptr, b1_ptr, weights_ptr, sorted_slots_ptr, d_h_ptr, weighted_act_ptr, dsp_ptr, db1_ptr,
-    e, row_start, row_end, n_block, num_rows, inter, limit, alpha,
-    stride_da_m, stride_h_m, stride_b1_e, stride_dh_m, stride_wa_m, stride_db1_e,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    d_act_ptr, d_lora_ptr, p_ptr, l2_ptr, h_ptr, b1_ptr, weights_ptr, sorted_slots_ptr, d_h_ptr,
+    weighted_act_ptr, dsp_ptr, db1_ptr,
+    e, row_start, row_end, n_block, num_rows, inter, rank, limit, alpha,
+    stride_da_m, stride_dl_m, stride_p_m, stride_l2_m, stride_h_m, stride_b1_e, stride_dh_m, stride_wa_m,
+    stride_db1_e,
+    LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Columns [n, n+BLOCK_N) of I over every row of expert e: dH, w·A, the ⟨dA_raw, A⟩ part of
-    the routing-weight gradient and this column block of db1[e]."""
+    the routing-weight gradient and this column block of db1[e]. With LORA, dA gains the down
+    LoRA's (already weighted) dA_lora, and column block 0 adds ⟨P, L2⟩ to its partial: the LoRA
+    output's part of the routing-weight gradient."""
     cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < inter
     cols2 = n_block * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
@@ -168,11 +188,21 @@ def _act_bwd_tile(
 
         # d weight[slot] gets <dY·W2ᵀ, A> over I (this block's columns here, summed on the host
         # side in a fixed order) plus <dY, b2[e]> from the down-bias programs.
-        tl.store(dsp_ptr + n_block.to(tl.int64) * num_rows + slots, tl.sum(d_act * a, axis=1), mask=row_mask)
+        partial = tl.sum(d_act * a, axis=1)
+        d_a = d_act * w
+        if LORA:
+            d_a += tl.load(d_lora_ptr + rows64[:, None] * stride_dl_m + cols[None, :], mask=mask,
+                           other=0.0).to(tl.float32)
+            if n_block == 0:
+                r_cols = tl.arange(0, BLOCK_R)
+                r_mask = row_mask[:, None] & (r_cols < rank)[None, :]
+                p = tl.load(p_ptr + rows64[:, None] * stride_p_m + r_cols[None, :], mask=r_mask, other=0.0)
+                l2 = tl.load(l2_ptr + rows64[:, None] * stride_l2_m + r_cols[None, :], mask=r_mask, other=0.0)
+                partial += tl.sum(p.to(tl.float32) * l2.to(tl.float32), axis=1)
+        tl.store(dsp_ptr + n_block.to(tl.int64) * num_rows + slots, partial, mask=row_mask)
         tl.store(weighted_act_ptr + rows64[:, None] * stride_wa_m + cols[None, :],
                  (w * a).to(weighted_act_ptr.dtype.element_ty), mask=mask)
 
-        d_a = d_act * w
         # Clamped elements pass no gradient (torch.clamp's rule: the limits themselves pass).
         d_up = tl.where((up >= -limit) & (up <= limit), d_a * g * sig, 0.0)
         d_gate = tl.where(gate <= limit, d_a * (u + 1.0) * sig * (1.0 + alpha * g * (1.0 - sig)), 0.0)
@@ -217,6 +247,9 @@ def _down_bias_bwd_tile(
 def gptoss_bwd_kernel(
     # Pointers --------------------------------------------------------------------------------
     d_act_ptr,  # (M, I) expert order: dY[slot // k]·W2[e]ᵀ, the unweighted gradient of A
+    d_lora_ptr,  # (M, I) expert order, LORA: w·P·A2, the down LoRA's part of dA
+    p_ptr,  # (M, r) expert order, LORA: P = dY[slot // k]·B̃2
+    l2_ptr,  # (M, r) expert order, LORA: L2 = A·A2ᵀ (the forward's)
     h_ptr,  # (M, 2I) expert order: the forward's X·W1[e] without bias, interleaved
     b1_ptr,  # (E, 2I)
     g_ptr,  # (T, H): dY, the gradient of the block's output
@@ -234,15 +267,18 @@ def gptoss_bwd_kernel(
     inter,  # I
     hidden,  # H
     topk,  # k
+    rank,  # r of the down LoRA (LORA)
     limit,
     alpha,
     # Strides -----------------------------------------------------------------------------------
-    stride_da_m, stride_h_m, stride_b1_e, stride_g_t, stride_b2_e, stride_dh_m, stride_wa_m,
-    stride_db1_e, stride_db2_e,
+    stride_da_m, stride_dl_m, stride_p_m, stride_l2_m, stride_h_m, stride_b1_e, stride_g_t, stride_b2_e,
+    stride_dh_m, stride_wa_m, stride_db1_e, stride_db2_e,
     # Meta-parameters ---------------------------------------------------------------------------
     I_BLOCKS: tl.constexpr,  # ⌈I / BLOCK_N⌉: programs along dim 0 below it do the activation
+    LORA: tl.constexpr,  # the down projection carries LoRA (d_lora, P, L2 are read)
     BLOCK_M: tl.constexpr,  # rows per step of a program's loop over its expert
     BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # ≥ rank, a power of two ≥ 16
 ):
     """Grid: (I_BLOCKS + ⌈H / BLOCK_N⌉ (or just I_BLOCKS when neither db2 nor the routing-weight
     gradient is wanted), E). Each program owns one expert and one column block and walks the
@@ -256,10 +292,10 @@ def gptoss_bwd_kernel(
     row_start = tl.load(expert_offsets_ptr + e)
     row_end = tl.load(expert_offsets_ptr + e + 1)
     if pid_n < I_BLOCKS:
-        _act_bwd_tile(d_act_ptr, h_ptr, b1_ptr, weights_ptr, sorted_slots_ptr, d_h_ptr, weighted_act_ptr, dsp_ptr,
-                      db1_ptr, e, row_start, row_end, pid_n, num_rows, inter, limit, alpha,
-                      stride_da_m, stride_h_m, stride_b1_e, stride_dh_m, stride_wa_m, stride_db1_e,
-                      BLOCK_M, BLOCK_N)
+        _act_bwd_tile(d_act_ptr, d_lora_ptr, p_ptr, l2_ptr, h_ptr, b1_ptr, weights_ptr, sorted_slots_ptr, d_h_ptr,
+                      weighted_act_ptr, dsp_ptr, db1_ptr, e, row_start, row_end, pid_n, num_rows, inter, rank,
+                      limit, alpha, stride_da_m, stride_dl_m, stride_p_m, stride_l2_m, stride_h_m, stride_b1_e,
+                      stride_dh_m, stride_wa_m, stride_db1_e, LORA, BLOCK_M, BLOCK_N, BLOCK_R)
     else:
         _down_bias_bwd_tile(g_ptr, b2_ptr, weights_ptr, sorted_slots_ptr, dsp_ptr, db2_ptr,
                             e, row_start, row_end, pid_n - I_BLOCKS, pid_n, num_rows, hidden, topk,

@@ -55,6 +55,7 @@ annotations' runtime values.
 """
 
 import functools
+from typing import Optional
 
 import torch
 import triton
@@ -66,6 +67,7 @@ from moe_tune.ops import launch
 from moe_tune.ops.block import (claim, configs_for, hand_over, hands_over, part_context, resolve_config, size_hint,
                                 take)
 from moe_tune.ops.grouped_gemm import DTYPE_NAMES
+from moe_tune.ops.lora import MoeLora
 from moe_tune.ops.routing import build_routing, check_routing_args
 from moe_tune.problem import KernelConfig, MoeShape, Problem
 
@@ -146,12 +148,7 @@ def forward(hidden: torch.Tensor, gate_up_w: torch.Tensor, gate_up_b: torch.Tens
 
     # -- Bias + interleaved clamped SwiGLU ------------------------------------------------------
     act = _alloc((M, I), dtype, device)
-    launch.launch_kernel(
-        gptoss_act_fwd_kernel, in_op, (triton.cdiv(M, ACT_BLOCK_M), triton.cdiv(I, ACT_BLOCK_N)),
-        (h, gate_up_b, act, routing.sorted_slots, flat_index, M, I, limit, alpha,
-         h.stride(0), gate_up_b.stride(0), act.stride(0)),
-        dict(BLOCK_M=ACT_BLOCK_M, BLOCK_N=ACT_BLOCK_N, num_warps=ELEMENTWISE_WARPS),
-        (act,))
+    activation(h, gate_up_b, act, routing.sorted_slots, flat_index, limit=limit, alpha=alpha, in_op=in_op)
 
     # -- Down GEMM on W2 as stored ([E, I, H]: trans_w), routing weight in the epilogue, slot order
     weights = top_k_weights.reshape(M)
@@ -160,13 +157,38 @@ def forward(hidden: torch.Tensor, gate_up_w: torch.Tensor, gate_up_b: torch.Tens
                       scatter_c=True, cfg=cfg["down", "forward"], info=info, in_op=in_op)
 
     # -- k-slot sum + routing-weighted down bias ---------------------------------------------------
-    out = _alloc((T, H), dtype, device)
+    out = combine(down_out, down_b, weights, flat_index, T, k, in_op=in_op)
+    return out, h, x_sorted, routing.expert_offsets, routing.sorted_slots
+
+
+def activation(h: torch.Tensor, gate_up_b: torch.Tensor, act: torch.Tensor, sorted_slots: torch.Tensor,
+               flat_index: torch.Tensor, *, limit: float, alpha: float, delta: torch.Tensor | None = None,
+               in_op: bool) -> None:
+    """``act`` [M, I] = clamped SwiGLU of (H + b1[e]) over expert-ordered rows; with ``delta``
+    [M, 2I], H += delta first (stored, so the backward reads the sum)."""
+    M, I = act.shape
+    other = delta if delta is not None else h
+    launch.launch_kernel(
+        gptoss_act_fwd_kernel, in_op, (triton.cdiv(M, ACT_BLOCK_M), triton.cdiv(I, ACT_BLOCK_N)),
+        (h, other, gate_up_b, act, sorted_slots, flat_index, M, I, limit, alpha,
+         h.stride(0), other.stride(0), gate_up_b.stride(0), act.stride(0)),
+        dict(HAS_DELTA=delta is not None, BLOCK_M=ACT_BLOCK_M, BLOCK_N=ACT_BLOCK_N, num_warps=ELEMENTWISE_WARPS),
+        (h, act))
+
+
+def combine(down_out: torch.Tensor, down_b: torch.Tensor, weights: torch.Tensor, flat_index: torch.Tensor, T, k: int,
+            *, extra: torch.Tensor | None = None, in_op: bool) -> torch.Tensor:
+    """out [T, H] = Σ_j (down_out (+ extra) + w·b2[e]) over each token's k slot rows."""
+    H = down_out.shape[1]
+    out = _alloc((T, H), down_out.dtype, down_out.device)
+    other = extra if extra is not None else down_out
     launch.launch_kernel(
         gptoss_combine_kernel, in_op, (triton.cdiv(T, COMBINE_BLOCK_T), triton.cdiv(H, COMBINE_BLOCK_N)),
-        (down_out, down_b, weights, flat_index, out, T, H, k, down_out.stride(0), down_b.stride(0), out.stride(0)),
-        dict(BLOCK_T=COMBINE_BLOCK_T, BLOCK_N=COMBINE_BLOCK_N, num_warps=ELEMENTWISE_WARPS),
+        (down_out, other, down_b, weights, flat_index, out, T, H, k, down_out.stride(0), other.stride(0),
+         down_b.stride(0), out.stride(0)),
+        dict(HAS_Y2=extra is not None, BLOCK_T=COMBINE_BLOCK_T, BLOCK_N=COMBINE_BLOCK_N, num_warps=ELEMENTWISE_WARPS),
         (out,))
-    return out, h, x_sorted, routing.expert_offsets, routing.sorted_slots
+    return out
 
 
 # -------------------------------------------------------------------------------------------------
@@ -189,7 +211,6 @@ def backward_act(grad_out: torch.Tensor, gate_up_b: torch.Tensor, down_w: torch.
     info, cfg, routing = part_context(block_configs, E, H, I, k, T, dtype, device, expert_offsets, sorted_slots)
     h = take(h)
     grad_out = grad_out.contiguous()
-    weights = top_k_weights.reshape(M)
 
     # -- Down dx: dA_raw = G·W2[e]ᵀ (W2 as stored is [I, H] per expert: no trans_w) --------------
     d_act = _alloc((M, I), dtype, device)
@@ -199,6 +220,24 @@ def backward_act(grad_out: torch.Tensor, gate_up_b: torch.Tensor, down_w: torch.
                       in_op=in_op)
 
     # -- Activation backward, both bias gradients, routing-weight gradient: one launch ------------
+    d_h, weighted_act, d_gate_up_b, d_down_b, d_weights = activation_backward(
+        d_act, h, gate_up_b, grad_out, down_b, top_k_weights, expert_offsets, sorted_slots, limit=limit,
+        alpha=alpha, need_down_b=need_down_b, need_weights=need_weights, in_op=in_op)
+    return d_h, weighted_act, g_sorted, d_gate_up_b, d_down_b, d_weights
+
+
+def activation_backward(d_act: torch.Tensor, h: torch.Tensor, gate_up_b: torch.Tensor, grad_out: torch.Tensor,
+                        down_b: torch.Tensor, top_k_weights: torch.Tensor, expert_offsets: torch.Tensor,
+                        sorted_slots: torch.Tensor, *, limit: float, alpha: float, need_down_b: bool,
+                        need_weights: bool, lora: tuple | None = None, in_op: bool):
+    """``gptoss_bwd_kernel`` over dA_raw [M, I] (expert order): returns (dH [M, 2I], w·A [M, I],
+    d gate_up_b, d down_b or empty, d top_k_weights [T, k] or empty). ``lora``: (dA_lora [M, I],
+    P [M, r], L2 [M, r]) of the down LoRA (``moe_tune.ops.gptoss_lora``)."""
+    M, I = d_act.shape
+    T, k = top_k_weights.shape
+    E, H = down_b.shape
+    device, dtype = d_act.device, d_act.dtype
+    weights = top_k_weights.reshape(M)
     with_down_bias = need_down_b or need_weights
     i_blocks, h_blocks = dsp_rows(I, H, with_down_bias)
     d_h = _alloc((M, 2 * I), dtype, device)
@@ -207,19 +246,23 @@ def backward_act(grad_out: torch.Tensor, gate_up_b: torch.Tensor, down_w: torch.
     d_gate_up_b = _alloc((E, 2 * I), gate_up_b.dtype, device)
     d_down_b = _alloc((E, H), down_b.dtype, device) if with_down_bias else grad_out.new_empty(0)
     db2_arg = d_down_b if with_down_bias else d_gate_up_b  # never written when h_blocks == 0
+    d_lora, p, l2 = lora if lora is not None else (d_act, d_act, d_act)
+    rank = p.shape[1] if lora is not None else 0
     launch.launch_kernel(
         gptoss_bwd_kernel, in_op, (i_blocks + h_blocks, E),
-        (d_act, h, gate_up_b, grad_out, down_b, weights, sorted_slots, expert_offsets,
+        (d_act, d_lora, p, l2, h, gate_up_b, grad_out, down_b, weights, sorted_slots, expert_offsets,
          d_h, weighted_act, dsp, d_gate_up_b, db2_arg,
-         M, I, H, k, limit, alpha,
-         d_act.stride(0), h.stride(0), gate_up_b.stride(0), grad_out.stride(0), down_b.stride(0), d_h.stride(0),
-         weighted_act.stride(0), d_gate_up_b.stride(0), db2_arg.stride(0)),
-        dict(I_BLOCKS=i_blocks, BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, num_warps=BWD_WARPS),
+         M, I, H, k, rank, limit, alpha,
+         d_act.stride(0), d_lora.stride(0), p.stride(0), l2.stride(0), h.stride(0), gate_up_b.stride(0),
+         grad_out.stride(0), down_b.stride(0), d_h.stride(0), weighted_act.stride(0), d_gate_up_b.stride(0),
+         db2_arg.stride(0)),
+        dict(I_BLOCKS=i_blocks, LORA=lora is not None, BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N,
+             BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=BWD_WARPS),
         (d_h, weighted_act, dsp, d_gate_up_b, d_down_b))
     d_weights = grad_out.new_empty(0)
     if need_weights:
         d_weights = dsp.sum(0).view(T, k).to(top_k_weights.dtype)
-    return d_h, weighted_act, g_sorted, d_gate_up_b, d_down_b, d_weights
+    return d_h, weighted_act, d_gate_up_b, d_down_b, d_weights
 
 
 def backward_up(d_h, hidden: torch.Tensor, x_sorted, gate_up_w: torch.Tensor, expert_offsets: torch.Tensor,
@@ -513,6 +556,7 @@ def gptoss_experts(
     *,
     limit: float,
     alpha: float,
+    lora: Optional[MoeLora] = None,
 ) -> torch.Tensor:
     """transformers' ``GptOssExperts`` forward: ``out[t] = Σ_j w[t,j]·(act(x_t·W1[e] + b1[e])·W2[e] + b2[e])``,
     ``e = top_k_index[t, j]``, ``act`` the interleaved clamped SwiGLU.
@@ -526,12 +570,21 @@ def gptoss_experts(
         top_k_index: ``[T, k]`` expert ids (int32 or int64), each in ``[0, E)``.
         top_k_weights: ``[T, k]`` routing weights.
         limit, alpha: the module's ``limit`` and ``alpha`` (config ``swiglu_limit``, ``swiglu_alpha``).
+        lora: LoRA factors on the frozen weights (``moe_tune.ops.lora.MoeLora``, factors per expert
+            A [r, K], B [N, r] as PEFT keeps them for these [E, K, N] weights): the block adds
+            ``scaling·(x·Aᵀ)·Bᵀ`` per expert without building W + ΔW (``moe_tune.ops.gptoss_lora``);
+            gradients flow to the factors, ``hidden``, the biases and ``top_k_weights``.
 
     Returns ``[T, H]`` in ``hidden``'s dtype. Gradients flow to ``hidden``, both weights, both
     biases and ``top_k_weights``; the activation passes none where a value was clamped.
     """
     _check(hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, limit, alpha)
     args = tuple(t.contiguous() for t in (hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights))
+    if lora is not None:
+        # The LoRA block is built on this module's bodies, so it is imported when first used.
+        from moe_tune.ops.gptoss_lora import gptoss_experts_lora
+
+        return gptoss_experts_lora(*args, lora, limit=limit, alpha=alpha)
     # Keep the expert-ordered rows of X for dW1 only when that gradient will be taken.
     sort_x = torch.is_grad_enabled() and gate_up_w.requires_grad
     if torch.compiler.is_compiling():

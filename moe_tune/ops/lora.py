@@ -80,12 +80,12 @@ class MoeLora:
     down: LoraFactors | None = None
 
 
-def _check_factors(name: str, factors, weight: torch.Tensor, hidden: torch.Tensor) -> None:
+def _check_factors(name: str, factors, weight: torch.Tensor, hidden: torch.Tensor, kn: bool) -> None:
     if factors is None:
         return
     if not isinstance(factors, LoraFactors):
         _fail(f"lora.{name} must be a moe_tune.ops.lora.LoraFactors or None, got {type(factors).__name__}")
-    E, N, K = weight.shape
+    E, N, K = (weight.shape[0], weight.shape[2], weight.shape[1]) if kn else weight.shape
     a, b = factors.lora_A, factors.lora_B
     for part, t in (("lora_A", a), ("lora_B", b)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -104,15 +104,16 @@ def _check_factors(name: str, factors, weight: torch.Tensor, hidden: torch.Tenso
         _fail(f"lora.{name}.scaling must be a finite number, got {scaling!r}")
 
 
-def check_lora(lora, gate_up_w: torch.Tensor, down_w: torch.Tensor, hidden: torch.Tensor) -> None:
+def check_lora(lora, gate_up_w: torch.Tensor, down_w: torch.Tensor, hidden: torch.Tensor, *, kn: bool = False) -> None:
     """``InvalidInputError`` unless ``lora`` fits the block's weights (the weights are already
-    checked by ``moe_experts``)."""
+    checked by the block's function). ``kn``: the weights are stored [E, K, N] (gpt-oss); the
+    factors are per expert A [r, K] and B [N, r] either way."""
     if not isinstance(lora, MoeLora):
         _fail(f"lora must be a moe_tune.ops.lora.MoeLora, got {type(lora).__name__}")
     if lora.gate_up is None and lora.down is None:
         _fail("lora must carry LoRA factors for gate_up, down or both")
-    _check_factors("gate_up", lora.gate_up, gate_up_w, hidden)
-    _check_factors("down", lora.down, down_w, hidden)
+    _check_factors("gate_up", lora.gate_up, gate_up_w, hidden, kn)
+    _check_factors("down", lora.down, down_w, hidden, kn)
     if torch.is_grad_enabled() and (gate_up_w.requires_grad or down_w.requires_grad):
         _fail("with lora, the base weights are frozen and get no gradient: call requires_grad_(False) on "
               "gate_up_w and down_w (or train them without lora)")
@@ -127,7 +128,7 @@ def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype, memory_format=torch.contiguous_format).contiguous()
 
 
-def _prepared(factors: LoraFactors | None, dtype: torch.dtype):
+def prepared(factors: LoraFactors | None, dtype: torch.dtype):
     """(A, s·B), contiguous in the weights' dtype; (None, None) without LoRA."""
     if factors is None:
         return None, None
@@ -138,8 +139,8 @@ def moe_experts_lora(hidden, gate_up_w, down_w, top_k_index, top_k_weights, lora
     """The block with LoRA; ``moe_tune.moe_experts(..., lora=lora)`` calls it after checking the
     block's own tensors (contiguous by then)."""
     check_lora(lora, gate_up_w, down_w, hidden)
-    up_a, up_b = _prepared(lora.gate_up, gate_up_w.dtype)
-    down_a, down_b = _prepared(lora.down, gate_up_w.dtype)
+    up_a, up_b = prepared(lora.gate_up, gate_up_w.dtype)
+    down_a, down_b = prepared(lora.down, gate_up_w.dtype)
     args = (hidden, gate_up_w, down_w, top_k_index, top_k_weights, up_a, up_b, down_a, down_b)
     if torch.compiler.is_compiling():
         return lora_ops.moe_experts_lora_fwd(*args)[0]

@@ -198,15 +198,15 @@ def sweep_command(problem: Problem) -> str | None:
     layout). The sweep tunes a layer's six problems from its shape: the up GEMM gathers with
     N = 2I, K = H; the down GEMM scatters with N = H, K = I. A LoRA factor's GEMM (N = r or
     K = r) names the preset whose LoRA block launches it and the rank; a gpt-oss problem (weights
-    stored [E, K, N]) the preset whose layer it is."""
+    stored [E, K, N]) the preset whose layer (or LoRA block) it is."""
+    lora = _lora_sweep_command(problem)
+    if lora is not None:
+        return lora
     if problem.weight_layout == "kn":  # gpt-oss: only a preset knows the layout (--shape means Qwen's)
         from moe_tune.models import list_presets
 
         return next((f"moe-tune sweep --model {preset.name} --dtype {problem.dtype}" for preset in list_presets()
                      if problem in preset.shape.problems(problem.dtype)), None)
-    lora = _lora_sweep_command(problem)
-    if lora is not None:
-        return lora
     if problem.gemm == "up" and problem.N % 2 == 0:
         H, I = problem.K, problem.N // 2
     elif problem.gemm == "down":
@@ -221,7 +221,7 @@ def _lora_sweep_command(problem: Problem) -> str | None:
 
     for preset in list_presets():
         shape = preset.shape
-        if (shape.layout, shape.E, shape.topk) != ("concat", problem.E, problem.topk):
+        if (shape.E, shape.topk) != (problem.E, problem.topk):
             continue
         command = f"moe-tune sweep --model {preset.name} --lora-rank {{}} --dtype {problem.dtype}"
         rank = shape.lora_rank_of(problem)

@@ -97,9 +97,6 @@ class SweepOptions:
                     f"{tokens[-1]} tokens would take hours; use --model tiny (and --tokens ≤ {_INTERPRETER_MAX_TOKENS})")
         if self.lora_only and not lora_ranks:
             raise InvalidInputError("--lora-only needs --lora-rank")
-        if lora_ranks and self.model.shape.layout != "concat":
-            raise InvalidInputError(f"--lora-rank: {self.model.name}'s {self.model.shape.layout} layout has no LoRA block "
-                                    f"to tune")
         if self.routing.kind == "trace":
             self.routing.load_trace(self.model.shape.E, self.model.shape.topk)  # fail now, not in a worker
         policy = self.policy or policy_for(space, exhaustive=self.exhaustive, interpreter=self.interpret)

@@ -9,6 +9,7 @@ models' pre-activations cross it on both sides; the kernels read it from the mod
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -199,36 +200,91 @@ def test_gpt_oss_subclass_with_another_gate_is_refused_by_name():
         experts(torch.randn(3, 32), torch.zeros(3, 2, dtype=torch.long), torch.rand(3, 2))
 
 
-def test_peft_lora_on_the_experts_compiles_and_matches_eager(block_calls):
+@pytest.fixture
+def lora_block_calls(monkeypatch) -> list[int]:
+    """Counts runs of the fused gpt-oss LoRA block's forward body (eager, and the compiled op's)."""
+    from moe_tune.ops import gptoss_lora
+
+    calls = []
+    body = gptoss_lora.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return body(*args, **kwargs)
+
+    monkeypatch.setattr(gptoss_lora, "forward", counted)
+    return calls
+
+
+def peft_model(peft, base, seed: int, impl: str, adapters=("default",)):
+    """``base`` under PEFT LoRA on both expert stacks (one adapter per name, the first active), B
+    drawn non-zero so the adapters contribute; the same seed gives the same adapters."""
+    torch.manual_seed(seed)  # PEFT draws lora_A from the global generator
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[],
+                           target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    model = peft.get_peft_model(copy.deepcopy(base), lora, adapter_name=adapters[0])
+    for name in adapters[1:]:
+        model.add_adapter(name, lora)
+    with torch.no_grad():  # lora_B starts at zero: give the adapters a real contribution
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.3)
+    model.base_model.model.set_experts_implementation(impl)
+    return model
+
+
+def test_peft_lora_on_the_experts_compiles_and_matches_eager(block_calls, lora_block_calls):
     """PEFT LoRA (``target_parameters``) on gpt-oss's expert stacks, eager and under torch.compile:
-    moe-tune folds W + ΔW as PEFT does, without PEFT's per-forward parametrization, so the whole
-    causal LM compiles as one graph (PEFT's registration broke it twice per weight, and its cached
-    parametrization once made Dynamo fail its own guard)."""
+    moe-tune runs the fused LoRA block (``moe_tune.ops.gptoss_lora``), without PEFT's per-forward
+    parametrization, so the whole causal LM compiles as one graph (PEFT's registration broke it
+    twice per weight), and never builds a tensor of an expert stack's shape (PEFT's W + ΔW, a base
+    dW); PEFT on transformers' eager experts does (the check is not vacuous)."""
+    from output_shapes import OutputShapes
+
     peft = pytest.importorskip("peft", minversion="0.17")
     torch._dynamo.reset()
     base = tiny_causal_lm()
     ids = torch.randint(0, TINY["vocab_size"], (2, 8))
     seed = int(torch.randint(0, 2**31, ()))
+    E, H, I = TINY["num_local_experts"], TINY["hidden_size"], TINY["intermediate_size"]
+    stacks = {(E, H, 2 * I), (E, I, H)}
     results = []
     for impl, compile_it in (("eager", False), ("moe_tune", False), ("moe_tune", True)):
-        torch.manual_seed(seed)  # the same adapters for both: PEFT draws lora_A from the global generator
-        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[],
-                               target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-        model = peft.get_peft_model(copy.deepcopy(base), lora)
-        with torch.no_grad():  # lora_B starts at zero: give the adapters a real contribution
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(std=0.3)
-        model.base_model.model.set_experts_implementation(impl)
+        model = peft_model(peft, base, seed, impl)
         run = torch.compile(model, backend="aot_eager", fullgraph=True) if compile_it else model
-        loss = run(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
+        seen = OutputShapes()
+        with seen if not compile_it else contextlib.nullcontext():  # a dispatch mode stops Dynamo
+            loss = run(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+        assert compile_it or bool(seen.shapes & stacks) == (impl == "eager"), impl
         results.append((loss.item(), {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters()
                                       if p.requires_grad}))
     (ref_loss, ref_grads), *ours = results
-    assert block_calls  # the moe-tune models ran moe-tune's block
+    assert block_calls and len(lora_block_calls) >= 2 * TINY["num_hidden_layers"]
     for loss, grads in ours:
         assert loss == pytest.approx(ref_loss, rel=MODEL_TOL)
         assert set(grads) == set(ref_grads) and len(grads) == 4 * TINY["num_hidden_layers"]
         for name, ref_grad in ref_grads.items():
             assert relative_error(grads[name], ref_grad) < MODEL_TOL, name
+
+
+def test_peft_with_several_active_adapters_keeps_peft_path(block_calls, lora_block_calls):
+    """Two active adapters are more than the fused block runs: PEFT's own W + ΔW goes into the plain
+    gpt-oss block, and loss and gradients still match PEFT on transformers' eager experts."""
+    peft = pytest.importorskip("peft", minversion="0.17")
+    base = tiny_causal_lm()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 8))
+    seed = int(torch.randint(0, 2**31, ()))
+    results = []
+    for impl in ("eager", "moe_tune"):
+        model = peft_model(peft, base, seed, impl, adapters=("one", "two"))
+        model.base_model.set_adapter(["one", "two"])
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (ref_loss, ref_grads), (loss, grads) = results
+    assert block_calls and not lora_block_calls
+    assert loss == pytest.approx(ref_loss, rel=MODEL_TOL)
+    assert set(grads) == set(ref_grads) and len(grads) == 8 * TINY["num_hidden_layers"]
+    for name, ref_grad in ref_grads.items():
+        assert relative_error(grads[name], ref_grad) < MODEL_TOL, name

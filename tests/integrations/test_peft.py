@@ -12,8 +12,6 @@ import dataclasses
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 transformers = pytest.importorskip("transformers", minversion="5.0")
 peft = pytest.importorskip("peft", minversion="0.17")
@@ -24,6 +22,7 @@ from moe_tune.integrations.peft import UnsupportedLoraAdapter  # noqa: E402
 from moe_tune.ops import lora_block  # noqa: E402
 from moe_tune.reference import relative_error  # noqa: E402
 
+from output_shapes import OutputShapes  # noqa: E402
 from peft_models import expert_stack_shapes, lora_config, loss_and_grads, peft_pair  # noqa: E402
 
 pytestmark = [
@@ -40,23 +39,6 @@ TINY = dict(hidden_size=32, moe_intermediate_size=16, num_experts=4, num_experts
 
 def pair(**kwargs):
     return peft_pair(TINY, reference="eager", **kwargs)
-
-
-class _OutputShapes(TorchDispatchMode):
-    """The shape of every new tensor an aten op produced while active (views, ``set_`` and other
-    outputs sharing an input's memory are not new): a real record of what was computed."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes: set[tuple[int, ...]] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                self.shapes.add(tuple(t.shape))
-        return out
 
 
 def assert_same_loss_and_grads(ref, ours, ids, tol=TOL):
@@ -114,10 +96,10 @@ def test_peft_delta_is_never_built(dtype):
     ref, ours = pair(dtype=dtype)
     ids = torch.randint(0, TINY["vocab_size"], (2, 6))
     stacks = expert_stack_shapes(ours)
-    with _OutputShapes() as seen:
+    with OutputShapes() as seen:
         loss_and_grads(ours, ids)
     assert not seen.shapes & stacks
-    with _OutputShapes() as seen_ref:
+    with OutputShapes() as seen_ref:
         loss_and_grads(ref, ids)
     assert seen_ref.shapes & stacks
 
@@ -173,7 +155,7 @@ def test_lora_dropout_is_refused():
 def test_other_experts_implementations_keep_peft_path():
     # install() reroutes only moe-tune's experts: grouped_mm under PEFT builds W + ΔW as before.
     ref, _ = peft_pair(TINY, reference="grouped_mm")
-    with _OutputShapes() as seen:
+    with OutputShapes() as seen:
         loss_and_grads(ref, torch.randint(0, TINY["vocab_size"], (1, 4)))
     assert seen.shapes & expert_stack_shapes(ref)
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 transformers = pytest.importorskip("transformers", minversion="5.0")
 peft = pytest.importorskip("peft", minversion="0.17")
 
 from moe_tune.reference import relative_error  # noqa: E402
 
+from output_shapes import OutputShapes  # noqa: E402
 from peft_models import expert_stack_shapes, loss_and_grads, peft_pair  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::moe_tune.errors.CacheWarning")]
@@ -31,22 +30,6 @@ LOSS_TOL = 4e-3
 
 def pair(dtype=torch.bfloat16, r=16):
     return peft_pair(SMALL, reference="grouped_mm", r=r, device="cuda", dtype=dtype)
-
-
-class _OutputShapes(TorchDispatchMode):
-    """Shapes of the new tensors aten ops produced while active (see test_peft.py)."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes: set[tuple[int, ...]] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                self.shapes.add(tuple(t.shape))
-        return out
 
 
 def test_loss_and_lora_grads_match_grouped_mm_fp32():
@@ -82,7 +65,7 @@ def test_peft_delta_is_never_built(dtype):
     _, ours = pair(dtype)
     ids = torch.randint(0, SMALL["vocab_size"], (2, 128), device="cuda")
     loss_and_grads(ours, ids)  # warm-up: compiles outside the record
-    with _OutputShapes() as seen:
+    with OutputShapes() as seen:
         loss_and_grads(ours, ids)
     assert not seen.shapes & expert_stack_shapes(ours)
 

@@ -68,9 +68,22 @@ def test_lora_only_leaves_the_base_six_out():
         SweepOptions(model=QWEN, lora_only=True).resolved()
 
 
-def test_lora_on_a_layout_without_a_lora_block_is_refused():
-    with pytest.raises(InvalidInputError, match="--lora-rank"):
-        SweepOptions(model=resolve_model("gpt-oss-20b"), lora_ranks=(16,)).resolved()
+def test_gpt_oss_lora_problems_are_swept():
+    """gpt-oss's LoRA block (``moe_tune.ops.gptoss_lora``): its two base GEMMs that write no
+    expert-ordered rows ([E, K, N] weights) and the twelve factor GEMMs join the six; a cache
+    miss on any of them names the gpt-oss LoRA sweep."""
+    model = resolve_model("gpt-oss-20b")
+    rank = random.choice((8, 16, 32))
+    named = named_problems(SweepOptions(model=model, lora_ranks=(rank,)).resolved())
+    shape = model.shape
+    six = set(shape.problems())
+    assert len(named) == 6 + 2 + 12 and six <= set(named.values())
+    for name in ("up[lora].forward", "down[lora].dx"):
+        assert named[name].weight_layout == "kn" and named[name].fusion == "none"
+    for name, problem in shape.lora_problems(rank).items():
+        if problem not in six:
+            assert runtime.sweep_command(problem) == (f"moe-tune sweep --model gpt-oss-20b --lora-rank "
+                                                      f"{rank if '_' in name.split('.')[0] else 16} --dtype bfloat16"), name
 
 
 def test_the_provenance_command_carries_the_ranks():

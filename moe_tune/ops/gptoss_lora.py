@@ -1,0 +1,359 @@
+"""The gpt-oss experts block with LoRA on its frozen weights: ``gptoss_experts(..., lora=MoeLora(...))``.
+
+The base block is ``moe_tune.ops.gptoss`` (weights stored [E, K, N], biases, interleaved clamped
+SwiGLU); the LoRA terms are those of ``moe_tune.ops.lora_block``. PEFT's factors of an [E, K, N]
+expert parameter have the same per-expert shapes as those of an [E, N, K] one (``ParamWrapper.
+get_delta_factors``: ΔW[e] = s·(B[e]·A[e])ᵀ), so ``LoraFactors.from_peft`` serves both layouts and
+y = x·W[e] + (x·A[e]ᵀ)·B̃[e]ᵀ with B̃ = s·B (scaling folded by the caller). No base dW runs and
+W + ΔW never exists: PEFT and transformers' grouped_mm fold W + ΔW for the whole stack every step
+and keep it for the backward, then make the full dW to reduce it to the factors' gradients.
+
+Every product is one grouped-GEMM launch whose problem is in
+``MoeShape(layout="gpt_oss").lora_problems(r)`` (key in brackets); T tokens, k slots, M = T·k
+expert-ordered rows, w the routing weights, G = d out [T, H]:
+
+forward
+    H [M, 2I]   = X[slot // k]·W1[e]                    [up.forward], W1 as stored
+    L1 [M, r]   = X[slot // k]·A1ᵀ                      [up_a.forward]   (kept for dB̃1)
+    H          += L1·B̃1ᵀ; A = act(H + b1[e])             [up_b.forward] + the activation kernel
+    Y [M, H]    = w·A·W2[e]                             [down.forward], W2 as stored, slot order
+    L2 [M, r]   = A·A2ᵀ                                 [down_a.forward] (kept for dB̃2)
+    Y2 [M, H]   = w·L2·B̃2ᵀ                               [down_b.forward], slot order
+    out[t]      = Σ_j (Y + Y2 + w·b2[e])[t·k + j]       the combine kernel
+backward
+    P [M, r]    = G[slot // k]·B̃2                       [down_b.dx]
+    dA_lora     = w·P·A2                                [down_a.dx]
+    dA_raw      = G[slot // k]·W2[e]ᵀ                   [down.dx]
+    dH, w·A, db1, db2, dS                               ``gptoss_bwd_kernel`` with dA = w·dA_raw +
+                                                        dA_lora; dS = ⟨dA_raw, A⟩ + ⟨P, L2⟩ + ⟨G, b2⟩
+    dB̃2[e]      = (w·G)_eᵀ·L2_e                          [down_b.dw]
+    dA2[e]      = P_eᵀ·(w·A)_e                          [down_a.dw]
+    Q [M, r]    = dH·B̃1                                 [up_b.dx]
+    dB̃1[e]      = dH_eᵀ·L1_e                             [up_b.dw]
+    dA1[e]      = Q_eᵀ·X[slot // k]_e                   [up_a.dw]
+    dX          = Σ_j (dH·W1[e]ᵀ + Q·A1)[t·k + j]       [up.dx], [up_a.dx]
+
+A projection without LoRA runs its base GEMM alone. The biases may train (their gradients come
+out of the backward kernel as in the base block); the weights may not. Saved for the backward: X
+(when the gate_up projection has LoRA), H, L1, L2 and the routing. Nothing reads device memory on
+the host.
+
+No ``from __future__ import annotations``: torch.library infers the ops' schemas from the
+annotations' runtime values.
+"""
+
+import functools
+from typing import Optional
+
+import torch
+
+from moe_tune.device import DeviceInfo, query_device
+from moe_tune.ops import gptoss, launch
+from moe_tune.ops.block import resolve_config, size_hint
+from moe_tune.ops.grouped_gemm import DTYPE_NAMES
+from moe_tune.ops.lora import MoeLora, check_lora, prepared
+from moe_tune.ops.routing import Routing, build_routing
+from moe_tune.problem import KernelConfig, MoeShape, Problem
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    """Every buffer a body writes through a GEMM comes from here (the tests poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    # Op outputs may not be None or alias an input: an absent result is a fresh empty tensor.
+    return like.new_empty(0)
+
+
+def _rank(factor_a) -> int:
+    return int(factor_a.shape[1]) if factor_a is not None else 0
+
+
+@functools.lru_cache(maxsize=256)
+def _problems(E: int, H: int, I: int, topk: int, dtype: str, up_rank: int, down_rank: int) -> dict[str, Problem]:
+    """The base and factor problems the block launches (a projection without LoRA: its base ones)."""
+    shape = MoeShape(E, H, I, topk, layout="gpt_oss")
+    lora = shape.lora_problems(max(up_rank, down_rank, 1), dtype)
+    problems = {name: lora[name] for name in ("up.forward", "up.dx", "down.forward", "down.dx")}
+    for prefix, rank in (("up", up_rank), ("down", down_rank)):
+        if rank:
+            problems.update({n: p for n, p in shape.lora_problems(rank, dtype).items() if n.startswith(prefix + "_")})
+    return problems
+
+
+def lora_configs(E: int, H: int, I: int, topk: int, dtype: torch.dtype, up_rank: int, down_rank: int,
+                 num_tokens: int, info: DeviceInfo) -> dict[str, KernelConfig]:
+    """``{"<matrix>.<pass>": KernelConfig}`` from the runtime loader for the launches of the block."""
+    problems = _problems(E, H, I, topk, DTYPE_NAMES[dtype], up_rank, down_rank)
+    return {name: resolve_config(problem, num_tokens, info) for name, problem in problems.items()}
+
+
+# -------------------------------------------------------------------------------------------------
+# Bodies
+# -------------------------------------------------------------------------------------------------
+
+
+def forward(hidden, gate_up_w, gate_up_bias, down_w, down_bias, top_k_index, top_k_weights, up_a, up_b, down_a,
+            down_b, *, limit: float, alpha: float, in_op: bool):
+    """``up_a`` [E, r1, H], ``up_b`` [E, 2I, r1] (scaled), ``down_a`` [E, r2, I], ``down_b``
+    [E, H, r2] (scaled), contiguous, in the weights' dtype; None where a projection has no LoRA.
+    Returns (out [T, H], H [M, 2I] without bias, L1 [M, r1], L2 [M, r2], expert_offsets,
+    sorted_slots), L1/L2 empty without LoRA."""
+    E, H, I, k = gptoss.problem_dims(gate_up_w, top_k_index.shape[1])
+    T = hidden.shape[0]
+    M = T * k
+    device, dtype = hidden.device, hidden.dtype
+    info = query_device(device)
+    cfg = lora_configs(E, H, I, k, dtype, _rank(up_a), _rank(down_a), size_hint(T), info)
+    routing = build_routing(top_k_index, E, in_op=in_op)
+    weights = top_k_weights.reshape(M)
+    flat_index = top_k_index.reshape(M)
+
+    # -- Up: base H, its LoRA part added by the activation kernel ----------------------------------
+    h = _alloc((M, 2 * I), dtype, device)
+    launch.grouped_mm(hidden, gate_up_w, h, routing, None, trans_w=True, gather_a=True, gather_div=k,
+                      scatter_c=False, cfg=cfg["up.forward"], info=info, in_op=in_op)
+    l1 = delta = None
+    if up_a is not None:
+        l1 = _alloc((M, up_a.shape[1]), dtype, device)
+        launch.grouped_mm(hidden, up_a, l1, routing, None, trans_w=False, gather_a=True, gather_div=k,
+                          scatter_c=False, cfg=cfg["up_a.forward"], info=info, in_op=in_op)
+        delta = _alloc((M, 2 * I), dtype, device)
+        launch.grouped_mm(l1, up_b, delta, routing, None, trans_w=False, gather_a=False, gather_div=1,
+                          scatter_c=False, cfg=cfg["up_b.forward"], info=info, in_op=in_op)
+    act = _alloc((M, I), dtype, device)
+    gptoss.activation(h, gate_up_bias, act, routing.sorted_slots, flat_index, limit=limit, alpha=alpha,
+                      delta=delta, in_op=in_op)
+    del delta
+
+    # -- Down: base and LoRA rows in slot order, summed with the bias by one combine ---------------
+    down_out = _alloc((M, H), dtype, device)
+    launch.grouped_mm(act, down_w, down_out, routing, weights, trans_w=True, gather_a=False, gather_div=1,
+                      scatter_c=True, cfg=cfg["down.forward"], info=info, in_op=in_op)
+    l2 = extra = None
+    if down_a is not None:
+        l2 = _alloc((M, down_a.shape[1]), dtype, device)
+        launch.grouped_mm(act, down_a, l2, routing, None, trans_w=False, gather_a=False, gather_div=1,
+                          scatter_c=False, cfg=cfg["down_a.forward"], info=info, in_op=in_op)
+        extra = _alloc((M, H), dtype, device)
+        launch.grouped_mm(l2, down_b, extra, routing, weights, trans_w=False, gather_a=False, gather_div=1,
+                          scatter_c=True, cfg=cfg["down_b.forward"], info=info, in_op=in_op)
+    out = gptoss.combine(down_out, down_bias, weights, flat_index, T, k, extra=extra, in_op=in_op)
+    return (out, h, l1 if l1 is not None else _empty(hidden), l2 if l2 is not None else _empty(hidden),
+            routing.expert_offsets, routing.sorted_slots)
+
+
+def backward(grad_out, hidden, gate_up_w, gate_up_bias, down_w, down_bias, top_k_weights, h, l1, l2, expert_offsets,
+             sorted_slots, up_a, up_b, down_a, down_b, *, limit: float, alpha: float, need_hidden: bool,
+             need_gate_up_bias: bool, need_down_bias: bool, need_weights: bool, need_up_a: bool, need_up_b: bool,
+             need_down_a: bool, need_down_b: bool, in_op: bool):
+    """Returns (d hidden [T, H], d gate_up_bias, d down_bias, d top_k_weights [T, k], d up_a,
+    d up_b, d down_a, d down_b); a gradient not asked for comes back as an empty tensor.
+    ``hidden`` may be empty when up_a is None (only dA1 reads it)."""
+    E, H, I, k = gptoss.problem_dims(gate_up_w, top_k_weights.shape[1])
+    T = grad_out.shape[0]
+    M = T * k
+    device, dtype = grad_out.device, gate_up_w.dtype
+    info = query_device(device)
+    cfg = lora_configs(E, H, I, k, dtype, _rank(up_a), _rank(down_a), size_hint(T), info)
+    routing = Routing(expert_offsets, sorted_slots, T, k)
+    grad_out = grad_out.contiguous()
+    weights = top_k_weights.reshape(M)
+    d_up_a, d_up_b, d_down_a, d_down_b = (_empty(grad_out) for _ in range(4))
+
+    # -- Down: the LoRA's P and dA_lora, dA_raw, then the activation backward ----------------------
+    lora_terms = None
+    if down_a is not None:
+        p = _alloc((M, down_a.shape[1]), dtype, device)
+        launch.grouped_mm(grad_out, down_b, p, routing, None, trans_w=True, gather_a=True, gather_div=k,
+                          scatter_c=False, cfg=cfg["down_b.dx"], info=info, in_op=in_op)
+        d_act_lora = _alloc((M, I), dtype, device)
+        launch.grouped_mm(p, down_a, d_act_lora, routing, weights, trans_w=True, gather_a=False, gather_div=1,
+                          scatter_c=False, cfg=cfg["down_a.dx"], info=info, in_op=in_op)
+        lora_terms = (d_act_lora, p, l2)
+    d_act = _alloc((M, I), dtype, device)
+    launch.grouped_mm(grad_out, down_w, d_act, routing, None, trans_w=False, gather_a=True, gather_div=k,
+                      scatter_c=False, cfg=cfg["down.dx"], info=info, in_op=in_op)
+    d_h, weighted_act, d_gate_up_bias, d_down_bias, d_weights = gptoss.activation_backward(
+        d_act, h, gate_up_bias, grad_out, down_bias, top_k_weights, expert_offsets, sorted_slots, limit=limit,
+        alpha=alpha, need_down_b=need_down_bias, need_weights=need_weights, lora=lora_terms, in_op=in_op)
+    del d_act, lora_terms
+    if down_a is not None:
+        if need_down_b:
+            d_down_b = _alloc(tuple(down_b.shape), dtype, device)
+            launch.grouped_mm_dw(grad_out, l2, d_down_b, routing, weights, gather_dy=True, dy_div=k, gather_x=False,
+                                 x_div=1, cfg=cfg["down_b.dw"], info=info, in_op=in_op)
+        if need_down_a:
+            d_down_a = _alloc(tuple(down_a.shape), dtype, device)
+            launch.grouped_mm_dw(p, weighted_act, d_down_a, routing, None, gather_dy=False, dy_div=1, gather_x=False,
+                                 x_div=1, cfg=cfg["down_a.dw"], info=info, in_op=in_op)
+        del p, d_act_lora
+    del weighted_act
+
+    # -- Up: Q = dH·B̃1, the LoRA gradients, then dX ------------------------------------------------
+    q = None
+    if up_a is not None:
+        if need_hidden or need_up_a:
+            q = _alloc((M, up_a.shape[1]), dtype, device)
+            launch.grouped_mm(d_h, up_b, q, routing, None, trans_w=True, gather_a=False, gather_div=1,
+                              scatter_c=False, cfg=cfg["up_b.dx"], info=info, in_op=in_op)
+        if need_up_b:
+            d_up_b = _alloc(tuple(up_b.shape), dtype, device)
+            launch.grouped_mm_dw(d_h, l1, d_up_b, routing, None, gather_dy=False, dy_div=1, gather_x=False, x_div=1,
+                                 cfg=cfg["up_b.dw"], info=info, in_op=in_op)
+        if need_up_a:
+            d_up_a = _alloc(tuple(up_a.shape), dtype, device)
+            launch.grouped_mm_dw(q, hidden, d_up_a, routing, None, gather_dy=False, dy_div=1, gather_x=True, x_div=k,
+                                 cfg=cfg["up_a.dw"], info=info, in_op=in_op)
+    d_hidden = _empty(grad_out)
+    if need_hidden:
+        rows = _alloc((M, H), dtype, device)
+        launch.grouped_mm(d_h, gate_up_w, rows, routing, None, trans_w=False, gather_a=False, gather_div=1,
+                          scatter_c=True, cfg=cfg["up.dx"], info=info, in_op=in_op)
+        del d_h
+        d_hidden = rows.view(T, k, H).sum(1)
+        if q is not None:
+            launch.grouped_mm(q, up_a, rows, routing, None, trans_w=True, gather_a=False, gather_div=1,
+                              scatter_c=True, cfg=cfg["up_a.dx"], info=info, in_op=in_op)
+            d_hidden += rows.view(T, k, H).sum(1)
+    return (d_hidden, d_gate_up_bias if need_gate_up_bias else _empty(grad_out),
+            d_down_bias if need_down_bias else _empty(grad_out), d_weights, d_up_a, d_up_b, d_down_a, d_down_b)
+
+
+# -------------------------------------------------------------------------------------------------
+# torch.library ops (the torch.compile path)
+# -------------------------------------------------------------------------------------------------
+
+
+def _gptoss_experts_lora_fwd(
+    hidden: torch.Tensor,
+    gate_up_w: torch.Tensor,
+    gate_up_bias: torch.Tensor,
+    down_w: torch.Tensor,
+    down_bias: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    up_a: Optional[torch.Tensor],
+    up_b: Optional[torch.Tensor],
+    down_a: Optional[torch.Tensor],
+    down_b: Optional[torch.Tensor],
+    limit: float,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out [T, H], H [M, 2I], L1 [M, r1], L2 [M, r2], expert_offsets [E+1], sorted_slots [M])."""
+    return forward(hidden, gate_up_w, gate_up_bias, down_w, down_bias, top_k_index, top_k_weights, up_a, up_b,
+                   down_a, down_b, limit=limit, alpha=alpha, in_op=True)
+
+
+gptoss_experts_lora_fwd = launch.register_op("moe_tune::gptoss_experts_lora_fwd", _gptoss_experts_lora_fwd)
+
+
+def _gptoss_experts_lora_bwd(
+    grad_out: torch.Tensor,
+    hidden: torch.Tensor,
+    gate_up_w: torch.Tensor,
+    gate_up_bias: torch.Tensor,
+    down_w: torch.Tensor,
+    down_bias: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_out: torch.Tensor,
+    l1: torch.Tensor,
+    l2: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    up_a: Optional[torch.Tensor],
+    up_b: Optional[torch.Tensor],
+    down_a: Optional[torch.Tensor],
+    down_b: Optional[torch.Tensor],
+    limit: float,
+    alpha: float,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """``needs``: (hidden, gate_up_bias, down_bias, top_k_weights, up_a, up_b, down_a, down_b).
+    Returns their gradients in that order; one not asked for comes back as an empty tensor."""
+    return backward(grad_out, hidden, gate_up_w, gate_up_bias, down_w, down_bias, top_k_weights, gate_up_out, l1, l2,
+                    expert_offsets, sorted_slots, up_a, up_b, down_a, down_b, limit=limit, alpha=alpha,
+                    in_op=True, **dict(zip(_NEED_NAMES, needs)))
+
+
+gptoss_experts_lora_bwd = launch.register_op("moe_tune::gptoss_experts_lora_bwd", _gptoss_experts_lora_bwd)
+
+# The differentiable inputs of the forward (op and eager Function), by position, and their
+# ``backward`` keywords, in the order ``backward`` returns their gradients.
+_GRAD_POSITIONS = (0, 2, 4, 6, 7, 8, 9, 10)
+_NEED_NAMES = ("need_hidden", "need_gate_up_bias", "need_down_bias", "need_weights", "need_up_a", "need_up_b",
+               "need_down_a", "need_down_b")
+
+
+def _needs(needs_input_grad) -> list[bool]:
+    return [bool(needs_input_grad[i]) for i in _GRAD_POSITIONS]
+
+
+def _input_grads(needs_input_grad, grads) -> tuple:
+    out = [None] * len(needs_input_grad)
+    for position, grad in zip(_GRAD_POSITIONS, grads):
+        if needs_input_grad[position]:
+            out[position] = grad
+    return tuple(out)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    (hidden, gate_up_w, gate_up_bias, down_w, down_bias, _top_k_index, top_k_weights, up_a, up_b, down_a, down_b,
+     limit, alpha) = inputs
+    _out, gate_up_out, l1, l2, expert_offsets, sorted_slots = output
+    ctx.mark_non_differentiable(gate_up_out, l1, l2, expert_offsets, sorted_slots)
+    # X is read again only by dA1: without LoRA on gate_up an empty stand-in saves pinning it.
+    kept_hidden = hidden if up_a is not None else hidden.new_empty(0)
+    ctx.save_for_backward(kept_hidden, gate_up_w, gate_up_bias, down_w, down_bias, top_k_weights, gate_up_out, l1,
+                          l2, expert_offsets, sorted_slots, up_a, up_b, down_a, down_b)
+    ctx.limit, ctx.alpha = limit, alpha
+
+
+def _op_backward(ctx, grad_out, _grad_gate_up_out, _grad_l1, _grad_l2, _grad_offsets, _grad_slots):
+    grads = gptoss_experts_lora_bwd(grad_out, *ctx.saved_tensors, ctx.limit, ctx.alpha, _needs(ctx.needs_input_grad))
+    return _input_grads(ctx.needs_input_grad, grads)
+
+
+gptoss_experts_lora_fwd.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+# -------------------------------------------------------------------------------------------------
+# Eager path and the entry point
+# -------------------------------------------------------------------------------------------------
+
+
+class _EagerLora(torch.autograd.Function):
+    """The block outside torch.compile: bodies run as plain Python, kernels launched directly."""
+
+    @staticmethod
+    def forward(ctx, hidden, gate_up_w, gate_up_bias, down_w, down_bias, top_k_index, top_k_weights, up_a, up_b,
+                down_a, down_b, limit, alpha):
+        out, h, l1, l2, offsets, slots = forward(hidden, gate_up_w, gate_up_bias, down_w, down_bias, top_k_index,
+                                                 top_k_weights, up_a, up_b, down_a, down_b, limit=limit, alpha=alpha,
+                                                 in_op=False)
+        ctx.save_for_backward(hidden if up_a is not None else None, gate_up_w, gate_up_bias, down_w, down_bias,
+                              top_k_weights, h, l1, l2, offsets, slots, up_a, up_b, down_a, down_b)
+        ctx.limit, ctx.alpha = limit, alpha
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = backward(grad_out, *ctx.saved_tensors, limit=ctx.limit, alpha=ctx.alpha, in_op=False,
+                         **dict(zip(_NEED_NAMES, _needs(ctx.needs_input_grad))))
+        return _input_grads(ctx.needs_input_grad, grads)
+
+
+def gptoss_experts_lora(hidden, gate_up_w, gate_up_bias, down_w, down_bias, top_k_index, top_k_weights,
+                        lora: MoeLora, *, limit: float, alpha: float) -> torch.Tensor:
+    """The gpt-oss block with LoRA; ``gptoss_experts(..., lora=lora)`` calls it after checking the
+    block's own tensors (contiguous by then)."""
+    check_lora(lora, gate_up_w, down_w, hidden, kn=True)
+    up_a, up_b = prepared(lora.gate_up, gate_up_w.dtype)
+    down_a, down_b = prepared(lora.down, gate_up_w.dtype)
+    args = (hidden, gate_up_w, gate_up_bias, down_w, down_bias, top_k_index, top_k_weights, up_a, up_b, down_a, down_b,
+            float(limit), float(alpha))
+    if torch.compiler.is_compiling():
+        return gptoss_experts_lora_fwd(*args)[0]
+    return _EagerLora.apply(*args)

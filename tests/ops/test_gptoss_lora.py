@@ -1,0 +1,146 @@
+"""LoRA on the gpt-oss experts block (``gptoss_experts(..., lora=MoeLora(...))``,
+``moe_tune.ops.gptoss_lora``) against the float64 plain-torch reference on W + ΔW, in Triton's
+CPU interpreter: forward, the gradients of the factors, the hidden states, the biases and the
+routing weights, LoRA on one projection only, the registered ops under ``opcheck`` and the block
+under ``torch.compile(fullgraph=True)``.
+
+Fresh random inputs and routing per case; every buffer the bodies write starts as NaN (both
+modules' ``_alloc`` are poisoned), so an element a kernel forgets fails the comparison. float32
+runs a limit inside the pre-activations' spread, so both sides of each clamp are hit (float32 and
+float64 round H too little to move an element across a limit); float16 runs the released limit
+with pre-activations well inside it, so that its one rounding of H cannot flip a clamp (the clamp
+rule itself is the base block's, tested in test_gptoss.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptoss_lora_cases import (ALPHA, BASE, FACTORS, TRAINABLE, UP_SCALING, DOWN_SCALING, lora_of, make_inputs,
+                               moe_tune_block, run)
+from gptoss_lora_cases import assert_matches_reference as assert_matches
+
+from moe_tune.errors import InvalidInputError
+from moe_tune.ops import gptoss, gptoss_lora
+
+pytestmark = [
+    pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter tests; GPU has its own"),
+    pytest.mark.filterwarnings("ignore::moe_tune.errors.CacheWarning"),
+]
+
+TOLERANCES = {torch.float16: 6e-3, torch.float32: 1e-5}
+WEIGHT_GRAD_TOLERANCES = {torch.float16: 4e-3, torch.float32: 1e-5}
+LIMITS = {torch.float32: 1.5, torch.float16: 7.0}
+SPREADS = {torch.float32: 2.0, torch.float16: 1.0}  # std of the pre-activations (see the module doc)
+
+# name, T, H, I, E, k, r
+SHAPES = [
+    ("one-token", 1, 32, 16, 4, 2, 4),  # T=1: most experts empty
+    ("empty-expert", 6, 32, 16, 4, 2, 8),  # expert E-1 never routed: its factor gradients are zero
+    ("rank-odd", 9, 32, 32, 5, 2, 5),  # r not a power of two: masked rank columns
+    ("rank-wide", 5, 32, 16, 3, 2, 40),  # r = 40 above I and above 32: several blocks along r
+    ("odd-dims", 5, 20, 12, 3, 2, 3),  # H, I not multiples of 16: masked tiles, split interleaved pairs
+    ("top-1", 8, 32, 16, 4, 1, 6),  # one slot per token
+]
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    def nan_alloc(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(gptoss, "_alloc", nan_alloc)
+    monkeypatch.setattr(gptoss_lora, "_alloc", nan_alloc)
+
+
+def inputs_for(T, H, I, E, k, r, dtype):
+    return make_inputs(T, H, I, E, k, r, dtype, spread=SPREADS[dtype])
+
+
+def assert_matches_reference(inputs, grad_out, dtype, **kwargs):
+    return assert_matches(inputs, grad_out, dtype, limit=LIMITS[dtype], tol=TOLERANCES[dtype],
+                          weight_tol=WEIGHT_GRAD_TOLERANCES[dtype], **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name, T, H, I, E, k, r", SHAPES, ids=[s[0] for s in SHAPES])
+def test_forward_and_gradients_match_reference(name, T, H, I, E, k, r, dtype):
+    inputs = inputs_for(T, H, I, E, k, r, dtype)
+    grads = assert_matches_reference(inputs, torch.randn(T, H, dtype=dtype), dtype)
+    routed = set(inputs["top_k_index"].flatten().tolist())
+    for e in set(range(E)) - routed:  # an expert with no rows: exact zero gradients
+        for factor in FACTORS:
+            assert torch.count_nonzero(grads[factor][e]) == 0, (factor, e)
+        assert torch.count_nonzero(grads["gate_up_b"][e]) == 0 and torch.count_nonzero(grads["down_b"][e]) == 0
+
+
+def test_clamps_hit_on_both_sides():
+    """The float32 inputs do exercise the clamps: H + ΔH + b1 lands beyond ±limit for gate and up."""
+    T, H, I, E, k, r = 9, 32, 32, 5, 2, 5
+    inputs = inputs_for(T, H, I, E, k, r, torch.float32)
+    lora = lora_of(inputs, ("gate_up",))
+    w1 = inputs["gate_up_w"] + lora.gate_up.delta_weight().transpose(1, 2)
+    pre = torch.cat([inputs["hidden"] @ w1[e] + inputs["gate_up_b"][e] for e in range(E)])
+    limit = LIMITS[torch.float32]
+    for part in (pre[:, ::2], pre[:, 1::2]):
+        assert (part > limit).float().mean() > 0.1 and (part < -limit).float().mean() > 0.1
+
+
+@pytest.mark.parametrize("projections", [("gate_up",), ("down",)], ids=["gate-up-only", "down-only"])
+def test_lora_on_one_projection(projections):
+    T, H, I, E, k, r = 7, 32, 16, 4, 2, 4
+    inputs = inputs_for(T, H, I, E, k, r, torch.float32)
+    assert_matches_reference(inputs, torch.randn(T, H), torch.float32, projections=projections)
+
+
+def test_frozen_biases_and_factors_only():
+    """PEFT's case: only the factors train (hidden, biases and routing weights need no gradient)."""
+    T, H, I, E, k, r = 8, 32, 16, 4, 2, 4
+    inputs = inputs_for(T, H, I, E, k, r, torch.float32)
+    assert_matches_reference(inputs, torch.randn(T, H), torch.float32, trainable=FACTORS)
+
+
+def test_trained_base_weight_is_refused():
+    T, H, I, E, k, r = 4, 32, 16, 4, 2, 4
+    inputs = inputs_for(T, H, I, E, k, r, torch.float32)
+    inputs["gate_up_w"].requires_grad_()
+    with pytest.raises(InvalidInputError, match="frozen"):
+        moe_tune_block(inputs, ("gate_up", "down"), 7.0)
+
+
+def test_factor_shapes_follow_the_kn_layout():
+    """A per expert [r, K] with K = the weight's dim 1 for [E, K, N] weights: an [E, N, K]-style
+    factor (A over 2I) is refused with a clear message."""
+    T, H, I, E, k, r = 4, 32, 24, 4, 2, 4
+    inputs = inputs_for(T, H, I, E, k, r, torch.float32)
+    inputs["up_a"] = torch.randn(E, r, 2 * I)
+    with pytest.raises(InvalidInputError, match=r"lora.gate_up.lora_A must be \[E, r, K\] = \[4, r, 32\]"):
+        moe_tune_block(inputs, ("gate_up", "down"), 7.0)
+
+
+def _op_args(T, H, I, E, k, r):
+    inputs = inputs_for(T, H, I, E, k, r, torch.float32)
+    for name in TRAINABLE:
+        inputs[name].requires_grad_()
+    return (*(inputs[n] for n in BASE), inputs["up_a"], (UP_SCALING * inputs["up_b"]).detach().requires_grad_(),
+            inputs["down_a"], (DOWN_SCALING * inputs["down_b_lora"]).detach().requires_grad_(), 1.5, ALPHA)
+
+
+def test_opcheck():
+    args = _op_args(6, 32, 16, 4, 2, 4)
+    torch.library.opcheck(gptoss_lora.gptoss_experts_lora_fwd, args)
+
+
+def test_compiled_matches_eager():
+    """``torch.compile(fullgraph=True)`` runs the op pair (no graph break) and matches eager."""
+    T, H, I, E, k, r = 7, 32, 16, 4, 2, 4
+    inputs = inputs_for(T, H, I, E, k, r, torch.float32)
+    grad_out = torch.randn(T, H)
+    limit = LIMITS[torch.float32]
+    eager_out, eager_grads = run(moe_tune_block, inputs, grad_out, ("gate_up", "down"), TRAINABLE, limit)
+    torch._dynamo.reset()
+    compiled = torch.compile(moe_tune_block, fullgraph=True, backend="aot_eager")
+    out, grads = run(compiled, inputs, grad_out, ("gate_up", "down"), TRAINABLE, limit)
+    assert torch.allclose(out, eager_out, rtol=1e-5, atol=1e-5)
+    for name, grad in eager_grads.items():
+        assert torch.allclose(grads[name], grad, rtol=1e-5, atol=1e-5), name
