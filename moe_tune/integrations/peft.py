@@ -142,7 +142,12 @@ def _activate_lora(wrapper, active_adapters: list[str]):
     try:
         yield
     finally:
-        module._moe_tune_lora = outer
+        # Leave the module as found: an attribute left behind (even None) fails torch.compile's
+        # guard on its absence, one recompile of the whole model on its second step.
+        if outer is None:
+            del module._moe_tune_lora
+        else:
+            module._moe_tune_lora = outer
 
 
 def experts_weights(module: torch.nn.Module, *, kn: bool = False) -> tuple[torch.Tensor, torch.Tensor,
