@@ -18,10 +18,11 @@ FACTORS = ("up_a", "up_b", "down_a", "down_b_lora")
 TRAINABLE = ("hidden", "gate_up_b", "down_b", "top_k_weights") + FACTORS
 
 
-def make_inputs(T, H, I, E, k, r, dtype, *, spread: float = 1.0, device="cpu"):
+def make_inputs(T, H, I, E, k, r, dtype, *, spread: float = 1.0, device="cpu", factors_dtype=None):
     """Fresh random inputs; ``spread`` is about the std of the pre-activations H + b1."""
     experts = E - 1 if k < E else E
     d = dict(device=device)
+    fdt = factors_dtype or dtype
     return dict(
         hidden=torch.randn(T, H, **d).to(dtype),
         gate_up_w=(spread * torch.randn(E, H, 2 * I, **d) / H**0.5).to(dtype),
@@ -31,10 +32,10 @@ def make_inputs(T, H, I, E, k, r, dtype, *, spread: float = 1.0, device="cpu"):
         top_k_index=torch.topk(torch.randn(T, experts, **d), k, dim=-1).indices,
         top_k_weights=torch.rand(T, k, **d).to(dtype),
         # B as large as A: PEFT starts B at zero, which would hide every B-side mistake.
-        up_a=(torch.randn(E, r, H, **d) / H**0.5).to(dtype),
-        up_b=(torch.randn(E, 2 * I, r, **d) / r**0.5).to(dtype),
-        down_a=(torch.randn(E, r, I, **d) / I**0.5).to(dtype),
-        down_b_lora=(torch.randn(E, H, r, **d) / r**0.5).to(dtype),
+        up_a=(torch.randn(E, r, H, **d) / H**0.5).to(fdt),
+        up_b=(torch.randn(E, 2 * I, r, **d) / r**0.5).to(fdt),
+        down_a=(torch.randn(E, r, I, **d) / I**0.5).to(fdt),
+        down_b_lora=(torch.randn(E, H, r, **d) / r**0.5).to(fdt),
     )
 
 

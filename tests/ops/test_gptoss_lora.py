@@ -14,15 +14,19 @@ rule itself is the base block's, tested in test_gptoss.py).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from gptoss_lora_cases import (ALPHA, BASE, FACTORS, TRAINABLE, UP_SCALING, DOWN_SCALING, lora_of, make_inputs,
-                               moe_tune_block, run)
+                               moe_tune_block, reference_block, run)
 from gptoss_lora_cases import assert_matches_reference as assert_matches
 
 from moe_tune.errors import InvalidInputError
 from moe_tune.ops import gptoss, gptoss_lora
+from moe_tune.ops.lora import LoraFactors
+from moe_tune.reference import relative_error
 
 pytestmark = [
     pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter tests; GPU has its own"),
@@ -98,6 +102,47 @@ def test_frozen_biases_and_factors_only():
     T, H, I, E, k, r = 8, 32, 16, 4, 2, 4
     inputs = inputs_for(T, H, I, E, k, r, torch.float32)
     assert_matches_reference(inputs, torch.randn(T, H), torch.float32, trainable=FACTORS)
+
+
+def test_float32_factors_on_half_weights():
+    """PEFT keeps a half-precision model's adapters in float32 (autocast_adapter_dtype): the factors
+    are cast to the weights' dtype and their gradients come back in float32."""
+    T, H, I, E, k, r = 7, 32, 16, 4, 2, 4
+    inputs = make_inputs(T, H, I, E, k, r, torch.float16, spread=SPREADS[torch.float16], factors_dtype=torch.float32)
+    grads = assert_matches_reference(inputs, torch.randn(T, H, dtype=torch.float16), torch.float16)
+    assert all(grads[f].dtype == torch.float32 for f in FACTORS)
+
+
+@pytest.mark.parametrize("dtype, r", [(torch.float32, 4), (torch.float16, 8)], ids=["fp32", "fp16"])
+def test_peft_layout_factors_on_tma_loads(monkeypatch, dtype, r):
+    """PEFT's lora_B view is permuted (strides (1, r·E, E)); every pass on TMA loads (as GPU configs
+    choose them) must read s·B in expert order: the factors come from PEFT's flat weights here,
+    and their gradients land there. r·itemsize = 16 bytes, the narrowest row TMA takes; E != r."""
+    configs = gptoss_lora.lora_configs
+    monkeypatch.setattr(gptoss_lora, "lora_configs", lambda *a, **kw: {
+        name: dataclasses.replace(cfg, TMA_LOAD=True) for name, cfg in configs(*a, **kw).items()})
+    T, H, I, E, k = 11, 40, 24, 6, 2
+    inputs = inputs_for(T, H, I, E, k, r, dtype)
+    grad_out = torch.randn(T, H, dtype=dtype)
+    flat = {"up_a": inputs["up_a"].reshape(E * r, H), "down_a": inputs["down_a"].reshape(E * r, I),
+            "up_b": inputs["up_b"].permute(1, 2, 0).reshape(2 * I, r * E),
+            "down_b_lora": inputs["down_b_lora"].permute(1, 2, 0).reshape(H, r * E)}
+
+    def run_peft(fn, cast=None):
+        leaves = {n: (t.to(cast) if cast else t).clone().requires_grad_() for n, t in flat.items()}
+        views = {"up_a": LoraFactors.from_peft(leaves["up_a"], leaves["up_b"], E, UP_SCALING),
+                 "down": LoraFactors.from_peft(leaves["down_a"], leaves["down_b_lora"], E, DOWN_SCALING)}
+        block = {n: inputs[n].to(cast) if cast and inputs[n].is_floating_point() else inputs[n] for n in BASE}
+        block.update(up_a=views["up_a"].lora_A, up_b=views["up_a"].lora_B, down_a=views["down"].lora_A,
+                     down_b_lora=views["down"].lora_B)
+        out = fn(block, ("gate_up", "down"), LIMITS[dtype])
+        return out, torch.autograd.grad(out, list(leaves.values()), grad_out.to(out.dtype))
+
+    out, grads = run_peft(moe_tune_block)
+    ref, ref_grads = run_peft(reference_block, cast=torch.float64)
+    assert relative_error(out, ref) < TOLERANCES[dtype]
+    for name, grad, ref_grad in zip(flat, grads, ref_grads):
+        assert relative_error(grad, ref_grad) < TOLERANCES[dtype], name
 
 
 def test_trained_base_weight_is_refused():
