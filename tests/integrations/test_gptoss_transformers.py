@@ -288,3 +288,29 @@ def test_peft_with_several_active_adapters_keeps_peft_path(block_calls, lora_blo
     assert set(grads) == set(ref_grads) and len(grads) == 8 * TINY["num_hidden_layers"]
     for name, ref_grad in ref_grads.items():
         assert relative_error(grads[name], ref_grad) < MODEL_TOL, name
+
+
+def test_peft_lora_under_gradient_checkpointing(lora_block_calls):
+    """LoRA fine-tuning recipes for gpt-oss turn on gradient checkpointing (transformers' default:
+    non-reentrant): the fused LoRA block runs again in the recomputed forward (PEFT re-activates the
+    adapter there) and gives the LoRA gradients of PEFT on eager experts under the same checkpointing."""
+    peft = pytest.importorskip("peft", minversion="0.17")
+    base = tiny_causal_lm()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 8))
+    seed = int(torch.randint(0, 2**31, ()))
+    results = []
+    for impl in ("eager", "moe_tune"):
+        model = peft_model(peft, base, seed, impl)
+        model.train()
+        model.base_model.model.gradient_checkpointing_enable()
+        before = len(lora_block_calls)
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        if impl == "moe_tune":  # once per layer in the forward, once more in each recomputation
+            assert len(lora_block_calls) - before == 2 * TINY["num_hidden_layers"]
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (ref_loss, ref_grads), (loss, grads) = results
+    assert loss == pytest.approx(ref_loss, rel=MODEL_TOL)
+    assert set(grads) == set(ref_grads) and all(g is not None for g in grads.values())
+    for name, ref_grad in ref_grads.items():
+        assert relative_error(grads[name], ref_grad) < MODEL_TOL, name
