@@ -19,24 +19,22 @@ wrapped weight and forward.
 whose ``config._experts_implementation`` is one registered by moe-tune, touches neither the
 module's class nor its parameters: for the duration of the wrapper's forward it sets one plain
 attribute on the experts module naming the active (wrapper, adapter) per weight, so torch.compile
-traces the whole forward (no graph break). moe-tune's ``experts_forward`` then reads
+traces the whole forward (no graph break). moe-tune's ``experts_forward`` then reads the frozen
+weights and those wrappers' factors (``experts_weights``) and runs the fused LoRA block:
+``moe_tune.moe_experts(..., lora=...)`` for weights stored ``[E, N, K]`` (the Qwen3-MoE family),
+``gptoss_experts(..., lora=...)`` for weights stored ``[E, K, N]`` (gpt-oss). W + ΔW is never
+built and no base dW runs. What that trades: code other than the experts forward that reads
+``module.gate_up_proj`` inside the wrapper's forward (a hook, say) sees the frozen weight, not
+PEFT's W + ΔW. Every other experts implementation keeps PEFT's original code path, untouched.
 
-the frozen weights and those wrappers' factors (``experts_weights``), and runs the fused LoRA
-block: ``moe_tune.moe_experts(..., lora=...)`` for weights stored ``[E, N, K]`` (the Qwen3-MoE
-family), ``gptoss_experts(..., lora=...)`` for weights stored ``[E, K, N]`` (gpt-oss). W + ΔW is
-never built. On gpt-oss, what the fused block cannot compute (several active adapters, float8
-weights, the rest below) keeps PEFT's own path, W + ΔW into the plain gpt-oss block, as long as
-neither weight of the module runs fused. What that trades: code other than the experts forward
-that reads ``module.gate_up_proj`` inside the wrapper's forward (a hook, say) sees the frozen
-weight, not PEFT's W + ΔW. Every other experts implementation keeps PEFT's original code path,
-untouched.
-
-The adapter's parameters stay PEFT's (the factors are views of ``lora_A``/``lora_B`` weights), so
-saving and loading adapters is PEFT's business as before. What the fused path cannot compute
-raises ``UnsupportedLoraAdapter`` before the experts run: several active adapters, DoRA or other
-LoRA variants, LoRA dropout, a LoRA bias, another parametrization on a LoRA-targeted weight. A
-merged or disabled adapter never activates: the experts run on the (merged) base weights, as in
-PEFT.
+What the fused block does not run but PEFT computes right — several active adapters, weights of a
+type the kernels do not take (float8) — keeps PEFT's own path (W + ΔW into moe-tune's plain block),
+as long as both expert weights of the module take it. What neither runs right raises
+``UnsupportedLoraAdapter`` before the experts run: DoRA or other LoRA variants, LoRA dropout, a
+LoRA bias, another parametrization under the LoRA, one weight fused and the other not. A merged or
+disabled adapter never activates: the experts run on the (merged) base weights, as in PEFT. The
+adapter's parameters stay PEFT's (the factors are views of ``lora_A``/``lora_B`` weights), so
+saving and loading adapters is PEFT's business as before.
 
 Importing this module imports neither peft nor transformers; ``install`` imports peft.
 """
@@ -94,13 +92,10 @@ def _runs_fused(module: torch.nn.Module) -> bool:
     return implementation in _FUSED_IMPLEMENTATIONS
 
 
-def _unsupported(wrapper, adapters: list[str]) -> str | None:
-    """Why moe-tune cannot run these active adapters of ``wrapper`` (None: it can)."""
+def _unsupported(wrapper, adapter: str) -> str | None:
+    """Why neither the fused block nor PEFT's own path computes this adapter of ``wrapper`` right
+    (None: the fused block runs it)."""
     where = f"LoRA on {type(wrapper.get_base_layer()).__name__}.{wrapper.parameter_name}"
-    if len(adapters) > 1:
-        return (f"{where}: experts_implementation='moe_tune' runs one active adapter, got {len(adapters)} "
-                f"({', '.join(adapters)}); activate one (model.set_adapter(name)) or merge the others first")
-    adapter = adapters[0]
     if wrapper.use_dora.get(adapter) or adapter in getattr(wrapper, "lora_variant", {}):
         return f"{where}: DoRA and other LoRA variants are not supported by the fused path"
     dropout = wrapper.lora_dropout[adapter]
@@ -112,11 +107,19 @@ def _unsupported(wrapper, adapters: list[str]) -> str | None:
     return None
 
 
-def _fusable_kn(wrapper, adapters: list[str]) -> bool:
-    """Whether the fused gpt-oss LoRA block runs this ``[E, K, N]`` weight's adapter: one plain
-    adapter (``_unsupported`` finds nothing) on a stack of experts in a dtype the kernels take."""
-    return (_unsupported(wrapper, adapters) is None and wrapper.num_experts > 1
-            and wrapper.get_param().dtype in _FUSED_DTYPES)
+def _runs_fused_lora(wrapper, adapters: list[str]) -> bool:
+    """Whether the fused LoRA block runs ``wrapper``'s active ``adapters`` (True), or PEFT's own
+    W + ΔW path does (False: several active adapters, weights of a type the kernels do not take,
+    a one-expert ``[E, K, N]`` stack, whose delta PEFT builds as a plain Linear's). Raises
+    ``UnsupportedLoraAdapter`` for what neither computes right (``_unsupported``)."""
+    if len(adapters) > 1 or wrapper.get_param().dtype not in _FUSED_DTYPES:
+        return False
+    if not wrapper._did_swap_in_out_features and wrapper.num_experts == 1:
+        return False
+    reason = _unsupported(wrapper, adapters[0])
+    if reason is not None:
+        raise UnsupportedLoraAdapter(reason)
+    return True
 
 
 @contextlib.contextmanager
@@ -124,15 +127,7 @@ def _activate_lora(wrapper, active_adapters: list[str]):
     """``ParamWrapper._activate_lora`` once ``install`` ran (``wrapper`` is the ParamWrapper)."""
     module = wrapper.get_base_layer()
     adapters = [a for a in active_adapters if a in wrapper.lora_A]
-    if not adapters or not _runs_fused(module):
-        with _peft_activate_lora(wrapper, active_adapters):
-            yield
-        return
-    if wrapper._did_swap_in_out_features:
-        reason = _unsupported(wrapper, adapters)
-        if reason is not None:
-            raise UnsupportedLoraAdapter(reason)
-    elif not _fusable_kn(wrapper, adapters):
+    if not adapters or not _runs_fused(module) or not _runs_fused_lora(wrapper, adapters):
         with _peft_activate_lora(wrapper, active_adapters):
             yield
         return
@@ -150,13 +145,12 @@ def _activate_lora(wrapper, active_adapters: list[str]):
             module._moe_tune_lora = outer
 
 
-def experts_weights(module: torch.nn.Module, *, kn: bool = False) -> tuple[torch.Tensor, torch.Tensor,
-                                                                           MoeLora | None]:
+def experts_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, MoeLora | None]:
     """(gate_up_w, down_w, lora) of a transformers experts module: the frozen weights and the
-    active wrappers' factors where PEFT's LoRA is active (``_activate_lora``), else the
-    parameters as read (an unrelated parametrization applies as usual) and None. ``kn``: weights
-    stored [E, K, N] (gpt-oss), where PEFT's own parametrization (W + ΔW, an adapter the fused
-    block does not run) is read as is when no weight of the module runs fused."""
+    active wrappers' factors where the fused LoRA block runs PEFT's LoRA (``_activate_lora``),
+    else the parameters as read — W + ΔW where PEFT's own path runs it, an unrelated
+    parametrization applied as usual — and None. One weight fused and the other on PEFT's path
+    raises ``UnsupportedLoraAdapter``."""
     factors = {}
     for name, wrapper, adapter in getattr(module, _ACTIVE, None) or ():
         factors[name] = LoraFactors.from_peft(wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight,
@@ -164,20 +158,16 @@ def experts_weights(module: torch.nn.Module, *, kn: bool = False) -> tuple[torch
     for name in _WEIGHTS:
         if not parametrize.is_parametrized(module, name):
             continue
-        plist = module.parametrizations[name]
-        peft_own = any(type(p).__module__.startswith("peft.") for p in plist)
-        if kn and peft_own and not factors:
-            continue
-        if kn and peft_own:
+        if any(type(p).__module__.startswith("peft.") for p in module.parametrizations[name]):
+            if not factors:
+                continue  # PEFT's own path for the whole module: W + ΔW, read as is
             raise UnsupportedLoraAdapter(
                 f"{type(module).__name__}: the LoRA on {', '.join(sorted(factors))} runs fused but the one on {name} "
-                "takes PEFT's own path (several adapters, float8, dropout or another LoRA variant on it); give "
-                "both expert weights the same kind of adapter")
-        if name in factors or peft_own:
+                "takes PEFT's own path (several active adapters, or weights the kernels do not take); give both "
+                "expert weights the same adapters")
+        if name in factors:
             raise UnsupportedLoraAdapter(
-                f"{type(module).__name__}.{name} carries PEFT's own LoRA parametrization (W + ΔW built every "
-                "forward) or another parametrization under the LoRA; call "
-                "moe_tune.integrations.transformers.register() before the model runs, and keep other "
+                f"{type(module).__name__}.{name} carries another parametrization under the LoRA; keep other "
                 "parametrizations off LoRA-targeted expert weights")
     lora = MoeLora(gate_up=factors.get("gate_up_proj"), down=factors.get("down_proj")) if factors else None
     return module.gate_up_proj, module.down_proj, lora

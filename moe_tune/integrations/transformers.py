@@ -151,7 +151,7 @@ def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_in
     # Like transformers' grouped_mm path: activations may arrive in float32 under autocast.
     if _is_gptoss(self):
         # Under PEFT's LoRA: the frozen weights and the LoRA factors, never W + ΔW.
-        gate_up_w, down_w, lora = peft.experts_weights(self, kn=True)
+        gate_up_w, down_w, lora = peft.experts_weights(self)
         out = gptoss_experts(hidden_states.to(gate_up_w.dtype), gate_up_w, self.gate_up_proj_bias, down_w,
                              self.down_proj_bias, top_k_index, top_k_weights, limit=self.limit, alpha=self.alpha,
                              lora=lora)

@@ -134,11 +134,37 @@ def test_merged_and_disabled_adapters_run_the_base_path():
     assert relative_error(merged, unmerged) < 1e-4
 
 
-def test_several_active_adapters_are_refused():
+def _add_second_adapter(model, targets=("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+    torch.manual_seed(7)  # PEFT draws lora_A from the global generator: the same adapter on both models
+    model.add_adapter("second", lora_config(targets=list(targets)))
+    with torch.no_grad():  # lora_B starts at zero: give the adapter a real contribution
+        for name, p in model.named_parameters():
+            if "lora_B.second" in name:
+                p.normal_(std=0.3)
+    model.base_model.set_adapter(["default", "second"])
+
+
+def test_several_active_adapters_run_peft_path():
+    """Two active adapters are more than the fused block runs: PEFT's own W + ΔW goes into the plain
+    block, with PEFT's loss and gradients for both adapters."""
+    ref, ours = pair()
+    for model in (ref, ours):
+        _add_second_adapter(model)
+    assert_same_loss_and_grads(ref, ours, torch.randint(0, TINY["vocab_size"], (2, 6)))
+
+
+def test_one_weight_fused_and_the_other_not_is_refused():
+    """Two adapters active on gate_up_proj's wrapper only: that weight takes PEFT's own path while
+    down_proj's runs fused, which the block cannot mix."""
+    from peft.tuners.lora.layer import ParamWrapper
+
     _, ours = pair()
-    ours.add_adapter("second", lora_config())
-    ours.base_model.set_adapter(["default", "second"])
-    with pytest.raises(UnsupportedLoraAdapter, match="one active adapter, got 2"):
+    _add_second_adapter(ours)
+    ours.base_model.set_adapter("default")
+    for module in ours.modules():
+        if isinstance(module, ParamWrapper) and module.parameter_name == "gate_up_proj":
+            module.set_adapter(["default", "second"])
+    with pytest.raises(UnsupportedLoraAdapter, match="runs fused but the one on gate_up_proj takes PEFT's own path"):
         ours(input_ids=torch.randint(0, TINY["vocab_size"], (1, 4)))
 
 
