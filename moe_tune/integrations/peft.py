@@ -22,7 +22,7 @@ attribute on the experts module naming the active (wrapper, adapter) per weight,
 traces the whole forward (no graph break). moe-tune's ``experts_forward`` then reads the frozen
 weights and those wrappers' factors (``experts_weights``) and runs the fused LoRA block:
 ``moe_tune.moe_experts(..., lora=...)`` for weights stored ``[E, N, K]`` (the Qwen3-MoE family),
-``gptoss_experts(..., lora=...)`` for weights stored ``[E, K, N]`` (gpt-oss). W + ΔW is never
+``moe_tune.ops.gptoss_lora.gptoss_experts_lora`` for weights stored ``[E, K, N]`` (gpt-oss). W + ΔW is never
 built and no base dW runs. What that trades: code other than the experts forward that reads
 ``module.gate_up_proj`` inside the wrapper's forward (a hook, say) sees the frozen weight, not
 PEFT's W + ΔW. Every other experts implementation keeps PEFT's original code path, untouched.

@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 from moe_tune.errors import InvalidInputError
 from moe_tune.integrations import peft
 from moe_tune.ops.gptoss import gptoss_experts
+from moe_tune.ops.gptoss_lora import gptoss_experts_lora
 from moe_tune.ops.moe_experts import moe_experts
 
 DEFAULT_NAME = "moe_tune"
@@ -152,9 +153,12 @@ def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_in
     if _is_gptoss(self):
         # Under PEFT's LoRA: the frozen weights and the LoRA factors, never W + ΔW.
         gate_up_w, down_w, lora = peft.experts_weights(self)
-        out = gptoss_experts(hidden_states.to(gate_up_w.dtype), gate_up_w, self.gate_up_proj_bias, down_w,
-                             self.down_proj_bias, top_k_index, top_k_weights, limit=self.limit, alpha=self.alpha,
-                             lora=lora)
+        args = (hidden_states.to(gate_up_w.dtype), gate_up_w, self.gate_up_proj_bias, down_w, self.down_proj_bias,
+                top_k_index, top_k_weights)
+        if lora is None:
+            out = gptoss_experts(*args, limit=self.limit, alpha=self.alpha)
+        else:
+            out = gptoss_experts_lora(*args, lora=lora, limit=self.limit, alpha=self.alpha)
         return out.to(hidden_states.dtype)
     # Under PEFT's LoRA: the frozen weights and the LoRA factors, never W + ΔW.
     gate_up_w, down_w, lora = peft.experts_weights(self)

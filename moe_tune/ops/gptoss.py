@@ -55,7 +55,6 @@ annotations' runtime values.
 """
 
 import functools
-from typing import Optional
 
 import torch
 import triton
@@ -67,7 +66,6 @@ from moe_tune.ops import launch
 from moe_tune.ops.block import (claim, configs_for, hand_over, hands_over, part_context, resolve_config, size_hint,
                                 take)
 from moe_tune.ops.grouped_gemm import DTYPE_NAMES
-from moe_tune.ops.lora import MoeLora
 from moe_tune.ops.routing import build_routing, check_routing_args
 from moe_tune.problem import KernelConfig, MoeShape, Problem
 
@@ -509,7 +507,9 @@ def _fail(message: str) -> None:
     raise InvalidInputError(message)
 
 
-def _check(hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, limit, alpha) -> None:
+def check_inputs(hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, limit, alpha) -> None:
+    """``InvalidInputError`` saying what is wrong unless the block's tensors and constants fit
+    (shapes, dtypes, devices: metadata only)."""
     named = (("hidden", hidden), ("gate_up_w", gate_up_w), ("gate_up_b", gate_up_b), ("down_w", down_w),
              ("down_b", down_b), ("top_k_index", top_k_index), ("top_k_weights", top_k_weights))
     for name, t in named:
@@ -556,7 +556,6 @@ def gptoss_experts(
     *,
     limit: float,
     alpha: float,
-    lora: Optional[MoeLora] = None,
 ) -> torch.Tensor:
     """transformers' ``GptOssExperts`` forward: ``out[t] = Σ_j w[t,j]·(act(x_t·W1[e] + b1[e])·W2[e] + b2[e])``,
     ``e = top_k_index[t, j]``, ``act`` the interleaved clamped SwiGLU.
@@ -570,21 +569,12 @@ def gptoss_experts(
         top_k_index: ``[T, k]`` expert ids (int32 or int64), each in ``[0, E)``.
         top_k_weights: ``[T, k]`` routing weights.
         limit, alpha: the module's ``limit`` and ``alpha`` (config ``swiglu_limit``, ``swiglu_alpha``).
-        lora: LoRA factors on the frozen weights (``moe_tune.ops.lora.MoeLora``, factors per expert
-            A [r, K], B [N, r] as PEFT keeps them for these [E, K, N] weights): the block adds
-            ``scaling·(x·Aᵀ)·Bᵀ`` per expert without building W + ΔW (``moe_tune.ops.gptoss_lora``);
-            gradients flow to the factors, ``hidden``, the biases and ``top_k_weights``.
 
     Returns ``[T, H]`` in ``hidden``'s dtype. Gradients flow to ``hidden``, both weights, both
     biases and ``top_k_weights``; the activation passes none where a value was clamped.
     """
-    _check(hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, limit, alpha)
+    check_inputs(hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, limit, alpha)
     args = tuple(t.contiguous() for t in (hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights))
-    if lora is not None:
-        # The LoRA block is built on this module's bodies, so it is imported when first used.
-        from moe_tune.ops.gptoss_lora import gptoss_experts_lora
-
-        return gptoss_experts_lora(*args, lora, limit=limit, alpha=alpha)
     # Keep the expert-ordered rows of X for dW1 only when that gradient will be taken.
     sort_x = torch.is_grad_enabled() and gate_up_w.requires_grad
     if torch.compiler.is_compiling():

@@ -1,4 +1,4 @@
-"""The gpt-oss experts block with LoRA on its frozen weights: ``gptoss_experts(..., lora=MoeLora(...))``.
+"""The gpt-oss experts block with LoRA on its frozen weights: ``gptoss_experts_lora(..., lora=MoeLora(...))``.
 
 The base block is ``moe_tune.ops.gptoss`` (weights stored [E, K, N], biases, interleaved clamped
 SwiGLU); the LoRA terms are those of ``moe_tune.ops.lora_block``. PEFT's factors of an [E, K, N]
@@ -345,15 +345,24 @@ class _EagerLora(torch.autograd.Function):
         return _input_grads(ctx.needs_input_grad, grads)
 
 
-def gptoss_experts_lora(hidden, gate_up_w, gate_up_bias, down_w, down_bias, top_k_index, top_k_weights,
-                        lora: MoeLora, *, limit: float, alpha: float) -> torch.Tensor:
-    """The gpt-oss block with LoRA; ``gptoss_experts(..., lora=lora)`` calls it after checking the
-    block's own tensors (contiguous by then)."""
+def gptoss_experts_lora(hidden: torch.Tensor, gate_up_w: torch.Tensor, gate_up_b: torch.Tensor, down_w: torch.Tensor,
+                        down_b: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *,
+                        lora: MoeLora, limit: float, alpha: float) -> torch.Tensor:
+    """``moe_tune.ops.gptoss.gptoss_experts`` with LoRA on its frozen weights: per expert,
+    ``x·W[e] + scaling·(x·A[e]ᵀ)·B[e]ᵀ`` for each weight ``lora`` names, W + ΔW never built.
+
+    Args: as ``gptoss_experts``, plus ``lora`` (``moe_tune.ops.lora.MoeLora``): factors per expert
+    A ``[E, r, K]`` and B ``[E, N, r]`` with K, N of y = x·W (``[E, r, H]``, ``[E, 2I, r]`` on
+    gate_up), as PEFT keeps them for these [E, K, N] weights (``LoraFactors.from_peft``); either
+    weight may go without. The weights must be frozen. Gradients flow to the factors, ``hidden``,
+    both biases and ``top_k_weights``.
+    """
+    gptoss.check_inputs(hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, limit, alpha)
     check_lora(lora, gate_up_w, down_w, hidden, kn=True)
-    up_a, up_b = prepared(lora.gate_up, gate_up_w.dtype)
-    down_a, down_b = prepared(lora.down, gate_up_w.dtype)
-    args = (hidden, gate_up_w, gate_up_bias, down_w, down_bias, top_k_index, top_k_weights, up_a, up_b, down_a, down_b,
-            float(limit), float(alpha))
+    # (A, s·B) per weight; the names gate_up_b and down_b are the module's biases.
+    factors = (*prepared(lora.gate_up, gate_up_w.dtype), *prepared(lora.down, gate_up_w.dtype))
+    args = (*(t.contiguous() for t in (hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights)),
+            *factors, float(limit), float(alpha))
     if torch.compiler.is_compiling():
         return gptoss_experts_lora_fwd(*args)[0]
     return _EagerLora.apply(*args)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_tune.ops.gptoss import gptoss_experts
+from moe_tune.ops.gptoss_lora import gptoss_experts_lora
 from moe_tune.ops.lora import LoraFactors, MoeLora
 from moe_tune.reference import relative_error
 from moe_tune.reference.gptoss import reference_gptoss_experts, routing_weight_grad_scale
@@ -54,7 +54,7 @@ def _used(name, projections):
 
 
 def moe_tune_block(leaves, projections, limit):
-    return gptoss_experts(*(leaves[n] for n in BASE), limit=limit, alpha=ALPHA, lora=lora_of(leaves, projections))
+    return gptoss_experts_lora(*(leaves[n] for n in BASE), lora=lora_of(leaves, projections), limit=limit, alpha=ALPHA)
 
 
 def reference_block(leaves, projections, limit):
