@@ -134,15 +134,15 @@ _BLOCK_CONFIGS_LIMIT = 4096  # distinct (shape, token count) keys kept; refillin
 
 
 def configs_for(problems_of, E: int, H: int, I: int, topk: int, dtype: torch.dtype, num_tokens: int,
-                info: DeviceInfo) -> dict[tuple[str, str], KernelConfig]:
-    """``{(gemm, pass): KernelConfig}`` for the problems ``problems_of(E, H, I, topk, dtype
-    name)`` returns (a layout's), from the runtime loader: one dict hit per pass when warm,
-    keyed on ``runtime.generation()`` so that a cache reset or a new cache directory is seen at
-    once."""
-    key = (problems_of, E, H, I, topk, dtype, num_tokens, info, runtime.generation())
+                info: DeviceInfo, *extra) -> dict:
+    """``{name: KernelConfig}`` for the problems ``problems_of(E, H, I, topk, dtype name,
+    *extra)`` returns (a layout's, by name; ``extra``: the LoRA blocks' ranks), from the runtime
+    loader: one dict hit per pass when warm, keyed on ``runtime.generation()`` so that a cache
+    reset or a new cache directory is seen at once."""
+    key = (problems_of, E, H, I, topk, dtype, num_tokens, info, runtime.generation(), *extra)
     found = _BLOCK_CONFIGS.get(key)
     if found is None:
-        problems = problems_of(E, H, I, topk, DTYPE_NAMES[dtype])
+        problems = problems_of(E, H, I, topk, DTYPE_NAMES[dtype], *extra)
         found = {name: resolve_config(problem, num_tokens, info) for name, problem in problems.items()}
         if len(_BLOCK_CONFIGS) >= _BLOCK_CONFIGS_LIMIT:
             _BLOCK_CONFIGS.clear()

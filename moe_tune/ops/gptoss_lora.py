@@ -49,8 +49,7 @@ import torch
 
 from moe_tune.device import DeviceInfo, query_device
 from moe_tune.ops import gptoss, launch
-from moe_tune.ops.block import resolve_config, size_hint
-from moe_tune.ops.grouped_gemm import DTYPE_NAMES
+from moe_tune.ops.block import configs_for, size_hint
 from moe_tune.ops.lora import MoeLora, check_lora, prepared
 from moe_tune.ops.routing import Routing, build_routing
 from moe_tune.problem import KernelConfig, MoeShape, Problem
@@ -84,9 +83,9 @@ def _problems(E: int, H: int, I: int, topk: int, dtype: str, up_rank: int, down_
 
 def lora_configs(E: int, H: int, I: int, topk: int, dtype: torch.dtype, up_rank: int, down_rank: int,
                  num_tokens: int, info: DeviceInfo) -> dict[str, KernelConfig]:
-    """``{"<matrix>.<pass>": KernelConfig}`` from the runtime loader for the launches of the block."""
-    problems = _problems(E, H, I, topk, DTYPE_NAMES[dtype], up_rank, down_rank)
-    return {name: resolve_config(problem, num_tokens, info) for name, problem in problems.items()}
+    """``{"<matrix>.<pass>": KernelConfig}`` from the runtime loader for the launches of the block
+    (``block.configs_for``: a dict hit when warm)."""
+    return configs_for(_problems, E, H, I, topk, dtype, num_tokens, info, up_rank, down_rank)
 
 
 # -------------------------------------------------------------------------------------------------

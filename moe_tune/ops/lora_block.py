@@ -42,9 +42,8 @@ import torch
 
 from moe_tune.device import DeviceInfo, query_device
 from moe_tune.ops import launch
-from moe_tune.ops.block import (block_configs, problem_dims, resolve_config, size_hint, swiglu_backward,
+from moe_tune.ops.block import (block_configs, configs_for, problem_dims, size_hint, swiglu_backward,
                                 swiglu_forward)
-from moe_tune.ops.grouped_gemm import DTYPE_NAMES
 from moe_tune.ops.routing import Routing, build_routing
 from moe_tune.problem import KernelConfig, MoeShape, Problem
 
@@ -79,8 +78,7 @@ def lora_configs(E: int, H: int, I: int, topk: int, dtype: torch.dtype, up_rank:
     """``{"<matrix>.<pass>": KernelConfig}`` from the runtime loader for the problems the block
     launches (``MoeShape.lora_problems`` keys; a projection without LoRA uses the base block's
     fused problems, under ``moe_tune.ops.block.block_configs``' keys)."""
-    problems = _problems(E, H, I, topk, DTYPE_NAMES[dtype], up_rank, down_rank)
-    return {name: resolve_config(problem, num_tokens, info) for name, problem in problems.items()}
+    return configs_for(_problems, E, H, I, topk, dtype, num_tokens, info, up_rank, down_rank)
 
 
 def _rank(factor_a) -> int:

@@ -333,3 +333,29 @@ def test_block_configs_follow_a_new_cache_dir(layers, rng):
     runtime.set_cache_dir(layers.explicit / "missing")
     got = block_configs(SHAPE.E, SHAPE.H, SHAPE.I, SHAPE.topk, torch.bfloat16, tokens, H100)
     assert got["up", "forward"] == default_config(UP_FWD, H100)
+
+
+@pytest.mark.parametrize("layout", ["concat", "gpt_oss"])
+def test_lora_block_configs_follow_a_new_cache_dir(layers, rng, layout):
+    """The LoRA blocks keep their configs per (shape, ranks, tokens, device) like the base block:
+    a new cache directory reaches them at once."""
+    import dataclasses
+
+    import torch
+
+    from moe_tune.ops import gptoss_lora, lora_block
+
+    shape = dataclasses.replace(SHAPE, layout=layout)
+    lora_configs = lora_block.lora_configs if layout == "concat" else gptoss_lora.lora_configs
+    rank = rng.choice([8, 16, 64])
+    factor = shape.lora_problems(rank)["up_a.forward"]
+    first, second = config(rng, BLOCK_N=32), config(rng, BLOCK_N=64)
+    tokens = rng.choice([1024, 4096, 16384])
+    dirs = [layers.explicit / "a", layers.explicit / "b"]
+    write(dirs[0], {factor: {tokens: first}}, rng=rng)
+    write(dirs[1], {factor: {tokens: second}}, rng=rng)
+    for directory, expected in zip(dirs, (first, second)):
+        runtime.set_cache_dir(directory)
+        for _ in range(2):  # the second call is the memo's hit
+            got = lora_configs(shape.E, shape.H, shape.I, shape.topk, torch.bfloat16, rank, rank, tokens, H100)
+            assert got["up_a.forward"] == expected
