@@ -43,7 +43,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 from moe_tune import runtime
 from moe_tune.device import DeviceInfo, query_device
@@ -172,7 +171,7 @@ _SWIGLU_MAX_I = 256
 
 
 def _swiglu_blocks(inter: int) -> tuple[int, int]:
-    block_i = min(triton.next_power_of_2(inter), _SWIGLU_MAX_I)
+    block_i = min(launch.next_power_of_2(inter), _SWIGLU_MAX_I)
     return _SWIGLU_TILE // block_i, block_i
 
 
@@ -182,7 +181,7 @@ def swiglu_forward(h: torch.Tensor, act: torch.Tensor, *, delta: torch.Tensor | 
     M, I = act.shape
     block_m, block_i = _swiglu_blocks(I)
     other = delta if delta is not None else h
-    launch.launch_kernel(swiglu_forward_kernel, in_op, (triton.cdiv(M, block_m), triton.cdiv(I, block_i)),
+    launch.launch_kernel(swiglu_forward_kernel, in_op, (launch.cdiv(M, block_m), launch.cdiv(I, block_i)),
                          (h, other, act, M, I, h.stride(0), other.stride(0), act.stride(0)),
                          dict(HAS_DELTA=delta is not None, BLOCK_M=block_m, BLOCK_N=block_i, num_warps=4),
                          (h, act))
@@ -199,11 +198,11 @@ def swiglu_backward(d_act: torch.Tensor, h: torch.Tensor, weights: torch.Tensor,
     d_lora, p, l2 = lora if lora is not None else (d_act, d_act, d_act)
     rank = p.shape[1] if lora is not None else 0
     launch.launch_kernel(
-        swiglu_backward_kernel, in_op, (triton.cdiv(M, block_m),),
+        swiglu_backward_kernel, in_op, (launch.cdiv(M, block_m),),
         (d_act, d_lora, h, d_h, weights, sorted_slots, p, l2, d_weights, M, I, rank,
          d_act.stride(0), d_lora.stride(0), h.stride(0), d_h.stride(0), p.stride(0), l2.stride(0)),
         dict(LORA=lora is not None, BLOCK_M=block_m, BLOCK_N=block_i,
-             BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=4),
+             BLOCK_R=max(16, launch.next_power_of_2(rank)), num_warps=4),
         (d_act, d_h, d_weights))
 
 

@@ -57,7 +57,6 @@ annotations' runtime values.
 import functools
 
 import torch
-import triton
 
 from moe_tune.device import DeviceInfo, query_device
 from moe_tune.errors import InvalidInputError
@@ -115,7 +114,7 @@ def _plain_dw_config(E, H, I, topk, dtype, num_tokens, info) -> KernelConfig:
 def dsp_rows(I: int, H: int, with_down_bias: bool) -> tuple[int, int]:
     """(column blocks of I, column blocks of H) of the backward kernel's grid: the rows of its
     routing-weight-gradient partials. The H part runs only when db2 or dS is wanted."""
-    return triton.cdiv(I, BWD_BLOCK_N), triton.cdiv(H, BWD_BLOCK_N) if with_down_bias else 0
+    return launch.cdiv(I, BWD_BLOCK_N), launch.cdiv(H, BWD_BLOCK_N) if with_down_bias else 0
 
 
 # -------------------------------------------------------------------------------------------------
@@ -167,7 +166,7 @@ def activation(h: torch.Tensor, gate_up_b: torch.Tensor, act: torch.Tensor, sort
     M, I = act.shape
     other = delta if delta is not None else h
     launch.launch_kernel(
-        gptoss_act_fwd_kernel, in_op, (triton.cdiv(M, ACT_BLOCK_M), triton.cdiv(I, ACT_BLOCK_N)),
+        gptoss_act_fwd_kernel, in_op, (launch.cdiv(M, ACT_BLOCK_M), launch.cdiv(I, ACT_BLOCK_N)),
         (h, other, gate_up_b, act, sorted_slots, flat_index, M, I, limit, alpha,
          h.stride(0), other.stride(0), gate_up_b.stride(0), act.stride(0)),
         dict(HAS_DELTA=delta is not None, BLOCK_M=ACT_BLOCK_M, BLOCK_N=ACT_BLOCK_N, num_warps=ELEMENTWISE_WARPS),
@@ -181,7 +180,7 @@ def combine(down_out: torch.Tensor, down_b: torch.Tensor, weights: torch.Tensor,
     out = _alloc((T, H), down_out.dtype, down_out.device)
     other = extra if extra is not None else down_out
     launch.launch_kernel(
-        gptoss_combine_kernel, in_op, (triton.cdiv(T, COMBINE_BLOCK_T), triton.cdiv(H, COMBINE_BLOCK_N)),
+        gptoss_combine_kernel, in_op, (launch.cdiv(T, COMBINE_BLOCK_T), launch.cdiv(H, COMBINE_BLOCK_N)),
         (down_out, other, down_b, weights, flat_index, out, T, H, k, down_out.stride(0), other.stride(0),
          down_b.stride(0), out.stride(0)),
         dict(HAS_Y2=extra is not None, BLOCK_T=COMBINE_BLOCK_T, BLOCK_N=COMBINE_BLOCK_N, num_warps=ELEMENTWISE_WARPS),
@@ -255,7 +254,7 @@ def activation_backward(d_act: torch.Tensor, h: torch.Tensor, gate_up_b: torch.T
          grad_out.stride(0), down_b.stride(0), d_h.stride(0), weighted_act.stride(0), d_gate_up_b.stride(0),
          db2_arg.stride(0)),
         dict(I_BLOCKS=i_blocks, LORA=lora is not None, BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N,
-             BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=BWD_WARPS),
+             BLOCK_R=max(16, launch.next_power_of_2(rank)), num_warps=BWD_WARPS),
         (d_h, weighted_act, dsp, d_gate_up_b, d_down_b))
     d_weights = grad_out.new_empty(0)
     if need_weights:
