@@ -1,14 +1,16 @@
-"""LoRA on the experts block of a Qwen3-MoE layer: moe-tune's fused LoRA path against PEFT's LoRA on
-transformers' ``grouped_mm`` experts (eager and under torch.compile, the strongest baseline),
-block forward+backward, with peak memory; then a 30-step training-loss match on a tiny model.
+"""LoRA on the experts block of a Qwen3-MoE or gpt-oss layer: moe-tune's fused LoRA path against PEFT's
+LoRA on transformers' ``grouped_mm`` experts (eager and under torch.compile, the strongest
+baseline), block forward+backward, with peak memory; then (Qwen3-MoE) a 30-step training-loss
+match on a tiny model.
 
-Both sides run the same module the way a user does: transformers' ``Qwen3MoeExperts`` with random
-bf16 weights (no download) wrapped by PEFT's ``ParamWrapper`` (``target_parameters`` on
+Both sides run the same module the way a user does: transformers' ``Qwen3MoeExperts`` or
+``GptOssExperts`` (``--model``) with random bf16 weights (no download) wrapped by PEFT's
+``ParamWrapper`` (``target_parameters`` on
 ``gate_up_proj`` and ``down_proj``, random A and B), called with the same hidden states and the
 same routing (``top_k_index``/``top_k_weights`` drawn once, outside every timer). The only
 difference is ``config._experts_implementation``: ``grouped_mm`` (PEFT folds W + s·B·A for both
-stacks every call and backpropagates through it) or ``moe_tune`` (the fused LoRA block:
-``moe_tune.integrations.peft``). One fwd+bwd = the forward plus the backward of a fixed output
+stacks every call and backpropagates through it) or ``moe_tune`` (the fused LoRA block,
+``moe_tune.ops.lora_block`` or ``moe_tune.ops.gptoss_lora``, through ``moe_tune.integrations.peft``). One fwd+bwd = the forward plus the backward of a fixed output
 gradient into the hidden states, the routing weights and the four LoRA factors (the base weights
 are frozen). Timed with moe-tune's one GPU timer (``moe_tune.timer.GpuTimer``: do_bench samples,
 L2 flushed, median and p20-p80); peak memory is the allocator's high-water mark of one fwd+bwd
@@ -16,8 +18,8 @@ above what was allocated before it. moe-tune's output and LoRA gradients are che
 eager baseline once per point.
 
 Run (one H100, ~5 minutes): ``PYTHONPATH=. python3 benchmarks/bench_lora.py --out $OUT``
-(writes ``bench_lora.json`` and ``bench_lora.md`` under ``--out``; ``--tokens``, ``--ranks``,
-``--no-compile``, ``--steps``).
+(writes ``bench_lora.json`` and ``bench_lora.md`` under ``--out``; ``--model``, ``--tokens``,
+``--ranks``, ``--no-compile``, ``--steps``).
 """
 
 from __future__ import annotations
@@ -29,11 +31,18 @@ import os
 import sys
 import time
 
-DESCRIPTION = "LoRA on the Qwen3-MoE experts block: moe-tune's fused path against PEFT + grouped_mm."
+DESCRIPTION = "LoRA on the experts block: moe-tune's fused path against PEFT + grouped_mm."
 
-# Qwen3-30B-A3B's experts (DESIGN.md) and the issue's targets (#16): fwd+bwd >= 1.5x the best PEFT +
-# grouped_mm baseline at r = 16 and 64, 4096 and 16384 tokens, at no more peak memory.
-SHAPE = dict(num_experts=128, hidden_size=2048, moe_intermediate_size=768, num_experts_per_tok=8)
+# The experts (DESIGN.md's presets) as transformers' configs name them, and the LoRA issue's target
+# (#16): fwd+bwd >= 1.5x the best PEFT + grouped_mm baseline at no more peak memory.
+MODELS = {
+    "qwen3-30b-a3b": ("qwen3_moe", dict(num_experts=128, hidden_size=2048, moe_intermediate_size=768,
+                                        num_experts_per_tok=8)),
+    "gpt-oss-20b": ("gpt_oss", dict(num_local_experts=32, hidden_size=2880, intermediate_size=2880,
+                                    num_experts_per_tok=4)),
+    "gpt-oss-120b": ("gpt_oss", dict(num_local_experts=128, hidden_size=2880, intermediate_size=2880,
+                                     num_experts_per_tok=4)),
+}
 TARGET_SPEEDUP = 1.5
 # The loss-match model: small enough for 30 steps in seconds, real enough to route and learn.
 TINY = dict(hidden_size=512, moe_intermediate_size=256, num_experts=16, num_experts_per_tok=4, norm_topk_prob=True,
@@ -55,20 +64,37 @@ def _lora_config(r: int):
     return LoraConfig(r=r, lora_alpha=2 * r, target_parameters=TARGETS, init_lora_weights=False)
 
 
-def build_experts(r: int, dtype, seed: int):
-    """A holder module whose ``experts`` is PEFT's ParamWrapper around a Qwen3MoeExperts."""
+def dims(model: str) -> tuple[int, int, int, int]:
+    """(E, H, I, k) of ``model``'s experts."""
+    family, fields = MODELS[model]
+    E = fields["num_experts" if family == "qwen3_moe" else "num_local_experts"]
+    I = fields["moe_intermediate_size" if family == "qwen3_moe" else "intermediate_size"]
+    return E, fields["hidden_size"], I, fields["num_experts_per_tok"]
+
+
+def build_experts(model: str, r: int, dtype, seed: int, device="cuda"):
+    """A holder module whose ``experts`` is PEFT's ParamWrapper around the model's experts module
+    (random weights; gpt-oss's biases too)."""
     import torch
     from peft import inject_adapter_in_model
-    from transformers import Qwen3MoeConfig
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
+    family, fields = MODELS[model]
+    if family == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as Experts
+
+        config = Qwen3MoeConfig(**fields)
+    else:
+        from transformers import GptOssConfig
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as Experts
+
+        config = GptOssConfig(**fields)
     torch.manual_seed(seed)
-    config = Qwen3MoeConfig(**SHAPE)
     holder = torch.nn.Module()
-    holder.experts = Qwen3MoeExperts(config)
+    holder.experts = Experts(config)
     for p in holder.experts.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    holder = holder.to("cuda", dtype)
+    holder = holder.to(device, dtype)
     holder = inject_adapter_in_model(_lora_config(r), holder)
     for name, p in holder.named_parameters():
         p.requires_grad_("lora_" in name)
@@ -110,6 +136,7 @@ def peft_fold_forward(holder):
 
 def moe_tune_forward(holder):
     """moe-tune's LoRA block on the holder's frozen weights and PEFT factors, as one traceable call."""
+    from moe_tune.ops.gptoss_lora import gptoss_experts_lora
     from moe_tune.ops.lora import LoraFactors, MoeLora
     from moe_tune.ops.moe_experts import moe_experts
 
@@ -120,10 +147,16 @@ def moe_tune_forward(holder):
         return LoraFactors.from_peft(w.lora_A["default"].weight, w.lora_B["default"].weight, w.num_experts,
                                      w.scaling["default"])
 
+    weights = experts._parameters
+    gpt_oss = "gate_up_proj_bias" in weights
+
     def forward(x, top_k_index, top_k_weights):
         lora = MoeLora(gate_up=factors("gate_up_proj"), down=factors("down_proj"))
-        return moe_experts(x, experts._parameters["gate_up_proj"], experts._parameters["down_proj"], top_k_index,
-                           top_k_weights, lora=lora)
+        if gpt_oss:
+            return gptoss_experts_lora(x, weights["gate_up_proj"], weights["gate_up_proj_bias"], weights["down_proj"],
+                                       weights["down_proj_bias"], top_k_index, top_k_weights, lora=lora,
+                                       limit=experts.limit, alpha=experts.alpha)
+        return moe_experts(x, weights["gate_up_proj"], weights["down_proj"], top_k_index, top_k_weights, lora=lora)
 
     return forward
 
@@ -162,7 +195,7 @@ def bench_rank(r: int, args, timer):
     from moe_tune.ops.routing import random_routing
 
     dtype = getattr(torch, args.dtype)
-    base = build_experts(r, dtype, args.seed)
+    base = build_experts(args.model, r, dtype, args.seed)
     # (label, experts implementation, forward): eager variants call the PEFT-wrapped module as a
     # model does; compiled ones compile the same computation written as one traceable function.
     variants = [("peft+grouped_mm eager", "grouped_mm", lambda h: h.experts)]
@@ -179,7 +212,7 @@ def bench_rank(r: int, args, timer):
         built.append((label, impl, holder, forward(holder)))
     del base
 
-    E, H, k = SHAPE["num_experts"], SHAPE["hidden_size"], SHAPE["num_experts_per_tok"]
+    E, H, _, k = dims(args.model)
     for T in args.tokens:
         gen = torch.Generator(device="cuda").manual_seed(args.seed + T + r)
         hidden = torch.randn(T, H, device="cuda", generator=gen).to(dtype)
@@ -265,9 +298,9 @@ def loss_match(args) -> dict:
 def markdown(report: dict) -> str:
     from moe_tune.bench.env import header
 
+    E, H, I, k = dims(report["model"])
     lines = [f"# {DESCRIPTION}", "", header(report["env"]), "",
-             f"Qwen3-30B-A3B experts (E={SHAPE['num_experts']}, H={SHAPE['hidden_size']}, "
-             f"I={SHAPE['moe_intermediate_size']}, k={SHAPE['num_experts_per_tok']}), {report['dtype']}, "
+             f"{report['model']} experts (E={E}, H={H}, I={I}, k={k}), {report['dtype']}, "
              "block fwd+bwd (median ms, p20-p80), peak MiB above the inputs; speed-up and memory against the best "
              f"PEFT + grouped_mm baseline (target: >= {TARGET_SPEEDUP}x at <= 1.0x memory).", "",
              "| tokens | r | variant | ms | p20-p80 | peak MiB | speed-up | memory | check |",
@@ -296,17 +329,22 @@ def markdown(report: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=DESCRIPTION)
     parser.add_argument("--out", required=True, help="directory for bench_lora.json and bench_lora.md")
+    parser.add_argument("--model", default="qwen3-30b-a3b", choices=sorted(MODELS))
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--eager-moe-tune-only", action="store_true",
                         help="time moe-tune eager only (the baselines still run eager and compiled)")
-    parser.add_argument("--steps", type=int, default=30, help="training steps of the loss match (0: skip it)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps of the Qwen3-MoE loss match (0: skip it; default 30 for "
+                             "qwen3-30b-a3b, else 0)")
     parser.add_argument("--warmup", type=float, default=25, help="timer warm-up per measurement, ms")
     parser.add_argument("--rep", type=float, default=100, help="timer repetition time per measurement, ms")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = 30 if args.model == "qwen3-30b-a3b" else 0
 
     import torch
 
@@ -324,7 +362,7 @@ def main(argv=None) -> int:
     # A LoRA problem without a cache entry runs the heuristic default: one warning per problem.
     warnings.simplefilter("once", CacheWarning)
     timer = GpuTimer(warmup_ms=args.warmup, rep_ms=args.rep)
-    report = dict(env=environment(), dtype=args.dtype, timer=timer.describe(), points=[])
+    report = dict(env=environment(), model=args.model, dtype=args.dtype, timer=timer.describe(), points=[])
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
 
