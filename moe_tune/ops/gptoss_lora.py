@@ -49,7 +49,7 @@ import torch
 
 from moe_tune.device import DeviceInfo, query_device
 from moe_tune.ops import gptoss, launch
-from moe_tune.ops.block import configs_for, size_hint
+from moe_tune.ops.block import claim, configs_for, hand_over, hands_over, size_hint, take
 from moe_tune.ops.lora import MoeLora, check_lora, prepared
 from moe_tune.ops.routing import Routing, build_routing
 from moe_tune.problem import KernelConfig, MoeShape, Problem
@@ -149,7 +149,8 @@ def backward(grad_out, hidden, gate_up_w, gate_up_bias, down_w, down_bias, top_k
              need_down_a: bool, need_down_b: bool, in_op: bool):
     """Returns (d hidden [T, H], d gate_up_bias, d down_bias, d top_k_weights [T, k], d up_a,
     d up_b, d down_a, d down_b); a gradient not asked for comes back as an empty tensor.
-    ``hidden`` may be empty when up_a is None (only dA1 reads it)."""
+    ``hidden`` may be empty when up_a is None (only dA1 reads it). ``h``: the forward's H, or a
+    ``block.hand_over`` list holding it (then freed once the activation backward has read it)."""
     E, H, I, k = gptoss.problem_dims(gate_up_w, top_k_weights.shape[1])
     T = grad_out.shape[0]
     M = T * k
@@ -160,6 +161,7 @@ def backward(grad_out, hidden, gate_up_w, gate_up_bias, down_w, down_bias, top_k
     grad_out = grad_out.contiguous()
     weights = top_k_weights.reshape(M)
     d_up_a, d_up_b, d_down_a, d_down_b = (_empty(grad_out) for _ in range(4))
+    h = take(h)
 
     # -- Down: the LoRA's P and dA_lora, dA_raw, then the activation backward ----------------------
     lora_terms = None
@@ -177,7 +179,7 @@ def backward(grad_out, hidden, gate_up_w, gate_up_bias, down_w, down_bias, top_k
     d_h, weighted_act, d_gate_up_bias, d_down_bias, d_weights = gptoss.activation_backward(
         d_act, h, gate_up_bias, grad_out, down_bias, top_k_weights, expert_offsets, sorted_slots, limit=limit,
         alpha=alpha, need_down_b=need_down_bias, need_weights=need_weights, lora=lora_terms, in_op=in_op)
-    del d_act, lora_terms
+    del d_act, lora_terms, h
     if down_a is not None:
         if need_down_b:
             d_down_b = _alloc(tuple(down_b.shape), dtype, device)
@@ -286,6 +288,9 @@ _NEED_NAMES = ("need_hidden", "need_gate_up_bias", "need_down_bias", "need_weigh
                "need_down_a", "need_down_b")
 
 
+_SAVED_H = 6  # H's position among the eager Function's saved tensors (backward's arguments after grad_out)
+
+
 def _needs(needs_input_grad) -> list[bool]:
     return [bool(needs_input_grad[i]) for i in _GRAD_POSITIONS]
 
@@ -324,7 +329,10 @@ gptoss_experts_lora_fwd.register_autograd(_op_backward, setup_context=_setup_con
 
 
 class _EagerLora(torch.autograd.Function):
-    """The block outside torch.compile: bodies run as plain Python, kernels launched directly."""
+    """The block outside torch.compile: bodies run as plain Python, kernels launched directly. H,
+    the largest activation, is handed over to the backward (``block.hand_over``) rather than saved,
+    so the backward frees it once the activation backward has read it; under saved-tensor hooks
+    (non-reentrant checkpointing, offloading) it is saved like the rest."""
 
     @staticmethod
     def forward(ctx, hidden, gate_up_w, gate_up_bias, down_w, down_bias, top_k_index, top_k_weights, up_a, up_b,
@@ -332,14 +340,20 @@ class _EagerLora(torch.autograd.Function):
         out, h, l1, l2, offsets, slots = forward(hidden, gate_up_w, gate_up_bias, down_w, down_bias, top_k_index,
                                                  top_k_weights, up_a, up_b, down_a, down_b, limit=limit, alpha=alpha,
                                                  in_op=False)
+        ctx.handed = hands_over()
         ctx.save_for_backward(hidden if up_a is not None else None, gate_up_w, gate_up_bias, down_w, down_bias,
-                              top_k_weights, h, l1, l2, offsets, slots, up_a, up_b, down_a, down_b)
+                              top_k_weights, None if ctx.handed else h, l1, l2, offsets, slots, up_a, up_b, down_a,
+                              down_b)
+        ctx.h = hand_over(h) if ctx.handed else None
         ctx.limit, ctx.alpha = limit, alpha
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        grads = backward(grad_out, *ctx.saved_tensors, limit=ctx.limit, alpha=ctx.alpha, in_op=False,
+        saved = list(ctx.saved_tensors)
+        if ctx.handed:
+            saved[_SAVED_H] = claim(ctx, "h")
+        grads = backward(grad_out, *saved, limit=ctx.limit, alpha=ctx.alpha, in_op=False,
                          **dict(zip(_NEED_NAMES, _needs(ctx.needs_input_grad))))
         return _input_grads(ctx.needs_input_grad, grads)
 

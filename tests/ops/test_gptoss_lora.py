@@ -189,3 +189,35 @@ def test_compiled_matches_eager():
     assert torch.allclose(out, eager_out, rtol=1e-5, atol=1e-5)
     for name, grad in eager_grads.items():
         assert torch.allclose(grads[name], grad, rtol=1e-5, atol=1e-5), name
+
+
+def test_eager_backward_frees_h_before_the_lora_weight_gradients(monkeypatch):
+    """Eager, H (the up GEMM's [M, 2I] output, the block's largest activation) is handed to the
+    backward, which frees it once the activation backward has read it: it is gone at every dW."""
+    from alloc_tracking import alive_at_each_dw
+
+    T, H, I, E, k, r = 9, 32, 24, 4, 2, 4
+    inputs = inputs_for(T, H, I, E, k, r, torch.float32)
+    grad_out = torch.randn(T, H)
+
+    def h_alive(made):
+        return [ref() is not None for shape, ref in made if shape == (T * k, 2 * I)]
+
+    seen, made, _ = alive_at_each_dw(
+        monkeypatch, gptoss_lora, moe_tune_block,
+        lambda fn: run(fn, inputs, grad_out, ("gate_up", "down"), TRAINABLE, LIMITS[torch.float32]), h_alive,
+        compiled=False)
+    assert len(seen) == 4  # dB̃2, dA2, dB̃1, dA1
+    assert all(not any(alive) for alive in seen)
+    assert made[0][0] == (T * k, 2 * I)  # H is the body's first buffer
+
+
+def test_a_second_backward_is_a_clear_error():
+    T, H, I, E, k, r = 5, 32, 16, 4, 2, 4
+    leaves = inputs_for(T, H, I, E, k, r, torch.float32)
+    for name in FACTORS:
+        leaves[name].requires_grad_()
+    out = moe_tune_block(leaves, ("gate_up", "down"), LIMITS[torch.float32])
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="run the forward again"):
+        out.sum().backward()
