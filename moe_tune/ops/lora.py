@@ -71,8 +71,9 @@ class LoraFactors:
 
 @dataclass(frozen=True)
 class MoeLora:
-    """LoRA on the experts: ``gate_up`` on gate_up_w [E, 2I, H], ``down`` on down_w [E, H, I];
-    either may be None (that weight runs without LoRA). LoRA dropout is not supported: dropout
+    """LoRA on the experts: ``gate_up`` on gate_up_w ([E, 2I, H]; gpt-oss's [E, H, 2I]), ``down`` on
+    down_w ([E, H, I]; gpt-oss's [E, I, H]); either may be None (that weight runs without LoRA).
+    The factors' per-expert shapes are the same in both layouts (``LoraFactors``). LoRA dropout is not supported: dropout
     acts on x before A, which the fused path cannot factor out (PEFT refuses it on expert
     parameters for the same reason)."""
 
