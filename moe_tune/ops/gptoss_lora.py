@@ -48,7 +48,7 @@ from typing import Optional
 import torch
 
 from moe_tune.device import DeviceInfo, query_device
-from moe_tune.ops import gptoss, launch
+from moe_tune.ops import gptoss, launch, lora_block
 from moe_tune.ops.block import claim, configs_for, hand_over, hands_over, size_hint, take
 from moe_tune.ops.lora import MoeLora, check_lora, prepared
 from moe_tune.ops.routing import Routing, build_routing
@@ -115,12 +115,7 @@ def forward(hidden, gate_up_w, gate_up_bias, down_w, down_bias, top_k_index, top
                       scatter_c=False, cfg=cfg["up.forward"], info=info, in_op=in_op)
     l1 = delta = None
     if up_a is not None:
-        l1 = _alloc((M, up_a.shape[1]), dtype, device)
-        launch.grouped_mm(hidden, up_a, l1, routing, None, trans_w=False, gather_a=True, gather_div=k,
-                          scatter_c=False, cfg=cfg["up_a.forward"], info=info, in_op=in_op)
-        delta = _alloc((M, 2 * I), dtype, device)
-        launch.grouped_mm(l1, up_b, delta, routing, None, trans_w=False, gather_a=False, gather_div=1,
-                          scatter_c=False, cfg=cfg["up_b.forward"], info=info, in_op=in_op)
+        l1, delta = lora_block.up_delta(hidden, up_a, up_b, routing, cfg, info, in_op=in_op)
     act = _alloc((M, I), dtype, device)
     gptoss.activation(h, gate_up_bias, act, routing.sorted_slots, flat_index, limit=limit, alpha=alpha,
                       delta=delta, in_op=in_op)
@@ -132,12 +127,8 @@ def forward(hidden, gate_up_w, gate_up_bias, down_w, down_bias, top_k_index, top
                       scatter_c=True, cfg=cfg["down.forward"], info=info, in_op=in_op)
     l2 = extra = None
     if down_a is not None:
-        l2 = _alloc((M, down_a.shape[1]), dtype, device)
-        launch.grouped_mm(act, down_a, l2, routing, None, trans_w=False, gather_a=False, gather_div=1,
-                          scatter_c=False, cfg=cfg["down_a.forward"], info=info, in_op=in_op)
         extra = _alloc((M, H), dtype, device)
-        launch.grouped_mm(l2, down_b, extra, routing, weights, trans_w=False, gather_a=False, gather_div=1,
-                          scatter_c=True, cfg=cfg["down_b.forward"], info=info, in_op=in_op)
+        l2 = lora_block.down_rows(act, down_a, down_b, weights, extra, routing, cfg, info, in_op=in_op)
     out = gptoss.combine(down_out, down_bias, weights, flat_index, T, k, extra=extra, in_op=in_op)
     return (out, h, l1 if l1 is not None else _empty(hidden), l2 if l2 is not None else _empty(hidden),
             routing.expert_offsets, routing.sorted_slots)
@@ -160,18 +151,13 @@ def backward(grad_out, hidden, gate_up_w, gate_up_bias, down_w, down_bias, top_k
     routing = Routing(expert_offsets, sorted_slots, T, k)
     grad_out = grad_out.contiguous()
     weights = top_k_weights.reshape(M)
-    d_up_a, d_up_b, d_down_a, d_down_b = (_empty(grad_out) for _ in range(4))
+    d_down_a, d_down_b = _empty(grad_out), _empty(grad_out)
     h = take(h)
 
     # -- Down: the LoRA's P and dA_lora, dA_raw, then the activation backward ----------------------
     lora_terms = None
     if down_a is not None:
-        p = _alloc((M, down_a.shape[1]), dtype, device)
-        launch.grouped_mm(grad_out, down_b, p, routing, None, trans_w=True, gather_a=True, gather_div=k,
-                          scatter_c=False, cfg=cfg["down_b.dx"], info=info, in_op=in_op)
-        d_act_lora = _alloc((M, I), dtype, device)
-        launch.grouped_mm(p, down_a, d_act_lora, routing, weights, trans_w=True, gather_a=False, gather_div=1,
-                          scatter_c=False, cfg=cfg["down_a.dx"], info=info, in_op=in_op)
+        p, d_act_lora = lora_block.down_dx(grad_out, down_a, down_b, weights, routing, cfg, info, in_op=in_op)
         lora_terms = (d_act_lora, p, l2)
     d_act = _alloc((M, I), dtype, device)
     launch.grouped_mm(grad_out, down_w, d_act, routing, None, trans_w=False, gather_a=True, gather_div=k,
@@ -181,32 +167,16 @@ def backward(grad_out, hidden, gate_up_w, gate_up_bias, down_w, down_bias, top_k
         alpha=alpha, need_down_b=need_down_bias, need_weights=need_weights, lora=lora_terms, in_op=in_op)
     del d_act, lora_terms, h
     if down_a is not None:
-        if need_down_b:
-            d_down_b = _alloc(tuple(down_b.shape), dtype, device)
-            launch.grouped_mm_dw(grad_out, l2, d_down_b, routing, weights, gather_dy=True, dy_div=k, gather_x=False,
-                                 x_div=1, cfg=cfg["down_b.dw"], info=info, in_op=in_op)
-        if need_down_a:
-            d_down_a = _alloc(tuple(down_a.shape), dtype, device)
-            launch.grouped_mm_dw(p, weighted_act, d_down_a, routing, None, gather_dy=False, dy_div=1, gather_x=False,
-                                 x_div=1, cfg=cfg["down_a.dw"], info=info, in_op=in_op)
+        d_down_a, d_down_b = lora_block.down_dw(grad_out, p, l2, weighted_act, down_a, down_b, weights, routing, cfg,
+                                                info, need_down_a=need_down_a, need_down_b=need_down_b, in_op=in_op)
         del p, d_act_lora
     del weighted_act
 
     # -- Up: Q = dH·B̃1, the LoRA gradients, then dX ------------------------------------------------
-    q = None
+    q, d_up_a, d_up_b = None, _empty(grad_out), _empty(grad_out)
     if up_a is not None:
-        if need_hidden or need_up_a:
-            q = _alloc((M, up_a.shape[1]), dtype, device)
-            launch.grouped_mm(d_h, up_b, q, routing, None, trans_w=True, gather_a=False, gather_div=1,
-                              scatter_c=False, cfg=cfg["up_b.dx"], info=info, in_op=in_op)
-        if need_up_b:
-            d_up_b = _alloc(tuple(up_b.shape), dtype, device)
-            launch.grouped_mm_dw(d_h, l1, d_up_b, routing, None, gather_dy=False, dy_div=1, gather_x=False, x_div=1,
-                                 cfg=cfg["up_b.dw"], info=info, in_op=in_op)
-        if need_up_a:
-            d_up_a = _alloc(tuple(up_a.shape), dtype, device)
-            launch.grouped_mm_dw(q, hidden, d_up_a, routing, None, gather_dy=False, dy_div=1, gather_x=True, x_div=k,
-                                 cfg=cfg["up_a.dw"], info=info, in_op=in_op)
+        q, d_up_a, d_up_b = lora_block.up_backward(d_h, hidden, l1, up_a, up_b, routing, cfg, info, need_q=need_hidden,
+                                                   need_up_a=need_up_a, need_up_b=need_up_b, in_op=in_op)
     d_hidden = _empty(grad_out)
     if need_hidden:
         rows = _alloc((M, H), dtype, device)
@@ -215,8 +185,7 @@ def backward(grad_out, hidden, gate_up_w, gate_up_bias, down_w, down_bias, top_k
         del d_h
         d_hidden = rows.view(T, k, H).sum(1)
         if q is not None:
-            launch.grouped_mm(q, up_a, rows, routing, None, trans_w=True, gather_a=False, gather_div=1,
-                              scatter_c=True, cfg=cfg["up_a.dx"], info=info, in_op=in_op)
+            lora_block.up_a_dx_rows(q, up_a, rows, routing, cfg, info, in_op=in_op)
             d_hidden += rows.view(T, k, H).sum(1)
     return (d_hidden, d_gate_up_bias if need_gate_up_bias else _empty(grad_out),
             d_down_bias if need_down_bias else _empty(grad_out), d_weights, d_up_a, d_up_b, d_down_a, d_down_b)

@@ -86,6 +86,86 @@ def _rank(factor_a) -> int:
 
 
 # -------------------------------------------------------------------------------------------------
+# The factors' GEMMs (the same for the gpt-oss layout: ``moe_tune.ops.gptoss_lora``)
+# -------------------------------------------------------------------------------------------------
+
+
+def up_delta(hidden, up_a, up_b, routing: Routing, cfg: dict, info: DeviceInfo, *, in_op: bool):
+    """L1 = X[slot // k]·A1ᵀ [M, r] and ΔH = L1·B̃1ᵀ [M, 2I], both in expert order."""
+    M = routing.num_rows
+    l1 = _alloc((M, up_a.shape[1]), hidden.dtype, hidden.device)
+    launch.grouped_mm(hidden, up_a, l1, routing, None, trans_w=False, gather_a=True, gather_div=routing.topk,
+                      scatter_c=False, cfg=cfg["up_a.forward"], info=info, in_op=in_op)
+    delta = _alloc((M, up_b.shape[1]), hidden.dtype, hidden.device)
+    launch.grouped_mm(l1, up_b, delta, routing, None, trans_w=False, gather_a=False, gather_div=1,
+                      scatter_c=False, cfg=cfg["up_b.forward"], info=info, in_op=in_op)
+    return l1, delta
+
+
+def down_rows(act, down_a, down_b, weights, rows, routing: Routing, cfg: dict, info: DeviceInfo, *, in_op: bool):
+    """L2 = A·A2ᵀ [M, r] (returned, kept for dB̃2) and w·L2·B̃2ᵀ written to ``rows`` [M, H] in slot order."""
+    l2 = _alloc((routing.num_rows, down_a.shape[1]), act.dtype, act.device)
+    launch.grouped_mm(act, down_a, l2, routing, None, trans_w=False, gather_a=False, gather_div=1,
+                      scatter_c=False, cfg=cfg["down_a.forward"], info=info, in_op=in_op)
+    launch.grouped_mm(l2, down_b, rows, routing, weights, trans_w=False, gather_a=False, gather_div=1,
+                      scatter_c=True, cfg=cfg["down_b.forward"], info=info, in_op=in_op)
+    return l2
+
+
+def down_dx(grad_out, down_a, down_b, weights, routing: Routing, cfg: dict, info: DeviceInfo, *, in_op: bool):
+    """P = G[slot // k]·B̃2 [M, r] and dA_lora = w·P·A2 [M, I], in expert order."""
+    M, dtype, device = routing.num_rows, down_a.dtype, grad_out.device
+    p = _alloc((M, down_a.shape[1]), dtype, device)
+    launch.grouped_mm(grad_out, down_b, p, routing, None, trans_w=True, gather_a=True, gather_div=routing.topk,
+                      scatter_c=False, cfg=cfg["down_b.dx"], info=info, in_op=in_op)
+    d_act_lora = _alloc((M, down_a.shape[2]), dtype, device)
+    launch.grouped_mm(p, down_a, d_act_lora, routing, weights, trans_w=True, gather_a=False, gather_div=1,
+                      scatter_c=False, cfg=cfg["down_a.dx"], info=info, in_op=in_op)
+    return p, d_act_lora
+
+
+def down_dw(grad_out, p, l2, weighted_act, down_a, down_b, weights, routing: Routing, cfg: dict, info: DeviceInfo, *,
+            need_down_a: bool, need_down_b: bool, in_op: bool):
+    """(dA2 = Pᵀ·(w·A), dB̃2 = (w·G)ᵀ·L2) per expert; one not asked for is an empty tensor."""
+    d_down_a, d_down_b = _empty(grad_out), _empty(grad_out)
+    if need_down_b:
+        d_down_b = _alloc(tuple(down_b.shape), down_b.dtype, grad_out.device)
+        launch.grouped_mm_dw(grad_out, l2, d_down_b, routing, weights, gather_dy=True, dy_div=routing.topk,
+                             gather_x=False, x_div=1, cfg=cfg["down_b.dw"], info=info, in_op=in_op)
+    if need_down_a:
+        d_down_a = _alloc(tuple(down_a.shape), down_a.dtype, grad_out.device)
+        launch.grouped_mm_dw(p, weighted_act, d_down_a, routing, None, gather_dy=False, dy_div=1, gather_x=False,
+                             x_div=1, cfg=cfg["down_a.dw"], info=info, in_op=in_op)
+    return d_down_a, d_down_b
+
+
+def up_backward(d_h, hidden, l1, up_a, up_b, routing: Routing, cfg: dict, info: DeviceInfo, *, need_q: bool,
+                need_up_a: bool, need_up_b: bool, in_op: bool):
+    """(Q = dH·B̃1 [M, r] or None, dA1 = Qᵀ·X[slot // k], dB̃1 = dHᵀ·L1); a gradient not asked for is
+    an empty tensor. Q is made when dA1 or (``need_q``) dX needs it."""
+    q, d_up_a, d_up_b = None, _empty(d_h), _empty(d_h)
+    if need_q or need_up_a:
+        q = _alloc((routing.num_rows, up_a.shape[1]), d_h.dtype, d_h.device)
+        launch.grouped_mm(d_h, up_b, q, routing, None, trans_w=True, gather_a=False, gather_div=1,
+                          scatter_c=False, cfg=cfg["up_b.dx"], info=info, in_op=in_op)
+    if need_up_b:
+        d_up_b = _alloc(tuple(up_b.shape), up_b.dtype, d_h.device)
+        launch.grouped_mm_dw(d_h, l1, d_up_b, routing, None, gather_dy=False, dy_div=1, gather_x=False, x_div=1,
+                             cfg=cfg["up_b.dw"], info=info, in_op=in_op)
+    if need_up_a:
+        d_up_a = _alloc(tuple(up_a.shape), up_a.dtype, d_h.device)
+        launch.grouped_mm_dw(q, hidden, d_up_a, routing, None, gather_dy=False, dy_div=1, gather_x=True,
+                             x_div=routing.topk, cfg=cfg["up_a.dw"], info=info, in_op=in_op)
+    return q, d_up_a, d_up_b
+
+
+def up_a_dx_rows(q, up_a, rows, routing: Routing, cfg: dict, info: DeviceInfo, *, in_op: bool) -> None:
+    """Q·A1 written to ``rows`` [M, H] in slot order (the LoRA part of dX, before the slot sum)."""
+    launch.grouped_mm(q, up_a, rows, routing, None, trans_w=True, gather_a=False, gather_div=1, scatter_c=True,
+                      cfg=cfg["up_a.dx"], info=info, in_op=in_op)
+
+
+# -------------------------------------------------------------------------------------------------
 # Forward
 # -------------------------------------------------------------------------------------------------
 
@@ -116,12 +196,7 @@ def forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights, up_a, up_b, d
     else:
         launch.grouped_mm(hidden, gate_up_w, h, routing, None, trans_w=False, gather_a=True, gather_div=k,
                           scatter_c=False, cfg=cfg["up.forward"], info=info, in_op=in_op)
-        l1 = _alloc((M, up_a.shape[1]), dtype, device)
-        launch.grouped_mm(hidden, up_a, l1, routing, None, trans_w=False, gather_a=True, gather_div=k,
-                          scatter_c=False, cfg=cfg["up_a.forward"], info=info, in_op=in_op)
-        h_lora = _alloc((M, 2 * I), dtype, device)
-        launch.grouped_mm(l1, up_b, h_lora, routing, None, trans_w=False, gather_a=False, gather_div=1,
-                          scatter_c=False, cfg=cfg["up_b.forward"], info=info, in_op=in_op)
+        l1, h_lora = up_delta(hidden, up_a, up_b, routing, cfg, info, in_op=in_op)
         swiglu_forward(h, act, delta=h_lora, in_op=in_op)
         del h_lora
 
@@ -133,11 +208,7 @@ def forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights, up_a, up_b, d
     out = rows.view(T, k, H).sum(1)
     l2 = _empty(hidden)
     if down_a is not None:
-        l2 = _alloc((M, down_a.shape[1]), dtype, device)
-        launch.grouped_mm(act, down_a, l2, routing, None, trans_w=False, gather_a=False, gather_div=1,
-                          scatter_c=False, cfg=cfg["down_a.forward"], info=info, in_op=in_op)
-        launch.grouped_mm(l2, down_b, rows, routing, weights, trans_w=False, gather_a=False, gather_div=1,
-                          scatter_c=True, cfg=cfg["down_b.forward"], info=info, in_op=in_op)
+        l2 = down_rows(act, down_a, down_b, weights, rows, routing, cfg, info, in_op=in_op)
         out += rows.view(T, k, H).sum(1)
     return out, h, l1, l2, routing.expert_offsets, routing.sorted_slots
 
@@ -163,7 +234,7 @@ def backward(grad_out, hidden, gate_up_w, down_w, top_k_weights, h, l1, l2, expe
     routing = Routing(expert_offsets, sorted_slots, T, k)
     grad_out = grad_out.contiguous()
     weights = top_k_weights.reshape(M)
-    d_up_a, d_up_b, d_down_a, d_down_b = (_empty(grad_out) for _ in range(4))
+    d_down_a, d_down_b = _empty(grad_out), _empty(grad_out)
 
     # -- Down: dA, SwiGLU's backward and the routing-weight gradient ------------------------------
     d_h = _alloc((M, 2 * I), dtype, device)
@@ -176,12 +247,7 @@ def backward(grad_out, hidden, gate_up_w, down_w, top_k_weights, h, l1, l2, expe
         swiglu_backward(d_act, h, weights, sorted_slots, d_h, d_weights, in_op=in_op)
         del d_act
     else:
-        p = _alloc((M, down_a.shape[1]), dtype, device)
-        launch.grouped_mm(grad_out, down_b, p, routing, None, trans_w=True, gather_a=True, gather_div=k,
-                          scatter_c=False, cfg=cfg["down_b.dx"], info=info, in_op=in_op)
-        d_act_lora = _alloc((M, I), dtype, device)
-        launch.grouped_mm(p, down_a, d_act_lora, routing, weights, trans_w=True, gather_a=False, gather_div=1,
-                          scatter_c=False, cfg=cfg["down_a.dx"], info=info, in_op=in_op)
+        p, d_act_lora = down_dx(grad_out, down_a, down_b, weights, routing, cfg, info, in_op=in_op)
         d_act = _alloc((M, I), dtype, device)
         launch.grouped_mm(grad_out, down_w, d_act, routing, None, trans_w=True, gather_a=True, gather_div=k,
                           scatter_c=False, cfg=cfg["down.dx"], info=info, in_op=in_op)
@@ -189,31 +255,15 @@ def backward(grad_out, hidden, gate_up_w, down_w, top_k_weights, h, l1, l2, expe
         swiglu_backward(d_act, h, weights, sorted_slots, d_h, d_weights, lora=(d_act_lora, p, l2), in_op=in_op)
         del d_act_lora
         weighted_act = d_act  # swiglu_backward wrote w·A over dA_raw
-        if need_down_b:
-            d_down_b = _alloc(tuple(down_b.shape), dtype, device)
-            launch.grouped_mm_dw(grad_out, l2, d_down_b, routing, weights, gather_dy=True, dy_div=k, gather_x=False,
-                                 x_div=1, cfg=cfg["down_b.dw"], info=info, in_op=in_op)
-        if need_down_a:
-            d_down_a = _alloc(tuple(down_a.shape), dtype, device)
-            launch.grouped_mm_dw(p, weighted_act, d_down_a, routing, None, gather_dy=False, dy_div=1, gather_x=False,
-                                 x_div=1, cfg=cfg["down_a.dw"], info=info, in_op=in_op)
+        d_down_a, d_down_b = down_dw(grad_out, p, l2, weighted_act, down_a, down_b, weights, routing, cfg, info,
+                                     need_down_a=need_down_a, need_down_b=need_down_b, in_op=in_op)
         del p, d_act, weighted_act
 
     # -- Up: dL1 = dH·B̃1, the LoRA weight gradients, then dX --------------------------------------
-    q = None
+    q, d_up_a, d_up_b = None, _empty(grad_out), _empty(grad_out)
     if up_a is not None:
-        if need_hidden or need_up_a:
-            q = _alloc((M, up_a.shape[1]), dtype, device)
-            launch.grouped_mm(d_h, up_b, q, routing, None, trans_w=True, gather_a=False, gather_div=1,
-                              scatter_c=False, cfg=cfg["up_b.dx"], info=info, in_op=in_op)
-        if need_up_b:
-            d_up_b = _alloc(tuple(up_b.shape), dtype, device)
-            launch.grouped_mm_dw(d_h, l1, d_up_b, routing, None, gather_dy=False, dy_div=1, gather_x=False, x_div=1,
-                                 cfg=cfg["up_b.dw"], info=info, in_op=in_op)
-        if need_up_a:
-            d_up_a = _alloc(tuple(up_a.shape), dtype, device)
-            launch.grouped_mm_dw(q, hidden, d_up_a, routing, None, gather_dy=False, dy_div=1, gather_x=True, x_div=k,
-                                 cfg=cfg["up_a.dw"], info=info, in_op=in_op)
+        q, d_up_a, d_up_b = up_backward(d_h, hidden, l1, up_a, up_b, routing, cfg, info, need_q=need_hidden,
+                                        need_up_a=need_up_a, need_up_b=need_up_b, in_op=in_op)
     d_hidden = _empty(grad_out)
     if need_hidden:
         up_dx_cfg = cfg.get("up.dx") or block_configs(E, H, I, k, dtype, num_tokens, info)["up", "dx"]
@@ -223,7 +273,6 @@ def backward(grad_out, hidden, gate_up_w, down_w, top_k_weights, h, l1, l2, expe
         del d_h
         d_hidden = rows.view(T, k, H).sum(1)
         if q is not None:
-            launch.grouped_mm(q, up_a, rows, routing, None, trans_w=True, gather_a=False, gather_div=1,
-                              scatter_c=True, cfg=cfg["up_a.dx"], info=info, in_op=in_op)
+            up_a_dx_rows(q, up_a, rows, routing, cfg, info, in_op=in_op)
             d_hidden += rows.view(T, k, H).sum(1)
     return d_hidden, d_up_a, d_up_b, d_down_a, d_down_b, d_weights
