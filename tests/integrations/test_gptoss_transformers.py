@@ -42,21 +42,26 @@ BLOCK_NAMES = {"experts.gate_up_proj", "experts.gate_up_proj_bias", "experts.dow
                "router.weight", "router.bias"}
 
 
+def _counted(monkeypatch, owner, name: str) -> list[int]:
+    """Replace ``owner.name`` with a wrapper that appends to the returned list on every call."""
+    calls = []
+    real = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
 @pytest.fixture
 def block_calls(monkeypatch) -> list[int]:
     """Counts the moe-tune blocks the integration runs (a test comparing eager with eager would
     pass vacuously)."""
     from moe_tune.integrations import transformers as integration
 
-    calls = []
-    block = integration.gptoss_experts
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return block(*args, **kwargs)
-
-    monkeypatch.setattr(integration, "gptoss_experts", counted)
-    return calls
+    return _counted(monkeypatch, integration, "gptoss_experts")
 
 
 def tiny_config(**overrides) -> GptOssConfig:
@@ -205,15 +210,7 @@ def lora_block_calls(monkeypatch) -> list[int]:
     """Counts runs of the fused gpt-oss LoRA block's forward body (eager, and the compiled op's)."""
     from moe_tune.ops import gptoss_lora
 
-    calls = []
-    body = gptoss_lora.forward
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return body(*args, **kwargs)
-
-    monkeypatch.setattr(gptoss_lora, "forward", counted)
-    return calls
+    return _counted(monkeypatch, gptoss_lora, "forward")
 
 
 def peft_model(peft, base, seed: int, impl: str, adapters=("default",)):

@@ -1,6 +1,7 @@
-"""Which buffers an experts block's body allocated, and whether each is still alive: the body's
-``_alloc`` (already poisoned by the test module's fixture) wrapped to keep a weak reference to
-every buffer, with its shape, in allocation order; and which are alive at each weight gradient."""
+"""The bodies' buffers in tests: every ``_alloc`` poisoned with NaN (``poison_allocations``), so an
+element a kernel forgets fails the comparison; which buffers a body allocated and whether each is
+still alive (the body's ``_alloc`` wrapped to keep a weak reference to every buffer, with its
+shape, in allocation order); and which are alive at each weight gradient."""
 
 from __future__ import annotations
 
@@ -9,6 +10,15 @@ import weakref
 import torch
 
 from moe_tune.ops import launch
+
+
+def poison_allocations(monkeypatch, *modules) -> None:
+    """Every buffer the ``modules``' bodies allocate through ``_alloc`` starts as NaN."""
+    def nan_alloc(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    for module in modules:
+        monkeypatch.setattr(module, "_alloc", nan_alloc)
 
 
 def track_allocations(monkeypatch, module) -> list[tuple[tuple[int, ...], weakref.ref]]:

@@ -18,13 +18,14 @@ import dataclasses
 
 import pytest
 import torch
+from alloc_tracking import alive_at_each_dw, poison_allocations
 
 from gptoss_lora_cases import (ALPHA, BASE, FACTORS, TRAINABLE, UP_SCALING, DOWN_SCALING, lora_of, make_inputs,
                                moe_tune_block, reference_block, run)
 from gptoss_lora_cases import assert_matches_reference as assert_matches
 
 from moe_tune.errors import InvalidInputError
-from moe_tune.ops import gptoss, gptoss_lora
+from moe_tune.ops import gptoss, gptoss_lora, lora_block
 from moe_tune.ops.lora import LoraFactors
 from moe_tune.reference import relative_error
 
@@ -50,11 +51,7 @@ SHAPES = [
 
 @pytest.fixture(autouse=True)
 def poisoned_buffers(monkeypatch):
-    def nan_alloc(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(gptoss, "_alloc", nan_alloc)
-    monkeypatch.setattr(gptoss_lora, "_alloc", nan_alloc)
+    poison_allocations(monkeypatch, gptoss, gptoss_lora, lora_block)  # lora_block: the factors' GEMMs
 
 
 def inputs_for(T, H, I, E, k, r, dtype):
@@ -194,8 +191,6 @@ def test_compiled_matches_eager():
 def test_eager_backward_frees_h_before_the_lora_weight_gradients(monkeypatch):
     """Eager, H (the up GEMM's [M, 2I] output, the block's largest activation) is handed to the
     backward, which frees it once the activation backward has read it: it is gone at every dW."""
-    from alloc_tracking import alive_at_each_dw
-
     T, H, I, E, k, r = 9, 32, 24, 4, 2, 4
     inputs = inputs_for(T, H, I, E, k, r, torch.float32)
     grad_out = torch.randn(T, H)

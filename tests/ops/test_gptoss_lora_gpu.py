@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from alloc_tracking import poison_allocations
 from gptoss_lora_cases import FACTORS, TRAINABLE, assert_matches_reference, make_inputs, moe_tune_block, run
 
-from moe_tune.ops import gptoss, gptoss_lora
+from moe_tune.ops import gptoss, gptoss_lora, lora_block
 from moe_tune.reference import relative_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::moe_tune.errors.CacheWarning")]
@@ -37,11 +38,7 @@ SHAPES = [
 
 @pytest.fixture(autouse=True)
 def poisoned_buffers(monkeypatch):
-    def nan_alloc(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(gptoss, "_alloc", nan_alloc)
-    monkeypatch.setattr(gptoss_lora, "_alloc", nan_alloc)
+    poison_allocations(monkeypatch, gptoss, gptoss_lora, lora_block)  # lora_block: the factors' GEMMs
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
