@@ -230,6 +230,23 @@ def peft_model(peft, base, seed: int, impl: str, adapters=("default",)):
     return model
 
 
+def lora_step(model, ids, run=None) -> tuple[float, dict]:
+    """One forward+backward of a PEFT causal LM through ``run`` (default: the model): (loss, the
+    trainable parameters' gradients by name, a compiled module's prefix removed)."""
+    loss = (model if run is None else run)(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    return loss.item(), {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_lora_step(result, reference) -> None:
+    """Loss and every trainable gradient of ``result`` as ``reference``'s, to MODEL_TOL."""
+    (loss, grads), (ref_loss, ref_grads) = result, reference
+    assert loss == pytest.approx(ref_loss, rel=MODEL_TOL)
+    assert set(grads) == set(ref_grads)
+    for name, ref_grad in ref_grads.items():
+        assert relative_error(grads[name], ref_grad) < MODEL_TOL, name
+
+
 def test_peft_lora_on_the_experts_compiles_and_matches_eager(lora_block_calls):
     """PEFT LoRA (``target_parameters``) on gpt-oss's expert stacks, eager and under torch.compile:
     moe-tune runs the fused LoRA block (``moe_tune.ops.gptoss_lora``), without PEFT's per-forward
@@ -251,18 +268,13 @@ def test_peft_lora_on_the_experts_compiles_and_matches_eager(lora_block_calls):
         run = torch.compile(model, backend="aot_eager", fullgraph=True) if compile_it else model
         seen = OutputShapes()
         with seen if not compile_it else contextlib.nullcontext():  # a dispatch mode stops Dynamo
-            loss = run(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
+            results.append(lora_step(model, ids, run))
         assert compile_it or bool(seen.shapes & stacks) == (impl == "eager"), impl
-        results.append((loss.item(), {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters()
-                                      if p.requires_grad}))
-    (ref_loss, ref_grads), *ours = results
+    reference, *ours = results
     assert len(lora_block_calls) >= 2 * TINY["num_hidden_layers"]  # both moe-tune models ran the LoRA block
-    for loss, grads in ours:
-        assert loss == pytest.approx(ref_loss, rel=MODEL_TOL)
-        assert set(grads) == set(ref_grads) and len(grads) == 4 * TINY["num_hidden_layers"]
-        for name, ref_grad in ref_grads.items():
-            assert relative_error(grads[name], ref_grad) < MODEL_TOL, name
+    for result in ours:
+        assert len(result[1]) == 4 * TINY["num_hidden_layers"]
+        assert_same_lora_step(result, reference)
 
 
 def test_peft_with_several_active_adapters_keeps_peft_path(block_calls, lora_block_calls):
@@ -276,15 +288,11 @@ def test_peft_with_several_active_adapters_keeps_peft_path(block_calls, lora_blo
     for impl in ("eager", "moe_tune"):
         model = peft_model(peft, base, seed, impl, adapters=("one", "two"))
         model.base_model.set_adapter(["one", "two"])
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
-    (ref_loss, ref_grads), (loss, grads) = results
+        results.append(lora_step(model, ids))
+    reference, ours = results
     assert block_calls and not lora_block_calls
-    assert loss == pytest.approx(ref_loss, rel=MODEL_TOL)
-    assert set(grads) == set(ref_grads) and len(grads) == 8 * TINY["num_hidden_layers"]
-    for name, ref_grad in ref_grads.items():
-        assert relative_error(grads[name], ref_grad) < MODEL_TOL, name
+    assert len(ours[1]) == 8 * TINY["num_hidden_layers"]
+    assert_same_lora_step(ours, reference)
 
 
 def test_peft_lora_under_gradient_checkpointing(lora_block_calls):
@@ -301,13 +309,9 @@ def test_peft_lora_under_gradient_checkpointing(lora_block_calls):
         model.train()
         model.base_model.model.gradient_checkpointing_enable()
         before = len(lora_block_calls)
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
+        results.append(lora_step(model, ids))
         if impl == "moe_tune":  # once per layer in the forward, once more in each recomputation
             assert len(lora_block_calls) - before == 2 * TINY["num_hidden_layers"]
-        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
-    (ref_loss, ref_grads), (loss, grads) = results
-    assert loss == pytest.approx(ref_loss, rel=MODEL_TOL)
-    assert set(grads) == set(ref_grads) and all(g is not None for g in grads.values())
-    for name, ref_grad in ref_grads.items():
-        assert relative_error(grads[name], ref_grad) < MODEL_TOL, name
+    reference, ours = results
+    assert all(g is not None for g in ours[1].values())
+    assert_same_lora_step(ours, reference)
