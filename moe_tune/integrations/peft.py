@@ -83,7 +83,7 @@ def install(implementation: str) -> bool:
 # tuple of (weight name, wrapper, adapter), set and restored by ``_activate_lora``.
 _ACTIVE = "_moe_tune_lora"
 
-# Weight dtypes the fused block runs (PEFT's float8 expert weights keep its own path on gpt-oss).
+# Weight dtypes the fused block runs (PEFT's float8 expert weights keep its own path).
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
