@@ -5,8 +5,8 @@ What it is for: showing that a kernel edit leaves the machine code of the shippe
 unchanged, so the caches tuned against the old source still hold, without spending device time.
 Run it before and after the edit and compare the hashes (line-number debug info is not hashed).
 
-    python3 benchmarks/sm90_sass.py                          # bf16 and fp32 variants
-    python3 benchmarks/sm90_sass.py --precision fp32=tf32x3  # a DOT_PRECISION constexpr, where the kernel has one
+    python3 benchmarks/sm90_sass.py                       # the launcher's constexprs for each dtype
+    python3 benchmarks/sm90_sass.py --precision fp32=tf32 # force tl.dot's input precision per dtype
 """
 
 from __future__ import annotations
@@ -47,11 +47,13 @@ def sass_of(cubin: bytes) -> str:
 
 
 def compile_variant(kind: str, flags: dict, dt: str, precision: str | None):
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from moe_tune.kernels.grouped_mm import grouped_mm_dw_kernel, grouped_mm_kernel
+    from moe_tune.ops.launch import dot_precision
 
     kernel = grouped_mm_kernel if kind == "mm" else grouped_mm_dw_kernel
     big = dt == "bf16"
@@ -62,8 +64,8 @@ def compile_variant(kind: str, flags: dict, dt: str, precision: str | None):
         meta = dict(E=128, GATHER_DY=False, GATHER_X=False, WEIGHTED=False, BLOCK_M=64, BLOCK_N=128,
                     BLOCK_K=256 if big else 128, GROUP_M=8, TMA_STORE=True, NUM_SMS=132, **flags)
     names = [p.name for p in kernel.params]
-    if "DOT_PRECISION" in names:  # a kernel edit that adds tl.dot's input precision as a constexpr
-        meta["DOT_PRECISION"] = precision or "tf32"
+    if "DOT_PRECISION" in names:
+        meta["DOT_PRECISION"] = precision or dot_precision(getattr(torch, DTYPES[dt]))
     ints = {"expert_offsets_ptr": "*i32", "sorted_slots_ptr": "*i32"}
     signature = {n: "constexpr" if n in meta else (ints.get(n, f"*{dt}") if n.endswith("_ptr") else "i32")
                  for n in names}

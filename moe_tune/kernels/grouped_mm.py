@@ -41,7 +41,8 @@ def _expert_of_block(block, cum_blocks_end, blocks, e_range):
 def _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask, col_mask,
             red, stride_a_k, stride_w_red,
             TRANS_W: tl.constexpr, GATHER_A: tl.constexpr, STORE_A: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA_LOAD: tl.constexpr):
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA_LOAD: tl.constexpr,
+            DOT_PRECISION: tl.constexpr):
     """The K loop of ``grouped_mm_kernel``: the [BLOCK_M, BLOCK_N] float32 accumulator over the
     whole reduction. STORE_A also writes each A tile to ``sorted_ptrs`` (the gathered rows in
     expert order)."""
@@ -63,7 +64,7 @@ def _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_m
                 b = w_desc.load([e, n_block * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
         else:
             b = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_a_k
         w_ptrs += BLOCK_K * stride_w_red
     return acc
@@ -103,6 +104,7 @@ def grouped_mm_kernel(
     TMA_LOAD: tl.constexpr,
     TMA_STORE: tl.constexpr,
     NUM_SMS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # tl.dot's input_precision: "tf32" (float32 as TF32) or "tf32x3"
 ):
     """Grid: (min(NUM_SMS, upper bound on tiles),). Each program strides over output tiles."""
     pid = tl.program_id(0)
@@ -179,13 +181,16 @@ def grouped_mm_kernel(
         if SORT_A:
             if n_block == 0:
                 acc = _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask, col_mask, red,
-                              stride_a_k, stride_w_red, TRANS_W, GATHER_A, True, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD)
+                              stride_a_k, stride_w_red, TRANS_W, GATHER_A, True, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD,
+                              DOT_PRECISION)
             else:
                 acc = _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask, col_mask, red,
-                              stride_a_k, stride_w_red, TRANS_W, GATHER_A, False, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD)
+                              stride_a_k, stride_w_red, TRANS_W, GATHER_A, False, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD,
+                              DOT_PRECISION)
         else:
             acc = _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask, col_mask, red,
-                          stride_a_k, stride_w_red, TRANS_W, GATHER_A, False, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD)
+                          stride_a_k, stride_w_red, TRANS_W, GATHER_A, False, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD,
+                              DOT_PRECISION)
 
         # -- Epilogue: routing weight, then masked (or TMA) write-back --------------------------------
         if WEIGHTED:
@@ -234,6 +239,7 @@ def grouped_mm_dw_kernel(
     TMA_LOAD: tl.constexpr,
     TMA_STORE: tl.constexpr,
     NUM_SMS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Grid: (min(NUM_SMS, E·⌈N/BLOCK_N⌉·⌈K/BLOCK_K⌉),). Tiles are expert-major so programs
     running at the same time share an expert's rows in L2."""
@@ -310,7 +316,7 @@ def grouped_mm_dw_kernel(
                 x_ptrs = x_ptr + x_row_ids.to(tl.int64)[:, None] * stride_x_m + ks[None, :] * stride_x_k
                 x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
 
-            acc = tl.dot(dy.T, x, acc)
+            acc = tl.dot(dy.T, x, acc, input_precision=DOT_PRECISION)
 
         # -- Write back the expert's [BLOCK_N, BLOCK_K] tile ----------------------------------------
         dw = acc.to(dtype)

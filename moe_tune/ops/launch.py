@@ -171,6 +171,17 @@ def launch_kernel(kernel, in_op: bool, grid: tuple, args: tuple, meta: dict, out
         launcher(grid, args, meta)
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision for operands of ``dtype``. float32 follows torch's matmul
+    setting: with ``torch.get_float32_matmul_precision() == "highest"`` (torch's default; TF32
+    off) each product runs as three TF32 products ("tf32x3"), which keeps float32's accuracy on the
+    tensor cores; with TF32 allowed, one TF32 product. bfloat16 and float16 products are exact
+    either way, and "tf32" is Triton's default, so their kernels are unchanged by it."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "tf32x3"
+    return "tf32"
+
+
 def grouped_mm(a, w, c, routing, weights, *, trans_w: bool, gather_a: bool, gather_div: int, scatter_c: bool,
                cfg: KernelConfig, info: DeviceInfo, sorted_a=None, in_op: bool = False) -> None:
     """One launch of ``grouped_mm_kernel``: C = A·W[e]ᵀ (``trans_w``: A·W[e]) per expert, rows of A
@@ -197,7 +208,7 @@ def grouped_mm(a, w, c, routing, weights, *, trans_w: bool, gather_a: bool, gath
         TRANS_W=trans_w, GATHER_A=gather_a, SCATTER_C=scatter_c, WEIGHTED=weights is not None,
         SORT_A=sorted_a is not None,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count,
+        TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count, DOT_PRECISION=dot_precision(a.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     outputs = (a, c) if sorted_a is None else (a, c, sorted_a)
@@ -231,7 +242,7 @@ def grouped_mm_dw(dy, x, dw, routing, weights, *, gather_dy: bool, dy_div: int, 
     meta = dict(
         E=E, GATHER_DY=gather_dy, GATHER_X=gather_x, WEIGHTED=weights is not None,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count,
+        TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count, DOT_PRECISION=dot_precision(dy.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     launch_kernel(grouped_mm_dw_kernel, in_op, (info.sm_count,), args, meta, (dy, dw))

@@ -285,3 +285,19 @@ def test_relative_error_in_chunks_matches_the_whole_tensor_formula(monkeypatch):
         assert ref_mod.relative_error(poisoned, ref) == float("inf")
     with pytest.raises(ValueError, match="shapes differ"):
         ref_mod.relative_error(out, ref[:1])
+
+
+@pytest.mark.parametrize("matmul_precision", ["highest", "high", "medium"])
+def test_float32_products_follow_torchs_tf32_setting(matmul_precision):
+    """float32 runs tl.dot as three TF32 products unless torch allows TF32 in float32 matmuls (as
+    torch's own matmul decides); bf16/fp16 keep Triton's default, so their kernels are unchanged
+    (benchmarks/sm90_sass.py shows the same sm90 SASS as before the setting existed)."""
+    from moe_tune.ops.launch import dot_precision
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul_precision)
+    try:
+        assert dot_precision(torch.float32) == ("tf32x3" if matmul_precision == "highest" else "tf32")
+        assert dot_precision(torch.bfloat16) == dot_precision(torch.float16) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -110,3 +110,34 @@ def test_default_config_fits_this_device():
         problem = Problem(pass_, 128, 1536, 2048, 8, "bfloat16", gather=True)
         cfg = default_config(problem, info)
         assert cfg.num_stages >= 2
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["tma-off", "tma-on"])
+@pytest.mark.parametrize("precision, bound", [("highest", 2e-5), ("high", 5e-3)])
+def test_float32_follows_torchs_tf32_setting(precision, bound, tma):
+    """float32 computes as float32 (three TF32 products per tl.dot) unless torch allows TF32:
+    with "highest" the three passes land near torch's own float32 error, with "high" at TF32's."""
+    torch.manual_seed(11)
+    E, H, I, topk, T = 16, 512, 256, 4, 1024
+    routing = build_routing(random_routing(T, E, topk, device="cuda"), E)
+    M = T * topk
+    x = torch.randn(T, H, device="cuda")
+    w = torch.randn(E, 2 * I, H, device="cuda") / H**0.5
+    dy = torch.randn(M, 2 * I, device="cuda")
+    kw = dict(gather=True, scatter=False, weights=None)
+    fwd_cfg = dataclasses.replace(TMA_ON, TMA_STORE=True) if tma else None
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        y = gg.forward(x, w, routing, config=fwd_cfg, out=_nan((M, 2 * I), torch.float32), **kw)
+        dx = gg.backward_dx(dy, w, routing, config=TMA_ON if tma else None, out=_nan((M, H), torch.float32), **kw)
+        dw = gg.backward_dw(dy, x, w.shape, routing, config=DW_TMA_ON if tma else None,
+                            out=_nan(w.shape, torch.float32), **kw)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    errors = [relative_error(y, reference_forward(x, w, routing, **kw)),
+              relative_error(dx, reference_dx(dy, w, routing, **kw)),
+              relative_error(dw, reference_dw(dy, x, routing, **kw))]
+    assert max(errors) < bound, errors
+    if precision == "high":  # TF32 really ran: float32-level error would mean the setting was ignored
+        assert max(errors) > 1e-5, errors
