@@ -9,6 +9,10 @@ and frozen, and the forward alone: host ms per call with the GPU held back by a 
 piece (a bare compiled-kernel launch, one GEMM launch, the routing, each body). ``--host-method``:
 the bench's host figure under held and unheld loops of several lengths. (The hold reads launch
 costs high when other launches are queued; ``moe_tune.bench.host`` times unheld, shallow loops.)
+``--step-profile MODE:T``: the bench's 2-layer Qwen3-30B-A3B-shaped LM, one eager training step
+(``full``, ``frozen`` or ``lora``) at T tokens: host ms per step unprofiled for moe-tune and
+grouped_mm, then ``cProfile`` of moe-tune's steps (top functions by cumulative time, and the
+moe-tune functions alone), to tell the experts block's share of a host-bound step.
 ``--gptoss``: per preset and token count, moe-tune's gpt-oss block fwd+bwd under torch.profiler,
 GPU time per kernel name. Writes ``host_probe.txt`` / ``gptoss_probe.txt`` under ``--out``.
 """
@@ -287,6 +291,58 @@ def host_method(out: Path) -> None:
     (out / "host_method.txt").write_text("\n".join(lines) + "\n")
 
 
+def step_profile(out: Path, cases: list[str], steps: int = 5) -> None:
+    import copy
+
+    from moe_tune.bench.lm import build_lm, lm_config, make_optimizer, prepare_mode, token_batch
+    from moe_tune.models import load_preset
+
+    shape = load_preset("qwen3-30b-a3b")
+    config = lm_config(shape, "qwen3_moe")
+    master = build_lm(config, "bfloat16", "cuda")
+    lines = []
+    for case in cases:
+        mode, tokens = case.split(":")
+        ids = token_batch(config, int(tokens), 2048, "cuda")
+        for impl in ("grouped_mm", "moe_tune"):
+            model = prepare_mode(copy.deepcopy(master), impl, mode)
+            optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], "cuda")
+
+            def step(model=model, optimizer=optimizer):
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            host, wall = [], []
+            for _ in range(steps * 2):
+                start = time.perf_counter()
+                step()
+                launched = time.perf_counter()
+                torch.cuda.synchronize()
+                host.append((launched - start) * 1e3)
+                wall.append((time.perf_counter() - start) * 1e3)
+            lines.append(f"## {mode} T={tokens} {impl}: host ms per step {sorted(host)[len(host) // 2]:.2f}, "
+                         f"wall {sorted(wall)[len(wall) // 2]:.2f}")
+            print(lines[-1], flush=True)
+            if impl == "moe_tune":
+                prof = cProfile.Profile()
+                prof.enable()
+                for _ in range(steps):
+                    step()
+                prof.disable()
+                torch.cuda.synchronize()
+                for restriction in ((40,), ("moe_tune", 40)):
+                    buf = io.StringIO()
+                    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(*restriction)
+                    lines.append(buf.getvalue())
+            del model, optimizer, step
+            torch.cuda.empty_cache()
+    (out / "step_profile.txt").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
@@ -295,6 +351,7 @@ def main() -> None:
     parser.add_argument("--launch", action="store_true")
     parser.add_argument("--host-method", action="store_true")
     parser.add_argument("--bwd-scan", nargs="*", default=[])
+    parser.add_argument("--step-profile", nargs="*", default=[])
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -308,6 +365,8 @@ def main() -> None:
         bwd_scan(out, args.bwd_scan)
     if args.gptoss:
         gptoss_probe(out, args.gptoss)
+    if args.step_profile:
+        step_profile(out, args.step_profile)
 
 
 if __name__ == "__main__":
