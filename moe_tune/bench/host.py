@@ -21,12 +21,16 @@ per implementation:
 * launches — one fwd+bwd under ``torch.profiler`` with CUDA activity: GPU kernels, and
   memcpy/memset operations, counted from its CUDA events (CUDA only);
 
+On CUDA one more row, ``GRAPHED``: moe-tune eager with its opt-in CUDA graphs
+(``moe_tune.ops.graphs``, what ``MOE_TUNE_CUDA_GRAPHS=1`` turns on), captured on the second call.
+
 → ``HostRow``; a failure is a row with its error. No CUDA events are created here: the host clock
 is the quantity measured.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from moe_tune.bench.block import block_inputs, implementations, prepare
@@ -35,6 +39,7 @@ from moe_tune.progress import NullProgress, Progress
 from moe_tune.bench.results import COMPILED, HostRow, Timing
 from moe_tune.problem import MoeShape
 
+GRAPHED = "moe_tune+cuda_graphs"
 HOST_TOKENS = 128  # the issue's figure: the token count where a training step is bound by launches
 
 # Launches one host-time loop may queue: under the ~1000 after which a CUDA launch blocks until
@@ -89,32 +94,51 @@ def bench_host(block, shape: MoeShape, *, tokens: int = HOST_TOKENS, dtype: str,
     progress = progress or NullProgress()
     inputs = block_inputs(block, shape, tokens, dtype, device, seed)
     rows = []
-    for label in implementations(compile_block):
+    for label in implementations(compile_block) + ((GRAPHED,) if device == "cuda" else ()):
         progress.begin(f"T={tokens} host overhead: {label}")
-        prepared = None
         try:
-            prepared = prepare(block, label, inputs, compile_backend)
-            prepared.results = {}
-
-            def call():
-                inputs.clear()  # a few attribute writes: part of what a training loop does per step
-                prepared.fwd_bwd()
-
-            call()  # the second call: allocator warm, nothing compiled
-            synchronize(device)
-            wall = [_loop_ms(call, iterations, device)[1] for _ in range(repeats)]
-            kernels, memops = count_launches(call, device)
-            calls = max(1, min(iterations, QUEUED_LAUNCHES // max(1, (kernels or 0) + (memops or 0))))
-            host = [_loop_ms(call, calls, device)[0] for _ in range(repeats)]
-            rows.append(HostRow(implementation=label, host=Timing.from_samples(host), wall=Timing.from_samples(wall),
-                                kernels=kernels, memops=memops, note=prepared.note))
-        except Exception as exc:  # one failed implementation is a row error; the others still run
-            rows.append(HostRow(implementation=label, host=None, wall=None, error=describe_error(exc),
-                                note=prepared.note if prepared else None))
+            with _cuda_graphs(label == GRAPHED):
+                rows.append(_measure(block, label, inputs, device, iterations, repeats, compile_backend))
         finally:
             inputs.clear()
-            del prepared
             if COMPILED in label:
                 release(device)
         progress.end()
     return rows
+
+
+@contextlib.contextmanager
+def _cuda_graphs(on: bool):
+    """moe-tune's CUDA graphs on (or off) within, as before outside; the graphs dropped after."""
+    from moe_tune.ops import graphs
+
+    before = graphs.enabled()
+    graphs.enable(on)
+    try:
+        yield
+    finally:
+        graphs.enable(before)
+        graphs.reset()
+
+
+def _measure(block, label: str, inputs, device: str, iterations: int, repeats: int, compile_backend: str) -> HostRow:
+    prepared = None
+    try:
+        prepared = prepare(block, label, inputs, compile_backend)
+        prepared.results = {}
+
+        def call():
+            inputs.clear()  # a few attribute writes: part of what a training loop does per step
+            prepared.fwd_bwd()
+
+        call()  # the second call: allocator warm, nothing compiled (graphed: the capture)
+        synchronize(device)
+        wall = [_loop_ms(call, iterations, device)[1] for _ in range(repeats)]
+        kernels, memops = count_launches(call, device)
+        calls = max(1, min(iterations, QUEUED_LAUNCHES // max(1, (kernels or 0) + (memops or 0))))
+        host = [_loop_ms(call, calls, device)[0] for _ in range(repeats)]
+        return HostRow(implementation=label, host=Timing.from_samples(host), wall=Timing.from_samples(wall),
+                       kernels=kernels, memops=memops, note=prepared.note)
+    except Exception as exc:  # one failed implementation is a row error; the others still run
+        return HostRow(implementation=label, host=None, wall=None, error=describe_error(exc),
+                       note=prepared.note if prepared else None)

@@ -39,7 +39,8 @@ from moe_tune.bench.run_report import BenchReport
 VARIANT_LABELS = {"tuned": "tuned", "default": "default", "grouped_mm": "grouped_mm",
                   GROUPED_MM_COMPILED: "grouped_mm+compile", "dense": "dense"}
 BLOCK_LABELS = {BLOCK_BASELINE: "transformers grouped_mm", "grouped_mm+compile": "transformers grouped_mm + compile",
-                "moe_tune": "moe-tune", "moe_tune+compile": "moe-tune + compile"}
+                "moe_tune": "moe-tune", "moe_tune+compile": "moe-tune + compile",
+                "moe_tune+cuda_graphs": "moe-tune + CUDA graphs (MOE_TUNE_CUDA_GRAPHS=1)"}
 MODE_LABELS = {"full": "full fine-tuning", "frozen": "experts frozen", "lora": "LoRA on experts"}
 
 

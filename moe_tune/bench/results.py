@@ -323,7 +323,7 @@ class HostRow:
     ``kernels``/``memops``: GPU kernel launches and memcpy/memset operations per call, from
     torch.profiler's CUDA events (None off CUDA)."""
 
-    implementation: str  # one of BLOCK_IMPLEMENTATIONS
+    implementation: str  # one of BLOCK_IMPLEMENTATIONS, or moe_tune.bench.host.GRAPHED
     host: Timing | None
     wall: Timing | None
     kernels: int | None = None

@@ -267,10 +267,17 @@ def backward_act(grad_out: torch.Tensor, down_w: torch.Tensor, top_k_weights: to
     return d_act, d_h, d_weights
 
 
+def expert_rows(t: torch.Tensor, sorted_slots: torch.Tensor, topk: int) -> torch.Tensor:
+    """``t``'s token rows [T, ·] copied to expert order [M, ·]: a dW's operand, streamed through TMA."""
+    return t.index_select(0, sorted_slots // topk)
+
+
 def backward_up(d_h, hidden: torch.Tensor, gate_up_w: torch.Tensor, expert_offsets: torch.Tensor,
-                sorted_slots: torch.Tensor, topk: int, *, need_hidden: bool, need_gate_up: bool, in_op: bool):
+                sorted_slots: torch.Tensor, topk: int, *, need_hidden: bool, need_gate_up: bool, in_op: bool,
+                x_sorted: torch.Tensor | None = None):
     """Up dx and up dW: returns (d hidden [T, H], d gate_up_w), one not asked for as an empty
-    tensor. ``d_h``: dH, or a ``hand_over`` list holding it (then freed once dW1 is made)."""
+    tensor. ``d_h``: dH, or a ``hand_over`` list holding it (then freed once dW1 is made).
+    ``x_sorted``: ``expert_rows(hidden)`` when the caller has it."""
     E, H, I, k = problem_dims(gate_up_w, topk)
     T = hidden.shape[0]
     M = T * k
@@ -291,7 +298,8 @@ def backward_up(d_h, hidden: torch.Tensor, gate_up_w: torch.Tensor, expert_offse
     # -- Up dW: expert-ordered dH against X's rows copied to expert order --------------------------
     d_gate_up = hidden.new_empty(0)
     if need_gate_up:
-        x_sorted = hidden.index_select(0, sorted_slots // k)
+        if x_sorted is None:
+            x_sorted = expert_rows(hidden, sorted_slots, k)
         d_gate_up = _alloc(tuple(gate_up_w.shape), dtype, device)
         launch.grouped_mm_dw(d_h, x_sorted, d_gate_up, routing, None, gather_dy=False, dy_div=1, gather_x=False,
                              x_div=1, cfg=cfg["up", "dw"], info=info, in_op=in_op)
@@ -299,14 +307,17 @@ def backward_up(d_h, hidden: torch.Tensor, gate_up_w: torch.Tensor, expert_offse
 
 
 def backward_down(grad_out: torch.Tensor, d_act: torch.Tensor, down_w: torch.Tensor, expert_offsets: torch.Tensor,
-                  sorted_slots: torch.Tensor, topk: int, *, in_op: bool) -> torch.Tensor:
-    """Down dW: G's rows copied to expert order against w·A (``backward_act``'s first output)."""
+                  sorted_slots: torch.Tensor, topk: int, *, in_op: bool,
+                  g_sorted: torch.Tensor | None = None) -> torch.Tensor:
+    """Down dW: G's rows copied to expert order against w·A (``backward_act``'s first output).
+    ``g_sorted``: ``expert_rows(grad_out)`` when the caller has it."""
     E, H, I = (int(d) for d in down_w.shape)
     k = int(topk)
     T = grad_out.shape[0]
     device, dtype = grad_out.device, down_w.dtype
     info, cfg, routing = part_context(block_configs, E, H, I, k, T, dtype, device, expert_offsets, sorted_slots)
-    g_sorted = grad_out.index_select(0, sorted_slots // k)
+    if g_sorted is None:
+        g_sorted = expert_rows(grad_out, sorted_slots, k)
     d_down = _alloc(tuple(down_w.shape), dtype, device)
     launch.grouped_mm_dw(g_sorted, d_act, d_down, routing, None, gather_dy=False, dy_div=1, gather_x=False,
                          x_div=1, cfg=cfg["down", "dw"], info=info, in_op=in_op)

@@ -5,7 +5,8 @@ Checks the caller's tensors (shapes, dtypes, devices: metadata only, nothing rea
 then takes one of two paths to the same bodies (``moe_tune.ops.block``, where the data flow is):
 
 * eager: a ``torch.autograd.Function`` that launches the kernels directly — no dispatcher, so a
-  training step at a few thousand tokens is not bound by host time;
+  training step at a few thousand tokens is not bound by host time; at a few hundred tokens, with
+  ``MOE_TUNE_CUDA_GRAPHS=1``, the same bodies replayed as CUDA graphs (``moe_tune.ops.graphs``);
 * under torch.compile: the ``moe_tune::moe_experts_fwd`` op, whose registered autograd runs the
   backward ops (``moe_tune.ops.custom_ops``), so ``fullgraph=True`` holds.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from moe_tune.errors import InvalidInputError
-from moe_tune.ops import block, custom_ops
+from moe_tune.ops import block, custom_ops, graphs
 from moe_tune.ops.routing import check_routing_args
 from moe_tune.ops.lora import MoeLora, moe_experts_lora
 
@@ -96,7 +97,8 @@ def moe_experts(
         return moe_experts_lora(*args, lora)
     if torch.compiler.is_compiling():
         return custom_ops.moe_experts_fwd(*args, activation)[0]
-    return _EagerBlock.apply(*args)
+    graphed = graphs.experts_block(*args)  # None unless CUDA graphs are on and apply (moe_tune.ops.graphs)
+    return graphed if graphed is not None else _EagerBlock.apply(*args)
 
 
 class _EagerBlock(torch.autograd.Function):

@@ -125,14 +125,16 @@ def test_float32_follows_torchs_tf32_setting(precision, bound, tma):
     w = torch.randn(E, 2 * I, H, device="cuda") / H**0.5
     dy = torch.randn(M, 2 * I, device="cuda")
     kw = dict(gather=True, scatter=False, weights=None)
-    fwd_cfg = dataclasses.replace(TMA_ON, TMA_STORE=True) if tma else None
+    # The bf16 TMA configs' shared memory doubles in float32 (over the H100's 227 KB): half the K tile.
+    mm_cfg = dataclasses.replace(TMA_ON, BLOCK_K=32) if tma else None
+    dw_cfg = dataclasses.replace(DW_TMA_ON, BLOCK_K=64) if tma else None
+    fwd_cfg = dataclasses.replace(mm_cfg, TMA_STORE=True) if tma else None
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
         y = gg.forward(x, w, routing, config=fwd_cfg, out=_nan((M, 2 * I), torch.float32), **kw)
-        dx = gg.backward_dx(dy, w, routing, config=TMA_ON if tma else None, out=_nan((M, H), torch.float32), **kw)
-        dw = gg.backward_dw(dy, x, w.shape, routing, config=DW_TMA_ON if tma else None,
-                            out=_nan(w.shape, torch.float32), **kw)
+        dx = gg.backward_dx(dy, w, routing, config=mm_cfg, out=_nan((M, H), torch.float32), **kw)
+        dw = gg.backward_dw(dy, x, w.shape, routing, config=dw_cfg, out=_nan(w.shape, torch.float32), **kw)
     finally:
         torch.set_float32_matmul_precision(before)
     errors = [relative_error(y, reference_forward(x, w, routing, **kw)),

@@ -1,0 +1,254 @@
+"""CUDA graphs around the eager experts block, for micro-batches small enough that a training step
+waits on the host. Opt-in: ``MOE_TUNE_CUDA_GRAPHS=1`` in the environment, or ``enable()``.
+
+At a few hundred tokens the block's GPU work is short and its host work (Python, a dozen launches,
+autograd) sets the pace. Graphed, a forward is three input copies, one replay and one output copy;
+a backward is one copy, one replay, two output copies and the weight gradients' launches.
+
+What one graph pair holds, per *key* — the weights (by address), the token count, k, the dtypes and
+which inputs want gradients:
+
+* forward (``block.forward`` on static copies of hidden, top_k_index, top_k_weights): routing, up
+  GEMM, SwiGLU, down GEMM, slot sum;
+* backward (``block.backward_act``, and ``block.backward_up`` for d hidden only, on a static copy
+  of the output gradient): down dx, SwiGLU backward, up dx and its slot sum, and the rows the
+  weight gradients read, copied to expert order (``block.expert_rows``). The two weight-gradient
+  GEMMs are launched eagerly after the replay, into fresh tensors: a graph's outputs live in its
+  private memory, and weight-sized gradients there would double every layer's gradient memory.
+
+Rules:
+
+* a key is graphed on its second call; the first runs eagerly (kernels compile, configs load);
+* only up to ``MAX_ROWS`` routed rows (T·k): above it the block is GPU-bound, and each graph pair
+  keeps its activations (H, the routing, the slot rows) allocated between steps;
+* a forward's static buffers must survive until its backward: a key holds up to ``INSTANCES``
+  graph pairs, each leased from its forward to the end of its backward (or until autograd drops
+  the forward's graph), and a forward that finds every pair leased runs eagerly (gradient
+  accumulation over several forwards, pipeline schedules);
+* never under torch.compile, while a stream is capturing, while saved-tensor hooks are active
+  (non-reentrant checkpointing, offloading: they must see what the backward reads), off CUDA;
+* at most ``MAX_KEYS`` keys, least recently used dropped first (a weight re-materialised at a new
+  address each step, as FSDP can, makes a new key each step: such a model gains nothing here);
+* a capture that fails turns graphs off for its key, with one ``GraphWarning``; the call runs eagerly.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import OrderedDict
+
+import torch
+
+from moe_tune import runtime
+from moe_tune.ops import block, launch
+
+ENV_VAR = "MOE_TUNE_CUDA_GRAPHS"
+MAX_ROWS = 4096
+INSTANCES = 2
+MAX_KEYS = 512
+
+_enabled: bool | None = None  # None: read ENV_VAR on first use
+
+
+class GraphWarning(UserWarning):
+    """A CUDA-graph capture failed; the key it was for runs eagerly from then on."""
+
+
+def enable(on: bool = True) -> None:
+    """Turn CUDA graphs for the eager experts block on (or off), overriding ``MOE_TUNE_CUDA_GRAPHS``."""
+    global _enabled
+    _enabled = bool(on)
+
+
+def enabled() -> bool:
+    global _enabled
+    if _enabled is None:
+        _enabled = os.environ.get(ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
+    return _enabled
+
+
+def reset() -> None:
+    """Drop every captured graph (their memory is freed once no pending backward holds one)."""
+    _KEYS.clear()
+
+
+class _Pair:
+    """One forward graph and its backward graph, with their static buffers."""
+
+    def __init__(self, hidden, top_k_index, top_k_weights):
+        self.hidden = torch.empty_like(hidden)
+        self.top_k_index = torch.empty_like(top_k_index)
+        self.top_k_weights = torch.empty_like(top_k_weights)
+        self.grad_out = torch.empty_like(hidden)
+        self.leased = False
+        self.forward_graph = self.backward_graph = None
+
+    def capture(self, gate_up_w, down_w, needs: tuple[bool, ...]) -> None:
+        """Run the bodies once on a side stream (every launch compiled and loaded), then capture."""
+        self.grad_out.zero_()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            warm = self._forward(gate_up_w, down_w)
+            if any(needs):
+                d_act, d_h, _, _, x_sorted, g_sorted = self._backward(warm, gate_up_w, down_w, needs)
+                _weight_grads(self, gate_up_w, down_w, needs, (warm[2], warm[3], d_act, d_h, x_sorted, g_sorted))
+            del warm
+        torch.cuda.current_stream().wait_stream(side)
+        self.forward_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.forward_graph, capture_error_mode="thread_local"):
+            self.out, self.h, self.offsets, self.slots = saved = self._forward(gate_up_w, down_w)
+        if any(needs):
+            self.backward_graph = torch.cuda.CUDAGraph()
+            # One pool for both: the backward may reuse what the forward freed (its SwiGLU output,
+            # slot rows), which the forward writes again only after this pair's backward is done.
+            with torch.cuda.graph(self.backward_graph, pool=self.forward_graph.pool(),
+                                  capture_error_mode="thread_local"):
+                (self.d_act, self.d_h, self.d_weights, self.d_hidden, self.x_sorted,
+                 self.g_sorted) = self._backward(saved, gate_up_w, down_w, needs)
+
+    def _forward(self, gate_up_w, down_w):
+        return block.forward(self.hidden, gate_up_w, down_w, self.top_k_index, self.top_k_weights, in_op=False)
+
+    def _backward(self, saved, gate_up_w, down_w, needs):
+        need_hidden, need_gate_up, need_down, _ = needs
+        _, h, offsets, slots = saved
+        k = self.top_k_index.shape[1]
+        d_act, d_h, d_weights = block.backward_act(self.grad_out, down_w, self.top_k_weights, h, offsets, slots,
+                                                   in_op=False)
+        d_hidden = None
+        if need_hidden:
+            d_hidden, _ = block.backward_up(d_h, self.hidden, gate_up_w, offsets, slots, k, need_hidden=True,
+                                            need_gate_up=False, in_op=False)
+        x_sorted = block.expert_rows(self.hidden, slots, k) if need_gate_up else None
+        g_sorted = block.expert_rows(self.grad_out, slots, k) if need_down else None
+        return d_act, d_h, d_weights, d_hidden, x_sorted, g_sorted
+
+
+def _weight_grads(pair: _Pair, gate_up_w, down_w, needs, buffers) -> tuple:
+    """(d gate_up_w, d down_w), None where not needed: the two dW GEMMs on a backward's buffers
+    (offsets, slots, w·A, dH, X and G rows in expert order), into fresh tensors."""
+    _, need_gate_up, need_down, _ = needs
+    offsets, slots, d_act, d_h, x_sorted, g_sorted = buffers
+    k = pair.top_k_index.shape[1]
+    d_gate_up = d_down = None
+    if need_gate_up:
+        _, d_gate_up = block.backward_up(d_h, pair.hidden, gate_up_w, offsets, slots, k, need_hidden=False,
+                                         need_gate_up=True, in_op=False, x_sorted=x_sorted)
+    if need_down:
+        d_down = block.backward_down(pair.grad_out, d_act, down_w, offsets, slots, k, in_op=False,
+                                     g_sorted=g_sorted)
+    return d_gate_up, d_down
+
+
+class _Key:
+    """What one key holds: how often it was called, its graph pairs, whether capture failed."""
+
+    def __init__(self):
+        self.calls = 0
+        self.pairs: list[_Pair] = []
+        self.failed = False
+
+
+_KEYS: OrderedDict[tuple, _Key] = OrderedDict()
+
+
+class _Lease:
+    """A pair's static buffers held for one forward's backward; released by the backward, or when
+    autograd drops the forward's graph (this object goes with the Function's context)."""
+
+    def __init__(self, pair: _Pair):
+        pair.leased = True
+        self.pair = pair
+
+    def release(self) -> None:
+        if self.pair is not None:
+            self.pair.leased = False
+            self.pair = None
+
+    __del__ = release
+
+
+def _eligible(hidden, top_k_index) -> bool:
+    return (enabled() and not launch.INTERPRETED and hidden.is_cuda
+            and hidden.shape[0] * top_k_index.shape[1] <= MAX_ROWS
+            and not torch.cuda.is_current_stream_capturing() and block.hands_over())
+
+
+def _pair_for(hidden, gate_up_w, down_w, top_k_index, top_k_weights, needs) -> _Pair | None:
+    key = (hidden.shape, hidden.dtype, hidden.device, top_k_index.shape, top_k_index.dtype, top_k_weights.dtype,
+           gate_up_w.shape, gate_up_w.data_ptr(), down_w.shape, down_w.data_ptr(), needs, runtime.generation())
+    entry = _KEYS.get(key)
+    if entry is None:
+        entry = _KEYS[key] = _Key()
+        while len(_KEYS) > MAX_KEYS:
+            _KEYS.popitem(last=False)
+    else:
+        _KEYS.move_to_end(key)
+    entry.calls += 1
+    if entry.failed or entry.calls < 2:
+        return None
+    for pair in entry.pairs:
+        if not pair.leased:
+            return pair
+    if len(entry.pairs) >= INSTANCES:
+        return None
+    pair = _Pair(hidden, top_k_index, top_k_weights)
+    try:
+        pair.hidden.copy_(hidden)
+        pair.top_k_index.copy_(top_k_index)
+        pair.top_k_weights.copy_(top_k_weights)
+        pair.capture(gate_up_w, down_w, needs)
+    except Exception as exc:  # graphs are a speed-up only: the call runs eagerly
+        entry.failed = True
+        warnings.warn(f"moe-tune: CUDA-graph capture of the experts block failed ({type(exc).__name__}: {exc}); "
+                      f"this shape runs eagerly", GraphWarning, stacklevel=4)
+        return None
+    entry.pairs.append(pair)
+    return pair
+
+
+def experts_block(hidden, gate_up_w, down_w, top_k_index, top_k_weights) -> torch.Tensor | None:
+    """The graphed block's output, or None where graphs do not apply (the caller runs eagerly).
+    Arguments as ``moe_tune.ops.moe_experts`` passes them: checked and contiguous."""
+    if not _eligible(hidden, top_k_index):
+        return None
+    grad = torch.is_grad_enabled()
+    needs = tuple(grad and t.requires_grad for t in (hidden, gate_up_w, down_w, top_k_weights))
+    pair = _pair_for(hidden, gate_up_w, down_w, top_k_index, top_k_weights, needs)
+    if pair is None:
+        return None
+    return _GraphedBlock.apply(hidden, gate_up_w, down_w, top_k_index, top_k_weights, pair, needs)
+
+
+class _GraphedBlock(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, hidden, gate_up_w, down_w, top_k_index, top_k_weights, pair: _Pair, needs):
+        pair.hidden.copy_(hidden)
+        pair.top_k_index.copy_(top_k_index)
+        pair.top_k_weights.copy_(top_k_weights)
+        pair.forward_graph.replay()
+        ctx.lease = _Lease(pair) if any(needs) else None
+        ctx.needs = needs
+        ctx.save_for_backward(gate_up_w, down_w)
+        return pair.out.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        lease, ctx.lease = ctx.lease, None
+        if lease is None or lease.pair is None:
+            raise RuntimeError("moe-tune's graphed experts block keeps one forward's activations for one backward, "
+                               "so it cannot be backpropagated through a second time (retain_graph=True); "
+                               "run the forward again")
+        pair = lease.pair
+        gate_up_w, down_w = ctx.saved_tensors
+        pair.grad_out.copy_(grad_out)
+        pair.backward_graph.replay()
+        d_hidden = pair.d_hidden.clone() if ctx.needs[0] else None
+        d_weights = pair.d_weights.clone() if ctx.needs[3] else None
+        d_gate_up, d_down = _weight_grads(pair, gate_up_w, down_w, ctx.needs, (
+            pair.offsets, pair.slots, pair.d_act, pair.d_h, pair.x_sorted, pair.g_sorted))
+        lease.release()  # stream order: the next forward's writes come after these launches
+        return d_hidden, d_gate_up, d_down, None, d_weights, None, None
