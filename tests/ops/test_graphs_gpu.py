@@ -164,3 +164,16 @@ def test_no_host_synchronisation_once_captured():
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out).all() and torch.isfinite(w1.grad).all()
     assert pairs() == 1
+
+
+def test_weights_updated_in_place_between_replays():
+    """An optimizer updates the weights in place: the graphs read them by address, so each replay
+    sees the new values."""
+    w1, w2 = weights()
+    for _ in range(4):
+        inputs = batch()
+        assert_same(fwd_bwd(w1, w2, *inputs, graphed=True), fwd_bwd(w1, w2, *inputs, graphed=False))
+        with torch.no_grad():
+            w1.add_(torch.randn_like(w1), alpha=0.05)
+            w2.mul_(1.1)
+    assert pairs() == 1
