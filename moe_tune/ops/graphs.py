@@ -27,8 +27,12 @@ Rules:
   accumulation over several forwards, pipeline schedules);
 * never under torch.compile, while a stream is capturing, while saved-tensor hooks are active
   (non-reentrant checkpointing, offloading: they must see what the backward reads), off CUDA;
+* the pairs' buffers together stay under ``MOE_TUNE_CUDA_GRAPHS_MIB`` (default 4096 MiB, counted as
+  the device memory each capture leaves allocated): once it is reached, shapes not yet graphed run
+  eagerly (one ``GraphWarning``); graphed ones stay graphed, so the choice never thrashes;
 * at most ``MAX_KEYS`` keys, least recently used dropped first (a weight re-materialised at a new
   address each step, as FSDP can, makes a new key each step: such a model gains nothing here);
+* the tensors must be on the current CUDA device (the graphs are captured and replayed there);
 * a capture that fails turns graphs off for its key, with one ``GraphWarning``; the call runs eagerly.
 """
 
@@ -41,9 +45,12 @@ from collections import OrderedDict
 import torch
 
 from moe_tune import runtime
+from moe_tune.errors import InvalidInputError
 from moe_tune.ops import block, launch
 
 ENV_VAR = "MOE_TUNE_CUDA_GRAPHS"
+BUDGET_ENV_VAR = "MOE_TUNE_CUDA_GRAPHS_MIB"
+DEFAULT_BUDGET_MIB = 4096
 MAX_ROWS = 4096
 INSTANCES = 2
 MAX_KEYS = 512
@@ -68,9 +75,28 @@ def enabled() -> bool:
     return _enabled
 
 
+def budget_bytes() -> int:
+    """The memory all graph pairs may hold together (``MOE_TUNE_CUDA_GRAPHS_MIB``)."""
+    raw = os.environ.get(BUDGET_ENV_VAR, "").strip()
+    try:
+        mib = float(raw) if raw else DEFAULT_BUDGET_MIB
+    except ValueError:
+        mib = -1.0
+    if not mib >= 0.0:  # also NaN
+        raise InvalidInputError(f"{BUDGET_ENV_VAR} must be a number of MiB ≥ 0, got {raw!r}")
+    return int(mib * 2**20)
+
+
+def held_bytes() -> int:
+    """What the graph pairs now kept hold (counted at capture)."""
+    return sum(pair.bytes for key in _KEYS.values() for pair in key.pairs)
+
+
 def reset() -> None:
     """Drop every captured graph (their memory is freed once no pending backward holds one)."""
+    global _budget_warned
     _KEYS.clear()
+    _budget_warned = False
 
 
 class _Pair:
@@ -82,6 +108,7 @@ class _Pair:
         self.top_k_weights = torch.empty_like(top_k_weights)
         self.grad_out = torch.empty_like(hidden)
         self.leased = False
+        self.bytes = 0
         self.forward_graph = self.backward_graph = None
 
     def capture(self, gate_up_w, down_w, needs: tuple[bool, ...]) -> None:
@@ -152,6 +179,7 @@ class _Key:
 
 
 _KEYS: OrderedDict[tuple, _Key] = OrderedDict()
+_budget_warned = False
 
 
 class _Lease:
@@ -173,6 +201,7 @@ class _Lease:
 def _eligible(hidden, top_k_index) -> bool:
     return (enabled() and not launch.INTERPRETED and hidden.is_cuda
             and hidden.shape[0] * top_k_index.shape[1] <= MAX_ROWS
+            and hidden.device.index == torch.cuda.current_device()
             and not torch.cuda.is_current_stream_capturing() and block.hands_over())
 
 
@@ -192,8 +221,9 @@ def _pair_for(hidden, gate_up_w, down_w, top_k_index, top_k_weights, needs) -> _
     for pair in entry.pairs:
         if not pair.leased:
             return pair
-    if len(entry.pairs) >= INSTANCES:
+    if len(entry.pairs) >= INSTANCES or not _within_budget():
         return None
+    allocated = torch.cuda.memory_allocated(hidden.device)
     pair = _Pair(hidden, top_k_index, top_k_weights)
     try:
         pair.hidden.copy_(hidden)
@@ -205,8 +235,21 @@ def _pair_for(hidden, gate_up_w, down_w, top_k_index, top_k_weights, needs) -> _
         warnings.warn(f"moe-tune: CUDA-graph capture of the experts block failed ({type(exc).__name__}: {exc}); "
                       f"this shape runs eagerly", GraphWarning, stacklevel=4)
         return None
+    pair.bytes = torch.cuda.memory_allocated(hidden.device) - allocated
     entry.pairs.append(pair)
     return pair
+
+
+def _within_budget() -> bool:
+    global _budget_warned
+    if held_bytes() < budget_bytes():
+        return True
+    if not _budget_warned:
+        _budget_warned = True
+        warnings.warn(f"moe-tune: the experts block's CUDA graphs hold {held_bytes() / 2**20:.0f} MiB, the budget "
+                      f"({BUDGET_ENV_VAR}={budget_bytes() / 2**20:.0f}); shapes not yet graphed run eagerly",
+                      GraphWarning, stacklevel=5)
+    return False
 
 
 def experts_block(hidden, gate_up_w, down_w, top_k_index, top_k_weights) -> torch.Tensor | None:

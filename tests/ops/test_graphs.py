@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moe_tune.errors import InvalidInputError
 from moe_tune.ops import graphs
 from moe_tune.ops.moe_experts import moe_experts
 from moe_tune.reference import relative_error
@@ -29,6 +30,19 @@ def test_environment_variable_turns_graphs_on(monkeypatch, value, on):
     assert graphs.enabled() is on
     graphs.enable(not on)  # enable() overrides the environment
     assert graphs.enabled() is (not on)
+
+
+@pytest.mark.parametrize("value, mib", [("", graphs.DEFAULT_BUDGET_MIB), ("512", 512), (" 0 ", 0), ("1.5", 1.5)])
+def test_memory_budget_from_the_environment(monkeypatch, value, mib):
+    monkeypatch.setenv(graphs.BUDGET_ENV_VAR, value)
+    assert graphs.budget_bytes() == int(mib * 2**20)
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "nan"])
+def test_a_bad_memory_budget_is_one_clear_error(monkeypatch, value):
+    monkeypatch.setenv(graphs.BUDGET_ENV_VAR, value)
+    with pytest.raises(InvalidInputError, match=graphs.BUDGET_ENV_VAR):
+        graphs.budget_bytes()
 
 
 def test_calls_graphs_do_not_apply_to_run_the_eager_block():

@@ -177,3 +177,20 @@ def test_weights_updated_in_place_between_replays():
             w1.add_(torch.randn_like(w1), alpha=0.05)
             w2.mul_(1.1)
     assert pairs() == 1
+
+
+def test_over_the_memory_budget_new_shapes_run_eagerly(monkeypatch):
+    """With the budget spent, a shape not yet graphed runs eagerly (one warning); one already
+    graphed stays graphed."""
+    w1, w2 = weights()
+    for _ in range(2):
+        fwd_bwd(w1, w2, *batch(), graphed=True)
+    assert pairs() == 1 and graphs.held_bytes() > 0
+    monkeypatch.setenv(graphs.BUDGET_ENV_VAR, str(graphs.held_bytes() / 2**20))
+    with pytest.warns(graphs.GraphWarning, match="budget"):
+        for _ in range(3):
+            inputs = batch(T // 2)
+            assert_same(fwd_bwd(w1, w2, *inputs, graphed=True), fwd_bwd(w1, w2, *inputs, graphed=False))
+    inputs = batch()
+    assert_same(fwd_bwd(w1, w2, *inputs, graphed=True), fwd_bwd(w1, w2, *inputs, graphed=False))
+    assert pairs() == 1
