@@ -72,6 +72,19 @@ def test_sparse_block_matches_grouped_mm(compiled):
     assert_close(fwd_bwd(ours, x, grad), fwd_bwd(ref, x, grad))
 
 
+def train_losses(model, batches) -> list[float]:
+    """One AdamW step per batch; the loss of each."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for ids in batches:
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
 def test_training_steps_match_grouped_mm():
     register()
     torch.manual_seed(0)
@@ -82,14 +95,7 @@ def test_training_steps_match_grouped_mm():
     batches = [torch.randint(0, 512, (4, 128), device="cuda") for _ in range(5)]
     losses = {}
     for name, model in (("grouped_mm", ref), ("moe_tune", ours)):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        losses[name] = []
-        for ids in batches:
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses[name].append(loss.item())
+        losses[name] = train_losses(model, batches)
     assert losses["moe_tune"][-1] < losses["moe_tune"][0]  # it trains
     for ref_loss, our_loss in zip(losses["grouped_mm"], losses["moe_tune"]):
         assert our_loss == pytest.approx(ref_loss, rel=2e-2)
@@ -112,14 +118,7 @@ def test_cuda_graphs_train_like_the_eager_block():
     try:
         for name, model in (("eager", eager), ("graphed", graphed)):
             graphs.enable(name == "graphed")
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-            losses[name] = []
-            for ids in batches:
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                losses[name].append(loss.item())
+            losses[name] = train_losses(model, batches)
         assert sum(len(key.pairs) for key in graphs._KEYS.values()) == 2  # one pair per layer, replayed
     finally:
         graphs.enable(False)
