@@ -229,7 +229,8 @@ def _pair_for(hidden, gate_up_w, down_w, top_k_index, top_k_weights, needs) -> _
         pair.hidden.copy_(hidden)
         pair.top_k_index.copy_(top_k_index)
         pair.top_k_weights.copy_(top_k_weights)
-        pair.capture(gate_up_w, down_w, needs)
+        with torch.no_grad():  # the bodies' torch ops record nothing for autograd
+            pair.capture(gate_up_w, down_w, needs)
     except Exception as exc:  # graphs are a speed-up only: the call runs eagerly
         entry.failed = True
         warnings.warn(f"moe-tune: CUDA-graph capture of the experts block failed ({type(exc).__name__}: {exc}); "
