@@ -118,7 +118,8 @@ def _caches(cache_dir) -> list[dict[str, Any]]:
 def doctor(cache_dir: CacheDirOption = None, json_output: JsonOption = False) -> None:
     """Report the GPU, software versions, TMA support and what each cache directory holds."""
     report = {"versions": _versions(), "gpu": _gpu(), "caches": _caches(cache_dir),
-              "environment": {k: os.environ[k] for k in ("MOE_TUNE_CACHE_DIR", "MOE_TUNE_STRICT", "TRITON_INTERPRET",
+              "environment": {k: os.environ[k] for k in ("MOE_TUNE_CACHE_DIR", "MOE_TUNE_STRICT", "MOE_TUNE_CUDA_GRAPHS",
+                                                          "MOE_TUNE_CUDA_GRAPHS_MIB", "TRITON_INTERPRET",
                                                           "TRITON_CACHE_DIR", "CUDA_VISIBLE_DEVICES") if k in os.environ}}
     if json_output:
         typer.echo(json.dumps(report, indent=2))

@@ -156,9 +156,13 @@ def test_doctor_reports_versions_gpu_and_cache_contents(cli, tmp_path, rng):
     cache = random_cache_file(rng, problems=2, buckets=3)
     CacheStore(tmp_path / "c").write(cache)
     (tmp_path / "c" / "junk__triton-3.6.0.json").write_text("{not json")
-    result = cli("doctor", "--cache-dir", tmp_path / "c", "--json")
+    graphs_budget = str(rng.randint(1, 9999))
+    result = cli("doctor", "--cache-dir", tmp_path / "c", "--json",
+                 env={"MOE_TUNE_CUDA_GRAPHS": "1", "MOE_TUNE_CUDA_GRAPHS_MIB": graphs_budget})
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)
+    assert report["environment"]["MOE_TUNE_CUDA_GRAPHS"] == "1"
+    assert report["environment"]["MOE_TUNE_CUDA_GRAPHS_MIB"] == graphs_budget
     assert report["versions"]["torch"] == torch.__version__ and report["versions"]["triton"]
     assert report["gpu"]["available"] == torch.cuda.is_available()
     explicit = next(layer for layer in report["caches"] if layer["layer"] == "explicit")
