@@ -230,6 +230,11 @@ def peft_model(peft, base, seed: int, impl: str, adapters=("default",)):
     return model
 
 
+def lora_case():
+    """(tiny gpt-oss causal LM, token ids [2, 8], adapter seed), fresh for each test."""
+    return tiny_causal_lm(), torch.randint(0, TINY["vocab_size"], (2, 8)), int(torch.randint(0, 2**31, ()))
+
+
 def lora_step(model, ids, run=None) -> tuple[float, dict]:
     """One forward+backward of a PEFT causal LM through ``run`` (default: the model): (loss, the
     trainable parameters' gradients by name, a compiled module's prefix removed)."""
@@ -257,9 +262,7 @@ def test_peft_lora_on_the_experts_compiles_and_matches_eager(lora_block_calls):
 
     peft = pytest.importorskip("peft", minversion="0.17")
     torch._dynamo.reset()
-    base = tiny_causal_lm()
-    ids = torch.randint(0, TINY["vocab_size"], (2, 8))
-    seed = int(torch.randint(0, 2**31, ()))
+    base, ids, seed = lora_case()
     E, H, I = TINY["num_local_experts"], TINY["hidden_size"], TINY["intermediate_size"]
     stacks = {(E, H, 2 * I), (E, I, H)}
     results = []
@@ -281,9 +284,7 @@ def test_peft_with_several_active_adapters_keeps_peft_path(block_calls, lora_blo
     """Two active adapters are more than the fused block runs: PEFT's own W + ΔW goes into the plain
     gpt-oss block, and loss and gradients still match PEFT on transformers' eager experts."""
     peft = pytest.importorskip("peft", minversion="0.17")
-    base = tiny_causal_lm()
-    ids = torch.randint(0, TINY["vocab_size"], (2, 8))
-    seed = int(torch.randint(0, 2**31, ()))
+    base, ids, seed = lora_case()
     results = []
     for impl in ("eager", "moe_tune"):
         model = peft_model(peft, base, seed, impl, adapters=("one", "two"))
@@ -300,9 +301,7 @@ def test_peft_lora_under_gradient_checkpointing(lora_block_calls):
     non-reentrant): the fused LoRA block runs again in the recomputed forward (PEFT re-activates the
     adapter there) and gives the LoRA gradients of PEFT on eager experts under the same checkpointing."""
     peft = pytest.importorskip("peft", minversion="0.17")
-    base = tiny_causal_lm()
-    ids = torch.randint(0, TINY["vocab_size"], (2, 8))
-    seed = int(torch.randint(0, 2**31, ()))
+    base, ids, seed = lora_case()
     results = []
     for impl in ("eager", "moe_tune"):
         model = peft_model(peft, base, seed, impl)

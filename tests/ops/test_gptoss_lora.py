@@ -19,6 +19,7 @@ import dataclasses
 import pytest
 import torch
 from alloc_tracking import alive_at_each_dw, poison_allocations
+from peft_layout import peft_flat
 
 from gptoss_lora_cases import (ALPHA, BASE, FACTORS, TRAINABLE, UP_SCALING, DOWN_SCALING, lora_of, make_inputs,
                                moe_tune_block, reference_block, run)
@@ -121,9 +122,8 @@ def test_peft_layout_factors_on_tma_loads(monkeypatch, dtype, r):
     T, H, I, E, k = 11, 40, 24, 6, 2
     inputs = inputs_for(T, H, I, E, k, r, dtype)
     grad_out = torch.randn(T, H, dtype=dtype)
-    flat = {"up_a": inputs["up_a"].reshape(E * r, H), "down_a": inputs["down_a"].reshape(E * r, I),
-            "up_b": inputs["up_b"].permute(1, 2, 0).reshape(2 * I, r * E),
-            "down_b_lora": inputs["down_b_lora"].permute(1, 2, 0).reshape(H, r * E)}
+    flat = dict(zip(("up_a", "up_b"), peft_flat(inputs["up_a"], inputs["up_b"])))
+    flat.update(zip(("down_a", "down_b_lora"), peft_flat(inputs["down_a"], inputs["down_b_lora"])))
 
     def run_peft(fn, cast=None):
         leaves = {n: (t.to(cast) if cast else t).clone().requires_grad_() for n, t in flat.items()}

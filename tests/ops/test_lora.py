@@ -13,6 +13,7 @@ import dataclasses
 
 import pytest
 import torch
+from peft_layout import peft_flat
 
 from moe_tune.errors import InvalidInputError
 from moe_tune.ops import lora_block, lora_ops
@@ -203,9 +204,8 @@ def test_peft_layout_factors_on_tma_loads(monkeypatch, dtype, r):
     T, H, I, E, k = 11, 40, 24, 6, 2
     inputs = make_inputs(T, H, I, E, k, r, dtype)
     grad_out = torch.randn(T, H, dtype=dtype)
-    flat = {"up_a": inputs["up_a"].reshape(E * r, H), "down_a": inputs["down_a"].reshape(E * r, I),
-            "up_b": inputs["up_b"].permute(1, 2, 0).reshape(2 * I, r * E),
-            "down_b": inputs["down_b"].permute(1, 2, 0).reshape(H, r * E)}
+    flat = dict(zip(("up_a", "up_b"), peft_flat(inputs["up_a"], inputs["up_b"])))
+    flat.update(zip(("down_a", "down_b"), peft_flat(inputs["down_a"], inputs["down_b"])))
 
     def run_peft(fn, cast=None):
         leaves = {n: (t.to(cast) if cast else t).clone().requires_grad_() for n, t in flat.items()}

@@ -311,6 +311,16 @@ def test_bad_arguments_are_invalid_input():
         runtime.get_config(UP_FWD, 4, {"name": "x"})
 
 
+def two_cache_dirs(layers, rng, problem, first, second):
+    """(tokens, [dir a, dir b]): two explicit cache directories, ``problem`` at a random bucket
+    holding ``first`` in a and ``second`` in b."""
+    tokens = rng.choice([1024, 4096, 16384])
+    dirs = [layers.explicit / "a", layers.explicit / "b"]
+    write(dirs[0], {problem: {tokens: first}}, rng=rng)
+    write(dirs[1], {problem: {tokens: second}}, rng=rng)
+    return tokens, dirs
+
+
 def test_block_configs_follow_a_new_cache_dir(layers, rng):
     """The experts block keeps its six configs per (shape, tokens, device); a new cache directory
     (or a reset) must reach it at once, not after a restart."""
@@ -319,10 +329,7 @@ def test_block_configs_follow_a_new_cache_dir(layers, rng):
     from moe_tune.ops.block import block_configs
 
     first, second = config(rng, BLOCK_N=64), config(rng, BLOCK_N=128)
-    tokens = rng.choice([1024, 4096, 16384])
-    dirs = [layers.explicit / "a", layers.explicit / "b"]
-    write(dirs[0], {UP_FWD: {tokens: first}}, rng=rng)
-    write(dirs[1], {UP_FWD: {tokens: second}}, rng=rng)
+    tokens, dirs = two_cache_dirs(layers, rng, UP_FWD, first, second)
     for directory, expected in zip(dirs, (first, second)):
         runtime.set_cache_dir(directory)
         for _ in range(2):  # the second call is the memo's hit
@@ -350,10 +357,7 @@ def test_lora_block_configs_follow_a_new_cache_dir(layers, rng, layout):
     rank = rng.choice([8, 16, 64])
     factor = shape.lora_problems(rank)["up_a.forward"]
     first, second = config(rng, BLOCK_N=32), config(rng, BLOCK_N=64)
-    tokens = rng.choice([1024, 4096, 16384])
-    dirs = [layers.explicit / "a", layers.explicit / "b"]
-    write(dirs[0], {factor: {tokens: first}}, rng=rng)
-    write(dirs[1], {factor: {tokens: second}}, rng=rng)
+    tokens, dirs = two_cache_dirs(layers, rng, factor, first, second)
     for directory, expected in zip(dirs, (first, second)):
         runtime.set_cache_dir(directory)
         for _ in range(2):  # the second call is the memo's hit
