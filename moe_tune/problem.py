@@ -80,6 +80,9 @@ class KernelConfig:
     GATHER_COPY (dw only, the one host-side knob) copies the gathered operand into expert order
     before the kernel, so both operands stream through TMA: M·K elements of scratch for a kernel
     that no longer waits on gathered rows (up dW on an H200: 391 → 583 TFLOP/s for the kernel).
+    WARP_SPEC warp-specialises the reduction loop (Triton's Hopper pass): one producer warpgroup
+    issues the TMA copies and two consumer warpgroups of ``num_warps`` warps each run the MMAs on
+    half the tile; it needs both operands through TMA (nothing gathered) and a 16-bit dtype.
     """
 
     BLOCK_M: int
@@ -91,6 +94,7 @@ class KernelConfig:
     TMA_LOAD: bool = False
     TMA_STORE: bool = False
     GATHER_COPY: bool = False
+    WARP_SPEC: bool = False
 
     def __post_init__(self) -> None:
         for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
@@ -101,6 +105,7 @@ class KernelConfig:
         _as_bool(self.TMA_LOAD, "TMA_LOAD")
         _as_bool(self.TMA_STORE, "TMA_STORE")
         _as_bool(self.GATHER_COPY, "GATHER_COPY")
+        _as_bool(self.WARP_SPEC, "WARP_SPEC")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -121,7 +126,7 @@ class KernelConfig:
         return (
             f"{self.BLOCK_M}x{self.BLOCK_N}x{self.BLOCK_K} g{self.GROUP_M} "
             f"w{self.num_warps} s{self.num_stages}" + (f" tma:{tma}" if tma else "")
-            + (" copy" if self.GATHER_COPY else "")
+            + (" copy" if self.GATHER_COPY else "") + (" ws" if self.WARP_SPEC else "")
         )
 
 

@@ -162,6 +162,30 @@ def gather_copy_applies(problem: Problem, cfg: KernelConfig, device: DeviceInfo)
     return None
 
 
+def warp_spec_possible(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> str | None:
+    """What Triton 3.6's Hopper warp specialisation compiles (a compile matrix on sm90,
+    2026-11-28): a loop whose every load is a TMA copy, 16-bit operands, four warps per consumer
+    warpgroup, and for dW no TMA store (the compiler aborts on its 3-D descriptor)."""
+    if not cfg.WARP_SPEC:
+        return None
+    if not (device.is_interpreter or device.capability[0] == 9):
+        return "WARP_SPEC is Triton's Hopper (compute capability 9.x) warp specialisation"
+    if problem.dtype not in ("bfloat16", "float16"):
+        return "WARP_SPEC runs 16-bit operands only"
+    if not cfg.TMA_LOAD or cfg.num_warps != 4:
+        return "WARP_SPEC needs TMA_LOAD and num_warps=4 (per consumer warpgroup)"
+    if problem.pass_ == "dw":
+        if cfg.TMA_STORE:
+            return "WARP_SPEC dW cannot store through TMA"
+        if (problem.gather or problem.scatter) and problem.fusion != "sorted" and not cfg.GATHER_COPY:
+            return "WARP_SPEC dW needs both operands in expert order (fusion 'sorted' or GATHER_COPY)"
+        return None
+    gathered_a = problem.gather if problem.pass_ == "forward" else problem.scatter
+    if gathered_a or problem.fusion != "none":
+        return "WARP_SPEC needs A in expert order (not gathered, no fused row copy)"
+    return None
+
+
 def blocks_fit_problem(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> str | None:
     # A block more than twice the padded dimension only adds masked work.
     if problem.pass_ == "dw":
@@ -189,13 +213,14 @@ PREDICATES: tuple[Predicate, ...] = (
     tma_aligned,
     tma_store_possible,
     gather_copy_applies,
+    warp_spec_possible,
     blocks_fit_problem,
     warps_fit_tile,
 )
 
 # Rules the launcher enforces on any explicit config (the others only prune the search).
 HARD_PREDICATES: tuple[Predicate, ...] = (
-    fits_shared_memory, tma_supported, tma_aligned, tma_store_possible, gather_copy_applies,
+    fits_shared_memory, tma_supported, tma_aligned, tma_store_possible, gather_copy_applies, warp_spec_possible,
 )
 
 

@@ -42,31 +42,43 @@ def _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_m
             red, stride_a_k, stride_w_red,
             TRANS_W: tl.constexpr, GATHER_A: tl.constexpr, STORE_A: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA_LOAD: tl.constexpr,
-            DOT_PRECISION: tl.constexpr):
+            DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr):
     """The K loop of ``grouped_mm_kernel``: the [BLOCK_M, BLOCK_N] float32 accumulator over the
     whole reduction. STORE_A also writes each A tile to ``sorted_ptrs`` (the gathered rows in
     expert order)."""
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, red, BLOCK_K):
-        k_mask = ks < red - k0
-        if TMA_LOAD and not GATHER_A:
+    if WARP_SPEC:
+        # Both operands through TMA, nothing carried but the accumulator: what Triton's Hopper
+        # warp specialisation partitions (one producer warpgroup issuing the copies, two consumer
+        # warpgroups splitting the tile's rows).
+        for k0 in tl.range(0, red, BLOCK_K, warp_specialize=True):
             a = a_desc.load([row0, k0])
-        else:
-            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-        if STORE_A:
-            tl.store(sorted_ptrs, a, mask=row_mask[:, None] & k_mask[None, :])
-            sorted_ptrs += BLOCK_K
-        if TMA_LOAD:
             if TRANS_W:
                 b = w_desc.load([e, k0, n_block * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
             else:
                 b = w_desc.load([e, n_block * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
-        else:
-            b = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_a_k
-        w_ptrs += BLOCK_K * stride_w_red
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    else:
+        for k0 in range(0, red, BLOCK_K):
+            k_mask = ks < red - k0
+            if TMA_LOAD and not GATHER_A:
+                a = a_desc.load([row0, k0])
+            else:
+                a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            if STORE_A:
+                tl.store(sorted_ptrs, a, mask=row_mask[:, None] & k_mask[None, :])
+                sorted_ptrs += BLOCK_K
+            if TMA_LOAD:
+                if TRANS_W:
+                    b = w_desc.load([e, k0, n_block * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
+                else:
+                    b = w_desc.load([e, n_block * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
+            else:
+                b = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K * stride_a_k
+            w_ptrs += BLOCK_K * stride_w_red
     return acc
 
 
@@ -79,7 +91,8 @@ def grouped_mm_kernel(
     expert_offsets_ptr,  # (E + 1,) int32
     sorted_slots_ptr,  # (M,) int32: token-slot id of each expert-ordered row
     weights_ptr,  # (M,) routing weight of each token slot (read when WEIGHTED)
-    sorted_a_ptr,  # (M, RED) expert order: SORT_A writes the gathered A rows here
+    sorted_a_ptr,  # (M, RED) expert order: SORT_A writes the gathered A rows here; with WARP_SPEC
+    #               the int32 row-block table: [row blocks, then (expert, first row) per block]
     # Sizes -------------------------------------------------------------------------------------
     a_rows,  # rows of A (T when gathering, M otherwise): bounds the TMA descriptor
     out_cols,  # OUT: N for forward, K for dx
@@ -105,18 +118,26 @@ def grouped_mm_kernel(
     TMA_STORE: tl.constexpr,
     NUM_SMS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # tl.dot's input_precision: "tf32" (float32 as TF32) or "tf32x3"
+    WARP_SPEC: tl.constexpr,  # warp-specialised K loop (TMA on both operands, nothing gathered)
 ):
     """Grid: (min(NUM_SMS, upper bound on tiles),). Each program strides over output tiles."""
     pid = tl.program_id(0)
     dtype = w_ptr.dtype.element_ty
 
     # -- Row blocks per expert, computed once per program from the offsets -----------------------
+    # (WARP_SPEC: read from the row-block table. Triton's Hopper warp specialisation rejects a
+    # kernel whose specialised loop depends on a reduction, as the register search does.)
     e_range = tl.arange(0, E_POW2)
-    starts = tl.load(expert_offsets_ptr + e_range, mask=e_range < E, other=0)
-    ends = tl.load(expert_offsets_ptr + e_range + 1, mask=e_range < E, other=0)
-    blocks = tl.cdiv(ends - starts, BLOCK_M)
-    cum_blocks_end = tl.cumsum(blocks, axis=0)
-    num_m_blocks = tl.sum(blocks, axis=0)
+    if WARP_SPEC:
+        num_m_blocks = tl.load(sorted_a_ptr)
+        blocks = e_range  # unused below
+        cum_blocks_end = e_range
+    else:
+        starts = tl.load(expert_offsets_ptr + e_range, mask=e_range < E, other=0)
+        ends = tl.load(expert_offsets_ptr + e_range + 1, mask=e_range < E, other=0)
+        blocks = tl.cdiv(ends - starts, BLOCK_M)
+        cum_blocks_end = tl.cumsum(blocks, axis=0)
+        num_m_blocks = tl.sum(blocks, axis=0)
     num_n_blocks = tl.cdiv(out_cols, BLOCK_N)
     num_tiles = num_m_blocks * num_n_blocks
 
@@ -151,10 +172,16 @@ def grouped_mm_kernel(
         m_block = first_m + (tile % tiles_per_group) % group_rows
         n_block = (tile % tiles_per_group) // group_rows
 
-        e, local_block = _expert_of_block(m_block, cum_blocks_end, blocks, e_range)
-        row_start = tl.load(expert_offsets_ptr + e)
-        row_end = tl.load(expert_offsets_ptr + e + 1)
-        row0 = row_start + local_block * BLOCK_M
+        if WARP_SPEC:
+            e = tl.load(sorted_a_ptr + 1 + 2 * m_block)
+            row0 = tl.load(sorted_a_ptr + 2 + 2 * m_block)
+            row_start = tl.load(expert_offsets_ptr + e)
+            row_end = tl.load(expert_offsets_ptr + e + 1)
+        else:
+            e, local_block = _expert_of_block(m_block, cum_blocks_end, blocks, e_range)
+            row_start = tl.load(expert_offsets_ptr + e)
+            row_end = tl.load(expert_offsets_ptr + e + 1)
+            row0 = row_start + local_block * BLOCK_M
 
         # -- Rows of this tile; rows past the expert's end are clamped to a valid row ------------
         rows = row0 + tl.arange(0, BLOCK_M)
@@ -182,15 +209,15 @@ def grouped_mm_kernel(
             if n_block == 0:
                 acc = _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask, col_mask, red,
                               stride_a_k, stride_w_red, TRANS_W, GATHER_A, True, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD,
-                              DOT_PRECISION)
+                              DOT_PRECISION, WARP_SPEC)
             else:
                 acc = _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask, col_mask, red,
                               stride_a_k, stride_w_red, TRANS_W, GATHER_A, False, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD,
-                              DOT_PRECISION)
+                              DOT_PRECISION, WARP_SPEC)
         else:
             acc = _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask, col_mask, red,
                           stride_a_k, stride_w_red, TRANS_W, GATHER_A, False, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD,
-                              DOT_PRECISION)
+                              DOT_PRECISION, WARP_SPEC)
 
         # -- Epilogue: routing weight, then masked (or TMA) write-back --------------------------------
         if WEIGHTED:
@@ -240,6 +267,7 @@ def grouped_mm_dw_kernel(
     TMA_STORE: tl.constexpr,
     NUM_SMS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WARP_SPEC: tl.constexpr,  # warp-specialised row loop (both operands through TMA, no TMA store)
 ):
     """Grid: (min(NUM_SMS, E·⌈N/BLOCK_N⌉·⌈K/BLOCK_K⌉),). Tiles are expert-major so programs
     running at the same time share an expert's rows in L2."""
@@ -287,7 +315,7 @@ def grouped_mm_dw_kernel(
 
         # -- Reduce over the expert's rows (an empty expert leaves zeros) -------------------------
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for m0 in range(row_start, row_end, BLOCK_M):
+        for m0 in tl.range(row_start, row_end, BLOCK_M, warp_specialize=WARP_SPEC):
             rows = m0 + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
             rows = tl.where(row_mask, rows, row_start)

@@ -195,6 +195,8 @@ def grouped_mm(a, w, c, routing, weights, *, trans_w: bool, gather_a: bool, gath
     else:
         stride_w_red, stride_w_out = w.stride(2), w.stride(1)
     ensure_allocator(cfg, w.device)
+    if cfg.WARP_SPEC:  # check_config: nothing gathered, so no sorted_a either; the slot takes the table
+        sorted_a = routing.block_table(cfg.BLOCK_M, in_op=in_op)
     args = (
         a, w, c, routing.expert_offsets, routing.sorted_slots, weights if weights is not None else c,
         sorted_a if sorted_a is not None else a,
@@ -206,10 +208,10 @@ def grouped_mm(a, w, c, routing, weights, *, trans_w: bool, gather_a: bool, gath
     meta = dict(
         E=E, E_POW2=next_power_of_2(E + 1),
         TRANS_W=trans_w, GATHER_A=gather_a, SCATTER_C=scatter_c, WEIGHTED=weights is not None,
-        SORT_A=sorted_a is not None,
+        SORT_A=sorted_a is not None and not cfg.WARP_SPEC,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count, DOT_PRECISION=dot_precision(a.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        WARP_SPEC=cfg.WARP_SPEC, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     outputs = (a, c) if sorted_a is None else (a, c, sorted_a)
     launch_kernel(grouped_mm_kernel, in_op, (info.sm_count,), args, meta, outputs)
@@ -243,6 +245,6 @@ def grouped_mm_dw(dy, x, dw, routing, weights, *, gather_dy: bool, dy_div: int, 
         E=E, GATHER_DY=gather_dy, GATHER_X=gather_x, WEIGHTED=weights is not None,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count, DOT_PRECISION=dot_precision(dy.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        WARP_SPEC=cfg.WARP_SPEC, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     launch_kernel(grouped_mm_dw_kernel, in_op, (info.sm_count,), args, meta, (dy, dw))

@@ -16,13 +16,13 @@ at 16k tokens × 512 experts would cost more GPU time than the sort).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from moe_tune.device import interpreting
 from moe_tune.errors import InvalidInputError
-from moe_tune.kernels.routing import routing_kernel
+from moe_tune.kernels.routing import block_table_kernel, routing_kernel
 
 # ids × experts up to which the counting-sort kernel builds the routing (4096 tokens × top-8 ×
 # 128 experts is 2^22: 1 MiB of ids read twice per expert out of L2).
@@ -36,10 +36,30 @@ class Routing:
     sorted_slots: torch.Tensor  # (M,) int32
     num_tokens: int
     topk: int
+    # BLOCK_M → the row-block table of a warp-specialised launch (``block_table``), built once
+    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_experts(self) -> int:
         return self.expert_offsets.numel() - 1
+
+    def block_table(self, block_m: int, *, in_op: bool = False) -> torch.Tensor:
+        """int32 ``[1 + 2·(⌊M / block_m⌋ + E)]``: the number of row blocks of ``block_m`` rows,
+        then (expert, first row) of each (``moe_tune.kernels.routing.block_table_kernel``): what a
+        warp-specialised grouped GEMM walks. One launch per BLOCK_M per routing; no host sync."""
+        table = self._tables.get(block_m)
+        if table is None:
+            from moe_tune.ops.launch import launch_kernel, next_power_of_2
+
+            E = self.num_experts
+            max_blocks = self.num_rows // block_m + E
+            table = torch.empty(1 + 2 * max_blocks, dtype=torch.int32, device=self.expert_offsets.device)
+            launch_kernel(block_table_kernel, in_op, (1,), (self.expert_offsets, table, max_blocks),
+                          dict(E=E, E_POW2=(e_pow2 := next_power_of_2(E + 1)), BLOCK_M=block_m,
+                               CHUNK=max(16, 16384 // e_pow2), num_warps=4),
+                          (table,))
+            self._tables[block_m] = table
+        return table
 
     @property
     def num_rows(self) -> int:
