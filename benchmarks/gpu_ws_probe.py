@@ -26,14 +26,13 @@ def ws_grid(problem):
     from moe_tune.problem import KernelConfig
 
     if problem.pass_ == "dw":
-        for bm, bn, bk, st in itertools.product((64, 128), (128, 256), (64, 128, 256), (3, 4)):
+        for bm, bn, bk, st in itertools.product((32, 64, 128), (64, 128, 256), (64, 128, 256), (2, 3, 4)):
             yield KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=4, num_stages=st,
-                               TMA_LOAD=True, WARP_SPEC=True)
+                               TMA_LOAD=True, TMA_STORE=True, WARP_SPEC=True)
     else:
-        stores = (False,) if problem.scatter or problem.gather and problem.pass_ == "dx" else (False, True)
-        for bm, bn, bk, st, store in itertools.product((128,), (128, 256), (64, 128), (3, 4, 5), stores):
+        for bm, bn, bk, st in itertools.product((128, 256), (128, 256), (64, 128), (3, 4)):
             yield KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=4, num_stages=st,
-                               TMA_LOAD=True, TMA_STORE=store, WARP_SPEC=True)
+                               TMA_LOAD=True, TMA_STORE=True, WARP_SPEC=True)
 
 
 def main(argv=None) -> int:

@@ -163,20 +163,23 @@ def gather_copy_applies(problem: Problem, cfg: KernelConfig, device: DeviceInfo)
 
 
 def warp_spec_possible(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> str | None:
-    """What Triton 3.6's Hopper warp specialisation compiles (a compile matrix on sm90,
-    2026-11-28): a loop whose every load is a TMA copy, 16-bit operands, four warps per consumer
-    warpgroup, and for dW no TMA store (the compiler aborts on its 3-D descriptor)."""
+    """What Triton 3.6's Hopper warp specialisation compiles and computes right (compiled for
+    sm90 and checked on an H100, 2026-11-28): a loop whose every load is a TMA copy, 16-bit
+    operands, four warps per consumer warpgroup, at most four stages, and a TMA store (with a
+    pointer-store epilogue the kernel left its output unwritten; five stages did too). dW stores
+    through a 2-D view of [E·N, K], so its tiles must not straddle two experts."""
     if not cfg.WARP_SPEC:
         return None
     if not (device.is_interpreter or device.capability[0] == 9):
         return "WARP_SPEC is Triton's Hopper (compute capability 9.x) warp specialisation"
     if problem.dtype not in ("bfloat16", "float16"):
         return "WARP_SPEC runs 16-bit operands only"
-    if not cfg.TMA_LOAD or cfg.num_warps != 4:
-        return "WARP_SPEC needs TMA_LOAD and num_warps=4 (per consumer warpgroup)"
+    if not (cfg.TMA_LOAD and cfg.TMA_STORE) or cfg.num_warps != 4 or cfg.num_stages > 4:
+        return "WARP_SPEC needs TMA_LOAD, TMA_STORE, num_warps=4 (per consumer warpgroup) and at most 4 stages"
     if problem.pass_ == "dw":
-        if cfg.TMA_STORE:
-            return "WARP_SPEC dW cannot store through TMA"
+        n = problem.K if problem.weight_layout == "kn" else problem.N  # dW's rows per expert
+        if n % cfg.BLOCK_N:
+            return f"WARP_SPEC dW needs BLOCK_N to divide the {n} rows of each expert's gradient"
         if (problem.gather or problem.scatter) and problem.fusion != "sorted" and not cfg.GATHER_COPY:
             return "WARP_SPEC dW needs both operands in expert order (fusion 'sorted' or GATHER_COPY)"
         return None

@@ -267,7 +267,7 @@ def grouped_mm_dw_kernel(
     TMA_STORE: tl.constexpr,
     NUM_SMS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    WARP_SPEC: tl.constexpr,  # warp-specialised row loop (both operands through TMA, no TMA store)
+    WARP_SPEC: tl.constexpr,  # warp-specialised row loop (both operands through TMA, 2-D TMA store)
 ):
     """Grid: (min(NUM_SMS, E·⌈N/BLOCK_N⌉·⌈K/BLOCK_K⌉),). Tiles are expert-major so programs
     running at the same time share an expert's rows in L2."""
@@ -279,9 +279,16 @@ def grouped_mm_dw_kernel(
     num_tiles = E * tiles_per_expert
 
     if TMA_STORE:
-        dw_desc = tl.make_tensor_descriptor(
-            dw_ptr, shape=[E, N, K], strides=[stride_dw_e, stride_dw_n, 1], block_shape=[1, BLOCK_N, BLOCK_K],
-        )
+        if WARP_SPEC:
+            # dW as [E·N, K] (contiguous, N a multiple of BLOCK_N: check_config): the compiler's
+            # warp specialisation aborts on the 3-D store below.
+            dw_desc = tl.make_tensor_descriptor(
+                dw_ptr, shape=[E * N, K], strides=[stride_dw_n, 1], block_shape=[BLOCK_N, BLOCK_K],
+            )
+        else:
+            dw_desc = tl.make_tensor_descriptor(
+                dw_ptr, shape=[E, N, K], strides=[stride_dw_e, stride_dw_n, 1], block_shape=[1, BLOCK_N, BLOCK_K],
+            )
 
     for tile in range(pid, num_tiles, NUM_SMS):
         # -- Map tile id to (expert, N block, K block), swizzled within the expert ---------------
@@ -348,7 +355,9 @@ def grouped_mm_dw_kernel(
 
         # -- Write back the expert's [BLOCK_N, BLOCK_K] tile ----------------------------------------
         dw = acc.to(dtype)
-        if TMA_STORE:
+        if TMA_STORE and WARP_SPEC:
+            dw_desc.store([e * N + n_block * BLOCK_N, k_block * BLOCK_K], dw)
+        elif TMA_STORE:
             dw_desc.store([e, n_block * BLOCK_N, k_block * BLOCK_K], dw.reshape(1, BLOCK_N, BLOCK_K))
         else:
             dw_ptrs = (dw_ptr + e.to(tl.int64) * stride_dw_e
