@@ -12,7 +12,7 @@ to the same ranges (``new``, ``add``, ``Measurement``), so nothing written is re
 A cache file (one device, one Triton version; ``paths.file_name`` names it)::
 
     {
-      "schema_version": "1.0",
+      "schema_version": "2.0",
       "kind": "moe-tune-cache",
       "device":     {"name", "capability": [9, 0], "sm_count", "max_shared_mem"},
       "software":   {"triton", "torch", "cuda", "moe_tune", "kernel_hash"},   # newest writer
@@ -64,7 +64,7 @@ from moe_tune.device import DeviceInfo
 from moe_tune.errors import CacheError, CacheVersionError, InvalidInputError
 from moe_tune.problem import KernelConfig, Problem
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "2.0"
 CACHE_KIND = "moe-tune-cache"
 PACK_KIND = "moe-tune-pack"
 
@@ -72,9 +72,17 @@ PACK_KIND = "moe-tune-pack"
 # should stay readable after months of incremental sweeps.
 MAX_WRITE_RECORDS = 32
 
+
+
+def _from_v1(doc: dict) -> dict:
+    """1.x → 2.0: configs gained ``WARP_SPEC``. A 1.x config ran without it, as one that reads
+    ``WARP_SPEC: false`` does (the same machine code), so the entries carry over unchanged."""
+    return {**doc, "schema_version": "2.0"}
+
+
 # Upgrades from one major version to the next: _MIGRATIONS[n] turns a major-n document into a
-# major-(n+1) one. 1 is the first released major, so none exist yet.
-_MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
+# major-(n+1) one. 2.0 added the config key WARP_SPEC (an older moe-tune cannot read it).
+_MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _from_v1}
 
 
 def now_iso() -> str:

@@ -114,15 +114,15 @@ def test_truncated_real_file_is_a_cache_error_at_every_cut(rng):
 
 def test_future_major_version_is_refused_with_a_clear_message(rng):
     doc = random_cache_file(rng, problems=1, buckets=1).to_json()
-    doc["schema_version"] = "2.0"
-    with pytest.raises(CacheVersionError, match=r"newer moe-tune \(schema 2\.0.*upgrade moe-tune"):
+    doc["schema_version"] = "3.0"
+    with pytest.raises(CacheVersionError, match=r"newer moe-tune \(schema 3\.0.*upgrade moe-tune"):
         CacheFile.from_json(doc, "f.json")
 
 
 def test_newer_minor_version_is_read_ignoring_added_metadata(rng):
     cache = random_cache_file(rng, problems=1, buckets=1)
     doc = cache.to_json()
-    doc["schema_version"] = "1.7"
+    doc["schema_version"] = "2.7"
     doc["provenance"]["host_fingerprint"] = "abc"
     _first_entry(doc["entries"])["buckets"][0]["measurement"]["p99_ms"] = 1.5
     assert CacheFile.from_json(doc) == cache
@@ -243,3 +243,17 @@ def test_pack_and_cache_kinds_are_not_confused(rng):
     with pytest.raises(CacheError, match="moe-tune install"):
         CacheFile.from_json(Pack([cache]).to_json())
     assert pack.load_any(Pack([cache]).dumps(), "p")[0] == schema.PACK_KIND
+
+
+def test_schema_1_file_reads_as_configs_without_warp_spec(rng):
+    cache = random_cache_file(rng, problems=2, buckets=2)
+    doc = cache.to_json()
+    assert doc["schema_version"] == "2.0"
+    doc["schema_version"] = "1.0"
+    for entry in doc["entries"].values():
+        for bucket in entry["buckets"]:
+            assert bucket["config"].pop("WARP_SPEC") is False  # what a 1.x writer left out
+    read = CacheFile.from_json(doc, "old.json")
+    assert read == cache
+    assert all(not e.config.WARP_SPEC for buckets in read.entries.values() for e in buckets.values())
+    assert read.to_json()["schema_version"] == "2.0"

@@ -301,3 +301,51 @@ def test_float32_products_follow_torchs_tf32_setting(matmul_precision):
         assert dot_precision(torch.bfloat16) == dot_precision(torch.float16) == "tf32"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+WARP_SPEC = dataclasses.replace(TMA_ALL, WARP_SPEC=True)
+
+
+@pytest.mark.parametrize("mode, T, E, topk", [("random", 29, 5, 2), ("subset", 40, 6, 2), ("one", 30, 4, 1),
+                                              ("skewed", 64, 16, 4), ("random", 1, 8, 1)],
+                         ids=["random", "empty-experts", "one-expert", "skewed", "one-row"])
+def test_warp_specialised_launches_walk_the_row_block_table(mode, T, E, topk):
+    # WARP_SPEC reads each row block's expert and first row from the routing's table instead of
+    # searching registers: every pass it admits (nothing gathered, TMA store) against float64,
+    # on routings with empty experts, one crowded expert and rows fewer than one block.
+    routing, x, w, dy, _ = make_inputs(T, E, 64, 32, topk, torch.float16, False, False, False, mode)
+    tol = TOLERANCES[torch.float16]
+    M = T * topk
+    y = gg.forward(x, w, routing, config=WARP_SPEC, out=nan_like((M, 64), torch.float16))
+    assert relative_error(y, reference_forward(x, w, routing)) < tol
+    dx = gg.backward_dx(dy, w, routing, config=WARP_SPEC, out=nan_like((M, 32), torch.float16))
+    assert relative_error(dx, reference_dx(dy, w, routing)) < tol
+    dw = gg.backward_dw(dy, x, w.shape, routing, config=WARP_SPEC, out=nan_like(w.shape, torch.float16))
+    assert relative_error(dw, reference_dw(dy, x, routing)) < tol
+
+
+def test_warp_specialised_dw_reads_gathered_rows_after_the_copy():
+    routing, x, w, dy, weights = make_inputs(21, 5, 64, 32, 2, torch.float16, True, False, False, "subset")
+    cfg = dataclasses.replace(WARP_SPEC, GATHER_COPY=True)
+    dw = gg.backward_dw(dy, x, w.shape, routing, gather=True, config=cfg, out=nan_like(w.shape, torch.float16))
+    assert relative_error(dw, reference_dw(dy, x, routing, gather=True)) < TOLERANCES[torch.float16]
+
+
+@pytest.mark.parametrize("why, flags, dtype, change", [
+    ("A in expert order", (True, False, False), torch.float16, {}),  # gathered forward input
+    ("TMA_STORE", (False, False, False), torch.float16, {"TMA_STORE": False}),
+    ("num_warps=4", (False, False, False), torch.float16, {"num_warps": 8}),
+    ("at most 4 stages", (False, False, False), torch.float16, {"num_stages": 5}),
+    ("16-bit", (False, False, False), torch.float32, {}),
+])
+def test_warp_spec_outside_what_compiles_is_a_config_error(why, flags, dtype, change):
+    gather, scatter, weighted = flags
+    routing, x, w, _, _ = make_inputs(9, 4, 64, 32, 2, dtype, gather, scatter, weighted)
+    with pytest.raises(ConfigError, match="WARP_SPEC"):
+        gg.forward(x, w, routing, gather=gather, config=dataclasses.replace(WARP_SPEC, **change))
+
+
+def test_warp_spec_dw_tiles_must_not_straddle_experts():
+    routing, x, _, dy, _ = make_inputs(9, 4, 48, 32, 2, torch.float16, False, False, False)
+    with pytest.raises(ConfigError, match="BLOCK_N to divide"):
+        gg.backward_dw(dy, x, (4, 48, 32), routing, config=WARP_SPEC)

@@ -143,3 +143,40 @@ def test_float32_follows_torchs_tf32_setting(precision, bound, tma):
     assert max(errors) < bound, errors
     if precision == "high":  # TF32 really ran: float32-level error would mean the setting was ignored
         assert max(errors) > 1e-5, errors
+
+
+WARP_SPEC_CONFIGS = {  # (mm config, dW config): the probe's winners and a 32-row dW step
+    "128x256": (KernelConfig(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3,
+                             TMA_LOAD=True, TMA_STORE=True, WARP_SPEC=True),
+                KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=3,
+                             TMA_LOAD=True, TMA_STORE=True, WARP_SPEC=True)),
+    "128x128": (KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4,
+                             TMA_LOAD=True, TMA_STORE=True, WARP_SPEC=True),
+                KernelConfig(BLOCK_M=32, BLOCK_N=128, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4,
+                             TMA_LOAD=True, TMA_STORE=True, WARP_SPEC=True)),
+}
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] != 9,
+                    reason="Triton's Hopper warp specialisation")
+@pytest.mark.parametrize("configs", list(WARP_SPEC_CONFIGS), ids=list(WARP_SPEC_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name, E, H, I, topk, T", SHAPES, ids=[s[0] for s in SHAPES])
+def test_warp_specialised_passes_at_model_shapes(name, E, H, I, topk, T, dtype, configs):
+    # Forward and dx on expert-ordered rows (TMA store) and dW on expert-ordered operands, with
+    # the routing's row-block table; a skewed router leaves experts empty and crowds others.
+    mm_cfg, dw_cfg = WARP_SPEC_CONFIGS[configs]
+    for skew in (0.0, 4.0):
+        torch.manual_seed(hash((name, str(dtype), configs, skew)) % 2**31)
+        routing = build_routing(random_routing(T, E, topk, device="cuda", skew=skew), E)
+        M = T * topk
+        for N, K in ((2 * I, H), (H, I)):
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            w = (torch.randn(E, N, K, device="cuda") / K**0.5).to(dtype)
+            dy = torch.randn(M, N, device="cuda", dtype=dtype)
+            y = gg.forward(x, w, routing, config=mm_cfg, out=_nan((M, N), dtype))
+            assert relative_error(y, reference_forward(x, w, routing)) < TOLERANCES[dtype]
+            dx = gg.backward_dx(dy, w, routing, config=mm_cfg, out=_nan((M, K), dtype))
+            assert relative_error(dx, reference_dx(dy, w, routing)) < TOLERANCES[dtype]
+            dw = gg.backward_dw(dy, x, w.shape, routing, config=dw_cfg, out=_nan(w.shape, dtype))
+            assert relative_error(dw, reference_dw(dy, x, routing)) < TOLERANCES[dtype]

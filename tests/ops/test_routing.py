@@ -51,3 +51,24 @@ def test_skewed_routing_kernel():
     r = build_routing(ids, E, method="kernel")
     offsets, slots = python_routing(ids, E)
     assert r.expert_offsets.tolist() == offsets and r.sorted_slots.tolist() == slots
+
+
+@pytest.mark.parametrize("method", ["kernel", "sort"])
+@pytest.mark.parametrize("name, T, k, E, dtype", CASES + [("many-experts", 90, 4, 300, torch.int64)],
+                         ids=[c[0] for c in CASES] + ["many-experts"])
+@pytest.mark.parametrize("block_m", [1, 4, 64])
+def test_row_block_table_lists_every_block(name, T, k, E, dtype, method, block_m, monkeypatch):
+    # The warp-specialised GEMM's table: the count, then (expert, first row) per block of
+    # block_m rows, experts in order; memory past the count is never read, so it stays poisoned.
+    real_empty = torch.empty
+    monkeypatch.setattr(routing_mod.torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(-7))
+    ids = (torch.stack([torch.randperm(E)[:k] for _ in range(T)]) if T else torch.zeros(0, k)).to(dtype)
+    r = build_routing(ids, E, method=method)
+    offsets, _ = python_routing(ids, E)
+    expected = [(e, row) for e in range(E) for row in range(offsets[e], offsets[e + 1], block_m)]
+    table = r.block_table(block_m)
+    assert table.dtype == torch.int32 and table.numel() == 1 + 2 * (T * k // block_m + E)
+    assert int(table[0]) == len(expected)
+    assert table[1:1 + 2 * len(expected)].view(-1, 2).tolist() == [list(p) for p in expected]
+    assert (table[1 + 2 * len(expected):] == -7).all()
+    assert r.block_table(block_m) is table  # built once per routing and BLOCK_M
