@@ -113,3 +113,34 @@ def test_unknown_space_is_a_clear_error():
         candidates(MoeShape(4, 64, 32, 2).problems()[0], H100, "huge")
     assert set(SPACES) >= {"quick", "default", "full", "interpret"}
     assert DTYPE_BYTES["float32"] == 4
+
+
+B200 = DeviceInfo("NVIDIA B200", (10, 0), sm_count=148, max_shared_mem=232448)
+
+
+def test_warp_spec_candidates_are_hopper_only_and_what_the_pass_compiles():
+    # Triton 3.6's warp specialisation is the Hopper pass: four warps, TMA in and out, ≤ 4 stages,
+    # 16-bit, A in expert order; the sweep's default space offers it only for such problems.
+    for problem in all_problems() + all_problems("float16") + all_problems("float32"):
+        for device in (H100, A100, B200):
+            ws = [c for c in candidates(problem, device, "default") if c.WARP_SPEC]
+            if device is not H100 or problem.dtype == "float32":
+                assert not ws
+                continue
+            gathered_a = problem.gather if problem.pass_ == "forward" else problem.scatter
+            if problem.pass_ != "dw" and (gathered_a or output_scattered(problem) or problem.fusion != "none"):
+                assert not ws
+            for c in ws:
+                assert c.num_warps == 4 and c.TMA_LOAD and c.TMA_STORE and c.num_stages <= 4
+        for qwen_dw in [p for p in load_preset("qwen3-30b-a3b").problems() if p.pass_ == "dw"]:
+            assert any(c.WARP_SPEC for c in candidates(qwen_dw, H100, "default"))
+
+
+@pytest.mark.parametrize("device, expected", [(H100, True), (A100, False), (B200, False)], ids=["h100", "a100", "b200"])
+def test_sorted_dw_default_is_warp_specialised_on_hopper(device, expected):
+    for problem in load_preset("qwen3-30b-a3b").problems():
+        cfg = default_config(problem, device)
+        assert cfg.WARP_SPEC == (expected and problem.pass_ == "dw")
+    # gpt-oss's dW has 2880 rows per expert's gradient: a 128-row tile would straddle two experts.
+    for problem in load_preset("gpt-oss-20b").problems():
+        assert not default_config(problem, H100).WARP_SPEC
