@@ -73,7 +73,6 @@ PACK_KIND = "moe-tune-pack"
 MAX_WRITE_RECORDS = 32
 
 
-
 def _from_v1(doc: dict) -> dict:
     """1.x → 2.0: configs gained ``WARP_SPEC``. A 1.x config ran without it, as one that reads
     ``WARP_SPEC: false`` does (the same machine code), so the entries carry over unchanged."""

@@ -130,8 +130,6 @@ def grouped_mm_kernel(
     e_range = tl.arange(0, E_POW2)
     if WARP_SPEC:
         num_m_blocks = tl.load(sorted_a_ptr)
-        blocks = e_range  # unused below
-        cum_blocks_end = e_range
     else:
         starts = tl.load(expert_offsets_ptr + e_range, mask=e_range < E, other=0)
         ends = tl.load(expert_offsets_ptr + e_range + 1, mask=e_range < E, other=0)

@@ -52,12 +52,11 @@ class Routing:
             from moe_tune.ops.launch import launch_kernel, next_power_of_2
 
             E = self.num_experts
+            e_pow2 = next_power_of_2(E + 1)
             max_blocks = self.num_rows // block_m + E
             table = torch.empty(1 + 2 * max_blocks, dtype=torch.int32, device=self.expert_offsets.device)
-            launch_kernel(block_table_kernel, in_op, (1,), (self.expert_offsets, table, max_blocks),
-                          dict(E=E, E_POW2=(e_pow2 := next_power_of_2(E + 1)), BLOCK_M=block_m,
-                               CHUNK=max(16, 16384 // e_pow2), num_warps=4),
-                          (table,))
+            meta = dict(E=E, E_POW2=e_pow2, BLOCK_M=block_m, CHUNK=max(16, 16384 // e_pow2), num_warps=4)
+            launch_kernel(block_table_kernel, in_op, (1,), (self.expert_offsets, table, max_blocks), meta, (table,))
             self._tables[block_m] = table
         return table
 
