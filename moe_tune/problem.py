@@ -83,9 +83,6 @@ class KernelConfig:
     WARP_SPEC warp-specialises the reduction loop (Triton's Hopper pass): one producer warpgroup
     issues the TMA copies and two consumer warpgroups of ``num_warps`` warps each run the MMAs on
     half the tile; it needs both operands through TMA (nothing gathered) and a 16-bit dtype.
-    SPLIT_TAIL (forward/dx) runs an expert's last row block as a BLOCK_M/2-row tile when it holds
-    at most that many rows: with ~256 rows per expert (Qwen3-30B-A3B at 4096 tokens) a third
-    128-row block is mostly padding for half the experts, so 20% of the MMA work was wasted.
     """
 
     BLOCK_M: int
@@ -98,7 +95,6 @@ class KernelConfig:
     TMA_STORE: bool = False
     GATHER_COPY: bool = False
     WARP_SPEC: bool = False
-    SPLIT_TAIL: bool = False
 
     def __post_init__(self) -> None:
         for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
@@ -110,7 +106,6 @@ class KernelConfig:
         _as_bool(self.TMA_STORE, "TMA_STORE")
         _as_bool(self.GATHER_COPY, "GATHER_COPY")
         _as_bool(self.WARP_SPEC, "WARP_SPEC")
-        _as_bool(self.SPLIT_TAIL, "SPLIT_TAIL")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,7 +127,6 @@ class KernelConfig:
             f"{self.BLOCK_M}x{self.BLOCK_N}x{self.BLOCK_K} g{self.GROUP_M} "
             f"w{self.num_warps} s{self.num_stages}" + (f" tma:{tma}" if tma else "")
             + (" copy" if self.GATHER_COPY else "") + (" ws" if self.WARP_SPEC else "")
-            + (" tail" if self.SPLIT_TAIL else "")
         )
 
 

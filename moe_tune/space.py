@@ -31,7 +31,6 @@ SPACES: dict[str, dict[str, tuple]] = {
         "TMA_STORE": (False,),
         "GATHER_COPY": (False,),
         "WARP_SPEC": (False,),
-        "SPLIT_TAIL": (False,),
     },
     "default": {
         "BLOCK_M": (64, 128),
@@ -44,7 +43,6 @@ SPACES: dict[str, dict[str, tuple]] = {
         "TMA_STORE": (False, True),
         "GATHER_COPY": (False, True),
         "WARP_SPEC": (False, True),
-        "SPLIT_TAIL": (False, True),
     },
     "full": {
         "BLOCK_M": (16, 32, 64, 128, 256),
@@ -57,7 +55,6 @@ SPACES: dict[str, dict[str, tuple]] = {
         "TMA_STORE": (False, True),
         "GATHER_COPY": (False, True),
         "WARP_SPEC": (False, True),
-        "SPLIT_TAIL": (False, True),
     },
     # What `moe-tune sweep --interpret` searches: blocks the tiny test preset (E=4, H=64, I=32)
     # admits, one warp so that 16x32 tiles pass `warps_fit_tile`. The interpreter ignores warps
@@ -73,7 +70,6 @@ SPACES: dict[str, dict[str, tuple]] = {
         "TMA_STORE": (False, True),
         "GATHER_COPY": (False,),  # tests/ops covers the copy; keeps the CI sweep small
         "WARP_SPEC": (False,),  # needs four warps; tests/ops covers it
-        "SPLIT_TAIL": (False,),  # tests/ops covers it
     },
 }
 
@@ -197,20 +193,6 @@ def warp_spec_possible(problem: Problem, cfg: KernelConfig, device: DeviceInfo) 
     return None
 
 
-def split_tail_applies(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> str | None:
-    """A half-height tail tile exists in the forward/dx kernel only, and needs 16 rows at least
-    (tl.dot's smallest tile); the warp-specialised loop is not instantiated twice."""
-    if not cfg.SPLIT_TAIL:
-        return None
-    if problem.pass_ == "dw":
-        return "SPLIT_TAIL applies to forward and dx (dW reduces over the rows)"
-    if cfg.BLOCK_M < 32:
-        return f"SPLIT_TAIL needs BLOCK_M >= 32 (half a block is a tile of BLOCK_M/2 rows), got {cfg.BLOCK_M}"
-    if cfg.WARP_SPEC:
-        return "SPLIT_TAIL and WARP_SPEC do not combine"
-    return None
-
-
 def blocks_fit_problem(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> str | None:
     # A block more than twice the padded dimension only adds masked work.
     if problem.pass_ == "dw":
@@ -239,7 +221,6 @@ PREDICATES: tuple[Predicate, ...] = (
     tma_store_possible,
     gather_copy_applies,
     warp_spec_possible,
-    split_tail_applies,
     blocks_fit_problem,
     warps_fit_tile,
 )
@@ -247,7 +228,6 @@ PREDICATES: tuple[Predicate, ...] = (
 # Rules the launcher enforces on any explicit config (the others only prune the search).
 HARD_PREDICATES: tuple[Predicate, ...] = (
     fits_shared_memory, tma_supported, tma_aligned, tma_store_possible, gather_copy_applies, warp_spec_possible,
-    split_tail_applies,
 )
 
 

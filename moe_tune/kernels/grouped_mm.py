@@ -83,71 +83,6 @@ def _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_m
 
 
 @triton.jit
-def _tile(a_ptr, w_ptr, c_ptr, sorted_slots_ptr, weights_ptr, sorted_a_ptr, a_desc, w_desc, e, row0, row_start,
-          row_end, n_block, out_cols, red, gather_div, stride_a_m, stride_a_k, stride_w_e, stride_w_red,
-          stride_w_out, stride_c_m, stride_c_n,
-          TRANS_W: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, WEIGHTED: tl.constexpr,
-          SORT_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-          TMA_LOAD: tl.constexpr, TMA_STORE: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr):
-    """One [BLOCK_M, BLOCK_N] output tile of ``grouped_mm_kernel``: rows ``row0 + [0, BLOCK_M)`` of
-    expert ``e`` (those past ``row_end`` dropped), columns of block ``n_block``."""
-    dtype = w_ptr.dtype.element_ty
-    # -- Rows of this tile; rows past the expert's end are clamped to a valid row --------------
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    rows = tl.where(row_mask, rows, row_start)
-    if GATHER_A or SCATTER_C or WEIGHTED:
-        slots = tl.load(sorted_slots_ptr + rows)
-    if GATHER_A:
-        a_row_ids = slots // gather_div
-    else:
-        a_row_ids = rows
-    cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < out_cols
-    ks = tl.arange(0, BLOCK_K)
-
-    # int64: E·N·K passes 2^31 on deepseek-v3 (7.5e9 elements in gate_up).
-    e64 = e.to(tl.int64)
-    a_ptrs = a_ptr + a_row_ids.to(tl.int64)[:, None] * stride_a_m + ks[None, :] * stride_a_k
-    w_ptrs = w_ptr + e64 * stride_w_e + ks[:, None] * stride_w_red + cols[None, :] * stride_w_out
-    sorted_ptrs = sorted_a_ptr + rows.to(tl.int64)[:, None] * red + ks[None, :]
-
-    # -- Reduction loop: the first column block also copies A's rows out (once per row), in
-    # its own instance of the loop so that every other tile's loop stays free of the store ----
-    if SORT_A:
-        if n_block == 0:
-            acc = _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask, col_mask, red,
-                          stride_a_k, stride_w_red, TRANS_W, GATHER_A, True, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD,
-                          DOT_PRECISION, WARP_SPEC)
-        else:
-            acc = _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask, col_mask, red,
-                          stride_a_k, stride_w_red, TRANS_W, GATHER_A, False, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD,
-                          DOT_PRECISION, WARP_SPEC)
-    else:
-        acc = _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask, col_mask, red,
-                      stride_a_k, stride_w_red, TRANS_W, GATHER_A, False, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD,
-                      DOT_PRECISION, WARP_SPEC)
-
-    # -- Epilogue: routing weight, then masked (or TMA) write-back --------------------------------
-    if WEIGHTED:
-        acc = acc * tl.load(weights_ptr + slots).to(tl.float32)[:, None]
-    c = acc.to(dtype)
-    if SCATTER_C:
-        c_rows = slots
-    else:
-        c_rows = rows
-    if TMA_STORE:
-        # The descriptor ends at the expert's last row, so TMA clips the rows of the next expert.
-        c_desc = tl.make_tensor_descriptor(
-            c_ptr, shape=[row_end, out_cols], strides=[stride_c_m, 1], block_shape=[BLOCK_M, BLOCK_N],
-        )
-        c_desc.store([row0, n_block * BLOCK_N], c)
-    else:
-        c_ptrs = c_ptr + c_rows.to(tl.int64)[:, None] * stride_c_m + cols[None, :] * stride_c_n
-        tl.store(c_ptrs, c, mask=row_mask[:, None] & col_mask[None, :])
-
-
-@triton.jit
 def grouped_mm_kernel(
     # Pointers --------------------------------------------------------------------------------
     a_ptr,  # (A_ROWS, RED): X (forward) or dY (dx); token order when GATHER_A, else expert order
@@ -184,10 +119,10 @@ def grouped_mm_kernel(
     NUM_SMS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # tl.dot's input_precision: "tf32" (float32 as TF32) or "tf32x3"
     WARP_SPEC: tl.constexpr,  # warp-specialised K loop (TMA on both operands, nothing gathered)
-    SPLIT_TAIL: tl.constexpr,  # an expert's last row block of ≤ BLOCK_M/2 rows runs as a half-height tile
 ):
     """Grid: (min(NUM_SMS, upper bound on tiles),). Each program strides over output tiles."""
     pid = tl.program_id(0)
+    dtype = w_ptr.dtype.element_ty
 
     # -- Row blocks per expert, computed once per program from the offsets -----------------------
     # (WARP_SPEC: read from the row-block table. Triton's Hopper warp specialisation rejects a
@@ -207,7 +142,6 @@ def grouped_mm_kernel(
     # Without TMA the descriptors are never read: plain pointers stand in so _reduce's
     # signature stays one.
     a_desc = a_ptr
-    a_half_desc = a_ptr
     w_desc = w_ptr
     if TMA_LOAD:
         # W as a 3-D tensor: one descriptor serves every expert (expert index is a coordinate).
@@ -226,10 +160,6 @@ def grouped_mm_kernel(
             a_desc = tl.make_tensor_descriptor(
                 a_ptr, shape=[a_rows, red], strides=[stride_a_m, 1], block_shape=[BLOCK_M, BLOCK_K],
             )
-            if SPLIT_TAIL:
-                a_half_desc = tl.make_tensor_descriptor(
-                    a_ptr, shape=[a_rows, red], strides=[stride_a_m, 1], block_shape=[BLOCK_M // 2, BLOCK_K],
-                )
 
     for tile in range(pid, num_tiles, NUM_SMS):
         # -- Map tile id to (row block, column block), GROUP_M row blocks at a time -------------
@@ -251,17 +181,59 @@ def grouped_mm_kernel(
             row_end = tl.load(expert_offsets_ptr + e + 1)
             row0 = row_start + local_block * BLOCK_M
 
-        # -- The tile: an expert's last row block holding at most half a block runs at half height
-        if SPLIT_TAIL and row_end - row0 <= BLOCK_M // 2:
-            _tile(a_ptr, w_ptr, c_ptr, sorted_slots_ptr, weights_ptr, sorted_a_ptr, a_half_desc, w_desc, e, row0,
-                  row_start, row_end, n_block, out_cols, red, gather_div, stride_a_m, stride_a_k, stride_w_e,
-                  stride_w_red, stride_w_out, stride_c_m, stride_c_n, TRANS_W, GATHER_A, SCATTER_C, WEIGHTED,
-                  SORT_A, BLOCK_M // 2, BLOCK_N, BLOCK_K, TMA_LOAD, TMA_STORE, DOT_PRECISION, WARP_SPEC)
+        # -- Rows of this tile; rows past the expert's end are clamped to a valid row ------------
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        rows = tl.where(row_mask, rows, row_start)
+        if GATHER_A or SCATTER_C or WEIGHTED:
+            slots = tl.load(sorted_slots_ptr + rows)
+        if GATHER_A:
+            a_row_ids = slots // gather_div
         else:
-            _tile(a_ptr, w_ptr, c_ptr, sorted_slots_ptr, weights_ptr, sorted_a_ptr, a_desc, w_desc, e, row0,
-                  row_start, row_end, n_block, out_cols, red, gather_div, stride_a_m, stride_a_k, stride_w_e,
-                  stride_w_red, stride_w_out, stride_c_m, stride_c_n, TRANS_W, GATHER_A, SCATTER_C, WEIGHTED,
-                  SORT_A, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD, TMA_STORE, DOT_PRECISION, WARP_SPEC)
+            a_row_ids = rows
+        cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < out_cols
+        ks = tl.arange(0, BLOCK_K)
+
+        # int64: E·N·K passes 2^31 on deepseek-v3 (7.5e9 elements in gate_up).
+        e64 = e.to(tl.int64)
+        a_ptrs = a_ptr + a_row_ids.to(tl.int64)[:, None] * stride_a_m + ks[None, :] * stride_a_k
+        w_ptrs = w_ptr + e64 * stride_w_e + ks[:, None] * stride_w_red + cols[None, :] * stride_w_out
+        sorted_ptrs = sorted_a_ptr + rows.to(tl.int64)[:, None] * red + ks[None, :]
+
+        # -- Reduction loop: the first column block also copies A's rows out (once per row), in
+        # its own instance of the loop so that every other tile's loop stays free of the store ----
+        if SORT_A:
+            if n_block == 0:
+                acc = _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask, col_mask, red,
+                              stride_a_k, stride_w_red, TRANS_W, GATHER_A, True, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD,
+                              DOT_PRECISION, WARP_SPEC)
+            else:
+                acc = _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask, col_mask, red,
+                              stride_a_k, stride_w_red, TRANS_W, GATHER_A, False, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD,
+                              DOT_PRECISION, WARP_SPEC)
+        else:
+            acc = _reduce(a_ptrs, w_ptrs, sorted_ptrs, a_desc, w_desc, row0, e, n_block, row_mask, col_mask, red,
+                          stride_a_k, stride_w_red, TRANS_W, GATHER_A, False, BLOCK_M, BLOCK_N, BLOCK_K, TMA_LOAD,
+                              DOT_PRECISION, WARP_SPEC)
+
+        # -- Epilogue: routing weight, then masked (or TMA) write-back --------------------------------
+        if WEIGHTED:
+            acc = acc * tl.load(weights_ptr + slots).to(tl.float32)[:, None]
+        c = acc.to(dtype)
+        if SCATTER_C:
+            c_rows = slots
+        else:
+            c_rows = rows
+        if TMA_STORE:
+            # The descriptor ends at the expert's last row, so TMA clips the rows of the next expert.
+            c_desc = tl.make_tensor_descriptor(
+                c_ptr, shape=[row_end, out_cols], strides=[stride_c_m, 1], block_shape=[BLOCK_M, BLOCK_N],
+            )
+            c_desc.store([row0, n_block * BLOCK_N], c)
+        else:
+            c_ptrs = c_ptr + c_rows.to(tl.int64)[:, None] * stride_c_m + cols[None, :] * stride_c_n
+            tl.store(c_ptrs, c, mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
