@@ -46,7 +46,7 @@ def sass_of(cubin: bytes) -> str:
     return "\n".join(line for line in text.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", line))
 
 
-def compile_variant(kind: str, flags: dict, dt: str, precision: str | None, overrides: dict | None = None):
+def compile_variant(kind: str, flags: dict, dt: str, precision: str | None):
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -68,7 +68,6 @@ def compile_variant(kind: str, flags: dict, dt: str, precision: str | None, over
         meta["DOT_PRECISION"] = precision or dot_precision(getattr(torch, DTYPES[dt]))
     if "WARP_SPEC" in names:
         meta["WARP_SPEC"] = False
-    meta.update({name: value for name, value in (overrides or {}).items() if name in names})
     ints = {"expert_offsets_ptr": "*i32", "sorted_slots_ptr": "*i32"}
     signature = {n: "constexpr" if n in meta else (ints.get(n, f"*{dt}") if n.endswith("_ptr") else "i32")
                  for n in names}
@@ -84,14 +83,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", action="append", default=[], metavar="DTYPE=PRECISION",
                         help="tl.dot input precision for a dtype (bf16 or fp32), e.g. fp32=tf32")
-    parser.add_argument("--set", action="append", default=[], metavar="CONSTEXPR=0|1",
-                        help="switch a boolean constexpr of every kernel that has it, e.g. WARP_SPEC=1")
     args = parser.parse_args(argv)
     forced = dict(item.split("=", 1) for item in args.precision)
-    overrides = {name: bool(int(value)) for name, value in (item.split("=", 1) for item in args.set)}
     for dt in DTYPES:
         for kind, flags in VARIANTS:
-            digest, lines, mma, precision = compile_variant(kind, flags, dt, forced.get(dt), overrides)
+            digest, lines, mma, precision = compile_variant(kind, flags, dt, forced.get(dt))
             layout = " ".join(f"{k}={int(v)}" for k, v in flags.items())
             print(f"{kind} {dt} {layout} precision={precision}: sass {digest} ({lines} lines), {mma} MMA in PTX")
     return 0

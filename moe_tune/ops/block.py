@@ -43,7 +43,6 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
 from moe_tune import runtime
 from moe_tune.device import DeviceInfo, query_device
@@ -245,13 +244,9 @@ def forward(hidden: torch.Tensor, gate_up_w: torch.Tensor, down_w: torch.Tensor,
 
 
 def backward_act(grad_out: torch.Tensor, down_w: torch.Tensor, top_k_weights: torch.Tensor, h,
-                 expert_offsets: torch.Tensor, sorted_slots: torch.Tensor, *, in_op: bool,
-                 hidden: torch.Tensor | None = None, copy_x: bool = False, copy_g: bool = False):
-    """Down dx and the SwiGLU backward: returns (w·A [M, I], dH [M, 2I], d top_k_weights [T, k],
-    X_s, G_s). ``h``: the forward's H, or a ``hand_over`` list holding it (then freed once read).
-    X_s and G_s are ``hidden``'s and ``grad_out``'s rows copied to expert order for the two dWs
-    (``copy_x``, ``copy_g``; an empty tensor when not asked for): on a GPU they are copied on a
-    side stream while the down dx GEMM runs (``_beside``)."""
+                 expert_offsets: torch.Tensor, sorted_slots: torch.Tensor, *, in_op: bool):
+    """Down dx and the SwiGLU backward: returns (w·A [M, I], dH [M, 2I], d top_k_weights [T, k]).
+    ``h``: the forward's H, or a ``hand_over`` list holding it (then freed once read)."""
     E, H, I = (int(d) for d in down_w.shape)
     k = int(top_k_weights.shape[1])
     T = grad_out.shape[0]
@@ -259,81 +254,17 @@ def backward_act(grad_out: torch.Tensor, down_w: torch.Tensor, top_k_weights: to
     device, dtype = grad_out.device, down_w.dtype
     info, cfg, routing = part_context(block_configs, E, H, I, k, T, dtype, device, expert_offsets, sorted_slots)
     h = take(h)
-    x_sorted, g_sorted = grad_out.new_empty(0), grad_out.new_empty(0)
-    if copy_x:
-        x_sorted = _alloc((M, H), dtype, device)
-    if copy_g:
-        g_sorted = _alloc((M, H), dtype, device)
-    beside = None
-    if copy_x or copy_g:
-        rows = sorted_slots // k  # before the fork: the side stream reads it
-        beside = _Beside(grad_out)
 
     # -- Down dx, unweighted, reading G's token rows directly: dA_raw in expert order -------------
     d_act = _alloc((M, I), dtype, device)  # dA_raw, then w·A
     launch.grouped_mm(grad_out.contiguous(), down_w, d_act, routing, None, trans_w=True, gather_a=True,
                       gather_div=k, scatter_c=False, cfg=cfg["down", "dx"], info=info, in_op=in_op)
 
-    # -- The dWs' row copies, beside the GEMM ------------------------------------------------------
-    if beside is not None:
-        with beside:
-            if copy_x:
-                torch.index_select(hidden, 0, rows, out=x_sorted)
-            if copy_g:
-                torch.index_select(grad_out, 0, rows, out=g_sorted)
-
     # -- SwiGLU backward: dH, the routing-weight gradient, and w·A over dA_raw ---------------------
     d_h = _alloc((M, 2 * I), dtype, device)
     d_weights = _alloc((T, k), top_k_weights.dtype, device)
     swiglu_backward(d_act, h, top_k_weights.reshape(M), sorted_slots, d_h, d_weights, in_op=in_op)
-    if beside is not None:
-        beside.join()
-    return d_act, d_h, d_weights, x_sorted, g_sorted
-
-
-# Side streams, one per device, for the row copies that run beside a GEMM.
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-# Whether the row copies run on the side stream (benchmarks/gpu_block_probe.py times both ways).
-OVERLAP_ROW_COPIES = True
-
-
-class _Beside:
-    """Work run beside the GEMM launched just after construction: on a GPU, work in the ``with``
-    block waits only for what the current stream had queued before the GEMM, runs on a side
-    stream, and ``join`` makes the current stream wait for it. The GEMM's persistent programs
-    (one per SM) leave threads and registers over on each SM, which the memory-bound copies use;
-    launched after the GEMM, the copies do not keep its programs from starting. Off a GPU
-    (the interpreter) the work runs in order. Every tensor the side work reads or writes must be
-    held by the caller until ``join`` (no allocator hand-over across streams)."""
-
-    def __init__(self, like: torch.Tensor):
-        self.side = None
-        device = like.device
-        if device.type != "cuda" or launch.INTERPRETED or not OVERLAP_ROW_COPIES or is_fake(like):
-            return  # a fake tensor: an op's fake body under torch.compile, which launches nothing
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        self.main = torch.cuda.current_stream(index)
-        self.side = _SIDE_STREAMS.get(index)
-        if self.side is None:
-            self.side = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-        self.fork = torch.cuda.Event()
-        self.fork.record(self.main)
-
-    def __enter__(self):
-        if self.side is not None:
-            self.side.wait_event(self.fork)
-            self._stream = torch.cuda.stream(self.side)
-            self._stream.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.side is not None:
-            self._stream.__exit__(*exc)
-        return False
-
-    def join(self) -> None:
-        if self.side is not None:
-            self.main.wait_stream(self.side)
+    return d_act, d_h, d_weights
 
 
 def expert_rows(t: torch.Tensor, sorted_slots: torch.Tensor, topk: int) -> torch.Tensor:
@@ -401,18 +332,15 @@ def backward(grad_out: torch.Tensor, hidden: torch.Tensor, gate_up_w: torch.Tens
     forward's H, or a ``hand_over`` list holding it (then freed once read)."""
     k = int(top_k_weights.shape[1])
     grad_out = grad_out.contiguous()
-    d_act, d_h, d_weights, x_sorted, g_sorted = backward_act(
-        grad_out, down_w, top_k_weights, h, expert_offsets, sorted_slots, in_op=False, hidden=hidden,
-        copy_x=need_gate_up, copy_g=need_down)
+    d_act, d_h, d_weights = backward_act(grad_out, down_w, top_k_weights, h, expert_offsets, sorted_slots,
+                                         in_op=False)
     d_h = hand_over(d_h)  # the only holder: backward_up frees dH once dW1 is made, before dW2 exists
     d_hidden, d_gate_up = grad_out.new_empty(0), grad_out.new_empty(0)
     if need_hidden or need_gate_up:
         d_hidden, d_gate_up = backward_up(d_h, hidden, gate_up_w, expert_offsets, sorted_slots, k,
-                                          need_hidden=need_hidden, need_gate_up=need_gate_up, in_op=False,
-                                          x_sorted=x_sorted if need_gate_up else None)
-    del d_h, x_sorted
+                                          need_hidden=need_hidden, need_gate_up=need_gate_up, in_op=False)
+    del d_h
     d_down = grad_out.new_empty(0)
     if need_down:
-        d_down = backward_down(grad_out, d_act, down_w, expert_offsets, sorted_slots, k, in_op=False,
-                               g_sorted=g_sorted)
+        d_down = backward_down(grad_out, d_act, down_w, expert_offsets, sorted_slots, k, in_op=False)
     return d_hidden, d_gate_up, d_down, d_weights

@@ -41,14 +41,10 @@ def _moe_experts_bwd_act(
     gate_up_out: torch.Tensor,
     expert_offsets: torch.Tensor,
     sorted_slots: torch.Tensor,
-    hidden: torch.Tensor,
-    copy_x: bool,
-    copy_g: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (w·A [M, I], dH [M, 2I], d top_k_weights [T, k], X_s, G_s): X's and G's rows in
-    expert order for the dWs, each an empty tensor unless asked for."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (w·A [M, I], dH [M, 2I], d top_k_weights [T, k])."""
     return block.backward_act(grad_out, down_w, top_k_weights, gate_up_out, expert_offsets, sorted_slots,
-                              in_op=True, hidden=hidden, copy_x=copy_x, copy_g=copy_g)
+                              in_op=True)
 
 
 moe_experts_bwd_act = register_op("moe_tune::moe_experts_bwd_act", _moe_experts_bwd_act)
@@ -63,13 +59,10 @@ def _moe_experts_bwd_up(
     topk: int,
     need_hidden: bool,
     need_gate_up: bool,
-    x_sorted: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (d hidden [T, H], d gate_up_w); one not asked for comes back as an empty tensor.
-    ``x_sorted``: X's rows in expert order (``_moe_experts_bwd_act``'s) when ``need_gate_up``."""
+    """Returns (d hidden [T, H], d gate_up_w); one not asked for comes back as an empty tensor."""
     return block.backward_up(d_gate_up_out, hidden, gate_up_w, expert_offsets, sorted_slots, topk,
-                             need_hidden=need_hidden, need_gate_up=need_gate_up, in_op=True,
-                             x_sorted=x_sorted if need_gate_up else None)
+                             need_hidden=need_hidden, need_gate_up=need_gate_up, in_op=True)
 
 
 moe_experts_bwd_up = register_op("moe_tune::moe_experts_bwd_up", _moe_experts_bwd_up)
@@ -82,11 +75,9 @@ def _moe_experts_bwd_down(
     expert_offsets: torch.Tensor,
     sorted_slots: torch.Tensor,
     topk: int,
-    g_sorted: torch.Tensor,
 ) -> torch.Tensor:
-    """Returns d down_w; ``g_sorted``: G's rows in expert order (``_moe_experts_bwd_act``'s)."""
-    return block.backward_down(grad_out, weighted_act, down_w, expert_offsets, sorted_slots, topk, in_op=True,
-                               g_sorted=g_sorted)
+    """Returns d down_w."""
+    return block.backward_down(grad_out, weighted_act, down_w, expert_offsets, sorted_slots, topk, in_op=True)
 
 
 moe_experts_bwd_down = register_op("moe_tune::moe_experts_bwd_down", _moe_experts_bwd_down)
@@ -104,14 +95,14 @@ def _backward(ctx, grad_out, _grad_gate_up_out, _grad_offsets, _grad_slots):
     hidden, gate_up_w, down_w, top_k_weights, gate_up_out, offsets, slots = ctx.saved_tensors
     need_hidden, need_gate_up, need_down, _, need_weights, _ = ctx.needs_input_grad
     topk = top_k_weights.shape[1]
-    weighted_act, d_gate_up_out, d_weights, x_sorted, g_sorted = moe_experts_bwd_act(
-        grad_out, down_w, top_k_weights, gate_up_out, offsets, slots, hidden, need_gate_up, need_down)
+    weighted_act, d_gate_up_out, d_weights = moe_experts_bwd_act(grad_out, down_w, top_k_weights, gate_up_out,
+                                                                 offsets, slots)
     d_hidden = d_gate_up = d_down = None
     if need_hidden or need_gate_up:
         d_hidden, d_gate_up = moe_experts_bwd_up(d_gate_up_out, hidden, gate_up_w, offsets, slots, topk,
-                                                 need_hidden, need_gate_up, x_sorted)
+                                                 need_hidden, need_gate_up)
     if need_down:
-        d_down = moe_experts_bwd_down(grad_out, weighted_act, down_w, offsets, slots, topk, g_sorted)
+        d_down = moe_experts_bwd_down(grad_out, weighted_act, down_w, offsets, slots, topk)
     return (
         d_hidden if need_hidden else None,
         d_gate_up if need_gate_up else None,

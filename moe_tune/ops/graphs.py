@@ -142,13 +142,14 @@ class _Pair:
         need_hidden, need_gate_up, need_down, _ = needs
         _, h, offsets, slots = saved
         k = self.top_k_index.shape[1]
-        d_act, d_h, d_weights, x_sorted, g_sorted = block.backward_act(
-            self.grad_out, down_w, self.top_k_weights, h, offsets, slots, in_op=False, hidden=self.hidden,
-            copy_x=need_gate_up, copy_g=need_down)
+        d_act, d_h, d_weights = block.backward_act(self.grad_out, down_w, self.top_k_weights, h, offsets, slots,
+                                                   in_op=False)
         d_hidden = None
         if need_hidden:
             d_hidden, _ = block.backward_up(d_h, self.hidden, gate_up_w, offsets, slots, k, need_hidden=True,
                                             need_gate_up=False, in_op=False)
+        x_sorted = block.expert_rows(self.hidden, slots, k) if need_gate_up else None
+        g_sorted = block.expert_rows(self.grad_out, slots, k) if need_down else None
         return d_act, d_h, d_weights, d_hidden, x_sorted, g_sorted
 
 
