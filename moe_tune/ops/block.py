@@ -47,7 +47,7 @@ import torch
 from moe_tune import runtime
 from moe_tune.device import DeviceInfo, query_device
 from moe_tune.kernels.swiglu import swiglu_backward_kernel, swiglu_forward_kernel
-from moe_tune.ops import launch
+from moe_tune.ops import launch, rows
 from moe_tune.ops.grouped_gemm import DTYPE_NAMES
 from moe_tune.ops.routing import Routing, build_routing
 from moe_tune.problem import KernelConfig, MoeShape, Problem
@@ -234,7 +234,7 @@ def forward(hidden: torch.Tensor, gate_up_w: torch.Tensor, down_w: torch.Tensor,
     down_out = _alloc((M, H), dtype, device)
     launch.grouped_mm(act, down_w, down_out, routing, top_k_weights.reshape(M), trans_w=False, gather_a=False,
                       gather_div=1, scatter_c=True, cfg=cfg["down", "forward"], info=info, in_op=in_op)
-    out = down_out.view(T, k, H).sum(1)
+    out = rows.slot_sum(down_out, k, _alloc((T, H), dtype, device), in_op=in_op)
     return out, h, routing.expert_offsets, routing.sorted_slots
 
 
@@ -267,9 +267,10 @@ def backward_act(grad_out: torch.Tensor, down_w: torch.Tensor, top_k_weights: to
     return d_act, d_h, d_weights
 
 
-def expert_rows(t: torch.Tensor, sorted_slots: torch.Tensor, topk: int) -> torch.Tensor:
+def expert_rows(t: torch.Tensor, sorted_slots: torch.Tensor, topk: int, *, in_op: bool = False) -> torch.Tensor:
     """``t``'s token rows [T, ·] copied to expert order [M, ·]: a dW's operand, streamed through TMA."""
-    return t.index_select(0, sorted_slots // topk)
+    return rows.gather_rows(t, sorted_slots, topk, _alloc((sorted_slots.shape[0], t.shape[1]), t.dtype, t.device),
+                            in_op=in_op)
 
 
 def backward_up(d_h, hidden: torch.Tensor, gate_up_w: torch.Tensor, expert_offsets: torch.Tensor,
@@ -291,7 +292,7 @@ def backward_up(d_h, hidden: torch.Tensor, gate_up_w: torch.Tensor, expert_offse
         d_rows = _alloc((M, H), dtype, device)
         launch.grouped_mm(d_h, gate_up_w, d_rows, routing, None, trans_w=True, gather_a=False, gather_div=1,
                           scatter_c=True, cfg=cfg["up", "dx"], info=info, in_op=in_op)
-        d_hidden = d_rows.view(T, k, H).sum(1)
+        d_hidden = rows.slot_sum(d_rows, k, _alloc((T, H), dtype, device), in_op=in_op)
         # Free the M·H slot rows before dW1's E·2I·H buffer exists.
         del d_rows
 
@@ -299,7 +300,7 @@ def backward_up(d_h, hidden: torch.Tensor, gate_up_w: torch.Tensor, expert_offse
     d_gate_up = hidden.new_empty(0)
     if need_gate_up:
         if x_sorted is None:
-            x_sorted = expert_rows(hidden, sorted_slots, k)
+            x_sorted = expert_rows(hidden, sorted_slots, k, in_op=in_op)
         d_gate_up = _alloc(tuple(gate_up_w.shape), dtype, device)
         launch.grouped_mm_dw(d_h, x_sorted, d_gate_up, routing, None, gather_dy=False, dy_div=1, gather_x=False,
                              x_div=1, cfg=cfg["up", "dw"], info=info, in_op=in_op)
@@ -317,7 +318,7 @@ def backward_down(grad_out: torch.Tensor, d_act: torch.Tensor, down_w: torch.Ten
     device, dtype = grad_out.device, down_w.dtype
     info, cfg, routing = part_context(block_configs, E, H, I, k, T, dtype, device, expert_offsets, sorted_slots)
     if g_sorted is None:
-        g_sorted = expert_rows(grad_out, sorted_slots, k)
+        g_sorted = expert_rows(grad_out, sorted_slots, k, in_op=in_op)
     d_down = _alloc(tuple(down_w.shape), dtype, device)
     launch.grouped_mm_dw(g_sorted, d_act, d_down, routing, None, gather_dy=False, dy_div=1, gather_x=False,
                          x_div=1, cfg=cfg["down", "dw"], info=info, in_op=in_op)

@@ -1,0 +1,54 @@
+"""Launchers of ``moe_tune.kernels.rows``: the k-slot sum and the row gather around the experts
+block's grouped GEMMs. Callers validate (the block's bodies); nothing here reads device memory on
+the host, so both run under CUDA-graph capture and inside torch.library op bodies.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_tune.kernels.rows import gather_rows_kernel, slot_sum_kernel
+from moe_tune.ops import launch
+
+# Elements per program and warps: 16 per thread at 4 warps (two 16-byte loads of bf16 per slot
+# row), a W chunk of at most 512 columns. (tile elements, widest W chunk, num_warps)
+ROWS_TILE = (2048, 512, 4)
+
+
+def _blocks(width: int, tile: tuple[int, int, int]) -> tuple[int, int, int]:
+    elements, widest, warps = tile
+    block_w = min(launch.next_power_of_2(width), widest)
+    return max(1, elements // block_w), block_w, warps
+
+
+def slot_sum(rows: torch.Tensor, topk: int, out: torch.Tensor | None = None, *, accumulate: bool = False,
+             in_op: bool = False, tile: tuple[int, int, int] = ROWS_TILE) -> torch.Tensor:
+    """``out[t] = Σ_j rows[t·k + j]`` for ``rows`` [T·k, W] in slot order (``accumulate``: added
+    to ``out``); float32 accumulation, one rounding to ``out``'s dtype. Returns ``out``."""
+    M, W = rows.shape
+    T = M // topk
+    if out is None:
+        out = torch.empty((T, W), dtype=rows.dtype, device=rows.device)
+    if T == 0 or W == 0:
+        return out
+    block_t, block_w, warps = _blocks(W, tile)
+    launch.launch_kernel(slot_sum_kernel, in_op, (launch.cdiv(T, block_t), launch.cdiv(W, block_w)),
+                         (rows, out, T, W, rows.stride(0), out.stride(0)),
+                         dict(TOPK=topk, ACCUMULATE=accumulate, BLOCK_T=block_t, BLOCK_W=block_w, num_warps=warps),
+                         (rows, out))
+    return out
+
+
+def gather_rows(src: torch.Tensor, slots: torch.Tensor, div: int, out: torch.Tensor | None = None, *,
+                in_op: bool = False, tile: tuple[int, int, int] = ROWS_TILE) -> torch.Tensor:
+    """``out[r] = src[slots[r] // div]`` ([R, W]; ``slots`` int32 [R]). Returns ``out``."""
+    R, W = int(slots.shape[0]), src.shape[1]
+    if out is None:
+        out = torch.empty((R, W), dtype=src.dtype, device=src.device)
+    if R == 0 or W == 0:
+        return out
+    block_r, block_w, warps = _blocks(W, tile)
+    launch.launch_kernel(gather_rows_kernel, in_op, (launch.cdiv(R, block_r), launch.cdiv(W, block_w)),
+                         (src, slots, out, R, W, div, src.stride(0), src.stride(1), out.stride(0)),
+                         dict(BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps), (src, out))
+    return out
