@@ -47,9 +47,10 @@ import torch
 from moe_tune import runtime
 from moe_tune.device import DeviceInfo, query_device
 from moe_tune.kernels.swiglu import swiglu_backward_kernel, swiglu_forward_kernel
-from moe_tune.ops import launch, rows
+from moe_tune.ops import launch
 from moe_tune.ops.grouped_gemm import DTYPE_NAMES
 from moe_tune.ops.routing import Routing, build_routing
+from moe_tune.ops.rows import gather_rows, slot_sum
 from moe_tune.problem import KernelConfig, MoeShape, Problem
 from moe_tune.space import check_config
 
@@ -234,7 +235,7 @@ def forward(hidden: torch.Tensor, gate_up_w: torch.Tensor, down_w: torch.Tensor,
     down_out = _alloc((M, H), dtype, device)
     launch.grouped_mm(act, down_w, down_out, routing, top_k_weights.reshape(M), trans_w=False, gather_a=False,
                       gather_div=1, scatter_c=True, cfg=cfg["down", "forward"], info=info, in_op=in_op)
-    out = rows.slot_sum(down_out, k, _alloc((T, H), dtype, device), in_op=in_op)
+    out = slot_sum(down_out, k, _alloc((T, H), dtype, device), in_op=in_op)
     return out, h, routing.expert_offsets, routing.sorted_slots
 
 
@@ -269,8 +270,8 @@ def backward_act(grad_out: torch.Tensor, down_w: torch.Tensor, top_k_weights: to
 
 def expert_rows(t: torch.Tensor, sorted_slots: torch.Tensor, topk: int, *, in_op: bool = False) -> torch.Tensor:
     """``t``'s token rows [T, ·] copied to expert order [M, ·]: a dW's operand, streamed through TMA."""
-    return rows.gather_rows(t, sorted_slots, topk, _alloc((sorted_slots.shape[0], t.shape[1]), t.dtype, t.device),
-                            in_op=in_op)
+    return gather_rows(t, sorted_slots, topk, _alloc((sorted_slots.shape[0], t.shape[1]), t.dtype, t.device),
+                       in_op=in_op)
 
 
 def backward_up(d_h, hidden: torch.Tensor, gate_up_w: torch.Tensor, expert_offsets: torch.Tensor,
@@ -292,7 +293,7 @@ def backward_up(d_h, hidden: torch.Tensor, gate_up_w: torch.Tensor, expert_offse
         d_rows = _alloc((M, H), dtype, device)
         launch.grouped_mm(d_h, gate_up_w, d_rows, routing, None, trans_w=True, gather_a=False, gather_div=1,
                           scatter_c=True, cfg=cfg["up", "dx"], info=info, in_op=in_op)
-        d_hidden = rows.slot_sum(d_rows, k, _alloc((T, H), dtype, device), in_op=in_op)
+        d_hidden = slot_sum(d_rows, k, _alloc((T, H), dtype, device), in_op=in_op)
         # Free the M·H slot rows before dW1's E·2I·H buffer exists.
         del d_rows
 

@@ -66,6 +66,7 @@ from moe_tune.ops.block import (claim, configs_for, hand_over, hands_over, part_
                                 take)
 from moe_tune.ops.grouped_gemm import DTYPE_NAMES
 from moe_tune.ops.routing import build_routing, check_routing_args
+from moe_tune.ops.rows import slot_sum
 from moe_tune.problem import KernelConfig, MoeShape, Problem
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -280,7 +281,7 @@ def backward_up(d_h, hidden: torch.Tensor, x_sorted, gate_up_w: torch.Tensor, ex
         d_rows = _alloc((M, H), dtype, device)
         launch.grouped_mm(d_h, gate_up_w, d_rows, routing, None, trans_w=False, gather_a=False, gather_div=1,
                           scatter_c=True, cfg=cfg["up", "dx"], info=info, in_op=in_op)
-        d_hidden = d_rows.view(T, k, H).sum(1)
+        d_hidden = slot_sum(d_rows, k, _alloc((T, H), dtype, device), in_op=in_op)
         del d_rows
 
     # -- Up dW: dW1[e] [H, 2I] = X_s,eᵀ · dH_e (X's rows gathered when X_s was not kept) -----------

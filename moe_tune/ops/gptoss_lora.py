@@ -52,6 +52,7 @@ from moe_tune.ops import gptoss, launch, lora_block
 from moe_tune.ops.block import claim, configs_for, hand_over, hands_over, size_hint, take
 from moe_tune.ops.lora import MoeLora, check_lora, prepared
 from moe_tune.ops.routing import Routing, build_routing
+from moe_tune.ops.rows import slot_sum
 from moe_tune.problem import KernelConfig, MoeShape, Problem
 
 
@@ -183,10 +184,10 @@ def backward(grad_out, hidden, gate_up_w, gate_up_bias, down_w, down_bias, top_k
         launch.grouped_mm(d_h, gate_up_w, rows, routing, None, trans_w=False, gather_a=False, gather_div=1,
                           scatter_c=True, cfg=cfg["up.dx"], info=info, in_op=in_op)
         del d_h
-        d_hidden = rows.view(T, k, H).sum(1)
+        d_hidden = slot_sum(rows, k, _alloc((T, H), dtype, device), in_op=in_op)
         if q is not None:
             lora_block.up_a_dx_rows(q, up_a, rows, routing, cfg, info, in_op=in_op)
-            d_hidden += rows.view(T, k, H).sum(1)
+            slot_sum(rows, k, d_hidden, accumulate=True, in_op=in_op)
     return (d_hidden, d_gate_up_bias if need_gate_up_bias else _empty(grad_out),
             d_down_bias if need_down_bias else _empty(grad_out), d_weights, d_up_a, d_up_b, d_down_a, d_down_b)
 

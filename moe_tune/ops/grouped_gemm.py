@@ -32,6 +32,7 @@ from moe_tune.device import DeviceInfo, query_device
 from moe_tune.errors import InvalidInputError
 from moe_tune.ops import launch
 from moe_tune.ops.routing import Routing
+from moe_tune.ops.rows import slot_sum
 from moe_tune.problem import KernelConfig, Problem
 from moe_tune.space import check_config
 
@@ -164,7 +165,7 @@ def backward_dx(dy, w, routing: Routing, *, gather=False, scatter=False, weights
         launch.grouped_mm(dy, w, d_rows, routing, weights, trans_w=True, gather_a=scatter, gather_div=1,
                    scatter_c=gather, cfg=cfg, info=info)
     if gather:
-        return d_rows.view(routing.num_tokens, routing.topk, K).sum(1)
+        return slot_sum(d_rows, routing.topk)
     return d_rows
 
 

@@ -45,6 +45,7 @@ from moe_tune.ops import launch
 from moe_tune.ops.block import (block_configs, configs_for, problem_dims, size_hint, swiglu_backward,
                                 swiglu_forward)
 from moe_tune.ops.routing import Routing, build_routing
+from moe_tune.ops.rows import slot_sum
 from moe_tune.problem import KernelConfig, MoeShape, Problem
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
@@ -205,11 +206,11 @@ def forward(hidden, gate_up_w, down_w, top_k_index, top_k_weights, up_a, up_b, d
     rows = _alloc((M, H), dtype, device)
     launch.grouped_mm(act, down_w, rows, routing, weights, trans_w=False, gather_a=False, gather_div=1,
                       scatter_c=True, cfg=down_cfg, info=info, in_op=in_op)
-    out = rows.view(T, k, H).sum(1)
+    out = slot_sum(rows, k, _alloc((T, H), dtype, device), in_op=in_op)
     l2 = _empty(hidden)
     if down_a is not None:
         l2 = down_rows(act, down_a, down_b, weights, rows, routing, cfg, info, in_op=in_op)
-        out += rows.view(T, k, H).sum(1)
+        slot_sum(rows, k, out, accumulate=True, in_op=in_op)
     return out, h, l1, l2, routing.expert_offsets, routing.sorted_slots
 
 
@@ -271,8 +272,8 @@ def backward(grad_out, hidden, gate_up_w, down_w, top_k_weights, h, l1, l2, expe
         launch.grouped_mm(d_h, gate_up_w, rows, routing, None, trans_w=True, gather_a=False, gather_div=1,
                           scatter_c=True, cfg=up_dx_cfg, info=info, in_op=in_op)
         del d_h
-        d_hidden = rows.view(T, k, H).sum(1)
+        d_hidden = slot_sum(rows, k, _alloc((T, H), dtype, device), in_op=in_op)
         if q is not None:
             up_a_dx_rows(q, up_a, rows, routing, cfg, info, in_op=in_op)
-            d_hidden += rows.view(T, k, H).sum(1)
+            slot_sum(rows, k, d_hidden, accumulate=True, in_op=in_op)
     return d_hidden, d_up_a, d_up_b, d_down_a, d_down_b, d_weights

@@ -29,6 +29,7 @@ from moe_tune.errors import InvalidInputError
 from moe_tune.ops import grouped_gemm as gg
 from moe_tune.ops import launch as launchers
 from moe_tune.ops.routing import Routing
+from moe_tune.ops.rows import slot_sum
 from moe_tune.problem import KernelConfig, Problem
 
 def supported(problem: Problem) -> bool:
@@ -126,7 +127,7 @@ def _launch_kn(p: Problem, inputs: dict[str, torch.Tensor], routing: Routing, cf
         return out
     launchers.grouped_mm(inputs["dy"], inputs["w"], out, routing, weights, trans_w=False, gather_a=p.scatter,
                          gather_div=1, scatter_c=p.gather, cfg=cfg, info=info, sorted_a=sorted_a)
-    return out.view(routing.num_tokens, routing.topk, p.K).sum(1) if p.gather else out
+    return slot_sum(out, routing.topk) if p.gather else out
 
 
 def reference(problem: Problem, inputs: dict[str, torch.Tensor], routing: Routing,
