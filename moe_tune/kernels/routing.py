@@ -7,8 +7,9 @@ From the flattened top-k expert ids ``ids[M]`` (slot ``s = t·k + j`` holds ``to
 * ``sorted_slots[expert_offsets[e] + r]`` = the slot of the r-th id equal to e, in slot order.
 
 One program per expert id plus one for the end offset; each streams the whole id vector twice
-(count, then place), which at M = 131072 is 1 MiB per pass out of L2. One launch instead of a
-radix sort's several plus a searchsorted: the block's eager host time is mostly launches.
+(count, then place) in chunks of BLOCK ids, which at M = 131072 is 1 MiB per pass out of L2. One
+launch instead of a radix sort's several plus a searchsorted: the block's eager host time is
+mostly launches, and at 131072 ids × 128 experts the kernel took 75 µs against the sort's 121 (H200).
 """
 
 from __future__ import annotations
