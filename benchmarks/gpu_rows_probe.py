@@ -11,38 +11,33 @@ the sum within one bf16 rounding). Writes ``OUT/rows_probe.json`` and prints a t
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import probe_args  # noqa: E402
 
 TILES = [(2048, 512, 4), (4096, 512, 4), (4096, 1024, 8), (8192, 1024, 8), (1024, 256, 4), (4096, 2048, 8)]
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--model", default="qwen3-30b-a3b")
-    ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
-    args = ap.parse_args(argv)
+    args, out_dir = probe_args.parse(argv, __doc__.splitlines()[0], [4096, 16384])
 
     import torch
-    import triton
 
     from moe_tune import models
     from moe_tune.ops import rows as ops_rows
     from moe_tune.ops.routing import build_routing
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     shape = models.load_preset(args.model)
     H, k, E = shape.H, shape.topk, shape.E
     results = []
 
     def bench(fn):
-        return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
+        return probe_args.median_ms(fn, rep=100)
 
     for T in args.tokens:
         M = T * k

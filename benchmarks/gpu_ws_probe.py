@@ -12,7 +12,6 @@ sorted variants would need. Writes ``OUT/ws_probe.json`` and prints a table.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -20,6 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import probe_args  # noqa: E402
 
 
 def ws_grid(problem):
@@ -36,14 +38,9 @@ def ws_grid(problem):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--model", default="qwen3-30b-a3b")
-    ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
-    args = ap.parse_args(argv)
+    args, out_dir = probe_args.parse(argv, __doc__.splitlines()[0], [4096, 16384])
 
     import torch
-    import triton
 
     from moe_tune import models, runtime
     from moe_tune.device import query_device
@@ -52,8 +49,6 @@ def main(argv=None) -> int:
     from moe_tune.tuning.cases import Case
     from moe_tune.tuning.routing_spec import RoutingSpec
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     info = query_device(torch.device("cuda"))
     shape = models.load_preset(args.model)
     problems = shape.problems()
@@ -62,8 +57,7 @@ def main(argv=None) -> int:
     rows = []
     t0 = time.time()
 
-    def bench(fn):
-        return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+    bench = probe_args.median_ms
 
     for T in args.tokens:
         M = T * shape.topk

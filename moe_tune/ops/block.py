@@ -9,7 +9,7 @@ forward
     H [M, 2I]   = X[slot // k] · W1[e]ᵀ                 up GEMM, gathered on load, expert order
     A [M, I]    = silu(H_gate) · H_up                   SwiGLU kernel
     Y [M, H]    = w[slot] · A · W2[e]ᵀ                  down GEMM, scattered to slot order
-    out[t]      = Σ_j Y[t·k + j]
+    out[t]      = Σ_j Y[t·k + j]                         slot_sum kernel (float32 accumulation)
     saved: X, H, routing (A is recomputed; the down output is never kept)
 
 backward (G = d out [T, H])
@@ -31,8 +31,10 @@ larger weight gradient (dW1) is made while dW2 does not exist yet; at the end on
 wA and G_s are live. (As one backward op, H lived to the end under torch.compile: 2753 MiB against
 1985 eager at 16384 tokens, H100.)
 
-The row copies cost ~0.27 ms each at 16k tokens on an H200 and lift both dW from gathered-row
-rates (331-391 TFLOP/s) to TMA rates (500-560); each lives only while its dW runs. Every config
+The row copies (``gather_rows``: 0.20 ms each at 16k tokens on an H200, where ``index_select`` took
+0.27) lift both dW from gathered-row rates (331-391 TFLOP/s) to TMA rates (500-560); each lives
+only while its dW runs. Running them on a side stream beside the down dx GEMM was tried: the GEMM's
+persistent programs fill every SM, so the copies ran after it (benchmarks in BENCHMARKS.md). Every config
 comes from the runtime loader for the six problems of ``MoeShape.problems()`` (memoised dict
 hits); nothing here reads device memory on the host, so both bodies run under CUDA-graph capture
 and ``set_sync_debug_mode("error")``.

@@ -15,40 +15,40 @@ from moe_tune.ops import launch
 ROWS_TILE = (2048, 512, 4)
 
 
-def _blocks(width: int, tile: tuple[int, int, int]) -> tuple[int, int, int]:
+def _launch(kernel, in_op: bool, num_rows, width, tile: tuple[int, int, int], rows_name: str, args: tuple,
+            meta: dict, outputs: tuple) -> None:
+    """One launch over [num_rows, width] in tiles of ``tile``; the kernel's row block is the
+    constexpr ``rows_name``. Nothing to launch for an empty output."""
+    if num_rows == 0 or width == 0:
+        return
     elements, widest, warps = tile
     block_w = min(launch.next_power_of_2(width), widest)
-    return max(1, elements // block_w), block_w, warps
+    block_rows = max(1, elements // block_w)
+    launch.launch_kernel(kernel, in_op, (launch.cdiv(num_rows, block_rows), launch.cdiv(width, block_w)), args,
+                         {**meta, rows_name: block_rows, "BLOCK_W": block_w, "num_warps": warps}, outputs)
 
 
 def slot_sum(rows: torch.Tensor, topk: int, out: torch.Tensor | None = None, *, accumulate: bool = False,
              in_op: bool = False, tile: tuple[int, int, int] = ROWS_TILE) -> torch.Tensor:
-    """``out[t] = Σ_j rows[t·k + j]`` for ``rows`` [T·k, W] in slot order (``accumulate``: added
-    to ``out``); float32 accumulation, one rounding to ``out``'s dtype. Returns ``out``."""
+    """``out[t] = Σ_j rows[t·k + j]`` for ``rows`` [T·k, W] in slot order, both contiguous along W
+    (``accumulate``: added to ``out``); float32 accumulation, one rounding to ``out``'s dtype.
+    Returns ``out``."""
     M, W = rows.shape
     T = M // topk
     if out is None:
         out = torch.empty((T, W), dtype=rows.dtype, device=rows.device)
-    if T == 0 or W == 0:
-        return out
-    block_t, block_w, warps = _blocks(W, tile)
-    launch.launch_kernel(slot_sum_kernel, in_op, (launch.cdiv(T, block_t), launch.cdiv(W, block_w)),
-                         (rows, out, T, W, rows.stride(0), out.stride(0)),
-                         dict(TOPK=topk, ACCUMULATE=accumulate, BLOCK_T=block_t, BLOCK_W=block_w, num_warps=warps),
-                         (rows, out))
+    _launch(slot_sum_kernel, in_op, T, W, tile, "BLOCK_T", (rows, out, T, W, rows.stride(0), out.stride(0)),
+            dict(TOPK=topk, ACCUMULATE=accumulate), (rows, out))
     return out
 
 
 def gather_rows(src: torch.Tensor, slots: torch.Tensor, div: int, out: torch.Tensor | None = None, *,
                 in_op: bool = False, tile: tuple[int, int, int] = ROWS_TILE) -> torch.Tensor:
-    """``out[r] = src[slots[r] // div]`` ([R, W]; ``slots`` int32 [R]). Returns ``out``."""
-    R, W = int(slots.shape[0]), src.shape[1]
+    """``out[r] = src[slots[r] // div]`` ([R, W]; ``slots`` int32 [R]; ``src`` of any strides).
+    Returns ``out``."""
+    R, W = slots.shape[0], src.shape[1]
     if out is None:
         out = torch.empty((R, W), dtype=src.dtype, device=src.device)
-    if R == 0 or W == 0:
-        return out
-    block_r, block_w, warps = _blocks(W, tile)
-    launch.launch_kernel(gather_rows_kernel, in_op, (launch.cdiv(R, block_r), launch.cdiv(W, block_w)),
-                         (src, slots, out, R, W, div, src.stride(0), src.stride(1), out.stride(0)),
-                         dict(BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps), (src, out))
+    _launch(gather_rows_kernel, in_op, R, W, tile, "BLOCK_R",
+            (src, slots, out, R, W, div, src.stride(0), src.stride(1), out.stride(0)), {}, (src, out))
     return out
