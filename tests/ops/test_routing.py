@@ -26,7 +26,8 @@ def python_routing(ids: torch.Tensor, E: int):
 CASES = [
     ("one-token", 1, 2, 8, torch.int64),  # most experts empty
     ("one-expert", 5, 1, 1, torch.int64),  # E=1: every slot on expert 0
-    ("multi-chunk", 700, 3, 6, torch.int32),  # 2100 ids: three 1024-id chunks, int32 ids
+    ("one-chunk-padded", 700, 3, 6, torch.int32),  # 2100 ids in one 4096-id chunk, int32 ids
+    ("two-chunks", 4500, 4, 6, torch.int64),  # 18000 ids: two 16384-id chunks, the second ragged
     ("empty", 0, 2, 4, torch.int64),  # no tokens: offsets all zero
 ]
 
@@ -42,6 +43,12 @@ def test_routing_matches_bucket_sort(name, T, k, E, dtype, method, monkeypatch):
     assert r.expert_offsets.dtype == torch.int32 and r.sorted_slots.dtype == torch.int32
     assert r.expert_offsets.tolist() == offsets
     assert r.sorted_slots.tolist() == slots
+
+
+@pytest.mark.parametrize("num_ids, block", [(1, 1024), (1024, 1024), (1025, 2048), (32768, 16384), (10**6, 16384)])
+def test_routing_chunk_covers_the_ids_up_to_16384(num_ids, block):
+    """The kernel's chunk: the id count rounded up to a power of two, within [1024, 16384]."""
+    assert routing_mod._routing_launch(num_ids) == dict(BLOCK=block, num_warps=8)
 
 
 def test_skewed_routing_kernel():
