@@ -33,8 +33,8 @@ wA and G_s are live. (As one backward op, H lived to the end under torch.compile
 
 The row copies (``gather_rows``: 0.20 ms each at 16k tokens on an H200, where ``index_select`` took
 0.27) lift both dW from gathered-row rates (331-391 TFLOP/s) to TMA rates (500-560); each lives
-only while its dW runs. Running them on a side stream beside the down dx GEMM was tried: the GEMM's
-persistent programs fill every SM, so the copies ran after it (benchmarks in BENCHMARKS.md). Every config
+only while its dW runs. Running them on a side stream beside the down dx GEMM was tried: the
+GEMM's persistent programs fill every SM, so the copies ran after it (BENCHMARKS.md). Every config
 comes from the runtime loader for the six problems of ``MoeShape.problems()`` (memoised dict
 hits); nothing here reads device memory on the host, so both bodies run under CUDA-graph capture
 and ``set_sync_debug_mode("error")``.
@@ -50,6 +50,7 @@ from moe_tune import runtime
 from moe_tune.device import DeviceInfo, query_device
 from moe_tune.kernels.swiglu import swiglu_backward_kernel, swiglu_forward_kernel
 from moe_tune.ops import launch
+from moe_tune.ops.launch import size_hint
 from moe_tune.ops.grouped_gemm import DTYPE_NAMES
 from moe_tune.ops.routing import Routing, build_routing
 from moe_tune.ops.rows import gather_rows, slot_sum
@@ -94,15 +95,6 @@ def claim(ctx, name: str):
                            "backpropagated through a second time (retain_graph=True); run the forward again")
     setattr(ctx, name, None)
     return held
-
-
-def size_hint(n) -> int:
-    """A token count as a plain int. Under dynamic shapes T is symbolic; the config choice only
-    affects speed, so it follows the example size instead of guarding on T."""
-    if isinstance(n, torch.SymInt):
-        hint = n.node.hint
-        return int(hint) if hint is not None else int(n)
-    return int(n)
 
 
 def problem_dims(gate_up_w: torch.Tensor, topk) -> tuple[int, int, int, int]:

@@ -50,6 +50,15 @@ def register_op(qualname: str, fn):
 # same values for the ints (and torch.SymInts, under torch.compile) the launchers pass.
 
 
+def size_hint(n) -> int:
+    """A size as a plain int. Under dynamic shapes it may be symbolic; where only speed depends on
+    it (a config, a chunk), it follows the example size instead of guarding on it."""
+    if isinstance(n, torch.SymInt):
+        hint = n.node.hint
+        return int(hint) if hint is not None else int(n)
+    return int(n)
+
+
 def cdiv(a, b):
     """⌈a / b⌉ for positive b."""
     return (a + b - 1) // b
@@ -224,13 +233,15 @@ def grouped_mm_dw(dy, x, dw, routing, weights, *, gather_dy: bool, dy_div: int, 
     routing weight into dY's copy), so the kernel streams both through TMA."""
     E, N, K = dw.shape
     if cfg.GATHER_COPY and (gather_dy or gather_x):
-        slots = routing.sorted_slots.long()
+        from moe_tune.ops.rows import gather_rows  # rows launches through this module
+
+        slots = routing.sorted_slots
         if gather_x:
-            x, gather_x, x_div = x.index_select(0, slots // x_div), False, 1
+            x, gather_x, x_div = gather_rows(x, slots, x_div, in_op=in_op), False, 1
         if gather_dy:
-            dy = dy.index_select(0, slots // dy_div)
+            dy = gather_rows(dy, slots, dy_div, in_op=in_op)
             if weights is not None:
-                dy = (dy.float() * weights.float().index_select(0, slots)[:, None]).to(dy.dtype)
+                dy = (dy.float() * weights.float().index_select(0, slots.long())[:, None]).to(dy.dtype)
                 weights = None
             gather_dy, dy_div = False, 1
     ensure_allocator(cfg, dw.device)
