@@ -157,6 +157,7 @@ def _act_bwd_tile(
     stride_da_m, stride_dl_m, stride_p_m, stride_l2_m, stride_h_m, stride_b1_e, stride_dh_m, stride_wa_m,
     stride_db1_e,
     LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Columns [n, n+BLOCK_N) of I over every row of expert e: dH, w·A, the ⟨dA_raw, A⟩ part of
     the routing-weight gradient and this column block of db1[e]. With LORA, dA gains the down
@@ -171,7 +172,7 @@ def _act_bwd_tile(
     b_gate, b_up = tl.split(tl.reshape(b, [BLOCK_N, 2]))
     db_gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
     db_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for m0 in range(row_start, row_end, BLOCK_M):
+    for m0 in tl.range(row_start, row_end, BLOCK_M, num_stages=STAGES):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
         rows64 = rows.to(tl.int64)
@@ -222,7 +223,7 @@ def _down_bias_bwd_tile(
     g_ptr, b2_ptr, weights_ptr, sorted_slots_ptr, dsp_ptr, db2_ptr,
     e, row_start, row_end, n_block, dsp_row, num_rows, hidden, topk,
     stride_g_t, stride_b2_e, stride_db2_e,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Columns [n, n+BLOCK_N) of H over every row of expert e: db2[e] = Σ w·dY[t] and the
     ⟨dY[t], b2[e]⟩ part of the routing-weight gradient."""
@@ -230,7 +231,7 @@ def _down_bias_bwd_tile(
     col_mask = cols < hidden
     b = tl.load(b2_ptr + e.to(tl.int64) * stride_b2_e + cols, mask=col_mask, other=0.0).to(tl.float32)
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for m0 in range(row_start, row_end, BLOCK_M):
+    for m0 in tl.range(row_start, row_end, BLOCK_M, num_stages=STAGES):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
         slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
@@ -279,6 +280,7 @@ def gptoss_bwd_kernel(
     BLOCK_M: tl.constexpr,  # rows per step of a program's loop over its expert
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,  # ≥ rank, a power of two ≥ 16
+    STAGES: tl.constexpr,  # rows loop's software pipeline: 1 none; 2+ prefetches the row indices ahead
 ):
     """Grid: (I_BLOCKS + ⌈H / BLOCK_N⌉ (or just I_BLOCKS when neither db2 nor the routing-weight
     gradient is wanted), E). Each program owns one expert and one column block and walks the
@@ -295,8 +297,8 @@ def gptoss_bwd_kernel(
         _act_bwd_tile(d_act_ptr, d_lora_ptr, p_ptr, l2_ptr, h_ptr, b1_ptr, weights_ptr, sorted_slots_ptr, d_h_ptr,
                       weighted_act_ptr, dsp_ptr, db1_ptr, e, row_start, row_end, pid_n, num_rows, inter, rank,
                       limit, alpha, stride_da_m, stride_dl_m, stride_p_m, stride_l2_m, stride_h_m, stride_b1_e,
-                      stride_dh_m, stride_wa_m, stride_db1_e, LORA, BLOCK_M, BLOCK_N, BLOCK_R)
+                      stride_dh_m, stride_wa_m, stride_db1_e, LORA, BLOCK_M, BLOCK_N, BLOCK_R, STAGES)
     else:
         _down_bias_bwd_tile(g_ptr, b2_ptr, weights_ptr, sorted_slots_ptr, dsp_ptr, db2_ptr,
                             e, row_start, row_end, pid_n - I_BLOCKS, pid_n, num_rows, hidden, topk,
-                            stride_g_t, stride_b2_e, stride_db2_e, BLOCK_M, BLOCK_N)
+                            stride_g_t, stride_b2_e, stride_db2_e, BLOCK_M, BLOCK_N, STAGES)

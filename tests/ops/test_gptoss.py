@@ -447,7 +447,7 @@ for p in fn.params:
         signature[p.name] = "i32"
 # The LoRA variants (HAS_DELTA, LORA) read more operands: build those, the plain ones share the rest.
 values = {"BLOCK_M": gptoss.BWD_BLOCK_M, "BLOCK_N": gptoss.BWD_BLOCK_N, "I_BLOCKS": 45, "HAS_DELTA": True,
-          "LORA": True, "BLOCK_R": 16}
+          "LORA": True, "BLOCK_R": 16, "STAGES": gptoss.BWD_STAGES}
 constexprs = {n: values[n] for n, t in signature.items() if t == "constexpr"}
 triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
 print("built")

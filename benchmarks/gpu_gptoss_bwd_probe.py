@@ -1,0 +1,87 @@
+"""gpt-oss's activation backward (``gptoss_bwd_kernel``: dH, w·A, both bias gradients and the
+routing-weight partials in one launch) over tiles, warps and row-loop pipelining, on one GPU.
+
+Each program walks every row of one expert for one column block, so the kernel is a chain of
+dependent loads per step (the rows' slots, then their routing weights) repeated over the expert's
+rows. ``STAGES`` ≥ 2 lets Triton's software pipeline fetch those indices steps ahead. Every
+variant's outputs are compared with the shipped variant's, and each is timed with
+``triton.testing.do_bench`` (median), beside a device copy of the same bytes (the memory roof).
+Writes ``OUT/gptoss_bwd_probe.json``.
+
+    python3 benchmarks/gpu_gptoss_bwd_probe.py --out DIR [--tokens 4096 16384]
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import probe_args  # noqa: E402
+
+SHAPES = {"gpt-oss-20b": (32, 2880, 2880, 4), "gpt-oss-120b": (128, 2880, 2880, 4)}
+TILES = ((32, 64, 4), (16, 64, 4), (64, 64, 8), (32, 128, 4), (32, 128, 8), (64, 32, 4), (16, 128, 4))
+STAGES = (1, 2, 3)
+
+
+def main(argv=None) -> int:
+    args, out_dir = probe_args.parse(argv, __doc__.splitlines()[0], [4096, 16384])
+
+    import torch
+
+    from moe_tune.ops import gptoss
+    from moe_tune.ops.routing import build_routing
+
+    shipped = (gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES)
+    rows, t0 = [], time.time()
+    dt = torch.bfloat16
+    for (name, (E, H, I, k)), T in itertools.product(SHAPES.items(), args.tokens):
+        M = T * k
+        gen = torch.Generator(device="cuda").manual_seed(T + E)
+        ids = torch.stack([torch.randperm(E, generator=gen, device="cuda")[:k] for _ in range(T)])
+        routing = build_routing(ids, E)
+        weights = torch.rand(T, k, generator=gen, device="cuda").to(dt)
+        d_act = torch.randn(M, I, generator=gen, device="cuda").to(dt)
+        h = (3 * torch.randn(M, 2 * I, generator=gen, device="cuda")).to(dt)  # some values past the clamps
+        b1 = torch.randn(E, 2 * I, generator=gen, device="cuda").to(dt)
+        g = torch.randn(T, H, generator=gen, device="cuda").to(dt)
+        b2 = torch.randn(E, H, generator=gen, device="cuda").to(dt)
+
+        def run():
+            return gptoss.activation_backward(d_act, h, b1, g, b2, weights, routing.expert_offsets,
+                                              routing.sorted_slots, limit=7.0, alpha=1.702, need_down_b=True,
+                                              need_weights=True, in_op=False)
+
+        moved = 2 * (d_act.numel() + 2 * h.numel() + d_act.numel() + M * H)  # dA, H read; dH, w·A written; G read
+        src = torch.empty(moved // 4, dtype=torch.int16, device="cuda")
+        roof_ms = probe_args.median_ms(lambda: src.clone()) * 2  # a clone reads and writes: half the bytes each way
+        ref = None
+        for (bm, bn, w), st in itertools.product(TILES, STAGES):
+            gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES = bm, bn, w, st
+            row = dict(model=name, T=T, BLOCK_M=bm, BLOCK_N=bn, warps=w, stages=st,
+                       shipped=(bm, bn, w, st) == shipped, roof_ms=roof_ms)
+            try:
+                out = [t.float() for t in run()]
+                if ref is None:
+                    ref = out
+                errs = [((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() for a, b in zip(out, ref)]
+                if not max(errs) < 2e-2:
+                    raise RuntimeError(f"outputs differ from the shipped variant's: {errs}")
+                row.update(ms=probe_args.median_ms(run), err=max(errs))
+            except Exception as exc:  # a variant that fails is a row
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            rows.append(row)
+            print(f"{name} T={T} {bm}x{bn} w{w} s{st}: " + (f"{row['ms']:.4f} ms (roof {roof_ms:.4f})"
+                  if "ms" in row else row["error"]) + f"  t={time.time() - t0:.0f}s", flush=True)
+            (out_dir / "gptoss_bwd_probe.json").write_text(json.dumps(rows, indent=1))
+        gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES = shipped
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
