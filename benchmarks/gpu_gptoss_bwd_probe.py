@@ -3,7 +3,8 @@ routing-weight partials in one launch) over tiles, warps and row-loop pipelining
 
 Each program walks every row of one expert for one column block, so the kernel is a chain of
 dependent loads per step (the rows' slots, then their routing weights) repeated over the expert's
-rows. ``STAGES`` ≥ 2 lets Triton's software pipeline fetch those indices steps ahead. Every
+rows. ``STAGES`` ≥ 2 lets Triton's software pipeline fetch those indices steps ahead, and with
+descriptors (``TMA``) the dA and H tiles too, into shared memory. Every
 variant's outputs are compared with the shipped variant's, and each is timed with
 ``triton.testing.do_bench`` (median), beside a device copy of the same bytes (the memory roof).
 Writes ``OUT/gptoss_bwd_probe.json``.
@@ -25,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import probe_args  # noqa: E402
 
 SHAPES = {"gpt-oss-20b": (32, 2880, 2880, 4), "gpt-oss-120b": (128, 2880, 2880, 4)}
-TILES = ((32, 64, 4), (16, 64, 4), (64, 64, 8), (32, 128, 4), (32, 128, 8), (64, 32, 4), (16, 128, 4))
-STAGES = (1, 2, 3)
+TILES = ((32, 64, 4), (16, 64, 4), (64, 64, 4), (64, 64, 8), (32, 128, 4), (64, 32, 4), (16, 128, 4))
+STAGES = (1, 2, 3, 4)
+DESCRIPTORS = (False, True)
 
 
 def main(argv=None) -> int:
@@ -37,7 +39,7 @@ def main(argv=None) -> int:
     from moe_tune.ops import gptoss
     from moe_tune.ops.routing import build_routing
 
-    shipped = (gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES)
+    shipped = (gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES, gptoss.BWD_TMA)
     rows, t0 = [], time.time()
     dt = torch.bfloat16
     for (name, (E, H, I, k)), T in itertools.product(SHAPES.items(), args.tokens):
@@ -59,12 +61,14 @@ def main(argv=None) -> int:
 
         moved = 2 * (d_act.numel() + 2 * h.numel() + d_act.numel() + M * H)  # dA, H read; dH, w·A written; G read
         src = torch.empty(moved // 4, dtype=torch.int16, device="cuda")
-        roof_ms = probe_args.median_ms(lambda: src.clone()) * 2  # a clone reads and writes: half the bytes each way
+        roof_ms = probe_args.median_ms(lambda: src.clone())  # reads half the bytes, writes half
         ref = None
-        for (bm, bn, w), st in itertools.product(TILES, STAGES):
-            gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES = bm, bn, w, st
-            row = dict(model=name, T=T, BLOCK_M=bm, BLOCK_N=bn, warps=w, stages=st,
-                       shipped=(bm, bn, w, st) == shipped, roof_ms=roof_ms)
+        variants = [shipped] + [(bm, bn, w, st, tma) for (bm, bn, w), st, tma in itertools.product(TILES, STAGES, DESCRIPTORS)
+                                if (bm, bn, w, st, tma) != shipped]
+        for bm, bn, w, st, tma in variants:
+            gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES, gptoss.BWD_TMA = bm, bn, w, st, tma
+            row = dict(model=name, T=T, BLOCK_M=bm, BLOCK_N=bn, warps=w, stages=st, descriptors=tma,
+                       shipped=(bm, bn, w, st, tma) == shipped, roof_ms=roof_ms)
             try:
                 out = [t.float() for t in run()]
                 if ref is None:
@@ -76,10 +80,10 @@ def main(argv=None) -> int:
             except Exception as exc:  # a variant that fails is a row
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             rows.append(row)
-            print(f"{name} T={T} {bm}x{bn} w{w} s{st}: " + (f"{row['ms']:.4f} ms (roof {roof_ms:.4f})"
+            print(f"{name} T={T} {bm}x{bn} w{w} s{st} {'tma' if tma else 'ptr'}: " + (f"{row['ms']:.4f} ms (roof {roof_ms:.4f})"
                   if "ms" in row else row["error"]) + f"  t={time.time() - t0:.0f}s", flush=True)
             (out_dir / "gptoss_bwd_probe.json").write_text(json.dumps(rows, indent=1))
-        gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES = shipped
+        gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES, gptoss.BWD_TMA = shipped
     return 0
 
 

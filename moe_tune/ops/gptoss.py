@@ -76,6 +76,7 @@ _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ACT_BLOCK_M, ACT_BLOCK_N = 32, 64
 COMBINE_BLOCK_T, COMBINE_BLOCK_N = 16, 128
 BWD_BLOCK_M, BWD_BLOCK_N, BWD_WARPS, BWD_STAGES = 32, 64, 4, 1
+BWD_TMA = True  # where the device and the rows allow (``activation_backward``)
 ELEMENTWISE_WARPS = 4
 
 
@@ -246,6 +247,9 @@ def activation_backward(d_act: torch.Tensor, h: torch.Tensor, gate_up_b: torch.T
     db2_arg = d_down_b if with_down_bias else d_gate_up_b  # never written when h_blocks == 0
     d_lora, p, l2 = lora if lora is not None else (d_act, d_act, d_act)
     rank = p.shape[1] if lora is not None else 0
+    tma = BWD_TMA and query_device(device).supports_tma and launch.rows_fit_descriptors(d_act, h, d_h, weighted_act)
+    if tma:
+        launch.ensure_descriptor_allocator(device)
     launch.launch_kernel(
         gptoss_bwd_kernel, in_op, (i_blocks + h_blocks, E),
         (d_act, d_lora, p, l2, h, gate_up_b, grad_out, down_b, weights, sorted_slots, expert_offsets,
@@ -255,7 +259,7 @@ def activation_backward(d_act: torch.Tensor, h: torch.Tensor, gate_up_b: torch.T
          grad_out.stride(0), down_b.stride(0), d_h.stride(0), weighted_act.stride(0), d_gate_up_b.stride(0),
          db2_arg.stride(0)),
         dict(I_BLOCKS=i_blocks, LORA=lora is not None, BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N,
-             BLOCK_R=max(16, launch.next_power_of_2(rank)), STAGES=BWD_STAGES, num_warps=BWD_WARPS),
+             BLOCK_R=max(16, launch.next_power_of_2(rank)), STAGES=BWD_STAGES, TMA=tma, num_warps=BWD_WARPS),
         (d_h, weighted_act, dsp, d_gate_up_b, d_down_b))
     d_weights = grad_out.new_empty(0)
     if need_weights:

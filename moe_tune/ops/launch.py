@@ -94,8 +94,22 @@ def _allocator_missing() -> bool:
 
 def ensure_allocator(cfg: KernelConfig, device: torch.device) -> None:
     """Device-side tensor descriptors need scratch memory from an allocator Triton can call."""
-    if (cfg.TMA_LOAD or cfg.TMA_STORE) and device.type == "cuda" and _allocator_missing():
+    if cfg.TMA_LOAD or cfg.TMA_STORE:
+        ensure_descriptor_allocator(device)
+
+
+def ensure_descriptor_allocator(device: torch.device) -> None:
+    """Before a launch whose kernel makes tensor descriptors on the device."""
+    if device.type == "cuda" and _allocator_missing():
         triton.set_allocator(_descriptor_scratch)
+
+
+def rows_fit_descriptors(*tensors: torch.Tensor) -> bool:
+    """Whether each 2-D tensor's rows suit a tensor descriptor: unit column stride, and row
+    stride and start on 16-byte boundaries (allocations themselves are aligned). Reads no data
+    pointer, so it also answers for the fake tensors of a torch.compile trace."""
+    return all(t.dim() == 2 and t.stride(1) == 1 and t.stride(0) * t.element_size() % 16 == 0
+               and t.storage_offset() * t.element_size() % 16 == 0 for t in tensors)
 
 
 def _hooked(hook) -> bool:

@@ -345,6 +345,44 @@ def test_block_kernel_paths(name, fields, monkeypatch):
     assert_weight_grad_close(grads["top_k_weights"], ref_grads["top_k_weights"], inputs, grad_out, torch.float32)
 
 
+@pytest.mark.parametrize("descriptors", [True, False], ids=["descriptors", "pointers"])
+def test_activation_backward_through_descriptors_and_pointers(descriptors, monkeypatch):
+    """The activation backward streams dA, H, w·A and dH through tensor descriptors that end at each
+    expert's last row (zero-filled loads, clipped stores), or through masked pointers: both match
+    the reference, on experts whose row counts are not multiples of the 32-row step."""
+    from moe_tune.ops import launch
+
+    ran = []
+    plain = launch.launch_kernel
+
+    def recording(kernel, in_op, grid, args, meta, outputs):
+        if kernel is gptoss.gptoss_bwd_kernel:
+            ran.append(meta["TMA"])
+        plain(kernel, in_op, grid, args, meta, outputs)
+
+    monkeypatch.setattr(launch, "launch_kernel", recording)
+    monkeypatch.setattr(gptoss, "BWD_TMA", descriptors)
+    T, H, I, E, k = 37, 48, 40, 3, 2  # ~25 rows per expert; 2I = 80 columns: a partial 128-wide tile
+    inputs = make_block(T, H, I, E, k, torch.float32)
+    grad_out = torch.randn(T, H)
+    _, grads = run_block(gptoss_experts, inputs, grad_out)
+    _, ref_grads = reference(inputs, grad_out)
+    assert ran == [descriptors]
+    for grad_name in DIFFERENTIABLE[:-1]:
+        assert relative_error(grads[grad_name], ref_grads[grad_name]) < 1e-5, grad_name
+    assert_weight_grad_close(grads["top_k_weights"], ref_grads["top_k_weights"], inputs, grad_out, torch.float32)
+
+
+def test_unaligned_rows_take_the_pointer_path():
+    """A row of 12 float16 values (24 bytes) cannot be a descriptor's row stride."""
+    from moe_tune.ops import launch
+
+    assert launch.rows_fit_descriptors(torch.empty(5, 16, dtype=torch.float16))
+    assert not launch.rows_fit_descriptors(torch.empty(5, 12, dtype=torch.float16))
+    assert not launch.rows_fit_descriptors(torch.empty(5, 17)[:, 1:])  # starts 4 bytes in, stride 68 bytes
+    assert not launch.rows_fit_descriptors(torch.empty(16, 5).t())
+
+
 def test_problems_are_the_gpt_oss_layout():
     keys = [p.key for p in MoeShape(32, 2880, 2880, 4, layout="gpt_oss").problems()]
     assert keys == [
@@ -447,7 +485,8 @@ for p in fn.params:
         signature[p.name] = "i32"
 # The LoRA variants (HAS_DELTA, LORA) read more operands: build those, the plain ones share the rest.
 values = {"BLOCK_M": gptoss.BWD_BLOCK_M, "BLOCK_N": gptoss.BWD_BLOCK_N, "I_BLOCKS": 45, "HAS_DELTA": True,
-          "LORA": True, "BLOCK_R": 16, "STAGES": gptoss.BWD_STAGES}
+          "LORA": True, "BLOCK_R": 16, "STAGES": gptoss.BWD_STAGES,
+          "TMA": True}
 constexprs = {n: values[n] for n, t in signature.items() if t == "constexpr"}
 triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
 print("built")
