@@ -68,8 +68,6 @@ def compile_variant(kind: str, flags: dict, dt: str, precision: str | None):
         meta["DOT_PRECISION"] = precision or dot_precision(getattr(torch, DTYPES[dt]))
     if "WARP_SPEC" in names:
         meta["WARP_SPEC"] = False
-    if "TILE_LOOP" in names:
-        meta["TILE_LOOP"] = 0
     ints = {"expert_offsets_ptr": "*i32", "sorted_slots_ptr": "*i32"}
     signature = {n: "constexpr" if n in meta else (ints.get(n, f"*{dt}") if n.endswith("_ptr") else "i32")
                  for n in names}

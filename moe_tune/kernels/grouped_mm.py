@@ -119,7 +119,6 @@ def grouped_mm_kernel(
     NUM_SMS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # tl.dot's input_precision: "tf32" (float32 as TF32) or "tf32x3"
     WARP_SPEC: tl.constexpr,  # warp-specialised K loop (TMA on both operands, nothing gathered)
-    TILE_LOOP: tl.constexpr,  # 0: plain tile loop; 1: flattened with the K loop (pipelined across tiles)
 ):
     """Grid: (min(NUM_SMS, upper bound on tiles),). Each program strides over output tiles."""
     pid = tl.program_id(0)
@@ -162,7 +161,7 @@ def grouped_mm_kernel(
                 a_ptr, shape=[a_rows, red], strides=[stride_a_m, 1], block_shape=[BLOCK_M, BLOCK_K],
             )
 
-    for tile in tl.range(pid, num_tiles, NUM_SMS, flatten=TILE_LOOP == 1):
+    for tile in range(pid, num_tiles, NUM_SMS):
         # -- Map tile id to (row block, column block), GROUP_M row blocks at a time -------------
         tiles_per_group = GROUP_M * num_n_blocks
         group = tile // tiles_per_group
@@ -267,7 +266,6 @@ def grouped_mm_dw_kernel(
     NUM_SMS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WARP_SPEC: tl.constexpr,  # warp-specialised row loop (both operands through TMA, 2-D TMA store)
-    TILE_LOOP: tl.constexpr,  # 0: plain; 1: flattened with the row loop; 2: WARP_SPEC on the tile loop
 ):
     """Grid: (min(NUM_SMS, E·⌈N/BLOCK_N⌉·⌈K/BLOCK_K⌉),). Tiles are expert-major so programs
     running at the same time share an expert's rows in L2."""
@@ -290,7 +288,7 @@ def grouped_mm_dw_kernel(
                 dw_ptr, shape=[E, N, K], strides=[stride_dw_e, stride_dw_n, 1], block_shape=[1, BLOCK_N, BLOCK_K],
             )
 
-    for tile in tl.range(pid, num_tiles, NUM_SMS, flatten=TILE_LOOP == 1, warp_specialize=TILE_LOOP == 2):
+    for tile in range(pid, num_tiles, NUM_SMS):
         # -- Map tile id to (expert, N block, K block), swizzled within the expert ---------------
         e = tile // tiles_per_expert
         t = tile % tiles_per_expert
@@ -322,7 +320,7 @@ def grouped_mm_dw_kernel(
 
         # -- Reduce over the expert's rows (an empty expert leaves zeros) -------------------------
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for m0 in tl.range(row_start, row_end, BLOCK_M, warp_specialize=WARP_SPEC and TILE_LOOP != 2):
+        for m0 in tl.range(row_start, row_end, BLOCK_M, warp_specialize=WARP_SPEC):
             rows = m0 + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
             rows = tl.where(row_mask, rows, row_start)

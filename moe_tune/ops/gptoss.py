@@ -71,11 +71,14 @@ from moe_tune.problem import KernelConfig, MoeShape, Problem
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-# Tiles of the three elementwise kernels. Not tuned: each streams its rows once, and 64 columns of
-# I are 128 interleaved gate/up columns, 256 bytes of bf16 per row per load.
+# Tiles of the three elementwise kernels. Not tuned per GPU: each streams its rows once, and 64
+# columns of I are 128 interleaved gate/up columns, 256 bytes of bf16 per row per load. The
+# backward's: the best by geometric mean of 56 tiles × stages × load paths over gpt-oss-20b/120b at
+# 4096 and 16384 tokens (benchmarks/gpu_gptoss_bwd_probe.py, H200): 1.08-1.53× the earlier 32×64,
+# one stage, pointer loads; its row loop keeps two 64-row steps of dA and H in flight.
 ACT_BLOCK_M, ACT_BLOCK_N = 32, 64
 COMBINE_BLOCK_T, COMBINE_BLOCK_N = 16, 128
-BWD_BLOCK_M, BWD_BLOCK_N, BWD_WARPS, BWD_STAGES = 32, 64, 4, 1
+BWD_BLOCK_M, BWD_BLOCK_N, BWD_WARPS, BWD_STAGES = 64, 64, 4, 3
 BWD_TMA = True  # where the device and the rows allow (``activation_backward``)
 ELEMENTWISE_WARPS = 4
 

@@ -234,7 +234,7 @@ def grouped_mm(a, w, c, routing, weights, *, trans_w: bool, gather_a: bool, gath
         SORT_A=sorted_a is not None and not cfg.WARP_SPEC,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count, DOT_PRECISION=dot_precision(a.dtype),
-        WARP_SPEC=cfg.WARP_SPEC, TILE_LOOP=0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        WARP_SPEC=cfg.WARP_SPEC, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     outputs = (a, c) if sorted_a is None else (a, c, sorted_a)
     launch_kernel(grouped_mm_kernel, in_op, (info.sm_count,), args, meta, outputs)
@@ -270,6 +270,6 @@ def grouped_mm_dw(dy, x, dw, routing, weights, *, gather_dy: bool, dy_div: int, 
         E=E, GATHER_DY=gather_dy, GATHER_X=gather_x, WEIGHTED=weights is not None,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count, DOT_PRECISION=dot_precision(dy.dtype),
-        WARP_SPEC=cfg.WARP_SPEC, TILE_LOOP=0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        WARP_SPEC=cfg.WARP_SPEC, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     launch_kernel(grouped_mm_dw_kernel, in_op, (info.sm_count,), args, meta, (dy, dw))
