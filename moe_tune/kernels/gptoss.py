@@ -17,6 +17,11 @@ passed through at the limits themselves.
 
 Rows are in expert order (the order the grouped GEMMs write); the expert of a row is
 ``top_k_index.flat[sorted_slots[row]]``, two small loads instead of a search over the offsets.
+
+The backward walks each expert's rows in a software-pipelined loop. Where rows are 16-byte aligned
+its dA, H, w·A and dH tiles go through tensor descriptors that end at the expert's last row, so
+the copy engine fetches the next steps into shared memory while a step computes (1.08-1.53× the
+pointer loop at gpt-oss shapes on an H200; BENCHMARKS.md, eleventh session).
 """
 
 from __future__ import annotations
@@ -302,7 +307,8 @@ def gptoss_bwd_kernel(
     BLOCK_M: tl.constexpr,  # rows per step of a program's loop over its expert
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,  # ≥ rank, a power of two ≥ 16
-    STAGES: tl.constexpr,  # rows loop's software pipeline: 1 none; 2+ prefetches the row indices ahead
+    STAGES: tl.constexpr,  # rows loop's software pipeline: 2+ fetches the next steps' row indices (and, with
+    #                      TMA, their dA and H tiles) ahead
     TMA: tl.constexpr,  # dA, H, w·A and dH through tensor descriptors (16-byte aligned rows)
 ):
     """Grid: (I_BLOCKS + ⌈H / BLOCK_N⌉ (or just I_BLOCKS when neither db2 nor the routing-weight
