@@ -57,18 +57,7 @@ def main(argv=None) -> int:
             for label, cfg in [("tuned", tuned)] + [("tall", c) for c in tall(tuned)]:
                 if why_illegal(p, cfg, info) is not None:
                     continue
-                row = dict(T=T, problem=p.key, kind=label, config=cfg.short())
-                try:
-                    out = case.launch(cfg)
-                    ref = case.reference.float()
-                    err = ((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
-                    if not err < 2e-2:
-                        raise RuntimeError(f"error {err:.2e}")
-                    o = case.new_output()
-                    ms = probe_args.median_ms(lambda: case.launch(cfg, o))
-                    row.update(ms=ms, tflops=p.flops(T) / ms / 1e9, err=err)
-                except Exception as exc:  # a config that fails is a row
-                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                row = dict(T=T, problem=p.key, kind=label, config=cfg.short(), **probe_args.time_config(case, cfg))
                 rows.append(row)
                 if "ms" in row:
                     if label == "tuned":

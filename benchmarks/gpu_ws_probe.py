@@ -72,23 +72,11 @@ def main(argv=None) -> int:
         print(f"T={T}: dense {dense:.0f} TFLOP/s, row copy [M, H] {copy_ms:.3f} ms", flush=True)
         for p in problems + extra:
             case = Case(p, T, RoutingSpec(), 0, "cuda")
-            flops = p.flops(T)
             base = runtime.get_config(p, T, info)
             cands = [("tuned", base)] + [("ws", c) for c in ws_grid(p) if why_illegal(p, c, info) is None]
             best = {}
             for label, cfg in cands:
-                try:
-                    out = case.launch(cfg)
-                    ref = case.reference.float()
-                    err = ((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
-                    if not err < 2e-2:
-                        raise RuntimeError(f"error {err:.2e}")
-                    o = case.new_output()
-                    ms = bench(lambda: case.launch(cfg, o))
-                    row = dict(kind=label, T=T, problem=p.key, config=cfg.short(), ms=ms,
-                               tflops=flops / ms / 1e9, err=err)
-                except Exception as exc:  # a config that fails is a row, not the end of the probe
-                    row = dict(kind=label, T=T, problem=p.key, config=cfg.short(), error=f"{type(exc).__name__}: {str(exc)[:200]}")
+                row = dict(kind=label, T=T, problem=p.key, config=cfg.short(), **probe_args.time_config(case, cfg))
                 rows.append(row)
                 if "ms" in row and (label not in best or row["ms"] < best[label]["ms"]):
                     best[label] = row

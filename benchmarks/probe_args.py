@@ -1,5 +1,5 @@
 """What the GPU probes of this folder share: their command line (an output folder, a model preset,
-token counts) and a median timer."""
+token counts), a median timer, and a config's gated timing on a tuning case."""
 
 from __future__ import annotations
 
@@ -24,3 +24,20 @@ def median_ms(fn, rep: int = 60) -> float:
     import triton
 
     return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
+
+
+def time_config(case, cfg) -> dict:
+    """``cfg`` on ``case`` (``moe_tune.tuning.cases.Case``): checked once against the float32
+    reference on a NaN-poisoned output, then timed. ``{ms, tflops, err}``, or ``{error}`` when the
+    launch fails or misses the reference (a failing config is a row, not the end of a probe)."""
+    try:
+        out = case.launch(cfg)
+        ref = case.reference.float()
+        err = ((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+        if not err < 2e-2:  # NaN (an unwritten tile) fails too
+            raise RuntimeError(f"error {err:.2e}")
+        o = case.new_output()
+        ms = median_ms(lambda: case.launch(cfg, o))
+        return dict(ms=ms, tflops=case.problem.flops(case.tokens) / ms / 1e9, err=err)
+    except Exception as exc:
+        return dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")
