@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-import triton
 from triton.testing import do_bench
 
 from moe_tune.bench.env import environment, header
