@@ -349,7 +349,7 @@ def test_block_kernel_paths(name, fields, monkeypatch):
 def test_activation_backward_through_descriptors_and_pointers(descriptors, monkeypatch):
     """The activation backward streams dA, H, w·A and dH through tensor descriptors that end at each
     expert's last row (zero-filled loads, clipped stores), or through masked pointers: both match
-    the reference, on experts whose row counts are not multiples of the 32-row step."""
+    the reference, on experts whose row counts are not multiples of the row step."""
     from moe_tune.ops import launch
 
     ran = []
