@@ -1,0 +1,119 @@
+"""Where the experts block's host time goes, one call at a time, with the GPU idle at its start.
+
+``moe-tune bench``'s host column times loops of calls without synchronising; when the GPU is the
+slower side a launch can wait on it, so that figure may hold GPU time. Here each fwd+bwd starts
+on a drained GPU (no launch can wait), and the time of the named parts of moe-tune's path is
+summed per call by wrapping them:
+
+* fwd, bwd: the module's forward, and ``out.backward(grad)``;
+* graphed.forward / graphed.backward: the CUDA-graph Function's bodies (copies, replay, clones,
+  the weight gradients' launches), replay: ``CUDAGraph.replay``, weight_grads: the two dW
+  launches with their look-ups, launch: every Triton launch through ``launch_kernel``;
+* eager.forward / eager.backward: the eager Function's bodies.
+
+Medians over ``--calls`` calls, µs, for moe-tune eager and graphed, and the loop figure of the
+bench beside them. Writes ``OUT/host_segments.json``.
+
+    python3 benchmarks/gpu_host_segments.py --out DIR [--model qwen3-30b-a3b] [--tokens 128]
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import probe_args  # noqa: E402
+
+_spent: collections.Counter = collections.Counter()
+
+
+def _timed(name, fn):
+    def call(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _spent[name] += time.perf_counter() - t
+    return call
+
+
+def instrument() -> None:
+    import torch
+
+    from moe_tune.ops import graphs, launch, moe_experts
+
+    for name, owner, attr in (("graphed.forward", graphs._GraphedBlock, "forward"),
+                              ("graphed.backward", graphs._GraphedBlock, "backward")):
+        setattr(owner, attr, staticmethod(_timed(name, getattr(owner, attr))))
+    for cls in (c for c in vars(moe_experts).values() if isinstance(c, type)
+                and issubclass(c, torch.autograd.Function)):
+        cls.forward = staticmethod(_timed("eager.forward", cls.forward))
+        cls.backward = staticmethod(_timed("eager.backward", cls.backward))
+    torch.cuda.CUDAGraph.replay = _timed("replay", torch.cuda.CUDAGraph.replay)
+    graphs._weight_grads = _timed("weight_grads", graphs._weight_grads)
+    launch.launch_kernel = _timed("launch", launch.launch_kernel)
+
+
+def main(argv=None) -> int:
+    ap_args, out_dir = probe_args.parse(argv, __doc__.splitlines()[0], [128])
+    import torch
+
+    from moe_tune import models
+    from moe_tune.bench.block import block_inputs, build_block, prepare
+    from moe_tune.bench.host import _loop_ms
+    from moe_tune.ops import graphs
+
+    instrument()
+    shape = models.load_preset(ap_args.model)
+    block = build_block(shape, "bfloat16", "cuda")
+    report = {}
+    for T in ap_args.tokens:
+        inputs = block_inputs(block, shape, T, "bfloat16", "cuda")
+        for label, graphed in (("eager", False), ("graphed", True)):
+            graphs.enable(graphed)
+            graphs.reset()
+            prepared = prepare(block, "moe_tune", inputs)
+
+            def call():
+                inputs.clear()
+                prepared.fwd_bwd()
+
+            for _ in range(3):
+                call()
+            torch.cuda.synchronize()
+            loop = statistics.median(_loop_ms(call, 20, "cuda")[0] for _ in range(7))
+            per_call = collections.defaultdict(list)
+            for _ in range(40):
+                inputs.clear()
+                torch.cuda.synchronize()
+                _spent.clear()
+                t0 = time.perf_counter()
+                out = prepared.fwd()
+                t1 = time.perf_counter()
+                out.backward(inputs.grad)
+                t2 = time.perf_counter()
+                per_call["fwd"].append(t1 - t0)
+                per_call["bwd"].append(t2 - t1)
+                per_call["fwd+bwd"].append(t2 - t0)
+                for name, s in _spent.items():
+                    per_call[name].append(s)
+                del out
+            torch.cuda.synchronize()
+            row = {name: statistics.median(v) * 1e6 for name, v in per_call.items()}
+            row["loop_fwd+bwd"] = loop * 1e3
+            report[f"{label}@{T}"] = row
+            print(label, T, json.dumps({k: round(v, 1) for k, v in row.items()}), flush=True)
+    graphs.enable(False)
+    (out_dir / "host_segments.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
