@@ -268,6 +268,17 @@ def expert_rows(t: torch.Tensor, sorted_slots: torch.Tensor, topk: int, *, in_op
                        in_op=in_op)
 
 
+def weight_grad(dy_rows: torch.Tensor, x_rows: torch.Tensor, weight: torch.Tensor, routing: Routing,
+                cfg: KernelConfig, info: DeviceInfo, *, in_op: bool) -> torch.Tensor:
+    """dW[e] = dY_eᵀ·X_e over rows already in expert order, into a fresh tensor shaped like
+    ``weight``: the two dW GEMMs of the block (dY = dH, X = X_s for the up weights; dY = G_s,
+    X = w·A for the down weights)."""
+    d_weight = _alloc(tuple(weight.shape), weight.dtype, weight.device)
+    launch.grouped_mm_dw(dy_rows, x_rows, d_weight, routing, None, gather_dy=False, dy_div=1, gather_x=False,
+                         x_div=1, cfg=cfg, info=info, in_op=in_op)
+    return d_weight
+
+
 def backward_up(d_h, hidden: torch.Tensor, gate_up_w: torch.Tensor, expert_offsets: torch.Tensor,
                 sorted_slots: torch.Tensor, topk: int, *, need_hidden: bool, need_gate_up: bool, in_op: bool,
                 x_sorted: torch.Tensor | None = None):
@@ -296,9 +307,7 @@ def backward_up(d_h, hidden: torch.Tensor, gate_up_w: torch.Tensor, expert_offse
     if need_gate_up:
         if x_sorted is None:
             x_sorted = expert_rows(hidden, sorted_slots, k, in_op=in_op)
-        d_gate_up = _alloc(tuple(gate_up_w.shape), dtype, device)
-        launch.grouped_mm_dw(d_h, x_sorted, d_gate_up, routing, None, gather_dy=False, dy_div=1, gather_x=False,
-                             x_div=1, cfg=cfg["up", "dw"], info=info, in_op=in_op)
+        d_gate_up = weight_grad(d_h, x_sorted, gate_up_w, routing, cfg["up", "dw"], info, in_op=in_op)
     return d_hidden, d_gate_up
 
 
@@ -314,10 +323,7 @@ def backward_down(grad_out: torch.Tensor, d_act: torch.Tensor, down_w: torch.Ten
     info, cfg, routing = part_context(block_configs, E, H, I, k, T, dtype, device, expert_offsets, sorted_slots)
     if g_sorted is None:
         g_sorted = expert_rows(grad_out, sorted_slots, k, in_op=in_op)
-    d_down = _alloc(tuple(down_w.shape), dtype, device)
-    launch.grouped_mm_dw(g_sorted, d_act, d_down, routing, None, gather_dy=False, dy_div=1, gather_x=False,
-                         x_div=1, cfg=cfg["down", "dw"], info=info, in_op=in_op)
-    return d_down
+    return weight_grad(g_sorted, d_act, down_w, routing, cfg["down", "dw"], info, in_op=in_op)
 
 
 def backward(grad_out: torch.Tensor, hidden: torch.Tensor, gate_up_w: torch.Tensor, down_w: torch.Tensor,

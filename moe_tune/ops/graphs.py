@@ -46,7 +46,9 @@ import torch
 
 from moe_tune import runtime
 from moe_tune.errors import InvalidInputError
+from moe_tune.device import query_device
 from moe_tune.ops import block, launch
+from moe_tune.ops.routing import Routing
 
 ENV_VAR = "MOE_TUNE_CUDA_GRAPHS"
 BUDGET_ENV_VAR = "MOE_TUNE_CUDA_GRAPHS_MIB"
@@ -114,13 +116,19 @@ class _Pair:
     def capture(self, gate_up_w, down_w, needs: tuple[bool, ...]) -> None:
         """Run the bodies once on a side stream (every launch compiled and loaded), then capture."""
         self.grad_out.zero_()
+        E, H, I, k = block.problem_dims(gate_up_w, self.top_k_index.shape[1])
+        T = self.hidden.shape[0]
+        info = query_device(self.hidden.device)
+        # The weight gradients' configs, looked up once: each backward launches them directly.
+        self.dw_configs = (info, block.block_configs(E, H, I, k, gate_up_w.dtype, T, info))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             warm = self._forward(gate_up_w, down_w)
             if any(needs):
                 d_act, d_h, _, _, x_sorted, g_sorted = self._backward(warm, gate_up_w, down_w, needs)
-                _weight_grads(self, gate_up_w, down_w, needs, (warm[2], warm[3], d_act, d_h, x_sorted, g_sorted))
+                _weight_grads(self, gate_up_w, down_w, needs, Routing(warm[2], warm[3], T, k),
+                              (d_act, d_h, x_sorted, g_sorted))
             del warm
         torch.cuda.current_stream().wait_stream(side)
         self.forward_graph = torch.cuda.CUDAGraph()
@@ -134,6 +142,7 @@ class _Pair:
                                   capture_error_mode="thread_local"):
                 (self.d_act, self.d_h, self.d_weights, self.d_hidden, self.x_sorted,
                  self.g_sorted) = self._backward(saved, gate_up_w, down_w, needs)
+            self.routing = Routing(self.offsets, self.slots, T, k)
 
     def _forward(self, gate_up_w, down_w):
         return block.forward(self.hidden, gate_up_w, down_w, self.top_k_index, self.top_k_weights, in_op=False)
@@ -153,19 +162,17 @@ class _Pair:
         return d_act, d_h, d_weights, d_hidden, x_sorted, g_sorted
 
 
-def _weight_grads(pair: _Pair, gate_up_w, down_w, needs, buffers) -> tuple:
+def _weight_grads(pair: _Pair, gate_up_w, down_w, needs, routing: Routing, buffers) -> tuple:
     """(d gate_up_w, d down_w), None where not needed: the two dW GEMMs on a backward's buffers
-    (offsets, slots, w·A, dH, X and G rows in expert order), into fresh tensors."""
+    (w·A, dH, X and G rows in expert order) with the configs the pair looked up at capture, into
+    fresh tensors."""
     _, need_gate_up, need_down, _ = needs
-    offsets, slots, d_act, d_h, x_sorted, g_sorted = buffers
-    k = pair.top_k_index.shape[1]
-    d_gate_up = d_down = None
-    if need_gate_up:
-        _, d_gate_up = block.backward_up(d_h, pair.hidden, gate_up_w, offsets, slots, k, need_hidden=False,
-                                         need_gate_up=True, in_op=False, x_sorted=x_sorted)
-    if need_down:
-        d_down = block.backward_down(pair.grad_out, d_act, down_w, offsets, slots, k, in_op=False,
-                                     g_sorted=g_sorted)
+    d_act, d_h, x_sorted, g_sorted = buffers
+    info, cfg = pair.dw_configs
+    d_gate_up = block.weight_grad(d_h, x_sorted, gate_up_w, routing, cfg["up", "dw"], info,
+                                  in_op=False) if need_gate_up else None
+    d_down = block.weight_grad(g_sorted, d_act, down_w, routing, cfg["down", "dw"], info,
+                               in_op=False) if need_down else None
     return d_gate_up, d_down
 
 
@@ -292,7 +299,7 @@ class _GraphedBlock(torch.autograd.Function):
         pair.backward_graph.replay()
         d_hidden = pair.d_hidden.clone() if ctx.needs[0] else None
         d_weights = pair.d_weights.clone() if ctx.needs[3] else None
-        d_gate_up, d_down = _weight_grads(pair, gate_up_w, down_w, ctx.needs, (
-            pair.offsets, pair.slots, pair.d_act, pair.d_h, pair.x_sorted, pair.g_sorted))
+        d_gate_up, d_down = _weight_grads(pair, gate_up_w, down_w, ctx.needs, pair.routing,
+                                          (pair.d_act, pair.d_h, pair.x_sorted, pair.g_sorted))
         lease.release()  # stream order: the next forward's writes come after these launches
         return d_hidden, d_gate_up, d_down, None, d_weights, None, None
