@@ -12,7 +12,7 @@ shipped cache), then a grid of tilings small enough for two programs per SM, eac
 programs per SM, gated against the float32 reference and timed (do_bench median). Each row
 records the compiled kernel's registers, spills and shared memory. Writes ``OUT/occupancy.json``.
 
-    python3 benchmarks/gpu_occupancy_probe.py --out DIR [--model qwen3-30b-a3b] [--tokens 4096]
+    python3 benchmarks/gpu_occupancy_probe.py --out DIR [--model qwen3-30b-a3b] [--tokens 4096] [--passes dw]
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ def grid(problem, tuned):
 
     if problem.pass_ == "dw":
         for bm, bn, bk, w, s in DW_TILES:
-            for store in (True, False):
+            for load, store in ((True, True), (True, False), (False, True)):
                 yield KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s,
-                                   TMA_LOAD=True, TMA_STORE=store)
+                                   TMA_LOAD=load, TMA_STORE=store)
     else:
         for bm, bn, bk, w, s in FORWARD_TILES:
             yield KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s,
@@ -82,7 +82,12 @@ def grid(problem, tuned):
 
 
 def main(argv=None) -> int:
-    args, out_dir = probe_args.parse(argv, __doc__.splitlines()[0], [4096])
+    import argparse
+
+    only = argparse.ArgumentParser(add_help=False)
+    only.add_argument("--passes", nargs="+", choices=("forward", "dx", "dw"), default=None)
+    picked, rest = only.parse_known_args(argv)
+    args, out_dir = probe_args.parse(rest, __doc__.splitlines()[0], [4096])
 
     import torch
 
@@ -98,6 +103,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     for T in args.tokens:
         for p in shape.problems():
+            if picked.passes and p.pass_ not in picked.passes:
+                continue
             case = Case(p, T, RoutingSpec(), 0, "cuda")
             tuned = runtime.get_config(p, T, info)
             cands = [("tuned", tuned)] + [("grid", c) for c in grid(p, tuned)
