@@ -126,12 +126,10 @@ class _Launcher:
     modulo 16 (Triton specialises on 16-byte alignment), every other argument's value, and the
     constexprs. The first launch with a key goes through Triton (compiling or loading as usual)
     and keeps what the ``CompiledKernel`` it returns needs to launch again: its launcher, function
-    handle, packed metadata and the constexprs in parameter order. Later launches call Triton's C
-    launch function directly with the argument list Triton would pass, except that each tensor
-    goes as its address (an int: the C launcher then skips a ``data_ptr`` call and a driver query
-    of the pointer per tensor), with the scratch memory of device-side tensor descriptors taken
-    from Triton's allocator as Triton does; Triton's launch metadata is built only when a launch
-    hook (a profiler) would read it. A new token count is a new key: one Triton launch, then hits.
+    handle, packed metadata and the constexprs in parameter order. Later launches call that
+    launcher directly with the argument list Triton would pass, and build Triton's launch metadata
+    only when a launch hook (a profiler) would read it. A new token count is a new key: one Triton
+    launch, then hits.
     """
 
     def __init__(self, kernel):
@@ -140,58 +138,23 @@ class _Launcher:
         self.constexprs = [p.name for p in kernel.params if p.is_constexpr]
 
     def __call__(self, grid: tuple, args: tuple, meta: dict) -> None:
-        full = list(args)
-        key = [grid]
-        for i, a in enumerate(args):
-            if isinstance(a, torch.Tensor):
-                ptr = a.data_ptr()
-                full[i] = ptr
-                key.append((a.dtype, ptr & 15))
-            else:
-                key.append(a)
-        key = (*key, *meta.values())
+        key = (grid, *[(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args],
+               *meta.values())
         entry = self.compiled.get(key)
         if entry is None:
             compiled = self.kernel[grid](*args, **meta)
             grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-            self.compiled[key] = (compiled, grid3, tuple(meta[name] for name in self.constexprs),
-                                  _direct_launch(compiled.run))
+            self.compiled[key] = (compiled, grid3, tuple(meta[name] for name in self.constexprs))
             return
-        compiled, (gx, gy, gz), constexprs, direct = entry
+        compiled, (gx, gy, gz), constexprs = entry
         stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
         enter, leave = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
-        full.extend(constexprs)
-        if _hooked(enter) or _hooked(leave):  # what a hook reads: the arguments as the caller gave them
-            metadata = compiled.launch_metadata(grid, stream, *args, *constexprs)
+        full = args + constexprs
+        if _hooked(enter) or _hooked(leave):
+            metadata = compiled.launch_metadata(grid, stream, *full)
         else:  # nothing would read it: no metadata, no hook calls
             metadata = enter = leave = None
-        run = compiled.run
-        if not direct:  # another Triton's launcher: its own call, as Triton makes it
-            run(gx, gy, gz, stream, compiled.function, compiled.packed_metadata, metadata, enter, leave, *full)
-            return
-        programs = gx * gy * gz * run.num_ctas
-        scratch = _scratch(run.global_scratch_size, run.global_scratch_align, programs, stream, _allocation._allocator)
-        profile = _scratch(run.profile_scratch_size, run.profile_scratch_align, programs, stream,
-                           _allocation._profile_allocator)
-        run.launch(gx, gy, gz, stream, compiled.function, run.launch_cooperative_grid, run.launch_pdl, scratch,
-                   profile, compiled.packed_metadata, metadata, enter, leave, *full)
-
-
-_LAUNCHER_FIELDS = ("launch", "num_ctas", "global_scratch_size", "global_scratch_align", "profile_scratch_size",
-                    "profile_scratch_align", "launch_cooperative_grid", "launch_pdl")
-
-
-def _direct_launch(run) -> bool:
-    """Whether ``run`` is Triton 3.6's CUDA launcher, whose C function ``launch_kernel`` calls."""
-    return _allocation is not None and all(hasattr(run, name) for name in _LAUNCHER_FIELDS)
-
-
-def _scratch(size: int, align: int, programs: int, stream, allocator):
-    """What Triton's launcher allocates per launch for ``size`` bytes of scratch per program: None
-    when none, else the allocator's buffer (freed after the launch, in stream order, as Triton's)."""
-    if size <= 0:
-        return None
-    return allocator.get()(programs * size, align, stream)
+        compiled.run(gx, gy, gz, stream, compiled.function, compiled.packed_metadata, metadata, enter, leave, *full)
 
 
 _LAUNCHERS: dict[Any, _Launcher] = {}
