@@ -64,6 +64,10 @@ def _as_pos_int(value: Any, name: str) -> int:
     return value
 
 
+# An SM holds at most a few programs of these kernels (shared memory, registers); more only queue.
+MAX_PROGRAMS_PER_SM = 4
+
+
 def _is_pow2(value: int) -> bool:
     return value > 0 and value & (value - 1) == 0
 
@@ -83,6 +87,9 @@ class KernelConfig:
     WARP_SPEC warp-specialises the reduction loop (Triton's Hopper pass): one producer warpgroup
     issues the TMA copies and two consumer warpgroups of ``num_warps`` warps each run the MMAs on
     half the tile; it needs both operands through TMA (nothing gathered) and a 16-bit dtype.
+    PROGRAMS_PER_SM sizes the persistent grid (programs per SM): with 2, where shared memory and
+    registers let two programs share an SM, one program's epilogue and loads run beside the
+    other's MMAs (a launch parameter, not a constexpr; the kernels see it through ``NUM_SMS``).
     """
 
     BLOCK_M: int
@@ -95,6 +102,7 @@ class KernelConfig:
     TMA_STORE: bool = False
     GATHER_COPY: bool = False
     WARP_SPEC: bool = False
+    PROGRAMS_PER_SM: int = 1
 
     def __post_init__(self) -> None:
         for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
@@ -106,6 +114,9 @@ class KernelConfig:
         _as_bool(self.TMA_STORE, "TMA_STORE")
         _as_bool(self.GATHER_COPY, "GATHER_COPY")
         _as_bool(self.WARP_SPEC, "WARP_SPEC")
+        programs = _as_pos_int(self.PROGRAMS_PER_SM, "PROGRAMS_PER_SM")
+        _require(programs <= MAX_PROGRAMS_PER_SM,
+                 f"PROGRAMS_PER_SM must be at most {MAX_PROGRAMS_PER_SM}, got {programs}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -121,12 +132,13 @@ class KernelConfig:
         return cls(**dict(data))
 
     def short(self) -> str:
-        """Compact one-line form for tables and logs, e.g. ``128x128x64 g8 w4 s3 tma:LS copy``."""
+        """Compact one-line form for tables and logs, e.g. ``128x128x64 g8 w4 s3 tma:LS copy p2``."""
         tma = ("L" if self.TMA_LOAD else "") + ("S" if self.TMA_STORE else "")
         return (
             f"{self.BLOCK_M}x{self.BLOCK_N}x{self.BLOCK_K} g{self.GROUP_M} "
             f"w{self.num_warps} s{self.num_stages}" + (f" tma:{tma}" if tma else "")
             + (" copy" if self.GATHER_COPY else "") + (" ws" if self.WARP_SPEC else "")
+            + (f" p{self.PROGRAMS_PER_SM}" if self.PROGRAMS_PER_SM > 1 else "")
         )
 
 

@@ -43,6 +43,7 @@ SPACES: dict[str, dict[str, tuple]] = {
         "TMA_STORE": (False, True),
         "GATHER_COPY": (False, True),
         "WARP_SPEC": (False, True),
+        "PROGRAMS_PER_SM": (1, 2),
     },
     "full": {
         "BLOCK_M": (16, 32, 64, 128, 256),
@@ -55,6 +56,7 @@ SPACES: dict[str, dict[str, tuple]] = {
         "TMA_STORE": (False, True),
         "GATHER_COPY": (False, True),
         "WARP_SPEC": (False, True),
+        "PROGRAMS_PER_SM": (1, 2),
     },
     # What `moe-tune sweep --interpret` searches: blocks the tiny test preset (E=4, H=64, I=32)
     # admits, one warp so that 16x32 tiles pass `warps_fit_tile`. The interpreter ignores warps
@@ -193,6 +195,24 @@ def warp_spec_possible(problem: Problem, cfg: KernelConfig, device: DeviceInfo) 
     return None
 
 
+def programs_fit_sm(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> str | None:
+    """Several programs per SM only where they can stay resident together: shared memory for all
+    of them, at most 16 warps in all (65536 registers at ~128 a thread), and no warp
+    specialisation (its 12 warps take an SM's registers). Elsewhere the extra programs would only
+    queue behind the first (correct, never faster)."""
+    n = cfg.PROGRAMS_PER_SM
+    if n == 1:
+        return None
+    if cfg.WARP_SPEC:
+        return "PROGRAMS_PER_SM > 1 does not combine with WARP_SPEC (its warpgroups take an SM's registers)"
+    need = n * shared_mem_bytes(problem, cfg)
+    if need > device.max_shared_mem:
+        return f"{n} programs need ~{need} bytes of shared memory on one SM, the device has {device.max_shared_mem}"
+    if n * cfg.num_warps > 16:
+        return f"{n} programs of {cfg.num_warps} warps do not fit one SM's registers"
+    return None
+
+
 def blocks_fit_problem(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> str | None:
     # A block more than twice the padded dimension only adds masked work.
     if problem.pass_ == "dw":
@@ -221,6 +241,7 @@ PREDICATES: tuple[Predicate, ...] = (
     tma_store_possible,
     gather_copy_applies,
     warp_spec_possible,
+    programs_fit_sm,
     blocks_fit_problem,
     warps_fit_tile,
 )

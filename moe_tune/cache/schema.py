@@ -12,7 +12,7 @@ to the same ranges (``new``, ``add``, ``Measurement``), so nothing written is re
 A cache file (one device, one Triton version; ``paths.file_name`` names it)::
 
     {
-      "schema_version": "2.0",
+      "schema_version": "3.0",
       "kind": "moe-tune-cache",
       "device":     {"name", "capability": [9, 0], "sm_count", "max_shared_mem"},
       "software":   {"triton", "torch", "cuda", "moe_tune", "kernel_hash"},   # newest writer
@@ -64,7 +64,7 @@ from moe_tune.device import DeviceInfo
 from moe_tune.errors import CacheError, CacheVersionError, InvalidInputError
 from moe_tune.problem import KernelConfig, Problem
 
-SCHEMA_VERSION = "2.0"
+SCHEMA_VERSION = "3.0"
 CACHE_KIND = "moe-tune-cache"
 PACK_KIND = "moe-tune-pack"
 
@@ -79,9 +79,16 @@ def _from_v1(doc: dict) -> dict:
     return {**doc, "schema_version": "2.0"}
 
 
+def _from_v2(doc: dict) -> dict:
+    """2.x → 3.0: configs gained ``PROGRAMS_PER_SM``. A 2.x config ran one program per SM, as one
+    that reads ``PROGRAMS_PER_SM: 1`` does, so the entries carry over unchanged."""
+    return {**doc, "schema_version": "3.0"}
+
+
 # Upgrades from one major version to the next: _MIGRATIONS[n] turns a major-n document into a
-# major-(n+1) one. 2.0 added the config key WARP_SPEC (an older moe-tune cannot read it).
-_MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _from_v1}
+# major-(n+1) one. 2.0 added the config key WARP_SPEC, 3.0 the key PROGRAMS_PER_SM (an older
+# moe-tune cannot read either).
+_MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _from_v1, 2: _from_v2}
 
 
 def now_iso() -> str:

@@ -205,6 +205,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def programs(cfg: KernelConfig, info: DeviceInfo) -> int:
+    """The persistent grid of a grouped-GEMM launch: ``PROGRAMS_PER_SM`` programs per SM (the
+    kernels stride their tiles by it, as ``NUM_SMS``)."""
+    return info.sm_count * cfg.PROGRAMS_PER_SM
+
+
 def grouped_mm(a, w, c, routing, weights, *, trans_w: bool, gather_a: bool, gather_div: int, scatter_c: bool,
                cfg: KernelConfig, info: DeviceInfo, sorted_a=None, in_op: bool = False) -> None:
     """One launch of ``grouped_mm_kernel``: C = A·W[e]ᵀ (``trans_w``: A·W[e]) per expert, rows of A
@@ -218,6 +224,7 @@ def grouped_mm(a, w, c, routing, weights, *, trans_w: bool, gather_a: bool, gath
     else:
         stride_w_red, stride_w_out = w.stride(2), w.stride(1)
     ensure_allocator(cfg, w.device)
+    grid = programs(cfg, info)
     if cfg.WARP_SPEC:  # check_config: nothing gathered, so no sorted_a either; the slot takes the table
         sorted_a = routing.block_table(cfg.BLOCK_M, in_op=in_op)
     args = (
@@ -233,11 +240,11 @@ def grouped_mm(a, w, c, routing, weights, *, trans_w: bool, gather_a: bool, gath
         TRANS_W=trans_w, GATHER_A=gather_a, SCATTER_C=scatter_c, WEIGHTED=weights is not None,
         SORT_A=sorted_a is not None and not cfg.WARP_SPEC,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count, DOT_PRECISION=dot_precision(a.dtype),
+        TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=grid, DOT_PRECISION=dot_precision(a.dtype),
         WARP_SPEC=cfg.WARP_SPEC, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     outputs = (a, c) if sorted_a is None else (a, c, sorted_a)
-    launch_kernel(grouped_mm_kernel, in_op, (info.sm_count,), args, meta, outputs)
+    launch_kernel(grouped_mm_kernel, in_op, (grid,), args, meta, outputs)
 
 
 def grouped_mm_dw(dy, x, dw, routing, weights, *, gather_dy: bool, dy_div: int, gather_x: bool, x_div: int,
@@ -259,6 +266,7 @@ def grouped_mm_dw(dy, x, dw, routing, weights, *, gather_dy: bool, dy_div: int, 
                 weights = None
             gather_dy, dy_div = False, 1
     ensure_allocator(cfg, dw.device)
+    grid = programs(cfg, info)
     args = (
         dy, x, dw, routing.expert_offsets, routing.sorted_slots, weights if weights is not None else dy,
         N, K, dy_div, x_div,
@@ -269,7 +277,7 @@ def grouped_mm_dw(dy, x, dw, routing, weights, *, gather_dy: bool, dy_div: int, 
     meta = dict(
         E=E, GATHER_DY=gather_dy, GATHER_X=gather_x, WEIGHTED=weights is not None,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=info.sm_count, DOT_PRECISION=dot_precision(dy.dtype),
+        TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=grid, DOT_PRECISION=dot_precision(dy.dtype),
         WARP_SPEC=cfg.WARP_SPEC, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    launch_kernel(grouped_mm_dw_kernel, in_op, (info.sm_count,), args, meta, (dy, dw))
+    launch_kernel(grouped_mm_dw_kernel, in_op, (grid,), args, meta, (dy, dw))

@@ -156,6 +156,8 @@ def estimate_ms(problem: Problem, cfg: KernelConfig, tokens: int, device: Device
     if output_scattered(problem):
         store_ns *= 1.2
     tile_ns = steps * step_ns + store_ns + _TILE_NS
+    if cfg.PROGRAMS_PER_SM > 1:  # the other programs' main loops run through one's epilogue
+        tile_ns = max(steps * step_ns, tile_ns / cfg.PROGRAMS_PER_SM)
     compute_ns = math.ceil(tiles / sms) * tile_ns if tiles else _TILE_NS
     weight_bytes = problem.E * problem.N * problem.K * nbytes
     act_bytes = rows * (problem.N + problem.K) * nbytes
@@ -179,7 +181,7 @@ def rank(problem: Problem, configs: Iterable[KernelConfig], tokens: int, device:
 
 def neighbours(problem: Problem, cfg: KernelConfig, device: DeviceInfo, tokens: int) -> list[KernelConfig]:
     """Legal configs one step from ``cfg`` along one parameter of the full space (the adjacent
-    block sizes, GROUP_M, warps and stages, each TMA flag toggled)."""
+    block sizes, GROUP_M, warps, stages and programs per SM, each TMA flag toggled)."""
     found = []
     for name, values in SPACES["full"].items():
         current = getattr(cfg, name)

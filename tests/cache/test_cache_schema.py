@@ -114,15 +114,15 @@ def test_truncated_real_file_is_a_cache_error_at_every_cut(rng):
 
 def test_future_major_version_is_refused_with_a_clear_message(rng):
     doc = random_cache_file(rng, problems=1, buckets=1).to_json()
-    doc["schema_version"] = "3.0"
-    with pytest.raises(CacheVersionError, match=r"newer moe-tune \(schema 3\.0.*upgrade moe-tune"):
+    doc["schema_version"] = "4.0"
+    with pytest.raises(CacheVersionError, match=r"newer moe-tune \(schema 4\.0.*upgrade moe-tune"):
         CacheFile.from_json(doc, "f.json")
 
 
 def test_newer_minor_version_is_read_ignoring_added_metadata(rng):
     cache = random_cache_file(rng, problems=1, buckets=1)
     doc = cache.to_json()
-    doc["schema_version"] = "2.7"
+    doc["schema_version"] = "3.7"
     doc["provenance"]["host_fingerprint"] = "abc"
     _first_entry(doc["entries"])["buckets"][0]["measurement"]["p99_ms"] = 1.5
     assert CacheFile.from_json(doc) == cache
@@ -245,15 +245,19 @@ def test_pack_and_cache_kinds_are_not_confused(rng):
     assert pack.load_any(Pack([cache]).dumps(), "p")[0] == schema.PACK_KIND
 
 
-def test_schema_1_file_reads_as_configs_without_warp_spec(rng):
+@pytest.mark.parametrize("version, absent", [("1.0", ("WARP_SPEC", "PROGRAMS_PER_SM")), ("2.0", ("PROGRAMS_PER_SM",))])
+def test_older_schemas_read_as_configs_without_the_keys_they_lacked(rng, version, absent):
     cache = random_cache_file(rng, problems=2, buckets=2)
     doc = cache.to_json()
-    assert doc["schema_version"] == "2.0"
-    doc["schema_version"] = "1.0"
+    assert doc["schema_version"] == "3.0"
+    doc["schema_version"] = version
+    defaults = {"WARP_SPEC": False, "PROGRAMS_PER_SM": 1}
     for entry in doc["entries"].values():
         for bucket in entry["buckets"]:
-            assert bucket["config"].pop("WARP_SPEC") is False  # what a 1.x writer left out
+            for key in absent:  # what a writer of that schema left out
+                assert bucket["config"].pop(key) == defaults[key]
     read = CacheFile.from_json(doc, "old.json")
     assert read == cache
-    assert all(not e.config.WARP_SPEC for buckets in read.entries.values() for e in buckets.values())
-    assert read.to_json()["schema_version"] == "2.0"
+    assert all(not e.config.WARP_SPEC and e.config.PROGRAMS_PER_SM == 1
+               for buckets in read.entries.values() for e in buckets.values())
+    assert read.to_json()["schema_version"] == "3.0"

@@ -109,7 +109,7 @@ def test_show_table_output(cli, tmp_path, rng):
 
 def _bad_files(tmp_path, rng) -> dict:
     good = model_cache(rng).to_json()
-    future = dict(good, schema_version="3.0")
+    future = dict(good, schema_version="4.0")
     wrong = json.loads(json.dumps(good))
     next(iter(wrong["entries"].values()))["buckets"][0]["measurement"]["candidates"] = "many"
     pack = Pack([model_cache(rng)]).to_json()

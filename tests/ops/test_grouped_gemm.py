@@ -7,6 +7,7 @@ Every case draws fresh random inputs and routing, poisons the output with NaN be
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import pytest
 import torch
@@ -128,6 +129,20 @@ def test_edge_cases(T, E, topk, mode, cfg, flags):
     dx_cfg = dataclasses.replace(cfg, TMA_STORE=False)
     run_three_passes(cfg_fwd, T=T, E=E, N=32, K=32, topk=topk, dtype=torch.float32, flags=flags, mode=mode,
                      dx_cfg=dx_cfg)
+
+
+@pytest.mark.parametrize("programs", [2, 3])
+@pytest.mark.parametrize("mode", ["random", "subset"])
+@pytest.mark.parametrize("flags", FLAGS[:2], ids=["up", "down"])
+def test_several_programs_per_sm_cover_every_tile_once(programs, mode, flags):
+    # A grid of PROGRAMS_PER_SM × SMs programs strides the tiles by that count: every tile is
+    # written (NaN-poisoned outputs), including where the grid outnumbers the tiles.
+    cfg = dataclasses.replace(PLAIN, PROGRAMS_PER_SM=programs)
+    run_three_passes(cfg, T=random.randint(20, 48), E=6, N=40, K=24, topk=2, dtype=torch.float32, flags=flags,
+                     mode=mode)
+    tma = dataclasses.replace(TMA, PROGRAMS_PER_SM=programs)
+    run_three_passes(tma, T=random.randint(20, 48), E=4, N=64, K=32, topk=2, dtype=torch.float16, flags=flags,
+                     mode=mode)
 
 
 def test_empty_expert_weight_gradient_is_zero_not_garbage():

@@ -190,7 +190,7 @@ def test_miss_warns_once_per_problem_naming_the_sweep(problem, command):
 
 
 def _future(doc):
-    doc["schema_version"] = "3.1"
+    doc["schema_version"] = "4.1"
     return json.dumps(doc)
 
 

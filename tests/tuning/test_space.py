@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 
 from moe_tune.device import INTERPRETER_DEVICE, DeviceInfo
+from moe_tune.errors import InvalidInputError
 from moe_tune.models import list_presets, load_preset
 from moe_tune.problem import DTYPE_BYTES, KernelConfig, MoeShape, Problem
 from moe_tune.space import (
@@ -86,9 +87,10 @@ def test_token_rule_drops_row_blocks_far_above_the_rows_per_expert():
 
 def test_default_space_size_is_what_the_search_is_designed_for():
     # The search compiles ~56 of these per problem; the full space is the exhaustive reference.
-    # dw doubles with GATHER_COPY (its gathered operand copied to expert order or not).
+    # dw doubles with GATHER_COPY (its gathered operand copied to expert order or not);
+    # PROGRAMS_PER_SM adds the tilings small enough for two programs per SM (about half again).
     for problem in load_preset("qwen3-30b-a3b").problems():
-        assert 100 <= len(candidates(problem, H100, "default")) <= (600 if problem.pass_ == "dw" else 400)
+        assert 100 <= len(candidates(problem, H100, "default")) <= 600
         assert len(candidates(problem, H100, "full")) > 1000
 
 
@@ -144,3 +146,41 @@ def test_sorted_dw_default_is_warp_specialised_on_hopper(device, expected):
     # gpt-oss's dW has 2880 rows per expert's gradient: a 128-row tile would straddle two experts.
     for problem in load_preset("gpt-oss-20b").problems():
         assert not default_config(problem, H100).WARP_SPEC
+
+
+def test_several_programs_per_sm_only_where_they_can_share_one(rng):
+    # Two programs share an SM only with room for both: shared memory, 16 warps of registers, and
+    # no warp specialisation. Elsewhere the space holds one program per SM.
+    seen_two = False
+    for problem in rng.sample(all_problems(), 16):
+        for device in (H100, A100, SMALL):
+            for cfg in candidates(problem, device, "default"):
+                if cfg.PROGRAMS_PER_SM == 1:
+                    continue
+                seen_two = True
+                assert not cfg.WARP_SPEC and cfg.num_warps * cfg.PROGRAMS_PER_SM <= 16
+                assert cfg.PROGRAMS_PER_SM * shared_mem_bytes(problem, cfg) <= device.max_shared_mem
+                one = dataclasses.replace(cfg, PROGRAMS_PER_SM=1)
+                assert why_illegal(problem, one, device) is None  # the knob adds configs, removes none
+    assert seen_two
+    dw = next(p for p in load_preset("gpt-oss-120b").problems() if p.pass_ == "dw")
+    small = KernelConfig(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4, TMA_STORE=True,
+                         PROGRAMS_PER_SM=2)
+    assert why_illegal(dw, small, H100) is None
+    qwen_dw = next(p for p in load_preset("qwen3-30b-a3b").problems() if p.pass_ == "dw")
+    ws = dataclasses.replace(small, TMA_LOAD=True, WARP_SPEC=True)
+    assert why_illegal(qwen_dw, dataclasses.replace(ws, PROGRAMS_PER_SM=1), H100) is None
+    for problem, cfg, reason in ((dw, dataclasses.replace(small, BLOCK_M=64, num_stages=3), "shared memory"),
+                                 (dw, dataclasses.replace(small, num_warps=16), "registers"),
+                                 (qwen_dw, ws, "does not combine with WARP_SPEC")):
+        assert reason in why_illegal(problem, cfg, H100)
+        assert why_illegal(problem, cfg, H100, HARD_PREDICATES) is None  # pruned from the search, still runs
+
+
+def test_programs_per_sm_is_a_checked_config_field():
+    cfg = KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, PROGRAMS_PER_SM=2)
+    assert KernelConfig.from_dict(cfg.to_dict()) == cfg and cfg.short().endswith(" p2")
+    assert KernelConfig.from_dict({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}).PROGRAMS_PER_SM == 1
+    for bad in (0, 5, 1.5, True, "2"):
+        with pytest.raises(InvalidInputError, match="PROGRAMS_PER_SM"):
+            KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, PROGRAMS_PER_SM=bad)
