@@ -157,7 +157,7 @@ def estimate_ms(problem: Problem, cfg: KernelConfig, tokens: int, device: Device
         store_ns *= 1.2
     tile_ns = steps * step_ns + store_ns + _TILE_NS
     if cfg.PROGRAMS_PER_SM > 1:  # the other programs' main loops run through one's epilogue
-        tile_ns = max(steps * step_ns, tile_ns / cfg.PROGRAMS_PER_SM)
+        tile_ns = steps * step_ns + (store_ns + _TILE_NS) / cfg.PROGRAMS_PER_SM
     compute_ns = math.ceil(tiles / sms) * tile_ns if tiles else _TILE_NS
     weight_bytes = problem.E * problem.N * problem.K * nbytes
     act_bytes = rows * (problem.N + problem.K) * nbytes

@@ -88,9 +88,10 @@ def test_token_rule_drops_row_blocks_far_above_the_rows_per_expert():
 def test_default_space_size_is_what_the_search_is_designed_for():
     # The search compiles ~56 of these per problem; the full space is the exhaustive reference.
     # dw doubles with GATHER_COPY (its gathered operand copied to expert order or not);
-    # PROGRAMS_PER_SM adds the tilings small enough for two programs per SM (about half again).
+    # PROGRAMS_PER_SM adds the tilings small enough for two programs per SM (about half again),
+    # and a 32-row step (for dW, where two programs fit with it) half again.
     for problem in load_preset("qwen3-30b-a3b").problems():
-        assert 100 <= len(candidates(problem, H100, "default")) <= 600
+        assert 100 <= len(candidates(problem, H100, "default")) <= 900
         assert len(candidates(problem, H100, "full")) > 1000
 
 
