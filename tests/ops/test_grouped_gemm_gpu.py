@@ -180,3 +180,33 @@ def test_warp_specialised_passes_at_model_shapes(name, E, H, I, topk, T, dtype, 
             assert relative_error(dx, reference_dx(dy, w, routing)) < TOLERANCES[dtype]
             dw = gg.backward_dw(dy, x, w.shape, routing, config=dw_cfg, out=_nan(w.shape, dtype))
             assert relative_error(dw, reference_dw(dy, x, routing)) < TOLERANCES[dtype]
+
+
+# Two programs per SM (the configs gpt-oss-120b's dW sweep picked at 4096 tokens, H200) and a
+# forward/dx tiling small enough for two: each pass against float64 on uniform and skewed routing.
+TWO_PER_SM = {
+    "mm": KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3, TMA_LOAD=True,
+                       PROGRAMS_PER_SM=2),
+    "dw": KernelConfig(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4, TMA_STORE=True,
+                       PROGRAMS_PER_SM=2),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name, E, H, I, topk, T", SHAPES, ids=[s[0] for s in SHAPES])
+def test_two_programs_per_sm_at_model_shapes(name, E, H, I, topk, T, dtype):
+    for skew in (0.0, 4.0):
+        torch.manual_seed(hash((name, str(dtype), "two", skew)) % 2**31)
+        routing = build_routing(random_routing(T, E, topk, device="cuda", skew=skew), E)
+        M = T * topk
+        for N, K, gather, scatter in ((2 * I, H, True, False), (H, I, False, True)):
+            kw = dict(gather=gather, scatter=scatter, weights=torch.rand(M, device="cuda") if scatter else None)
+            x = torch.randn(T if gather else M, K, device="cuda", dtype=dtype)
+            w = (torch.randn(E, N, K, device="cuda") / K**0.5).to(dtype)
+            dy = torch.randn(M, N, device="cuda", dtype=dtype)
+            y = gg.forward(x, w, routing, config=TWO_PER_SM["mm"], out=_nan((M, N), dtype), **kw)
+            assert relative_error(y, reference_forward(x, w, routing, **kw)) < TOLERANCES[dtype]
+            dx = gg.backward_dx(dy, w, routing, config=TWO_PER_SM["mm"], out=_nan((M, K), dtype), **kw)
+            assert relative_error(dx, reference_dx(dy, w, routing, **kw)) < TOLERANCES[dtype]
+            dw = gg.backward_dw(dy, x, w.shape, routing, config=TWO_PER_SM["dw"], out=_nan(w.shape, dtype), **kw)
+            assert relative_error(dw, reference_dw(dy, x, routing, **kw)) < TOLERANCES[dtype]
