@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import probe_args  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -36,7 +39,7 @@ def main(argv=None) -> int:
     import torch
 
     from moe_tune import models
-    from moe_tune.bench.block import block_inputs, build_block, prepare
+    from moe_tune.bench.block import block_inputs, build_block
     from moe_tune.bench.host import _loop_ms
     from moe_tune.ops import graphs
 
@@ -49,14 +52,7 @@ def main(argv=None) -> int:
     for label, graphed in (("eager", False), ("graphed", True)):
         graphs.enable(graphed)
         graphs.reset()
-        prepared = prepare(block, "moe_tune", inputs)
-
-        def call():
-            inputs.clear()
-            prepared.fwd_bwd()
-
-        call()
-        torch.cuda.synchronize()
+        prepared, call = probe_args.warmed_block_call(block, "moe_tune", inputs, warm=1)
         host = sorted(_loop_ms(call, 20, "cuda")[0] for _ in range(9))
         fwd_ms, bwd_ms = [], []
         for _ in range(9):  # one forward then its backward: a graph pair is leased from one to the other

@@ -23,12 +23,16 @@ import argparse
 import cProfile
 import io
 import pstats
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from moe_tune.ops.moe_experts import moe_experts
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import probe_args  # noqa: E402
 from moe_tune.ops.routing import random_routing
 
 SPIN_CYCLES_PER_MS = 2_000_000  # torch.cuda._sleep cycles per ms at H100/H200 clocks (~2 GHz)
@@ -255,7 +259,7 @@ def bwd_scan(out: Path, cases: list[str]) -> None:
 def host_method(out: Path) -> None:
     """The bench's host figure under several loop lengths, held and unheld, to see how the depth
     of the launch queue moves it."""
-    from moe_tune.bench.block import block_inputs, build_block, prepare
+    from moe_tune.bench.block import block_inputs, build_block
     from moe_tune.problem import MoeShape
 
     shape = MoeShape(128, 2048, 768, 8)
@@ -263,15 +267,7 @@ def host_method(out: Path) -> None:
     inputs = block_inputs(blk, shape, 128, "bfloat16", "cuda")
     lines = []
     for label in ("grouped_mm", "moe_tune"):
-        prepared = prepare(blk, label, inputs)
-
-        def call():
-            inputs.clear()
-            prepared.fwd_bwd()
-
-        for _ in range(3):
-            call()
-        torch.cuda.synchronize()
+        prepared, call = probe_args.warmed_block_call(blk, label, inputs)
         for n in (2, 4, 10, 20, 36):
             held = sorted(held_loop(call, n) for _ in range(5))
             lines.append(f"{label} held n={n}: " + ", ".join(f"{t:.3f}" for t in held))

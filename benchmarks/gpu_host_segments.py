@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     import torch
 
     from moe_tune import models
-    from moe_tune.bench.block import block_inputs, build_block, prepare
+    from moe_tune.bench.block import block_inputs, build_block
     from moe_tune.bench.host import _loop_ms
     from moe_tune.ops import graphs
 
@@ -79,15 +79,7 @@ def main(argv=None) -> int:
         for label, graphed in (("eager", False), ("graphed", True)):
             graphs.enable(graphed)
             graphs.reset()
-            prepared = prepare(block, "moe_tune", inputs)
-
-            def call():
-                inputs.clear()
-                prepared.fwd_bwd()
-
-            for _ in range(3):
-                call()
-            torch.cuda.synchronize()
+            prepared, call = probe_args.warmed_block_call(block, "moe_tune", inputs)
             loop = statistics.median(_loop_ms(call, 20, "cuda")[0] for _ in range(7))
             per_call = collections.defaultdict(list)
             for _ in range(40):

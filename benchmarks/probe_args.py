@@ -1,5 +1,6 @@
 """What the GPU probes of this folder share: their command line (an output folder, a model preset,
-token counts), a median timer, and a config's gated timing on a tuning case."""
+token counts), a median timer, a config's gated timing on a tuning case, and a warmed experts
+block fwd+bwd."""
 
 from __future__ import annotations
 
@@ -41,3 +42,23 @@ def time_config(case, cfg) -> dict:
         return dict(ms=ms, tflops=case.problem.flops(case.tokens) / ms / 1e9, err=err)
     except Exception as exc:
         return dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
+def warmed_block_call(block, label: str, inputs, warm: int = 3):
+    """(prepared, call): ``label``'s experts block prepared on ``inputs``
+    (``moe_tune.bench.block.prepare``) and one fwd+bwd that clears the gradients first, called
+    ``warm`` times, then the GPU synchronised."""
+    import torch
+
+    from moe_tune.bench.block import prepare
+
+    prepared = prepare(block, label, inputs)
+
+    def call():
+        inputs.clear()
+        prepared.fwd_bwd()
+
+    for _ in range(warm):
+        call()
+    torch.cuda.synchronize()
+    return prepared, call
