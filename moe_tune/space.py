@@ -196,7 +196,7 @@ def warp_spec_possible(problem: Problem, cfg: KernelConfig, device: DeviceInfo) 
 
 
 # Registers a thread of these kernels holds besides its fp32 accumulator (addresses, indices, the
-# epilogue): compiled sm90 kernels sit 40-60 above it (ptxas -v, H200 probe, 2026-11-28).
+# epilogue): the dW tilings of benchmarks/gpu_occupancy_probe.py compiled to 26-62 above it (sm90).
 _REGS_BESIDE_ACCUMULATOR = 40
 _REGS_PER_SM = 65536
 

@@ -45,8 +45,8 @@ from collections import OrderedDict
 import torch
 
 from moe_tune import runtime
-from moe_tune.errors import InvalidInputError
 from moe_tune.device import query_device
+from moe_tune.errors import InvalidInputError
 from moe_tune.ops import block, launch
 from moe_tune.ops.routing import Routing
 
