@@ -3,7 +3,7 @@
 The grouped GEMMs run a persistent grid of one program per SM, which streams its tiles one after
 another: a tile's epilogue (accumulator conversion, the store) stalls that SM's tensor cores. At
 4096 tokens a dW tile reduces over only ~256 rows, so the store of its 128x256 output is a large
-share of each tile. With two programs per SM (``NUM_SMS`` doubled: the grid and the tile stride),
+share of each tile. With two programs per SM (``PROGRAMS_PER_SM=2``: the grid and the tile stride doubled),
 one program's epilogue can run beside the other's main loop, if registers and shared memory let
 both stay resident.
 
@@ -17,7 +17,6 @@ records the compiled kernel's registers, spills and shared memory. Writes ``OUT/
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import sys
@@ -34,25 +33,6 @@ FORWARD_TILES = [(128, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 4, 2)
                  (128, 256, 64, 8, 2), (128, 256, 32, 8, 3)]
 DW_TILES = [(64, 128, 128, 4, 2), (32, 128, 128, 4, 4), (64, 128, 64, 4, 3), (64, 128, 128, 8, 3),
             (64, 64, 256, 4, 2), (32, 128, 256, 8, 2), (64, 128, 256, 4, 3)]
-
-
-@contextlib.contextmanager
-def programs_per_sm(n: int):
-    """Within it, every grouped-GEMM launch runs ``n`` programs per SM."""
-    from moe_tune.ops import launch
-
-    saved = launch.grouped_mm, launch.grouped_mm_dw
-
-    def wrap(fn):
-        def call(*args, info, **kwargs):
-            return fn(*args, info=dataclasses.replace(info, sm_count=info.sm_count * n), **kwargs)
-        return call
-
-    launch.grouped_mm, launch.grouped_mm_dw = wrap(saved[0]), wrap(saved[1])
-    try:
-        yield
-    finally:
-        launch.grouped_mm, launch.grouped_mm_dw = saved
 
 
 def last_compiled(pass_: str) -> dict:
@@ -114,9 +94,9 @@ def main(argv=None) -> int:
                 for n in (1, 2):
                     if label == "tuned" and n == 2 and cfg.WARP_SPEC:
                         continue  # 12 warps with reallocated registers: one program per SM at most
-                    with programs_per_sm(n):
-                        row = dict(kind=label, programs=n, T=T, problem=p.key, config=cfg.short(),
-                                   **probe_args.time_config(case, cfg), **last_compiled(p.pass_))
+                    at_n = dataclasses.replace(cfg, PROGRAMS_PER_SM=n)
+                    row = dict(kind=label, programs=n, T=T, problem=p.key, config=cfg.short(),
+                               **probe_args.time_config(case, at_n), **last_compiled(p.pass_))
                     rows.append(row)
                     if "ms" in row and (n not in best or row["ms"] < best[n]["ms"]):
                         best[n] = row

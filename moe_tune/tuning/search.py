@@ -155,9 +155,8 @@ def estimate_ms(problem: Problem, cfg: KernelConfig, tokens: int, device: Device
     store_ns = tile_r * tile_c * nbytes / _L2_BYTES_PER_NS * (0.95 if cfg.TMA_STORE else 1.0)
     if output_scattered(problem):
         store_ns *= 1.2
-    tile_ns = steps * step_ns + store_ns + _TILE_NS
-    if cfg.PROGRAMS_PER_SM > 1:  # the other programs' main loops run through one's epilogue
-        tile_ns = steps * step_ns + (store_ns + _TILE_NS) / cfg.PROGRAMS_PER_SM
+    # With several programs per SM, one's epilogue and tile overhead run beside the others' main loops.
+    tile_ns = steps * step_ns + (store_ns + _TILE_NS) / cfg.PROGRAMS_PER_SM
     compute_ns = math.ceil(tiles / sms) * tile_ns if tiles else _TILE_NS
     weight_bytes = problem.E * problem.N * problem.K * nbytes
     act_bytes = rows * (problem.N + problem.K) * nbytes
