@@ -97,6 +97,8 @@ _L2_BYTES_PER_NS = 42.0  # per SM
 _HBM_BYTES_PER_NS = 3350.0  # whole device
 _STEP_NS = 35.0  # fixed cost of one reduction step (barriers, address math, loop)
 _TILE_NS = 500.0  # fixed cost of one output tile (expert lookup, prologue, epilogue fence)
+_DESCRIPTOR_NS = 250.0  # a tensor descriptor made on the device (written, fenced) for one tile
+_SPILL_POWER = 2.0  # an accumulator past 128 registers a thread: efficiency × (128/regs)^power
 # Pipeline depth: with one CTA per SM (persistent grid) only the stages hide load latency.
 _STAGE_FACTOR = {1: 1.9, 2: 1.3, 3: 1.08, 4: 1.0, 5: 1.0, 6: 1.01}
 
@@ -106,7 +108,7 @@ def _mma_efficiency(rows: int, cols: int, num_warps: int) -> float:
     regs = rows * cols / (32 * num_warps)  # accumulator registers per thread
     eff = 0.85
     if regs > 128:
-        eff *= 128 / regs  # spills or too few registers left for operands
+        eff *= (128 / regs) ** _SPILL_POWER  # spills, or too few registers left for operands
     if regs < 32:
         eff *= 0.8  # warps idle in the MMA
     if rows * cols < 64 * 64:
@@ -131,11 +133,21 @@ def estimate_ms(problem: Problem, cfg: KernelConfig, tokens: int, device: Device
     sms = max(1, device.sm_count)
     rows = tokens * problem.topk
     per_expert = rows / problem.E
+    copy_ns = 0.0
     if problem.pass_ == "dw":
         tile_r, tile_c, step = cfg.BLOCK_N, cfg.BLOCK_K, cfg.BLOCK_M
         tiles = problem.E * math.ceil(problem.N / tile_r) * math.ceil(problem.K / tile_c)
         steps = _blocks(per_expert, step)
-        gathered = int(problem.gather) + int(problem.scatter)  # dY and/or X rows read indirectly
+        # dY and/or X rows read indirectly, unless they come in expert order (fusion "sorted")
+        # or are copied there first (GATHER_COPY: the copy reads and writes each row once).
+        gathered = int(problem.gather) + int(problem.scatter) if problem.fusion != "sorted" else 0
+        if cfg.GATHER_COPY and gathered:
+            copy_cols = (problem.K if problem.gather else 0) + (problem.N if problem.scatter else 0)
+            copy_ns = 2 * rows * copy_cols * nbytes / _HBM_BYTES_PER_NS
+            gathered = 0
+        # Each tile makes a tensor descriptor per operand it loads through TMA (bounded by its
+        # expert's rows), a latency its few reduction steps cannot hide when experts are small.
+        descriptors = 2 - gathered if cfg.TMA_LOAD else 0
         operands = 2
     else:
         out = problem.N if problem.pass_ == "forward" else problem.K
@@ -145,8 +157,11 @@ def estimate_ms(problem: Problem, cfg: KernelConfig, tokens: int, device: Device
         steps = math.ceil(red / step)
         a_gathered = problem.gather if problem.pass_ == "forward" else problem.scatter
         gathered = int(a_gathered)
+        descriptors = 0  # made once per program
         operands = 2
-    mma_ns = 2 * tile_r * tile_c * step / (mma_rate * _mma_efficiency(tile_r, tile_c, cfg.num_warps))
+    # Warp specialisation: two consumer warpgroups of ``num_warps`` share the accumulator.
+    mma_warps = cfg.num_warps * (2 if cfg.WARP_SPEC else 1)
+    mma_ns = 2 * tile_r * tile_c * step / (mma_rate * _mma_efficiency(tile_r, tile_c, mma_warps))
     load_ns = (tile_r + tile_c) * step * nbytes / _L2_BYTES_PER_NS
     # Gathered rows cannot go through TMA and load ~15% slower; TMA loads of the others ~10% faster.
     direct = operands - gathered
@@ -155,15 +170,18 @@ def estimate_ms(problem: Problem, cfg: KernelConfig, tokens: int, device: Device
     store_ns = tile_r * tile_c * nbytes / _L2_BYTES_PER_NS * (0.95 if cfg.TMA_STORE else 1.0)
     if output_scattered(problem):
         store_ns *= 1.2
-    # With several programs per SM, one's epilogue and tile overhead run beside the others' main loops.
-    tile_ns = steps * step_ns + (store_ns + _TILE_NS) / cfg.PROGRAMS_PER_SM
+    # A tile's fixed costs (epilogue, descriptors, lookups) run beside another tile's main loop
+    # with several programs per SM, or with warp specialisation (the producer warps load the next
+    # tile while the consumers store this one).
+    overlap = 2 if cfg.WARP_SPEC else cfg.PROGRAMS_PER_SM
+    tile_ns = steps * step_ns + (store_ns + _TILE_NS + descriptors * _DESCRIPTOR_NS) / overlap
     compute_ns = math.ceil(tiles / sms) * tile_ns if tiles else _TILE_NS
     weight_bytes = problem.E * problem.N * problem.K * nbytes
     act_bytes = rows * (problem.N + problem.K) * nbytes
     hbm_ns = (weight_bytes + act_bytes) / _HBM_BYTES_PER_NS
     # Compute and HBM traffic overlap imperfectly; the smaller term also breaks the ties of
     # configs that all sit on the HBM floor (small buckets stream every expert's weights).
-    return (max(compute_ns, hbm_ns) + 0.25 * min(compute_ns, hbm_ns)) / 1e6
+    return (max(compute_ns, hbm_ns) + 0.25 * min(compute_ns, hbm_ns) + copy_ns) / 1e6
 
 
 def rank(problem: Problem, configs: Iterable[KernelConfig], tokens: int, device: DeviceInfo) -> list[KernelConfig]:
