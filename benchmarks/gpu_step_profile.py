@@ -1,0 +1,111 @@
+"""Where the host time of an eager training step goes, by phase and by operator.
+
+`moe-tune bench --step` reports a step's host time (until its last launch returned). This probe
+builds the same 2-layer LM (``moe_tune.bench.lm``) and, per (mode, implementation), times each
+phase of a step on the host without synchronising between them — forward, backward, the
+optimizer step, zero_grad — then profiles a few steps (torch.profiler, CPU and CUDA activities)
+and keeps the operators and CUDA runtime calls with the most host time. A phase whose host time
+jumps between modes, or a runtime call that blocks (``cudaStreamSynchronize``, ``cudaMalloc``,
+``cudaFree``), is what to look at. Writes ``OUT/step_profile.json``.
+
+    python3 benchmarks/gpu_step_profile.py --out DIR [--model qwen3-30b-a3b] [--tokens 4096]
+        [--modes full,frozen] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PHASES = ("forward", "backward", "optimizer", "zero_grad")
+
+
+def phase_times(model, optimizer, ids, steps: int) -> dict[str, float]:
+    """Median host ms of each phase and of the whole step (no sync inside a step)."""
+    import torch
+
+    samples = {name: [] for name in (*PHASES, "host", "step")}
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        optimizer.step()
+        t3 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        torch.cuda.synchronize()
+        t5 = time.perf_counter()
+        for name, (a, b) in zip((*PHASES, "host", "step"), ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t0, t4), (t0, t5))):
+            samples[name].append((b - a) * 1e3)
+    return {name: round(statistics.median(values), 3) for name, values in samples.items()}
+
+
+def profile(model, optimizer, ids, steps: int, top: int = 25) -> dict:
+    """The operators with the most self CPU time over ``steps`` steps, and the CUDA runtime calls."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    rows = [dict(name=e.key, calls=e.count // steps, self_cpu_ms=round(e.self_cpu_time_total / 1e3 / steps, 3),
+                 cpu_ms=round(e.cpu_time_total / 1e3 / steps, 3)) for e in events]
+    ops = sorted((r for r in rows if not r["name"].startswith("cuda")), key=lambda r: -r["self_cpu_ms"])[:top]
+    runtime = sorted((r for r in rows if r["name"].startswith("cuda")), key=lambda r: -r["self_cpu_ms"])[:12]
+    return {"ops": ops, "runtime": runtime}
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    import torch
+
+    from moe_tune.bench.lm import build_lm, lm_config, make_optimizer, prepare_mode, token_batch
+    from moe_tune.models import load_preset
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default="qwen3-30b-a3b")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--modes", default="full,frozen")
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    shape = load_preset(args.model)
+    config = lm_config(shape, "qwen3_moe")
+    master = build_lm(config, "bfloat16", "cuda")
+    ids = token_batch(config, args.tokens, 2048, "cuda")
+    report = {"device": torch.cuda.get_device_name(), "model": args.model, "tokens": args.tokens, "runs": []}
+    for mode in args.modes.split(","):
+        for implementation in ("grouped_mm", "moe_tune"):
+            model = prepare_mode(copy.deepcopy(master), implementation, mode)
+            optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], "cuda")
+            phase_times(model, optimizer, ids, 3)  # warm-up: kernels, configs, optimizer state
+            run = {"mode": mode, "implementation": implementation,
+                   "phases_ms": phase_times(model, optimizer, ids, args.steps),
+                   "profile": profile(model, optimizer, ids, 3)}
+            report["runs"].append(run)
+            print(mode, implementation, run["phases_ms"], flush=True)
+            del model, optimizer
+            torch.cuda.empty_cache()
+    (out / "step_profile.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
