@@ -63,10 +63,45 @@ def profile(model, optimizer, ids, steps: int, top: int = 25) -> dict:
         torch.cuda.synchronize()
     events = prof.key_averages()
     rows = [dict(name=e.key, calls=e.count // steps, self_cpu_ms=round(e.self_cpu_time_total / 1e3 / steps, 3),
-                 cpu_ms=round(e.cpu_time_total / 1e3 / steps, 3)) for e in events]
+                 cpu_ms=round(e.cpu_time_total / 1e3 / steps, 3),
+                 gpu_ms=round(getattr(e, "self_device_time_total", 0) / 1e3 / steps, 3)) for e in events]
     ops = sorted((r for r in rows if not r["name"].startswith("cuda")), key=lambda r: -r["self_cpu_ms"])[:top]
     runtime = sorted((r for r in rows if r["name"].startswith("cuda")), key=lambda r: -r["self_cpu_ms"])[:12]
-    return {"ops": ops, "runtime": runtime}
+    kernels = sorted((r for r in rows if r["gpu_ms"] > 0), key=lambda r: -r["gpu_ms"])
+    return {"ops": ops, "runtime": runtime, "kernels": kernels[:top],
+            "gpu_ms_total": round(sum(r["gpu_ms"] for r in kernels), 3)}
+
+
+def synchronising_calls(model, optimizer, ids) -> list[str]:
+    """Where one step makes the host wait on the device (``torch.cuda.set_sync_debug_mode``'s
+    warnings, each with the innermost frames outside torch)."""
+    import traceback
+    import warnings
+
+    import torch
+
+    found = []
+
+    def note(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename][-3:]
+        found.append(f"{str(message)[:80]} <- " + " <- ".join(f"{Path(f.filename).name}:{f.lineno}"
+                                                                for f in reversed(frames)))
+
+    shown = warnings.showwarning
+    warnings.showwarning = note
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = note
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = shown
+    return found
 
 
 def main(argv=None) -> None:
@@ -99,7 +134,8 @@ def main(argv=None) -> None:
             phase_times(model, optimizer, ids, 3)  # warm-up: kernels, configs, optimizer state
             run = {"mode": mode, "implementation": implementation,
                    "phases_ms": phase_times(model, optimizer, ids, args.steps),
-                   "profile": profile(model, optimizer, ids, 3)}
+                   "profile": profile(model, optimizer, ids, 3),
+                   "syncs": synchronising_calls(model, optimizer, ids)}
             report["runs"].append(run)
             print(mode, implementation, run["phases_ms"], flush=True)
             del model, optimizer
