@@ -42,7 +42,8 @@ def screen_times(path: Path) -> tuple[DeviceInfo, dict[tuple[str, int], list[tup
         record = json.loads(line)
         if record.get("type") == "header":
             device = DeviceInfo.from_dict(record["settings"]["device"])
-        elif record.get("type") == "measure" and record["stage"] == "screen" and record["outcome"]["ok"]:
+        elif (record.get("type") == "measure" and record.get("stage") == "screen"
+              and record.get("outcome", {}).get("ok")):
             groups.setdefault((record["problem"], record["tokens"]), []).append(
                 (KernelConfig.from_dict(record["config"]), record["outcome"]["median_ms"]))
     if device is None:
