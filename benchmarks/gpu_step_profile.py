@@ -87,11 +87,9 @@ def synchronising_calls(model, optimizer, ids) -> list[str]:
         found.append(f"{str(message)[:80]} <- " + " <- ".join(f"{Path(f.filename).name}:{f.lineno}"
                                                                 for f in reversed(frames)))
 
-    shown = warnings.showwarning
-    warnings.showwarning = note
     torch.cuda.set_sync_debug_mode("warn")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # restores showwarning and the filters on exit
             warnings.simplefilter("always")
             warnings.showwarning = note
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -100,7 +98,6 @@ def synchronising_calls(model, optimizer, ids) -> list[str]:
             optimizer.zero_grad(set_to_none=True)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-        warnings.showwarning = shown
     return found
 
 
