@@ -26,6 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 PHASES = ("forward", "backward", "optimizer", "zero_grad")
 
 
+def train_step(model, optimizer, ids) -> None:
+    """One step as `moe-tune bench --step` runs it (``moe_tune.bench.step``)."""
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def phase_times(model, optimizer, ids, steps: int) -> dict[str, float]:
     """Median host ms of each phase and of the whole step (no sync inside a step)."""
     import torch
@@ -56,10 +64,7 @@ def profile(model, optimizer, ids, steps: int, top: int = 25) -> dict:
 
     with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, optimizer, ids)
         torch.cuda.synchronize()
     events = prof.key_averages()
     rows = [dict(name=e.key, calls=e.count // steps, self_cpu_ms=round(e.self_cpu_time_total / 1e3 / steps, 3),
@@ -92,10 +97,7 @@ def synchronising_calls(model, optimizer, ids) -> list[str]:
         with warnings.catch_warnings():  # restores showwarning and the filters on exit
             warnings.simplefilter("always")
             warnings.showwarning = note
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, optimizer, ids)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     return found

@@ -93,6 +93,11 @@ def output_tile(problem: Problem, cfg: KernelConfig) -> tuple[int, int]:
     return (cfg.BLOCK_N, cfg.BLOCK_K) if problem.pass_ == "dw" else (cfg.BLOCK_M, cfg.BLOCK_N)
 
 
+def accumulator_regs(rows: int, cols: int, num_warps: int) -> float:
+    """fp32 accumulator registers a thread holds for a rows×cols output tile over ``num_warps`` warps."""
+    return rows * cols / (32 * num_warps)
+
+
 def shared_mem_bytes(problem: Problem, cfg: KernelConfig) -> int:
     """Estimated shared memory: stages·red·(a_rows+b_cols)·bytes, plus the output tile when it is
     staged through shared memory for a TMA store."""
@@ -216,7 +221,7 @@ def programs_fit_sm(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> 
         return f"{n} programs need ~{need} bytes of shared memory on one SM, the device has {device.max_shared_mem}"
     rows, cols = output_tile(problem, cfg)
     threads = 32 * cfg.num_warps
-    regs = min(255, rows * cols // threads + _REGS_BESIDE_ACCUMULATOR)
+    regs = min(255, int(accumulator_regs(rows, cols, cfg.num_warps)) + _REGS_BESIDE_ACCUMULATOR)
     if n * threads * regs > _REGS_PER_SM:
         return f"{n} programs of {cfg.num_warps} warps with a {rows}x{cols} accumulator do not fit one SM's registers"
     return None
@@ -238,7 +243,7 @@ def blocks_fit_problem(problem: Problem, cfg: KernelConfig, device: DeviceInfo) 
 def warps_fit_tile(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> str | None:
     rows, cols = output_tile(problem, cfg)
     # Fewer than 16 accumulator elements per thread leaves warps idle in the MMA.
-    if rows * cols < cfg.num_warps * 32 * 16:
+    if accumulator_regs(rows, cols, cfg.num_warps) < 16:
         return f"{cfg.num_warps} warps are too many for a {rows}x{cols} output tile"
     return None
 

@@ -39,6 +39,7 @@ from moe_tune.device import DeviceInfo
 from moe_tune.problem import DTYPE_BYTES, KernelConfig, Problem
 from moe_tune.space import (
     SPACES,
+    accumulator_regs,
     candidates,
     default_config,
     output_scattered,
@@ -105,7 +106,7 @@ _STAGE_FACTOR = {1: 1.9, 2: 1.3, 3: 1.08, 4: 1.0, 5: 1.0, 6: 1.01}
 
 def _mma_efficiency(rows: int, cols: int, num_warps: int) -> float:
     """Tensor-core efficiency of a rows×cols fp32 accumulator split over ``num_warps`` warps."""
-    regs = rows * cols / (32 * num_warps)  # accumulator registers per thread
+    regs = accumulator_regs(rows, cols, num_warps)
     eff = 0.85
     if regs > 128:
         eff *= (128 / regs) ** _SPILL_POWER  # spills, or too few registers left for operands
