@@ -24,6 +24,7 @@ def slot_sum_kernel(
     rows_ptr,  # (T·k, W): slot order, the k rows of token t at t·k .. t·k + k - 1 (POSITIONS: any order)
     out_ptr,  # (T, W): written, or added to with ACCUMULATE
     positions_ptr,  # (T·k,) int32, read with POSITIONS: the row of each token slot
+    weights_ptr,  # (T·k,) read with WEIGHTED: the routing weight of each token slot
     # Sizes -------------------------------------------------------------------------------------
     num_tokens,  # T
     width,  # W
@@ -33,6 +34,7 @@ def slot_sum_kernel(
     TOPK: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     POSITIONS: tl.constexpr,
+    WEIGHTED: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
@@ -50,7 +52,10 @@ def slot_sum_kernel(
             ptrs = rows_ptr + at.to(tl.int64)[:, None] * stride_rows_m + cols[None, :]
         else:
             ptrs = first + j * stride_rows_m
-        acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        row = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        if WEIGHTED:
+            row *= tl.load(weights_ptr + tokens * TOPK + j, mask=tokens < num_tokens, other=0.0).to(tl.float32)[:, None]
+        acc += row
     out_ptrs = out_ptr + tokens.to(tl.int64)[:, None] * stride_out_t + cols[None, :]
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
