@@ -3,7 +3,9 @@
 For each preset (its own layout: the Qwen3-MoE block or gpt-oss's) and token count: the block's
 forward and backward on random inputs, warmed, then profiled over ``--iters`` calls
 (torch.profiler, CUDA activity); each launch's GPU time is averaged over the calls, by its position
-in the call. Says where a block's time goes beyond its GEMMs. Writes ``OUT/timeline.json``.
+in the call. Says where a block's time goes beyond its GEMMs. Then the same fwd+bwd timed as the
+bench times it (do_bench median, L2 flushed), with the SM clock and power sampled meanwhile
+(``nvidia-smi``), to compare the two. Writes ``OUT/timeline.json``.
 
     python3 benchmarks/gpu_kernel_timeline.py --out DIR [--presets qwen3-30b-a3b gpt-oss-20b] [--tokens 4096 16384]
 """
@@ -78,6 +80,25 @@ def timeline(call, iters: int) -> list[dict]:
     return rows
 
 
+def timed_with_clocks(call) -> dict:
+    """do_bench median of ``call``, and the SM clocks (MHz) and power (W) nvidia-smi read meanwhile."""
+    import subprocess
+
+    import triton
+
+    smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                            "-lms", "50"], stdout=subprocess.PIPE, text=True)
+    try:
+        ms = triton.testing.do_bench(call, warmup=25, rep=300, return_mode="median")
+    finally:
+        smi.terminate()
+    readings = [line.split(",") for line in smi.communicate()[0].splitlines() if "," in line]
+    clocks = [float(r[0]) for r in readings if r[0].strip().replace(".", "").isdigit()]
+    power = [float(r[1]) for r in readings if r[1].strip().replace(".", "").isdigit()]
+    return dict(bench_ms=ms, sm_mhz=sorted(clocks)[len(clocks) // 2] if clocks else None,
+                sm_mhz_min=min(clocks) if clocks else None, power_w=max(power) if power else None)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -96,10 +117,12 @@ def main(argv=None) -> int:
     for preset in args.presets:
         shape = models.load_preset(preset)
         for T in args.tokens:
-            rows = timeline(block_call(shape, T), args.iters)
+            call = block_call(shape, T)
+            rows = timeline(call, args.iters)
             total = sum(r["us"] for r in rows)
-            results["runs"].append(dict(preset=preset, T=T, total_us=total, kernels=rows))
-            print(f"{preset} T={T}: {len(rows)} launches, {total:.0f} us of GPU time", flush=True)
+            timed = timed_with_clocks(call)
+            results["runs"].append(dict(preset=preset, T=T, total_us=total, kernels=rows, **timed))
+            print(f"{preset} T={T}: {len(rows)} launches, {total:.0f} us of GPU time; timed {timed}", flush=True)
             for r in rows:
                 print(f"  {r['us']:8.1f}  {r['name']}", flush=True)
             (out_dir / "timeline.json").write_text(json.dumps(results, indent=1))
