@@ -31,7 +31,8 @@ PASSES = ("forward", "dx", "dw")
 # operand the block already copied to expert order (and, for the down GEMM, whose routing weight
 # is already folded into the other operand), so both operands stream through TMA.
 # "sort" is a forward or dx that gathers its A rows and also writes them in expert order, with no
-# fused epilogue (gpt-oss's up forward and down dx, feeding its "sorted" dWs).
+# fused epilogue (``SORT_A``). gpt-oss's block launched its up forward and down dx so until a
+# separate row copy measured faster (BENCHMARKS.md, fourteenth session); no block launches it now.
 FUSIONS = ("none", "sorted", "sort")
 # How a problem's weight is stored: "nk" is W[E, N, K] (y = x·Wᵀ, transformers' default); "kn" is
 # W[E, K, N] (y = x·W, transformers' ``is_transposed=True``: gpt-oss). The kernels read either
@@ -254,14 +255,13 @@ class MoeShape:
     def _gpt_oss_problems(self, dtype: str) -> list[Problem]:
         """gpt-oss's six (``moe_tune.ops.gptoss``): the same GEMM shapes on [E, K, N] weights. The
         activation, the biases and the routing-weight gradient run in kernels of their own, so no
-        GEMM carries an epilogue; the up forward and the down dx write the rows they gather in
-        expert order ("sort") for both "sorted" dWs."""
+        GEMM carries an epilogue; both dW run on rows copied to expert order ("sorted"), as the
+        Qwen layout's do."""
         up = Problem("forward", self.E, 2 * self.I, self.H, self.topk, dtype, gather=True, weight_layout="kn")
         down = Problem("forward", self.E, self.H, self.I, self.topk, dtype, scatter=True, weighted=True,
                        weight_layout="kn")
-        fusions = {("up", "forward"): "sort", ("down", "dx"): "sort", ("up", "dw"): "sorted", ("down", "dw"): "sorted"}
-        return [dataclasses.replace(g.with_pass(p), fusion=fusions.get((name, p), "none"))
-                for name, g in (("up", up), ("down", down)) for p in PASSES]
+        return [dataclasses.replace(g.with_pass(p), fusion="sorted" if p == "dw" else "none")
+                for g in (up, down) for p in PASSES]
 
     def lora_rank_of(self, problem: Problem) -> int | None:
         """The rank r at which ``problem`` is one of the LoRA factors' GEMMs of this layer

@@ -182,7 +182,7 @@ def build_cases(shape: MoeShape, tokens: int, dtype: str = "bfloat16", device: s
 
 def _gpt_oss_cases(problems, T, routing, info, x, w1, w2, a, dy_up, dy_down, w_route, weighted_a, refs):
     """gpt-oss's six as its block launches them (``moe_tune.ops.problems``: [E, K, N] weights
-    ``w1``/``w2`` read as stored, the "sort" launches writing their gathered rows too, dW written
+    ``w1``/``w2`` read as stored, dW on rows copied to expert order (the copy timed), written
     [E, K, N] and compared through a transposed view); the ``torch._grouped_mm`` paths are the
     Qwen layout's on the transposed views, which is what a user writes for these weights."""
     from moe_tune.ops import problems as runs
@@ -190,12 +190,12 @@ def _gpt_oss_cases(problems, T, routing, info, x, w1, w2, a, dy_up, dy_down, w_r
     M, H = routing.num_rows, x.shape[1]
     slots = routing.sorted_slots.long()
     operands = [
-        dict(x=x, w=w1, sorted=x.new_empty(M, H)),  # up forward, X rows also written in expert order
+        dict(x=x, w=w1),  # up forward
         dict(dy=dy_up, w=w1),  # up dx
         lambda: dict(x=x.index_select(0, slots // routing.topk), dy=dy_up),  # up dW: the row copy is timed
         dict(x=a, w=w2, weights=w_route),  # down forward
-        dict(dy=dy_down, w=w2, weights=w_route, sorted=dy_down.new_empty(M, H)),  # down dx, G rows sorted too
-        lambda: dict(x=weighted_a, dy=dy_down.index_select(0, slots)),  # down dW
+        dict(dy=dy_down, w=w2, weights=w_route),  # down dx
+        lambda: dict(x=weighted_a, dy=dy_down.index_select(0, slots)),  # down dW: the row copy is timed
     ]
 
     def run(problem, inputs):

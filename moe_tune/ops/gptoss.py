@@ -11,17 +11,15 @@ Data flow, with T tokens, k slots per token, M = T·k routed rows, w the routing
 
 forward
     routing     = build_routing(top_k_index)            expert_offsets [E+1], sorted_slots [M]
-    H [M, 2I]   = X[slot // k]·W1[e]                    up GEMM, trans_w on W1 as stored; with
-                                                        ``sort_x`` it also writes X_s [M, H], the
-                                                        gathered rows in expert order. H is kept
-                                                        without its bias (the kernels add b1)
+    H [M, 2I]   = X[slot // k]·W1[e]                    up GEMM, trans_w on W1 as stored, gathered
+                                                        on load. H is kept without its bias (the
+                                                        kernels add b1)
     A [M, I]    = act(H + b1[e])                        activation kernel
     Y [M, H]    = w[slot] · A·W2[e]                     down GEMM, trans_w, scattered to slot order
     out[t]      = Σ_j (Y[t·k+j] + w[t,j]·b2[e])         combine kernel (the k-slot sum + the bias)
 
 backward (G = d out [T, H])
-    dA_raw      = G[slot // k]·W2[e]ᵀ                   down dx (expert order); G_s [M, H] = G's
-                                                        gathered rows, when dW2 is wanted
+    dA_raw      = G[slot // k]·W2[e]ᵀ                   down dx (expert order), gathered on load
     dH, w·A, dS, db1, db2                               one kernel (``gptoss_bwd_kernel``): per
                                                         expert and column block, dH of dA = w·dA_raw
                                                         (zero where clamped), w·A, the routing-weight
@@ -29,12 +27,17 @@ backward (G = d out [T, H])
                                                         float32 partials, db1[e] = Σ dH rows,
                                                         db2[e] = Σ w·G rows
     dX          = Σ_j (dH·W1[e]ᵀ)[t·k + j]              up dx, scattered to slot order, summed
-    dW1[e]      = X_s,eᵀ · dH_e                         grouped_mm_dw (X's rows gathered without X_s)
-    dW2[e]      = (w·A)_eᵀ · G_s,e                      grouped_mm_dw, operands in expert order
+    dW1[e]      = X_s,eᵀ · dH_e                         X_s = X's rows copied to expert order
+                                                        (``block.expert_rows``) just before
+    dW2[e]      = (w·A)_eᵀ · G_s,e                      G_s = G's rows, likewise; both dW stream
+                                                        their operands through TMA
 
-The order keeps the peak low: the eager path hands H and X_s over to the backward instead of
-saving them (``block.hand_over``), which frees H after the activation backward and X_s after dW1,
-and the larger weight gradient (dW1) is made before dW2 exists.
+The row copies are separate launches, as in the Qwen-layout block: the up forward and the down dx
+used to write the rows they gather ("sort" fusion, ``SORT_A``), which cost those GEMMs 0.07-0.49 ms
+more than a copy costs on its own (H200; BENCHMARKS.md), and kept X_s alive from the forward to
+the backward. The order keeps the peak low: the eager path hands H over to the backward instead of
+saving it (``block.hand_over``), which frees it after the activation backward; each copy lives
+only while its dW runs, and the larger weight gradient (dW1) is made before dW2 exists.
 
 Two paths reach these bodies, as for the Qwen-layout block (``moe_tune.ops.moe_experts``): an
 eager ``torch.autograd.Function``, and, under torch.compile, the ``moe_tune::gptoss_experts_fwd`` /
@@ -62,9 +65,8 @@ from moe_tune.device import DeviceInfo, query_device
 from moe_tune.errors import InvalidInputError
 from moe_tune.kernels.gptoss import gptoss_act_fwd_kernel, gptoss_bwd_kernel, gptoss_combine_kernel
 from moe_tune.ops import launch
-from moe_tune.ops.block import (claim, configs_for, hand_over, hands_over, part_context, resolve_config, size_hint,
+from moe_tune.ops.block import (claim, configs_for, expert_rows, hand_over, hands_over, part_context, size_hint,
                                 take)
-from moe_tune.ops.grouped_gemm import DTYPE_NAMES
 from moe_tune.ops.routing import build_routing, check_routing_args
 from moe_tune.ops.rows import slot_sum
 from moe_tune.problem import KernelConfig, MoeShape, Problem
@@ -110,12 +112,6 @@ def block_configs(E: int, H: int, I: int, topk: int, dtype: torch.dtype, num_tok
     return configs_for(_problems, E, H, I, topk, dtype, num_tokens, info)
 
 
-def _plain_dw_config(E, H, I, topk, dtype, num_tokens, info) -> KernelConfig:
-    """Config of the up dW gathering X itself (the rare path where X_s was not kept)."""
-    problem = _problems(E, H, I, topk, DTYPE_NAMES[dtype])["up", "dw"]
-    return resolve_config(problem.with_pass("dw"), num_tokens, info)
-
-
 def dsp_rows(I: int, H: int, with_down_bias: bool) -> tuple[int, int]:
     """(column blocks of I, column blocks of H) of the backward kernel's grid: the rows of its
     routing-weight-gradient partials. The H part runs only when db2 or dS is wanted."""
@@ -129,9 +125,9 @@ def dsp_rows(I: int, H: int, with_down_bias: bool) -> tuple[int, int]:
 
 def forward(hidden: torch.Tensor, gate_up_w: torch.Tensor, gate_up_b: torch.Tensor, down_w: torch.Tensor,
             down_b: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *, limit: float,
-            alpha: float, sort_x: bool, in_op: bool):
-    """Returns (out [T, H], H [M, 2I] without bias, X_s [M, H] (empty without ``sort_x``),
-    expert_offsets, sorted_slots); all but ``out`` are what the backward needs."""
+            alpha: float, in_op: bool):
+    """Returns (out [T, H], H [M, 2I] without bias, expert_offsets, sorted_slots); all but ``out``
+    are what the backward needs."""
     E, H, I, k = problem_dims(gate_up_w, top_k_index.shape[1])
     T = hidden.shape[0]
     M = T * k
@@ -143,10 +139,8 @@ def forward(hidden: torch.Tensor, gate_up_w: torch.Tensor, gate_up_b: torch.Tens
 
     # -- Up GEMM on W1 as stored ([E, H, 2I]: trans_w), gathered token rows in, H out in expert order
     h = _alloc((M, 2 * I), dtype, device)
-    x_sorted = _alloc((M, H), dtype, device) if sort_x else hidden.new_empty(0)
     launch.grouped_mm(hidden, gate_up_w, h, routing, None, trans_w=True, gather_a=True, gather_div=k,
-                      scatter_c=False, cfg=cfg["up", "forward"], info=info,
-                      sorted_a=x_sorted if sort_x else None, in_op=in_op)
+                      scatter_c=False, cfg=cfg["up", "forward"], info=info, in_op=in_op)
 
     # -- Bias + interleaved clamped SwiGLU ------------------------------------------------------
     act = _alloc((M, I), dtype, device)
@@ -160,7 +154,7 @@ def forward(hidden: torch.Tensor, gate_up_w: torch.Tensor, gate_up_b: torch.Tens
 
     # -- k-slot sum + routing-weighted down bias ---------------------------------------------------
     out = combine(down_out, down_b, weights, flat_index, T, k, in_op=in_op)
-    return out, h, x_sorted, routing.expert_offsets, routing.sorted_slots
+    return out, h, routing.expert_offsets, routing.sorted_slots
 
 
 def activation(h: torch.Tensor, gate_up_b: torch.Tensor, act: torch.Tensor, sorted_slots: torch.Tensor,
@@ -200,9 +194,9 @@ def combine(down_out: torch.Tensor, down_b: torch.Tensor, weights: torch.Tensor,
 
 def backward_act(grad_out: torch.Tensor, gate_up_b: torch.Tensor, down_w: torch.Tensor, down_b: torch.Tensor,
                  top_k_weights: torch.Tensor, h, expert_offsets: torch.Tensor, sorted_slots: torch.Tensor, *,
-                 limit: float, alpha: float, need_down: bool, need_down_b: bool, need_weights: bool, in_op: bool):
-    """Down dx and the activation backward: returns (dH [M, 2I], w·A [M, I], G_s [M, H] or empty,
-    d gate_up_b, d down_b, d top_k_weights [T, k]); a gradient not asked for comes back empty. d
+                 limit: float, alpha: float, need_down_b: bool, need_weights: bool, in_op: bool):
+    """Down dx and the activation backward: returns (dH [M, 2I], w·A [M, I], d gate_up_b,
+    d down_b, d top_k_weights [T, k]); a gradient not asked for comes back empty. d
     gate_up_b is always computed: it is a register sum inside the pass that writes dH. ``h``: the
     forward's H, or a ``hand_over`` list holding it (then freed once read)."""
     E, I, H = (int(d) for d in down_w.shape)
@@ -216,16 +210,14 @@ def backward_act(grad_out: torch.Tensor, gate_up_b: torch.Tensor, down_w: torch.
 
     # -- Down dx: dA_raw = G·W2[e]ᵀ (W2 as stored is [I, H] per expert: no trans_w) --------------
     d_act = _alloc((M, I), dtype, device)
-    g_sorted = _alloc((M, H), dtype, device) if need_down else grad_out.new_empty(0)
     launch.grouped_mm(grad_out, down_w, d_act, routing, None, trans_w=False, gather_a=True, gather_div=k,
-                      scatter_c=False, cfg=cfg["down", "dx"], info=info, sorted_a=g_sorted if need_down else None,
-                      in_op=in_op)
+                      scatter_c=False, cfg=cfg["down", "dx"], info=info, in_op=in_op)
 
     # -- Activation backward, both bias gradients, routing-weight gradient: one launch ------------
     d_h, weighted_act, d_gate_up_b, d_down_b, d_weights = activation_backward(
         d_act, h, gate_up_b, grad_out, down_b, top_k_weights, expert_offsets, sorted_slots, limit=limit,
         alpha=alpha, need_down_b=need_down_b, need_weights=need_weights, in_op=in_op)
-    return d_h, weighted_act, g_sorted, d_gate_up_b, d_down_b, d_weights
+    return d_h, weighted_act, d_gate_up_b, d_down_b, d_weights
 
 
 def activation_backward(d_act: torch.Tensor, h: torch.Tensor, gate_up_b: torch.Tensor, grad_out: torch.Tensor,
@@ -270,13 +262,12 @@ def activation_backward(d_act: torch.Tensor, h: torch.Tensor, gate_up_b: torch.T
     return d_h, weighted_act, d_gate_up_b, d_down_b, d_weights
 
 
-def backward_up(d_h, hidden: torch.Tensor, x_sorted, gate_up_w: torch.Tensor, expert_offsets: torch.Tensor,
+def backward_up(d_h, hidden: torch.Tensor, gate_up_w: torch.Tensor, expert_offsets: torch.Tensor,
                 sorted_slots: torch.Tensor, topk: int, *, need_hidden: bool, need_gate_up: bool, in_op: bool):
     """Up dx and up dW: returns (d hidden [T, H], d gate_up_w), one not asked for as an empty tensor.
-    ``x_sorted``: X's rows in expert order, or an empty tensor when the forward did not keep them
-    (then ``hidden`` is X). ``d_h`` and ``x_sorted`` may be ``hand_over`` lists (freed once read)."""
+    ``d_h``: dH, or a ``hand_over`` list holding it (then freed once dW1 is made)."""
     E, H, I, k = problem_dims(gate_up_w, topk)
-    d_h, x_sorted = take(d_h), take(x_sorted)
+    d_h = take(d_h)
     M = d_h.shape[0]
     T = M // k if k else 0
     device, dtype = d_h.device, gate_up_w.dtype
@@ -291,56 +282,54 @@ def backward_up(d_h, hidden: torch.Tensor, x_sorted, gate_up_w: torch.Tensor, ex
         d_hidden = slot_sum(d_rows, k, _alloc((T, H), dtype, device), in_op=in_op)
         del d_rows
 
-    # -- Up dW: dW1[e] [H, 2I] = X_s,eᵀ · dH_e (X's rows gathered when X_s was not kept) -----------
+    # -- Up dW: dW1[e] [H, 2I] = X_s,eᵀ · dH_e, X's rows copied to expert order first --------------
     d_gate_up = d_h.new_empty(0)
     if need_gate_up:
+        x_sorted = expert_rows(hidden, sorted_slots, k, in_op=in_op)
         d_gate_up = _alloc(tuple(gate_up_w.shape), dtype, device)
-        if x_sorted.dim() == 2:
-            launch.grouped_mm_dw(x_sorted, d_h, d_gate_up, routing, None, gather_dy=False, dy_div=1,
-                                 gather_x=False, x_div=1, cfg=cfg["up", "dw"], info=info, in_op=in_op)
-        else:
-            dw_cfg = _plain_dw_config(E, H, I, k, dtype, size_hint(T), info)
-            launch.grouped_mm_dw(hidden, d_h, d_gate_up, routing, None, gather_dy=True, dy_div=k, gather_x=False,
-                                 x_div=1, cfg=dw_cfg, info=info, in_op=in_op)
+        launch.grouped_mm_dw(x_sorted, d_h, d_gate_up, routing, None, gather_dy=False, dy_div=1,
+                             gather_x=False, x_div=1, cfg=cfg["up", "dw"], info=info, in_op=in_op)
     return d_hidden, d_gate_up
 
 
-def backward_down(weighted_act: torch.Tensor, g_sorted: torch.Tensor, down_w: torch.Tensor,
+def backward_down(grad_out: torch.Tensor, weighted_act: torch.Tensor, down_w: torch.Tensor,
                   expert_offsets: torch.Tensor, sorted_slots: torch.Tensor, topk: int, *, in_op: bool) -> torch.Tensor:
-    """Down dW: dW2[e] [I, H] = (w·A)_eᵀ · G_s,e (``backward_act``'s second and third outputs)."""
+    """Down dW: dW2[e] [I, H] = (w·A)_eᵀ · G_s,e, G's rows copied to expert order first (w·A:
+    ``backward_act``'s second output)."""
     E, I, H = (int(d) for d in down_w.shape)
     k = int(topk)
     M = weighted_act.shape[0]
     T = M // k if k else 0
     device, dtype = weighted_act.device, down_w.dtype
     info, cfg, routing = part_context(block_configs, E, H, I, k, T, dtype, device, expert_offsets, sorted_slots)
+    g_sorted = expert_rows(grad_out, sorted_slots, k, in_op=in_op)
     d_down = _alloc(tuple(down_w.shape), dtype, device)
     launch.grouped_mm_dw(weighted_act, g_sorted, d_down, routing, None, gather_dy=False, dy_div=1,
                          gather_x=False, x_div=1, cfg=cfg["down", "dw"], info=info, in_op=in_op)
     return d_down
 
 
-def backward(grad_out: torch.Tensor, hidden: torch.Tensor, x_sorted, gate_up_w: torch.Tensor,
+def backward(grad_out: torch.Tensor, hidden: torch.Tensor, gate_up_w: torch.Tensor,
              gate_up_b: torch.Tensor, down_w: torch.Tensor, down_b: torch.Tensor, top_k_weights: torch.Tensor, h,
              expert_offsets: torch.Tensor, sorted_slots: torch.Tensor, *, limit: float, alpha: float,
              need_hidden: bool, need_gate_up: bool, need_down: bool, need_down_b: bool, need_weights: bool):
     """The eager backward, the three parts in order: returns (d hidden [T, H], d gate_up_w,
     d gate_up_b, d down_w, d down_b, d top_k_weights [T, k]), a gradient not asked for as an
-    empty tensor. ``h`` and ``x_sorted``: the forward's buffers, or ``hand_over`` lists holding
-    them (freed once read: H after the activation backward, X_s and dH after dW1)."""
+    empty tensor. ``h``: the forward's H, or a ``hand_over`` list holding it (freed once the
+    activation backward has read it)."""
     k = int(top_k_weights.shape[1])
-    d_h, weighted_act, g_sorted, d_gate_up_b, d_down_b, d_weights = backward_act(
+    d_h, weighted_act, d_gate_up_b, d_down_b, d_weights = backward_act(
         grad_out, gate_up_b, down_w, down_b, top_k_weights, h, expert_offsets, sorted_slots, limit=limit,
-        alpha=alpha, need_down=need_down, need_down_b=need_down_b, need_weights=need_weights, in_op=False)
+        alpha=alpha, need_down_b=need_down_b, need_weights=need_weights, in_op=False)
     d_h = hand_over(d_h)  # the only holder: backward_up frees dH once dW1 is made, before dW2 exists
     d_hidden, d_gate_up = grad_out.new_empty(0), grad_out.new_empty(0)
     if need_hidden or need_gate_up:
-        d_hidden, d_gate_up = backward_up(d_h, hidden, x_sorted, gate_up_w, expert_offsets, sorted_slots, k,
+        d_hidden, d_gate_up = backward_up(d_h, hidden, gate_up_w, expert_offsets, sorted_slots, k,
                                           need_hidden=need_hidden, need_gate_up=need_gate_up, in_op=False)
-    del d_h, x_sorted
+    del d_h
     d_down = grad_out.new_empty(0)
     if need_down:
-        d_down = backward_down(weighted_act, g_sorted, down_w, expert_offsets, sorted_slots, k, in_op=False)
+        d_down = backward_down(grad_out, weighted_act, down_w, expert_offsets, sorted_slots, k, in_op=False)
     return d_hidden, d_gate_up, d_gate_up_b, d_down, d_down_b, d_weights
 
 
@@ -358,11 +347,10 @@ def _gptoss_experts_fwd(
     top_k_weights: torch.Tensor,
     limit: float,
     alpha: float,
-    sort_x: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out [T, H], H [M, 2I], X_s [M, H] or empty, expert_offsets [E+1], sorted_slots [M])."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out [T, H], H [M, 2I], expert_offsets [E+1], sorted_slots [M])."""
     return forward(hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, limit=limit,
-                   alpha=alpha, sort_x=sort_x, in_op=True)
+                   alpha=alpha, in_op=True)
 
 
 gptoss_experts_fwd = launch.register_op("moe_tune::gptoss_experts_fwd", _gptoss_experts_fwd)
@@ -379,14 +367,13 @@ def _gptoss_experts_bwd_act(
     sorted_slots: torch.Tensor,
     limit: float,
     alpha: float,
-    need_down: bool,
     need_down_b: bool,
     need_weights: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dH, w·A, G_s or empty, d gate_up_b, d down_b, d top_k_weights)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dH, w·A, d gate_up_b, d down_b, d top_k_weights)."""
     return backward_act(grad_out, gate_up_b, down_w, down_b, top_k_weights, gate_up_out, expert_offsets,
-                        sorted_slots, limit=limit, alpha=alpha, need_down=need_down, need_down_b=need_down_b,
-                        need_weights=need_weights, in_op=True)
+                        sorted_slots, limit=limit, alpha=alpha, need_down_b=need_down_b, need_weights=need_weights,
+                        in_op=True)
 
 
 gptoss_experts_bwd_act = launch.register_op("moe_tune::gptoss_experts_bwd_act", _gptoss_experts_bwd_act)
@@ -395,7 +382,6 @@ gptoss_experts_bwd_act = launch.register_op("moe_tune::gptoss_experts_bwd_act", 
 def _gptoss_experts_bwd_up(
     d_gate_up_out: torch.Tensor,
     hidden: torch.Tensor,
-    x_sorted: torch.Tensor,
     gate_up_w: torch.Tensor,
     expert_offsets: torch.Tensor,
     sorted_slots: torch.Tensor,
@@ -404,7 +390,7 @@ def _gptoss_experts_bwd_up(
     need_gate_up: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (d hidden, d gate_up_w); one not asked for comes back as an empty tensor."""
-    return backward_up(d_gate_up_out, hidden, x_sorted, gate_up_w, expert_offsets, sorted_slots, topk,
+    return backward_up(d_gate_up_out, hidden, gate_up_w, expert_offsets, sorted_slots, topk,
                        need_hidden=need_hidden, need_gate_up=need_gate_up, in_op=True)
 
 
@@ -412,15 +398,15 @@ gptoss_experts_bwd_up = launch.register_op("moe_tune::gptoss_experts_bwd_up", _g
 
 
 def _gptoss_experts_bwd_down(
+    grad_out: torch.Tensor,
     weighted_act: torch.Tensor,
-    g_sorted: torch.Tensor,
     down_w: torch.Tensor,
     expert_offsets: torch.Tensor,
     sorted_slots: torch.Tensor,
     topk: int,
 ) -> torch.Tensor:
     """Returns d down_w."""
-    return backward_down(weighted_act, g_sorted, down_w, expert_offsets, sorted_slots, topk, in_op=True)
+    return backward_down(grad_out, weighted_act, down_w, expert_offsets, sorted_slots, topk, in_op=True)
 
 
 gptoss_experts_bwd_down = launch.register_op("moe_tune::gptoss_experts_bwd_down", _gptoss_experts_bwd_down)
@@ -445,32 +431,29 @@ def _input_grads(needs_input_grad, grads) -> tuple:
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, limit, alpha, sort_x = inputs
-    _out, gate_up_out, x_sorted, expert_offsets, sorted_slots = output
-    ctx.mark_non_differentiable(gate_up_out, x_sorted, expert_offsets, sorted_slots)
-    # With X_s kept, X itself is not needed: save an empty stand-in instead of pinning it.
-    kept_hidden = hidden.new_empty(0) if sort_x else hidden
-    ctx.save_for_backward(kept_hidden, x_sorted, gate_up_w, gate_up_b, down_w, down_b, top_k_weights,
-                          gate_up_out, expert_offsets, sorted_slots)
+    hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, limit, alpha = inputs
+    _out, gate_up_out, expert_offsets, sorted_slots = output
+    ctx.mark_non_differentiable(gate_up_out, expert_offsets, sorted_slots)
+    ctx.save_for_backward(hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_weights, gate_up_out,
+                          expert_offsets, sorted_slots)
     ctx.limit, ctx.alpha = limit, alpha
 
 
-def _op_backward(ctx, grad_out, _grad_gate_up_out, _grad_x_sorted, _grad_offsets, _grad_slots):
-    """Three ops, so that the graph drops H after the first and X_s and dH after the second (the
-    eager body's order, ``backward``)."""
-    hidden, x_sorted, gate_up_w, gate_up_b, down_w, down_b, top_k_weights, gate_up_out, offsets, slots = \
-        ctx.saved_tensors
+def _op_backward(ctx, grad_out, _grad_gate_up_out, _grad_offsets, _grad_slots):
+    """Three ops, so that the graph drops H after the first and dH after the second (the eager
+    body's order, ``backward``)."""
+    hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_weights, gate_up_out, offsets, slots = ctx.saved_tensors
     needs = _needs(ctx.needs_input_grad)
     topk = top_k_weights.shape[1]
-    d_h, weighted_act, g_sorted, d_gate_up_b, d_down_b, d_weights = gptoss_experts_bwd_act(
+    d_h, weighted_act, d_gate_up_b, d_down_b, d_weights = gptoss_experts_bwd_act(
         grad_out, gate_up_b, down_w, down_b, top_k_weights, gate_up_out, offsets, slots, ctx.limit, ctx.alpha,
-        needs["need_down"], needs["need_down_b"], needs["need_weights"])
+        needs["need_down_b"], needs["need_weights"])
     d_hidden = d_gate_up = d_down = None
     if needs["need_hidden"] or needs["need_gate_up"]:
-        d_hidden, d_gate_up = gptoss_experts_bwd_up(d_h, hidden, x_sorted, gate_up_w, offsets, slots, topk,
+        d_hidden, d_gate_up = gptoss_experts_bwd_up(d_h, hidden, gate_up_w, offsets, slots, topk,
                                                     needs["need_hidden"], needs["need_gate_up"])
     if needs["need_down"]:
-        d_down = gptoss_experts_bwd_down(weighted_act, g_sorted, down_w, offsets, slots, topk)
+        d_down = gptoss_experts_bwd_down(grad_out, weighted_act, down_w, offsets, slots, topk)
     return _input_grads(ctx.needs_input_grad, (d_hidden, d_gate_up, d_gate_up_b, d_down, d_down_b, d_weights))
 
 
@@ -484,28 +467,26 @@ gptoss_experts_fwd.register_autograd(_op_backward, setup_context=_setup_context)
 
 class _EagerBlock(torch.autograd.Function):
     """The block outside torch.compile: the bodies run as plain Python, kernels launched eagerly.
-    H and X_s are handed over to the backward (``block.hand_over``) rather than saved, so the
-    backward frees each once read: H after the activation backward, X_s after dW1. Under
-    saved-tensor hooks (non-reentrant checkpointing, offloading) they are saved like the rest."""
+    H is handed over to the backward (``block.hand_over``) rather than saved, so the backward frees
+    it once the activation backward has read it. Under saved-tensor hooks (non-reentrant
+    checkpointing, offloading) it is saved like the rest."""
 
     @staticmethod
-    def forward(ctx, hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, limit, alpha, sort_x):
-        out, h, x_sorted, offsets, slots = forward(hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index,
-                                                   top_k_weights, limit=limit, alpha=alpha, sort_x=sort_x,
-                                                   in_op=False)
+    def forward(ctx, hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, limit, alpha):
+        out, h, offsets, slots = forward(hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights,
+                                         limit=limit, alpha=alpha, in_op=False)
         ctx.handed = hands_over()
-        ctx.save_for_backward(None if sort_x else hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_weights,
-                              offsets, slots, *(() if ctx.handed else (h, x_sorted)))
-        if ctx.handed:
-            ctx.h, ctx.x_sorted = hand_over(h), hand_over(x_sorted)
+        ctx.save_for_backward(hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_weights, offsets, slots,
+                              *(() if ctx.handed else (h,)))
+        ctx.h = hand_over(h) if ctx.handed else None
         ctx.limit, ctx.alpha = limit, alpha
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_weights, offsets, slots, *kept = ctx.saved_tensors
-        h, x_sorted = (claim(ctx, "h"), claim(ctx, "x_sorted")) if ctx.handed else kept
-        grads = backward(grad_out, hidden, x_sorted, gate_up_w, gate_up_b, down_w, down_b, top_k_weights, h,
+        h = claim(ctx, "h") if ctx.handed else kept[0]
+        grads = backward(grad_out, hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_weights, h,
                          offsets, slots, limit=ctx.limit, alpha=ctx.alpha, **_needs(ctx.needs_input_grad))
         return _input_grads(ctx.needs_input_grad, grads)
 
@@ -582,8 +563,6 @@ def gptoss_experts(
     """
     check_inputs(hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights, limit, alpha)
     args = tuple(t.contiguous() for t in (hidden, gate_up_w, gate_up_b, down_w, down_b, top_k_index, top_k_weights))
-    # Keep the expert-ordered rows of X for dW1 only when that gradient will be taken.
-    sort_x = torch.is_grad_enabled() and gate_up_w.requires_grad
     if torch.compiler.is_compiling():
-        return gptoss_experts_fwd(*args, float(limit), float(alpha), sort_x)[0]
-    return _EagerBlock.apply(*args, float(limit), float(alpha), sort_x)
+        return gptoss_experts_fwd(*args, float(limit), float(alpha))[0]
+    return _EagerBlock.apply(*args, float(limit), float(alpha))

@@ -11,9 +11,9 @@ The checked output is the launcher's (``moe_tune.ops.grouped_gemm``) for a plain
 dW [E, N, K] from expert-ordered, unweighted operands for a "sorted" dw (what the block runs).
 
 gpt-oss's problems (``weight_layout="kn"``: weights stored [E, K, N], ``moe_tune.ops.gptoss``)
-launch as that block does: forward reads W as stored (``trans_w``), dx without the swap, a "sort"
-launch also writes the rows it gathers in expert order (a side buffer, ``inputs["sorted"]``), and
-the "sorted" dW writes [E, K, N] from (X rows, dY rows) in expert order. Their references are the
+launch as that block does: forward reads W as stored (``trans_w``), dx without the swap, and the
+"sorted" dW writes [E, K, N] from (X rows, dY rows) in expert order. A "sort" launch (no block
+runs one now) also writes the rows it gathers in expert order (a side buffer, ``inputs["sorted"]``). Their references are the
 Qwen layout's on the transposed weights.
 """
 

@@ -34,21 +34,23 @@ def track_allocations(monkeypatch, module) -> list[tuple[tuple[int, ...], weakre
     return made
 
 
-def alive_at_each_dw(monkeypatch, module, fn, run, alive, *, compiled: bool):
+def alive_at_each_dw(monkeypatch, module, fn, run, alive, *, compiled: bool, also=()):
     """Run ``run(fn)`` (under ``torch.compile(fullgraph=True, backend="aot_eager")`` when
     ``compiled``, compiled and warmed up before anything is recorded) and record ``alive(made)``
-    at each ``launch.grouped_mm_dw`` call, ``made`` being ``module``'s allocations so far.
-    Returns (the records, ``made``, what ``run`` returned)."""
+    at each ``launch.grouped_mm_dw`` call, ``made`` being ``module``'s allocations so far (with
+    ``also``, more modules: ``alive(made, *theirs)``, one list each). Returns (the records,
+    ``made``, what ``run`` returned)."""
     if compiled:
         torch._dynamo.reset()
         fn = torch.compile(fn, fullgraph=True, backend="aot_eager")
         run(fn)  # compiles: fake tensors pass through the bodies
     made = track_allocations(monkeypatch, module)
+    others = [track_allocations(monkeypatch, other) for other in also]
     seen = []
     real_dw = launch.grouped_mm_dw
 
     def checking_dw(*args, **kwargs):
-        seen.append(alive(made))
+        seen.append(alive(made, *others))
         return real_dw(*args, **kwargs)
 
     monkeypatch.setattr(launch, "grouped_mm_dw", checking_dw)

@@ -219,16 +219,15 @@ def test_op_bodies_launch_nothing_eagerly_on_fake_tensors(monkeypatch):
     with FakeTensorMode():
         inputs = make_block(T, H, I, E, k, torch.float32)
         args = tuple(inputs[n] for n in NAMES)
-        out, h, x_sorted, offsets, slots = gptoss._gptoss_experts_fwd(*args, LIMIT, ALPHA, True)
-        act = gptoss._gptoss_experts_bwd_act(torch.randn(T, H), inputs["gate_up_b"], inputs["down_w"],
-                                             inputs["down_b"], inputs["top_k_weights"], h, offsets, slots, LIMIT,
-                                             ALPHA, True, True, True)
-        up = gptoss._gptoss_experts_bwd_up(act[0], inputs["hidden"], x_sorted, inputs["gate_up_w"], offsets, slots,
-                                           k, True, True)
-        down = gptoss._gptoss_experts_bwd_down(act[1], act[2], inputs["down_w"], offsets, slots, k)
-    assert [tuple(t.shape) for t in (out, h, x_sorted, offsets, slots)] == [(T, H), (T * k, 2 * I), (T * k, H),
-                                                                           (E + 1,), (T * k,)]
-    assert [tuple(g.shape) for g in act] == [(T * k, 2 * I), (T * k, I), (T * k, H), (E, 2 * I), (E, H), (T, k)]
+        out, h, offsets, slots = gptoss._gptoss_experts_fwd(*args, LIMIT, ALPHA)
+        grad_out = torch.randn(T, H)
+        act = gptoss._gptoss_experts_bwd_act(grad_out, inputs["gate_up_b"], inputs["down_w"], inputs["down_b"],
+                                             inputs["top_k_weights"], h, offsets, slots, LIMIT, ALPHA, True, True)
+        up = gptoss._gptoss_experts_bwd_up(act[0], inputs["hidden"], inputs["gate_up_w"], offsets, slots, k, True,
+                                           True)
+        down = gptoss._gptoss_experts_bwd_down(grad_out, act[1], inputs["down_w"], offsets, slots, k)
+    assert [tuple(t.shape) for t in (out, h, offsets, slots)] == [(T, H), (T * k, 2 * I), (E + 1,), (T * k,)]
+    assert [tuple(g.shape) for g in act] == [(T * k, 2 * I), (T * k, I), (E, 2 * I), (E, H), (T, k)]
     assert [tuple(g.shape) for g in (*up, down)] == [(T, H), (E, H, 2 * I), (E, I, H)]
 
 
@@ -237,8 +236,8 @@ def test_op_bodies_launch_nothing_eagerly_on_fake_tensors(monkeypatch):
                          ids=["hidden-only", "gate-up-only", "down-only", "biases-only", "weights-only",
                               "hidden-and-down-bias"])
 def test_partial_gradients(trainable):
-    # Frozen experts (hidden-only, biases-only) keep X instead of its sorted rows; the down-bias
-    # programs run only when db2 or the routing-weight gradient is wanted.
+    # Frozen experts (hidden-only, biases-only) copy no rows for a dW; the down-bias programs run
+    # only when db2 or the routing-weight gradient is wanted.
     T, H, I, E, k = 9, 32, 16, 4, 2
     inputs = make_block(T, H, I, E, k, torch.float32)
     grad_out = torch.randn(T, H)
@@ -249,24 +248,6 @@ def test_partial_gradients(trainable):
             assert_weight_grad_close(grads[name], ref_grads[name], inputs, grad_out, torch.float32)
         else:
             assert relative_error(grads[name], ref_grads[name]) < 1e-5, name
-
-
-def test_up_dw_gathers_x_when_its_sorted_rows_were_not_kept():
-    # The backward body with X_s empty (a forward that did not expect dW1) gathers X's rows itself.
-    T, H, I, E, k = 7, 32, 16, 4, 2
-    inputs = make_block(T, H, I, E, k, torch.float32)
-    args = tuple(inputs[n] for n in NAMES)
-    _, h, x_sorted, offsets, slots = gptoss.forward(*args, limit=LIMIT, alpha=ALPHA, sort_x=True, in_op=False)
-    grad_out = torch.randn(T, H)
-    needs = dict(need_hidden=False, need_gate_up=True, need_down=False, need_down_b=False, need_weights=False)
-    weights = tuple(inputs[n] for n in ("gate_up_w", "gate_up_b", "down_w", "down_b", "top_k_weights"))
-    kept = gptoss.backward(grad_out, inputs["hidden"], x_sorted, *weights, h, offsets, slots, limit=LIMIT,
-                           alpha=ALPHA, **needs)
-    gathered = gptoss.backward(grad_out, inputs["hidden"], inputs["hidden"].new_empty(0), *weights, h, offsets, slots,
-                               limit=LIMIT, alpha=ALPHA, **needs)
-    assert torch.allclose(kept[1], gathered[1], rtol=1e-6, atol=1e-6)
-    _, ref_grads = reference(inputs, grad_out, ("gate_up_w",))
-    assert relative_error(gathered[1], ref_grads["gate_up_w"]) < 1e-5
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
@@ -290,7 +271,7 @@ def test_opcheck_forward_op():
     inputs = make_block(6, 32, 16, 4, 2, torch.float32)
     for name in DIFFERENTIABLE:
         inputs[name].requires_grad_()
-    torch.library.opcheck(gptoss.gptoss_experts_fwd, (*(inputs[n] for n in NAMES), LIMIT, ALPHA, True))
+    torch.library.opcheck(gptoss.gptoss_experts_fwd, (*(inputs[n] for n in NAMES), LIMIT, ALPHA))
 
 
 @pytest.mark.parametrize("needs", [(True, True, True, True, True), (False, True, False, False, False)],
@@ -301,15 +282,15 @@ def test_opcheck_backward_ops(needs):
     inputs = make_block(T, H, I, E, k, torch.float32)
     routing = build_routing(inputs["top_k_index"], E)
     offsets, slots = routing.expert_offsets, routing.sorted_slots
-    x_sorted = inputs["hidden"][slots.long() // k]
     torch.library.opcheck(gptoss.gptoss_experts_bwd_act, (
         torch.randn(T, H), inputs["gate_up_b"], inputs["down_w"], inputs["down_b"], inputs["top_k_weights"],
-        torch.randn(T * k, 2 * I), offsets, slots, LIMIT, ALPHA, need_down, need_down_b, need_weights))
+        torch.randn(T * k, 2 * I), offsets, slots, LIMIT, ALPHA, need_down_b, need_weights))
     torch.library.opcheck(gptoss.gptoss_experts_bwd_up, (
-        torch.randn(T * k, 2 * I), inputs["hidden"], x_sorted, inputs["gate_up_w"], offsets, slots, k, need_hidden,
+        torch.randn(T * k, 2 * I), inputs["hidden"], inputs["gate_up_w"], offsets, slots, k, need_hidden,
         need_gate_up))
-    torch.library.opcheck(gptoss.gptoss_experts_bwd_down, (
-        torch.randn(T * k, I), torch.randn(T * k, H), inputs["down_w"], offsets, slots, k))
+    if need_down:
+        torch.library.opcheck(gptoss.gptoss_experts_bwd_down, (
+            torch.randn(T, H), torch.randn(T * k, I), inputs["down_w"], offsets, slots, k))
 
 
 # every kernel path of the GEMMs on [E, K, N] weights: pointer loads, TMA loads (the trans_w
@@ -386,11 +367,11 @@ def test_unaligned_rows_take_the_pointer_path():
 def test_problems_are_the_gpt_oss_layout():
     keys = [p.key for p in MoeShape(32, 2880, 2880, 4, layout="gpt_oss").problems()]
     assert keys == [
-        "forward/E32/N5760/K2880/k4/bfloat16/gather/sort/kn",
+        "forward/E32/N5760/K2880/k4/bfloat16/gather/kn",
         "dx/E32/N5760/K2880/k4/bfloat16/gather/kn",
         "dw/E32/N5760/K2880/k4/bfloat16/gather/sorted/kn",
         "forward/E32/N2880/K2880/k4/bfloat16/scatter/weighted/kn",
-        "dx/E32/N2880/K2880/k4/bfloat16/scatter/weighted/sort/kn",
+        "dx/E32/N2880/K2880/k4/bfloat16/scatter/weighted/kn",
         "dw/E32/N2880/K2880/k4/bfloat16/scatter/weighted/sorted/kn",
     ]
     # the Qwen-layout problems of the same shape are other cache keys
@@ -430,24 +411,26 @@ def test_non_positive_limit_raises():
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_backward_frees_h_sorted_x_and_dh_before_the_down_weight_gradient(monkeypatch, compiled):
-    """Eager, H [M, 2I] and X_s [M, H] are handed to the backward, not saved; under torch.compile
-    the backward is three ops and the graph drops them as it goes. Either way H goes after the
-    activation backward, X_s and dH after dW1, so none exists when dW2 (the last allocation) is
-    made."""
+def test_backward_frees_h_and_dh_and_copies_rows_only_for_their_dw(monkeypatch, compiled):
+    """Eager, H [M, 2I] is handed to the backward, not saved; under torch.compile the backward is
+    three ops and the graph drops buffers as it goes. Either way H goes after the activation
+    backward and dH after dW1; X's rows are copied to expert order just before dW1 and G's just
+    before dW2, each dropped once its dW is made, so the forward keeps no [M, H] buffer and dW2
+    (the last allocation) meets only its own copy."""
+    from moe_tune.ops import block
+
     T, H, I, E, k = 9, 40, 24, 4, 2
     inputs = make_block(T, H, I, E, k, torch.float32)
 
-    def alive(made):  # the forward's H and X_s, then the backward's dH
-        return ([ref() is not None for shape, ref in made if shape in ((T * k, 2 * I), (T * k, H))][:2] +
-                [ref() is not None for shape, ref in made if shape == (T * k, 2 * I)][1:2])
+    def alive(made, copies):  # the forward's H and the backward's dH; the row copies X_s, G_s
+        return ([ref() is not None for shape, ref in made if shape == (T * k, 2 * I)],
+                [ref() is not None for shape, ref in copies])
 
     seen, made, (out, grads) = alive_at_each_dw(
         monkeypatch, gptoss, gptoss_experts, lambda fn: run_block(fn, inputs, torch.randn(T, H)), alive,
-        compiled=compiled)
-    assert [shape for shape, _ in made[:2]] == [(T * k, 2 * I), (T * k, H)]
-    assert seen == [[False, True, True],  # dW1 reads X_s and dH; H is gone
-                    [False, False, False]]  # dW2: all three gone
+        compiled=compiled, also=(block,))
+    assert seen == [([False, True], [True]),  # dW1 reads X_s and dH; H is gone
+                    ([False, False], [False, True])]  # dW2 reads G_s; dH and X_s are gone
     assert all(torch.isfinite(g).all() for g in grads.values())
 
 
@@ -509,10 +492,10 @@ def test_kernels_build_with_float64_scalars(kernel_name, tmp_path):
     assert done.returncode == 0 and "built" in done.stdout, done.stderr[-2000:]
 
 
-def test_non_reentrant_checkpoint_frees_h_and_sorted_x_and_matches(monkeypatch):
-    """Under torch.utils.checkpoint(use_reentrant=False), H and X_s go through the saved-tensor
-    hooks like every saved tensor: both are gone once the forward returns, and the recomputed
-    block gives the plain block's gradients."""
+def test_non_reentrant_checkpoint_frees_h_and_matches(monkeypatch):
+    """Under torch.utils.checkpoint(use_reentrant=False), H goes through the saved-tensor hooks
+    like every saved tensor: it is gone once the forward returns, as is every other buffer the
+    forward made, and the recomputed block gives the plain block's gradients."""
     from torch.utils.checkpoint import checkpoint
 
     T, H, I, E, k = 9, 40, 24, 4, 2
@@ -523,8 +506,8 @@ def test_non_reentrant_checkpoint_frees_h_and_sorted_x_and_matches(monkeypatch):
     leaves = {name: t.clone().requires_grad_(name in DIFFERENTIABLE) for name, t in inputs.items()}
     out = checkpoint(lambda *a: gptoss_experts(*a, limit=LIMIT, alpha=ALPHA), *(leaves[n] for n in NAMES),
                      use_reentrant=False)
-    assert [shape for shape, _ in made[:2]] == [(T * k, 2 * I), (T * k, H)]
-    assert all(ref() is None for _, ref in made[:2])
+    assert made[0][0] == (T * k, 2 * I)
+    assert all(ref() is None for shape, ref in made if shape != (T, H))  # all but the output
     grads = dict(zip(DIFFERENTIABLE, torch.autograd.grad(out, [leaves[n] for n in DIFFERENTIABLE], grad_out)))
     assert relative_error(out, plain_out) < 1e-6
     for name in DIFFERENTIABLE:
