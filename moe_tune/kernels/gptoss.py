@@ -331,3 +331,167 @@ def gptoss_bwd_kernel(
         _down_bias_bwd_tile(g_ptr, b2_ptr, weights_ptr, sorted_slots_ptr, dsp_ptr, db2_ptr,
                             e, row_start, row_end, pid_n - I_BLOCKS, pid_n, num_rows, hidden, topk,
                             stride_g_t, stride_b2_e, stride_db2_e, BLOCK_M, BLOCK_N, STAGES)
+
+
+@triton.jit
+def _block_of_expert(expert_offsets_ptr, block, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(expert, first row, end row, valid) of row block ``block`` when every expert's rows are cut
+    into blocks of BLOCK_M that never straddle two experts (blocks numbered expert by expert)."""
+    e_range = tl.arange(0, E_POW2)
+    starts = tl.load(expert_offsets_ptr + e_range, mask=e_range < E, other=0)
+    ends = tl.load(expert_offsets_ptr + e_range + 1, mask=e_range < E, other=0)
+    blocks = tl.cdiv(ends - starts, BLOCK_M)
+    cum_end = tl.cumsum(blocks, axis=0)
+    e = tl.sum((cum_end <= block).to(tl.int32), axis=0)
+    valid = block < tl.sum(blocks, axis=0)
+    e = tl.minimum(e, E - 1)
+    mine = e_range == e
+    row_start = tl.sum(tl.where(mine, starts, 0), axis=0)
+    row_end = tl.sum(tl.where(mine, ends, 0), axis=0)
+    first_block = tl.sum(tl.where(mine, cum_end - blocks, 0), axis=0)
+    return e, row_start + (block - first_block) * BLOCK_M, row_end, valid
+
+
+@triton.jit
+def gptoss_bwd_rows_kernel(
+    # Pointers --------------------------------------------------------------------------------
+    d_act_ptr,  # (M, I) expert order: dY[slot // k]·W2[e]ᵀ, the unweighted gradient of A
+    d_lora_ptr,  # (M, I) expert order, LORA: w·P·A2, the down LoRA's part of dA
+    p_ptr,  # (M, r) expert order, LORA: P = dY[slot // k]·B̃2
+    l2_ptr,  # (M, r) expert order, LORA: L2 = A·A2ᵀ (the forward's)
+    h_ptr,  # (M, 2I) expert order: the forward's X·W1[e] without bias, interleaved
+    b1_ptr,  # (E, 2I)
+    g_ptr,  # (T, H): dY, the gradient of the block's output
+    b2_ptr,  # (E, H)
+    weights_ptr,  # (M,) routing weight of each token slot
+    sorted_slots_ptr,  # (M,) int32
+    expert_offsets_ptr,  # (E + 1,) int32
+    d_h_ptr,  # (M, 2I) expert order: dH, interleaved (the up dx and dW operand)
+    weighted_act_ptr,  # (M, I) expert order: w·A (the down dW operand)
+    dsp_ptr,  # (⌈I/BLOCK_N⌉ + ⌈H/BLOCK_N⌉, M) float32: routing-weight gradient partials
+    part_ptr,  # (row blocks, 2I + H) float32: each row block's column sums of dH (then of w·dY)
+    # Sizes -------------------------------------------------------------------------------------
+    num_rows,  # M
+    inter,  # I
+    hidden,  # H
+    topk,  # k
+    rank,  # r of the down LoRA (LORA)
+    limit,
+    alpha,
+    # Strides -----------------------------------------------------------------------------------
+    stride_da_m, stride_dl_m, stride_p_m, stride_l2_m, stride_h_m, stride_b1_e, stride_g_t, stride_b2_e,
+    stride_dh_m, stride_wa_m, stride_part,
+    # Meta-parameters ---------------------------------------------------------------------------
+    E: tl.constexpr,
+    E_POW2: tl.constexpr,
+    I_BLOCKS: tl.constexpr,  # ⌈I / BLOCK_N⌉: column programs below it do the activation
+    LORA: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Grid: (an upper bound on the row blocks, ⌊M / BLOCK_M⌋ + E; I_BLOCKS + ⌈H / BLOCK_N⌉, or
+    just I_BLOCKS when neither db2 nor the routing-weight gradient is wanted). One program, one
+    [BLOCK_M, BLOCK_N] tile of one row block (rows of a single expert): no loop, so nothing is
+    carried but the tile, and many programs stay resident to keep loads in flight. The bias
+    gradients leave as per-block column sums in ``part`` (``gptoss_bias_sum_kernel`` adds each
+    expert's blocks in order: deterministic, no atomics)."""
+    limit, alpha = _as_float32(limit), _as_float32(alpha)
+    block = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e, row0, row_end, valid = _block_of_expert(expert_offsets_ptr, block, E, E_POW2, BLOCK_M)
+    if valid:
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        rows64 = rows.to(tl.int64)
+        slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
+        w = tl.load(weights_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
+        part_row = part_ptr + block.to(tl.int64) * stride_part
+        if pid_n < I_BLOCKS:
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_mask = cols < inter
+            cols2 = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+            col_mask2 = cols2 < 2 * inter
+            mask = row_mask[:, None] & col_mask[None, :]
+            mask2 = row_mask[:, None] & col_mask2[None, :]
+            b = tl.load(b1_ptr + e.to(tl.int64) * stride_b1_e + cols2, mask=col_mask2, other=0.0).to(tl.float32)
+            b_gate, b_up = tl.split(tl.reshape(b, [BLOCK_N, 2]))
+            d_act = tl.load(d_act_ptr + rows64[:, None] * stride_da_m + cols[None, :], mask=mask, other=0.0)
+            d_act = d_act.to(tl.float32)
+            gate, up = _load_pairs(h_ptr, rows, stride_h_m, cols2, mask2)
+            gate += b_gate[None, :]
+            up += b_up[None, :]
+            a, g, u, sig = _clamped_glu(gate, up, limit, alpha)
+            # d weight[slot] gets <dY·W2ᵀ, A> over I (this block's columns here, the column blocks
+            # summed afterwards in a fixed order) plus <dY, b2[e]> from the down-bias programs.
+            partial = tl.sum(d_act * a, axis=1)
+            d_a = d_act * w[:, None]
+            if LORA:
+                d_a += tl.load(d_lora_ptr + rows64[:, None] * stride_dl_m + cols[None, :], mask=mask,
+                               other=0.0).to(tl.float32)
+                if pid_n == 0:
+                    r_cols = tl.arange(0, BLOCK_R)
+                    r_mask = row_mask[:, None] & (r_cols < rank)[None, :]
+                    p = tl.load(p_ptr + rows64[:, None] * stride_p_m + r_cols[None, :], mask=r_mask, other=0.0)
+                    l2 = tl.load(l2_ptr + rows64[:, None] * stride_l2_m + r_cols[None, :], mask=r_mask, other=0.0)
+                    partial += tl.sum(p.to(tl.float32) * l2.to(tl.float32), axis=1)
+            tl.store(dsp_ptr + pid_n.to(tl.int64) * num_rows + slots, partial, mask=row_mask)
+            tl.store(weighted_act_ptr + rows64[:, None] * stride_wa_m + cols[None, :],
+                     (w[:, None] * a).to(weighted_act_ptr.dtype.element_ty), mask=mask)
+            # Clamped elements pass no gradient (torch.clamp's rule: the limits themselves pass).
+            d_up = tl.where((up >= -limit) & (up <= limit), d_a * g * sig, 0.0)
+            d_gate = tl.where(gate <= limit, d_a * (u + 1.0) * sig * (1.0 + alpha * g * (1.0 - sig)), 0.0)
+            d_up = tl.where(mask, d_up, 0.0)
+            d_gate = tl.where(mask, d_gate, 0.0)
+            d_h = tl.reshape(tl.join(d_gate, d_up), [BLOCK_M, 2 * BLOCK_N])
+            tl.store(d_h_ptr + rows64[:, None] * stride_dh_m + cols2[None, :], d_h.to(d_h_ptr.dtype.element_ty),
+                     mask=mask2)
+            db = tl.reshape(tl.join(tl.sum(d_gate, axis=0), tl.sum(d_up, axis=0)), [2 * BLOCK_N])
+            tl.store(part_row + cols2, db, mask=col_mask2)
+        else:
+            # db2[e] = Σ w·dY[t] over the block's rows, and the <dY[t], b2[e]> part of dS.
+            cols = (pid_n - I_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_mask = cols < hidden
+            mask = row_mask[:, None] & col_mask[None, :]
+            b = tl.load(b2_ptr + e.to(tl.int64) * stride_b2_e + cols, mask=col_mask, other=0.0).to(tl.float32)
+            tokens = (slots // topk).to(tl.int64)
+            g = tl.load(g_ptr + tokens[:, None] * stride_g_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(dsp_ptr + pid_n.to(tl.int64) * num_rows + slots, tl.sum(g * b[None, :], axis=1), mask=row_mask)
+            tl.store(part_row + 2 * inter + cols, tl.sum(g * w[:, None], axis=0), mask=col_mask)
+
+
+@triton.jit
+def gptoss_bias_sum_kernel(
+    part_ptr,  # (row blocks, 2I + H) float32: ``gptoss_bwd_rows_kernel``'s column sums per row block
+    expert_offsets_ptr,  # (E + 1,) int32
+    db1_ptr,  # (E, 2I)
+    db2_ptr,  # (E, H), written when WITH_DB2
+    inter,  # I
+    hidden,  # H
+    stride_part, stride_db1_e, stride_db2_e,
+    E: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # the row blocks' height (as in the rows kernel)
+    BLOCK_C: tl.constexpr,
+    WITH_DB2: tl.constexpr,
+):
+    """Grid: (E, ⌈(2I (+ H)) / BLOCK_C⌉). db1[e] (and db2[e]) = the sum of expert e's row blocks'
+    column sums, in block order; an empty expert gets zeros."""
+    e = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    width = 2 * inter + hidden if WITH_DB2 else 2 * inter
+    col_mask = cols < width
+    e_range = tl.arange(0, E_POW2)
+    starts = tl.load(expert_offsets_ptr + e_range, mask=e_range < E, other=0)
+    ends = tl.load(expert_offsets_ptr + e_range + 1, mask=e_range < E, other=0)
+    blocks = tl.cdiv(ends - starts, BLOCK_M)
+    first = tl.sum(tl.where(e_range < e, blocks, 0), axis=0)
+    count = tl.sum(tl.where(e_range == e, blocks, 0), axis=0)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for j in range(count):
+        acc += tl.load(part_ptr + (first + j).to(tl.int64) * stride_part + cols, mask=col_mask, other=0.0)
+    e64 = e.to(tl.int64)
+    tl.store(db1_ptr + e64 * stride_db1_e + cols, acc.to(db1_ptr.dtype.element_ty), mask=cols < 2 * inter)
+    if WITH_DB2:
+        tl.store(db2_ptr + e64 * stride_db2_e + (cols - 2 * inter), acc.to(db2_ptr.dtype.element_ty),
+                 mask=col_mask & (cols >= 2 * inter))
