@@ -450,14 +450,17 @@ def gptoss_bwd_rows_kernel(
             tl.store(part_row + cols2, db, mask=col_mask2)
         else:
             # db2[e] = Σ w·dY[t] over the block's rows, and the <dY[t], b2[e]> part of dS.
-            cols = (pid_n - I_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
-            col_mask = cols < hidden
-            mask = row_mask[:, None] & col_mask[None, :]
-            b = tl.load(b2_ptr + e.to(tl.int64) * stride_b2_e + cols, mask=col_mask, other=0.0).to(tl.float32)
+            # (Names of their own: the compiler types each name once across both branches.)
+            h_cols = (pid_n - I_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
+            h_col_mask = h_cols < hidden
+            h_mask = row_mask[:, None] & h_col_mask[None, :]
+            bias2 = tl.load(b2_ptr + e.to(tl.int64) * stride_b2_e + h_cols, mask=h_col_mask, other=0.0)
             tokens = (slots // topk).to(tl.int64)
-            g = tl.load(g_ptr + tokens[:, None] * stride_g_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            tl.store(dsp_ptr + pid_n.to(tl.int64) * num_rows + slots, tl.sum(g * b[None, :], axis=1), mask=row_mask)
-            tl.store(part_row + 2 * inter + cols, tl.sum(g * w[:, None], axis=0), mask=col_mask)
+            dy = tl.load(g_ptr + tokens[:, None] * stride_g_t + h_cols[None, :], mask=h_mask, other=0.0)
+            dy = dy.to(tl.float32)
+            tl.store(dsp_ptr + pid_n.to(tl.int64) * num_rows + slots,
+                     tl.sum(dy * bias2.to(tl.float32)[None, :], axis=1), mask=row_mask)
+            tl.store(part_row + 2 * inter + h_cols, tl.sum(dy * w[:, None], axis=0), mask=h_col_mask)
 
 
 @triton.jit

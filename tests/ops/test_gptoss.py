@@ -500,19 +500,21 @@ for p in fn.params:
 # The LoRA variants (HAS_DELTA, LORA) read more operands: build those, the plain ones share the rest.
 values = {"BLOCK_M": gptoss.BWD_BLOCK_M, "BLOCK_N": gptoss.BWD_BLOCK_N, "I_BLOCKS": 45, "HAS_DELTA": True,
           "LORA": True, "BLOCK_R": 16, "STAGES": gptoss.BWD_STAGES,
-          "TMA": True}
+          "TMA": True, "E": 32, "E_POW2": 64}
 constexprs = {n: values[n] for n, t in signature.items() if t == "constexpr"}
 triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
 print("built")
 """
 
 
-@pytest.mark.parametrize("kernel_name", ["gptoss_act_fwd_kernel", "gptoss_bwd_kernel"])
+@pytest.mark.parametrize("kernel_name", ["gptoss_act_fwd_kernel", "gptoss_bwd_kernel", "gptoss_bwd_rows_kernel"])
 def test_kernels_build_with_float64_scalars(kernel_name, tmp_path):
     """Under torch.compile, Inductor launches these kernels itself and types ``limit`` and
     ``alpha`` fp64 (eager launches type them fp32); the kernels must still build for sm90 (a
     float32 accumulator met by an fp64 scalar would turn fp64 and stop the build). Compiled on
-    the CPU with Triton's own toolchain, in a process where the kernels are not interpreted."""
+    the CPU with Triton's own toolchain, in a process where the kernels are not interpreted, which
+    also type-checks what the interpreter lets through (a name bound to two shapes in the two
+    branches of an ``if``)."""
     import os
     import subprocess
     import sys
