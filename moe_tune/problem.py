@@ -281,8 +281,8 @@ class MoeShape:
         other. The base up forward and down dx run without their fused epilogues (the LoRA terms
         join H and dA before SwiGLU and its backward), and no base dW runs at all. With the
         gpt-oss layout (``moe_tune.ops.gptoss_lora``) the four base problems read the weights as
-        stored ([E, K, N], ``kn``) and write no expert-ordered rows (no base dW needs them); PEFT's
-        factors have the same per-expert shapes in both layouts, so their twelve are the same."""
+        stored ([E, K, N], ``kn``); PEFT's factors have the same per-expert shapes in both
+        layouts, so their twelve are the same."""
         r = _as_pos_int(rank, "rank")
         E, H, I, k = self.E, self.H, self.I, self.topk
         base_layout = "kn" if self.layout == "gpt_oss" else "nk"

@@ -69,17 +69,18 @@ def test_lora_only_leaves_the_base_six_out():
 
 
 def test_gpt_oss_lora_problems_are_swept():
-    """gpt-oss's LoRA block (``moe_tune.ops.gptoss_lora``): its two base GEMMs that write no
-    expert-ordered rows ([E, K, N] weights) and the twelve factor GEMMs join the six; a cache
-    miss on any of them names the gpt-oss LoRA sweep."""
+    """gpt-oss's LoRA block (``moe_tune.ops.gptoss_lora``): its unweighted base down dx ([E, K, N]
+    weights) and the twelve factor GEMMs join the six (its base up forward is the six's own); a
+    cache miss on any of them names the gpt-oss LoRA sweep."""
     model = resolve_model("gpt-oss-20b")
     rank = random.choice((8, 16, 32))
     named = named_problems(SweepOptions(model=model, lora_ranks=(rank,)).resolved())
     shape = model.shape
     six = set(shape.problems())
-    assert len(named) == 6 + 2 + 12 and six <= set(named.values())
-    for name in ("up[lora].forward", "down[lora].dx"):
-        assert named[name].weight_layout == "kn" and named[name].fusion == "none"
+    assert len(named) == 6 + 1 + 12 and six <= set(named.values())
+    assert shape.lora_problems(rank)["up.forward"] in six
+    down_dx = named["down[lora].dx"]
+    assert down_dx.weight_layout == "kn" and down_dx.fusion == "none" and not down_dx.weighted
     for name, problem in shape.lora_problems(rank).items():
         if problem not in six:
             assert runtime.sweep_command(problem) == (f"moe-tune sweep --model gpt-oss-20b --lora-rank "
