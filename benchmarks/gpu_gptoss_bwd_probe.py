@@ -7,11 +7,9 @@ rows. ``STAGES`` ≥ 2 lets Triton's software pipeline fetch those indices steps
 descriptors (``TMA``) the dA and H tiles too, into shared memory. Every
 variant's outputs are compared with the shipped variant's, and each is timed with
 ``triton.testing.do_bench`` (median), beside a device copy of the same bytes (the memory roof).
-With ``--rows``: the walking kernel as shipped before the fourteenth session against the
-row-parallel one (``gptoss_bwd_rows_kernel`` and its per-expert bias sum) over its tiles and warps.
 Writes ``OUT/gptoss_bwd_probe.json``.
 
-    python3 benchmarks/gpu_gptoss_bwd_probe.py --out DIR [--tokens 4096 16384] [--rows]
+    python3 benchmarks/gpu_gptoss_bwd_probe.py --out DIR [--tokens 4096 16384]
 """
 
 from __future__ import annotations
@@ -31,28 +29,10 @@ SHAPES = {"gpt-oss-20b": (32, 2880, 2880, 4), "gpt-oss-120b": (128, 2880, 2880, 
 TILES = ((32, 64, 4), (16, 64, 4), (64, 64, 4), (64, 64, 8), (32, 128, 4), (64, 32, 4), (16, 128, 4))
 STAGES = (1, 2, 3, 4)
 DESCRIPTORS = (False, True)
-# The row-parallel kernel's (BLOCK_M, BLOCK_N, warps)
-ROWS_TILES = ((64, 64, 4), (32, 64, 4), (64, 64, 8), (32, 128, 4), (64, 32, 4), (128, 64, 8), (16, 128, 4),
-              (32, 32, 4))
-
-
-def _set(gptoss, variant) -> None:
-    """Put one variant in place: ("walk", BLOCK_M, BLOCK_N, warps, stages, tma) or ("rows", BLOCK_M, BLOCK_N, warps)."""
-    if variant[0] == "walk":
-        gptoss.BWD_ROWS = False
-        gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES, gptoss.BWD_TMA = variant[1:]
-    else:
-        gptoss.BWD_ROWS = True
-        gptoss.ROWS_BLOCK_M, gptoss.ROWS_BLOCK_N, gptoss.ROWS_WARPS = variant[1:]
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    only = argparse.ArgumentParser(add_help=False)
-    only.add_argument("--rows", action="store_true")
-    picked, rest = only.parse_known_args(argv)
-    args, out_dir = probe_args.parse(rest, __doc__.splitlines()[0], [4096, 16384])
+    args, out_dir = probe_args.parse(argv, __doc__.splitlines()[0], [4096, 16384])
 
     import torch
 
@@ -60,8 +40,7 @@ def main(argv=None) -> int:
     from moe_tune.ops.routing import build_routing
     from moe_tune.reference import relative_error
 
-    walk = ("walk", gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES, gptoss.BWD_TMA)
-    shipped = ("rows", gptoss.ROWS_BLOCK_M, gptoss.ROWS_BLOCK_N, gptoss.ROWS_WARPS) if gptoss.BWD_ROWS else walk
+    shipped = (gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES, gptoss.BWD_TMA)
     rows, t0 = [], time.time()
     dt = torch.bfloat16
     for (name, (E, H, I, k)), T in itertools.product(SHAPES.items(), args.tokens):
@@ -85,29 +64,27 @@ def main(argv=None) -> int:
         src = torch.empty(moved // 4, dtype=torch.int16, device="cuda")
         roof_ms = probe_args.median_ms(lambda: src.clone())  # reads half the bytes, writes half
         ref = None
-        if picked.rows:
-            variants = [walk] + [("rows", *tile) for tile in ROWS_TILES]
-        else:
-            variants = [walk] + [("walk", bm, bn, w, st, tma) for (bm, bn, w), st, tma
-                                 in itertools.product(TILES, STAGES, DESCRIPTORS) if ("walk", bm, bn, w, st, tma) != walk]
-        for variant in variants:
-            _set(gptoss, variant)
-            row = dict(model=name, T=T, variant=list(variant), shipped=variant == shipped, roof_ms=roof_ms)
+        variants = [shipped] + [(bm, bn, w, st, tma) for (bm, bn, w), st, tma in itertools.product(TILES, STAGES, DESCRIPTORS)
+                                if (bm, bn, w, st, tma) != shipped]
+        for bm, bn, w, st, tma in variants:
+            gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES, gptoss.BWD_TMA = bm, bn, w, st, tma
+            row = dict(model=name, T=T, BLOCK_M=bm, BLOCK_N=bn, warps=w, stages=st, descriptors=tma,
+                       shipped=(bm, bn, w, st, tma) == shipped, roof_ms=roof_ms)
             try:
                 out = [t.float() for t in run()]
                 if ref is None:
                     ref = out
                 errs = [relative_error(a, b) for a, b in zip(out, ref)]
                 if not max(errs) < 2e-2:
-                    raise RuntimeError(f"outputs differ from the first variant's: {errs}")
+                    raise RuntimeError(f"outputs differ from the shipped variant's: {errs}")
                 row.update(ms=probe_args.median_ms(run), err=max(errs))
             except Exception as exc:  # a variant that fails is a row
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             rows.append(row)
-            print(f"{name} T={T} {variant}: " + (f"{row['ms']:.4f} ms (roof {roof_ms:.4f})"
+            print(f"{name} T={T} {bm}x{bn} w{w} s{st} {'tma' if tma else 'ptr'}: " + (f"{row['ms']:.4f} ms (roof {roof_ms:.4f})"
                   if "ms" in row else row["error"]) + f"  t={time.time() - t0:.0f}s", flush=True)
             (out_dir / "gptoss_bwd_probe.json").write_text(json.dumps(rows, indent=1))
-        _set(gptoss, shipped)
+        gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES, gptoss.BWD_TMA = shipped
     return 0
 
 

@@ -63,8 +63,7 @@ import torch
 
 from moe_tune.device import DeviceInfo, query_device
 from moe_tune.errors import InvalidInputError
-from moe_tune.kernels.gptoss import (gptoss_act_fwd_kernel, gptoss_bias_sum_kernel, gptoss_bwd_kernel,
-                                     gptoss_bwd_rows_kernel, gptoss_combine_kernel)
+from moe_tune.kernels.gptoss import gptoss_act_fwd_kernel, gptoss_bwd_kernel, gptoss_combine_kernel
 from moe_tune.ops import launch
 from moe_tune.ops.block import (claim, configs_for, expert_rows, hand_over, hands_over, part_context, size_hint,
                                 take)
@@ -84,11 +83,6 @@ COMBINE_BLOCK_T, COMBINE_BLOCK_N = 16, 128
 BWD_BLOCK_M, BWD_BLOCK_N, BWD_WARPS, BWD_STAGES = 64, 64, 4, 3
 BWD_TMA = True  # where the device and the rows allow (``activation_backward``)
 ELEMENTWISE_WARPS = 4
-# The row-parallel backward (``gptoss_bwd_rows_kernel``): one [ROWS_BLOCK_M, ROWS_BLOCK_N] tile a
-# program, and the per-expert sum of its bias partials BIAS_SUM_BLOCK columns a program.
-BWD_ROWS = True
-ROWS_BLOCK_M, ROWS_BLOCK_N, ROWS_WARPS = 64, 64, 4
-BIAS_SUM_BLOCK = 256
 
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
@@ -121,8 +115,7 @@ def block_configs(E: int, H: int, I: int, topk: int, dtype: torch.dtype, num_tok
 def dsp_rows(I: int, H: int, with_down_bias: bool) -> tuple[int, int]:
     """(column blocks of I, column blocks of H) of the backward kernel's grid: the rows of its
     routing-weight-gradient partials. The H part runs only when db2 or dS is wanted."""
-    block_n = ROWS_BLOCK_N if BWD_ROWS else BWD_BLOCK_N
-    return launch.cdiv(I, block_n), launch.cdiv(H, block_n) if with_down_bias else 0
+    return launch.cdiv(I, BWD_BLOCK_N), launch.cdiv(H, BWD_BLOCK_N) if with_down_bias else 0
 
 
 # -------------------------------------------------------------------------------------------------
@@ -249,14 +242,6 @@ def activation_backward(d_act: torch.Tensor, h: torch.Tensor, gate_up_b: torch.T
     db2_arg = d_down_b if with_down_bias else d_gate_up_b  # never written when h_blocks == 0
     d_lora, p, l2 = lora if lora is not None else (d_act, d_act, d_act)
     rank = p.shape[1] if lora is not None else 0
-    if BWD_ROWS:
-        _activation_backward_rows(d_act, d_lora, p, l2, h, gate_up_b, grad_out, down_b, weights, sorted_slots,
-                                  expert_offsets, d_h, weighted_act, dsp, d_gate_up_b, d_down_b, k, rank, limit,
-                                  alpha, i_blocks, h_blocks, lora is not None, in_op)
-        d_weights = grad_out.new_empty(0)
-        if need_weights:
-            d_weights = dsp.sum(0).view(T, k).to(top_k_weights.dtype)
-        return d_h, weighted_act, d_gate_up_b, d_down_b, d_weights
     tma = BWD_TMA and query_device(device).supports_tma and launch.rows_fit_descriptors(d_act, h, d_h, weighted_act)
     if tma:
         launch.ensure_descriptor_allocator(device)
@@ -275,37 +260,6 @@ def activation_backward(d_act: torch.Tensor, h: torch.Tensor, gate_up_b: torch.T
     if need_weights:
         d_weights = dsp.sum(0).view(T, k).to(top_k_weights.dtype)
     return d_h, weighted_act, d_gate_up_b, d_down_b, d_weights
-
-
-def _activation_backward_rows(d_act, d_lora, p, l2, h, gate_up_b, grad_out, down_b, weights, sorted_slots,
-                              expert_offsets, d_h, weighted_act, dsp, d_gate_up_b, d_down_b, k, rank, limit, alpha,
-                              i_blocks, h_blocks, lora, in_op):
-    """``activation_backward`` as two launches: ``gptoss_bwd_rows_kernel`` over [row block, column
-    block] tiles (each row block inside one expert), leaving each block's bias-gradient column
-    sums in a float32 buffer, then ``gptoss_bias_sum_kernel`` adding each expert's blocks."""
-    M, I = d_act.shape
-    E, H = down_b.shape
-    with_down_bias = h_blocks > 0
-    max_blocks = M // ROWS_BLOCK_M + E
-    width = 2 * I + (H if with_down_bias else 0)
-    part = _alloc((max_blocks, width), torch.float32, d_act.device)
-    e_pow2 = launch.next_power_of_2(E + 1)
-    db2_arg = d_down_b if with_down_bias else d_gate_up_b  # never written without the down bias
-    launch.launch_kernel(
-        gptoss_bwd_rows_kernel, in_op, (max_blocks, i_blocks + h_blocks),
-        (d_act, d_lora, p, l2, h, gate_up_b, grad_out, down_b, weights, sorted_slots, expert_offsets,
-         d_h, weighted_act, dsp, part, M, I, H, k, rank, limit, alpha,
-         d_act.stride(0), d_lora.stride(0), p.stride(0), l2.stride(0), h.stride(0), gate_up_b.stride(0),
-         grad_out.stride(0), down_b.stride(0), d_h.stride(0), weighted_act.stride(0), part.stride(0)),
-        dict(E=E, E_POW2=e_pow2, I_BLOCKS=i_blocks, LORA=lora, BLOCK_M=ROWS_BLOCK_M, BLOCK_N=ROWS_BLOCK_N,
-             BLOCK_R=max(16, launch.next_power_of_2(rank)), num_warps=ROWS_WARPS),
-        (d_h, weighted_act, dsp, part))
-    launch.launch_kernel(
-        gptoss_bias_sum_kernel, in_op, (E, launch.cdiv(width, BIAS_SUM_BLOCK)),
-        (part, expert_offsets, d_gate_up_b, db2_arg, I, H, part.stride(0), d_gate_up_b.stride(0), db2_arg.stride(0)),
-        dict(E=E, E_POW2=e_pow2, BLOCK_M=ROWS_BLOCK_M, BLOCK_C=BIAS_SUM_BLOCK, WITH_DB2=with_down_bias,
-             num_warps=ELEMENTWISE_WARPS),
-        (d_gate_up_b, d_down_b))
 
 
 def backward_up(d_h, hidden: torch.Tensor, gate_up_w: torch.Tensor, expert_offsets: torch.Tensor,
