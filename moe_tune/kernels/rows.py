@@ -3,8 +3,7 @@ GEMMs of the experts block. Both are memory-bound: one pass, wide loads, many ro
 
 * ``slot_sum_kernel`` — ``out[t] (+)= Σ_j rows[t·k + j]`` over a token's k slot rows, float32
   accumulation and one rounding: the down forward's and the up dx's outputs, written in slot
-  order, back to one row per token. With ``POSITIONS`` the rows stay in expert order and slot s
-  is read from row ``positions[s]`` (the routing's inverse permutation).
+  order, back to one row per token.
 * ``gather_rows_kernel`` — ``dst[r] = src[slots[r] // div]``: a token-ordered tensor's rows copied
   to expert order (the dWs' operands, which then stream through TMA).
 
@@ -21,10 +20,8 @@ import triton.language as tl
 @triton.jit
 def slot_sum_kernel(
     # Pointers --------------------------------------------------------------------------------
-    rows_ptr,  # (T·k, W): slot order, the k rows of token t at t·k .. t·k + k - 1 (POSITIONS: any order)
+    rows_ptr,  # (T·k, W): slot order, the k rows of token t at t·k .. t·k + k - 1
     out_ptr,  # (T, W): written, or added to with ACCUMULATE
-    positions_ptr,  # (T·k,) int32, read with POSITIONS: the row of each token slot
-    weights_ptr,  # (T·k,) read with WEIGHTED: the routing weight of each token slot
     # Sizes -------------------------------------------------------------------------------------
     num_tokens,  # T
     width,  # W
@@ -33,8 +30,6 @@ def slot_sum_kernel(
     # Meta-parameters ---------------------------------------------------------------------------
     TOPK: tl.constexpr,
     ACCUMULATE: tl.constexpr,
-    POSITIONS: tl.constexpr,
-    WEIGHTED: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
@@ -47,15 +42,7 @@ def slot_sum_kernel(
     first = rows_ptr + (tokens.to(tl.int64) * TOPK)[:, None] * stride_rows_m + cols[None, :]
     acc = tl.zeros((BLOCK_T, BLOCK_W), dtype=tl.float32)
     for j in tl.static_range(TOPK):  # k independent loads in flight per element
-        if POSITIONS:
-            at = tl.load(positions_ptr + tokens * TOPK + j, mask=tokens < num_tokens, other=0)
-            ptrs = rows_ptr + at.to(tl.int64)[:, None] * stride_rows_m + cols[None, :]
-        else:
-            ptrs = first + j * stride_rows_m
-        row = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        if WEIGHTED:
-            row *= tl.load(weights_ptr + tokens * TOPK + j, mask=tokens < num_tokens, other=0.0).to(tl.float32)[:, None]
-        acc += row
+        acc += tl.load(first + j * stride_rows_m, mask=mask, other=0.0).to(tl.float32)
     out_ptrs = out_ptr + tokens.to(tl.int64)[:, None] * stride_out_t + cols[None, :]
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)

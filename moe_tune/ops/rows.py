@@ -29,22 +29,16 @@ def _launch(kernel, in_op: bool, num_rows, width, tile: tuple[int, int, int], ro
 
 
 def slot_sum(rows: torch.Tensor, topk: int, out: torch.Tensor | None = None, *, accumulate: bool = False,
-             positions: torch.Tensor | None = None, weights: torch.Tensor | None = None, in_op: bool = False,
-             tile: tuple[int, int, int] = ROWS_TILE) -> torch.Tensor:
+             in_op: bool = False, tile: tuple[int, int, int] = ROWS_TILE) -> torch.Tensor:
     """``out[t] = Σ_j rows[t·k + j]`` for ``rows`` [T·k, W] in slot order, both contiguous along W
     (``accumulate``: added to ``out``); float32 accumulation, one rounding to ``out``'s dtype.
-    ``positions`` (int32 [T·k]): the rows are in another order, slot s at row ``positions[s]``.
-    ``weights`` ([T·k]): slot s's row is multiplied by ``weights[s]`` (float32) as it is summed.
     Returns ``out``."""
     M, W = rows.shape
     T = M // topk
     if out is None:
         out = torch.empty((T, W), dtype=rows.dtype, device=rows.device)
-    _launch(slot_sum_kernel, in_op, T, W, tile, "BLOCK_T",
-            (rows, out, positions if positions is not None else out, weights if weights is not None else out,
-             T, W, rows.stride(0), out.stride(0)),
-            dict(TOPK=topk, ACCUMULATE=accumulate, POSITIONS=positions is not None, WEIGHTED=weights is not None),
-            (rows, out))
+    _launch(slot_sum_kernel, in_op, T, W, tile, "BLOCK_T", (rows, out, T, W, rows.stride(0), out.stride(0)),
+            dict(TOPK=topk, ACCUMULATE=accumulate), (rows, out))
     return out
 
 

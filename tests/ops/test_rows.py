@@ -38,27 +38,6 @@ def test_slot_sum_matches_float64(name, T, k, W, tile, dtype, accumulate):
     assert err < TOLERANCES[dtype], err
 
 
-@pytest.mark.parametrize("name,T,k,W,tile", SUM_CASES, ids=[c[0] for c in SUM_CASES])
-@pytest.mark.parametrize("accumulate", [False, True], ids=["write", "accumulate"])
-@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
-def test_slot_sum_reads_rows_at_their_positions(name, T, k, W, tile, accumulate, weighted):
-    # Rows in a random (expert-like) order: slot s lives at row positions[s].
-    dtype = torch.float16
-    slot_rows = torch.randn(T * k, W).to(dtype)
-    positions = torch.randperm(T * k).to(torch.int32)
-    weights = torch.rand(T * k).to(dtype) if weighted else None
-    permuted = torch.full_like(slot_rows, float("nan"))
-    permuted[positions.long()] = slot_rows
-    start = torch.randn(T, W).to(dtype)
-    out = start.clone() if accumulate else torch.full((T, W), float("nan"), dtype=dtype)
-    rows.slot_sum(permuted, k, out, accumulate=accumulate, positions=positions, weights=weights, tile=tile)
-    scaled = slot_rows.double() * (weights.double()[:, None] if weighted else 1)
-    ref = scaled.view(T, k, W).sum(1) + (start.double() if accumulate else 0)
-    assert torch.isfinite(out).all()
-    err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
-    assert err < TOLERANCES[dtype], err
-
-
 def test_slot_sum_of_no_tokens_returns_empty():
     assert rows.slot_sum(torch.empty(0, 8), 4).shape == (0, 8)
 
