@@ -7,11 +7,9 @@ rows. ``STAGES`` ≥ 2 lets Triton's software pipeline fetch those indices steps
 descriptors (``TMA``) the dA and H tiles too, into shared memory. Every
 variant's outputs are compared with the shipped variant's, and each is timed with
 ``triton.testing.do_bench`` (median), beside a device copy of the same bytes (the memory roof).
-With ``--strided``: a few variants that read H and write dH as gate and up halves through two
-stride-2 accesses each (``BWD_STRIDED``) instead of one interleaved slab split and joined in
-registers. Writes ``OUT/gptoss_bwd_probe.json``.
+Writes ``OUT/gptoss_bwd_probe.json``.
 
-    python3 benchmarks/gpu_gptoss_bwd_probe.py --out DIR [--tokens 4096 16384] [--strided]
+    python3 benchmarks/gpu_gptoss_bwd_probe.py --out DIR [--tokens 4096 16384]
 """
 
 from __future__ import annotations
@@ -31,24 +29,10 @@ SHAPES = {"gpt-oss-20b": (32, 2880, 2880, 4), "gpt-oss-120b": (128, 2880, 2880, 
 TILES = ((32, 64, 4), (16, 64, 4), (64, 64, 4), (64, 64, 8), (32, 128, 4), (64, 32, 4), (16, 128, 4))
 STAGES = (1, 2, 3, 4)
 DESCRIPTORS = (False, True)
-# (BLOCK_M, BLOCK_N, warps, stages, descriptors) of the --strided run
-STRIDED = ((64, 64, 4, 3, True), (64, 64, 4, 1, False), (64, 64, 4, 2, False), (64, 64, 4, 3, False),
-           (64, 64, 4, 4, False), (32, 64, 4, 3, False), (64, 64, 8, 3, False), (64, 64, 8, 3, True),
-           (32, 128, 4, 3, True))
-
-
-def _set(gptoss, variant) -> None:
-    (gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES, gptoss.BWD_TMA,
-     gptoss.BWD_STRIDED) = variant
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    only = argparse.ArgumentParser(add_help=False)
-    only.add_argument("--strided", action="store_true")
-    picked, rest = only.parse_known_args(argv)
-    args, out_dir = probe_args.parse(rest, __doc__.splitlines()[0], [4096, 16384])
+    args, out_dir = probe_args.parse(argv, __doc__.splitlines()[0], [4096, 16384])
 
     import torch
 
@@ -56,8 +40,7 @@ def main(argv=None) -> int:
     from moe_tune.ops.routing import build_routing
     from moe_tune.reference import relative_error
 
-    shipped = (gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES, gptoss.BWD_TMA,
-               gptoss.BWD_STRIDED)
+    shipped = (gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES, gptoss.BWD_TMA)
     rows, t0 = [], time.time()
     dt = torch.bfloat16
     for (name, (E, H, I, k)), T in itertools.product(SHAPES.items(), args.tokens):
@@ -81,16 +64,12 @@ def main(argv=None) -> int:
         src = torch.empty(moved // 4, dtype=torch.int16, device="cuda")
         roof_ms = probe_args.median_ms(lambda: src.clone())  # reads half the bytes, writes half
         ref = None
-        if picked.strided:
-            variants = [shipped] + [(*v, True) for v in STRIDED]
-        else:
-            variants = [shipped] + [(bm, bn, w, st, tma, False) for (bm, bn, w), st, tma
-                                    in itertools.product(TILES, STAGES, DESCRIPTORS) if (bm, bn, w, st, tma, False) != shipped]
-        for variant in variants:
-            _set(gptoss, variant)
-            bm, bn, w, st, tma, strided = variant
-            row = dict(model=name, T=T, BLOCK_M=bm, BLOCK_N=bn, warps=w, stages=st, descriptors=tma, strided=strided,
-                       shipped=variant == shipped, roof_ms=roof_ms)
+        variants = [shipped] + [(bm, bn, w, st, tma) for (bm, bn, w), st, tma in itertools.product(TILES, STAGES, DESCRIPTORS)
+                                if (bm, bn, w, st, tma) != shipped]
+        for bm, bn, w, st, tma in variants:
+            gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES, gptoss.BWD_TMA = bm, bn, w, st, tma
+            row = dict(model=name, T=T, BLOCK_M=bm, BLOCK_N=bn, warps=w, stages=st, descriptors=tma,
+                       shipped=(bm, bn, w, st, tma) == shipped, roof_ms=roof_ms)
             try:
                 out = [t.float() for t in run()]
                 if ref is None:
@@ -102,11 +81,10 @@ def main(argv=None) -> int:
             except Exception as exc:  # a variant that fails is a row
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             rows.append(row)
-            print(f"{name} T={T} {bm}x{bn} w{w} s{st} {'tma' if tma else 'ptr'}{' strided' if strided else ''}: "
-                  + (f"{row['ms']:.4f} ms (roof {roof_ms:.4f})"
+            print(f"{name} T={T} {bm}x{bn} w{w} s{st} {'tma' if tma else 'ptr'}: " + (f"{row['ms']:.4f} ms (roof {roof_ms:.4f})"
                   if "ms" in row else row["error"]) + f"  t={time.time() - t0:.0f}s", flush=True)
             (out_dir / "gptoss_bwd_probe.json").write_text(json.dumps(rows, indent=1))
-        _set(gptoss, shipped)
+        gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES, gptoss.BWD_TMA = shipped
     return 0
 
 

@@ -162,7 +162,7 @@ def _act_bwd_tile(
     stride_da_m, stride_dl_m, stride_p_m, stride_l2_m, stride_h_m, stride_b1_e, stride_dh_m, stride_wa_m,
     stride_db1_e,
     LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    STAGES: tl.constexpr, TMA: tl.constexpr, STRIDED: tl.constexpr,
+    STAGES: tl.constexpr, TMA: tl.constexpr,
 ):
     """Columns [n, n+BLOCK_N) of I over every row of expert e: dH, w·A, the ⟨dA_raw, A⟩ part of
     the routing-weight gradient and this column block of db1[e]. With LORA, dA gains the down
@@ -183,14 +183,12 @@ def _act_bwd_tile(
         # loads in flight in shared memory rather than in registers.
         da_desc = tl.make_tensor_descriptor(d_act_ptr, shape=[row_end, inter], strides=[stride_da_m, 1],
                                             block_shape=[BLOCK_M, BLOCK_N])
-        if not STRIDED:
-            h_desc = tl.make_tensor_descriptor(h_ptr, shape=[row_end, 2 * inter], strides=[stride_h_m, 1],
-                                               block_shape=[BLOCK_M, 2 * BLOCK_N])
+        h_desc = tl.make_tensor_descriptor(h_ptr, shape=[row_end, 2 * inter], strides=[stride_h_m, 1],
+                                           block_shape=[BLOCK_M, 2 * BLOCK_N])
         wa_desc = tl.make_tensor_descriptor(weighted_act_ptr, shape=[row_end, inter], strides=[stride_wa_m, 1],
                                             block_shape=[BLOCK_M, BLOCK_N])
-        if not STRIDED:
-            dh_desc = tl.make_tensor_descriptor(d_h_ptr, shape=[row_end, 2 * inter], strides=[stride_dh_m, 1],
-                                                block_shape=[BLOCK_M, 2 * BLOCK_N])
+        dh_desc = tl.make_tensor_descriptor(d_h_ptr, shape=[row_end, 2 * inter], strides=[stride_dh_m, 1],
+                                            block_shape=[BLOCK_M, 2 * BLOCK_N])
     for m0 in tl.range(row_start, row_end, BLOCK_M, num_stages=STAGES):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
@@ -201,18 +199,11 @@ def _act_bwd_tile(
         mask2 = row_mask[:, None] & col_mask2[None, :]
         if TMA:
             d_act = da_desc.load([m0, n_block * BLOCK_N]).to(tl.float32)
-        else:
-            d_act = tl.load(d_act_ptr + rows64[:, None] * stride_da_m + cols[None, :], mask=mask, other=0.0)
-            d_act = d_act.to(tl.float32)
-        if STRIDED:
-            # Gate and up as two stride-2 loads of the same sectors: no register shuffle to split them.
-            h_even = h_ptr + rows64[:, None] * stride_h_m + 2 * cols[None, :]
-            gate = tl.load(h_even, mask=mask, other=0.0).to(tl.float32)
-            up = tl.load(h_even + 1, mask=mask, other=0.0).to(tl.float32)
-        elif TMA:
             pairs = h_desc.load([m0, n_block * 2 * BLOCK_N]).to(tl.float32)
             gate, up = tl.split(tl.reshape(pairs, [BLOCK_M, BLOCK_N, 2]))
         else:
+            d_act = tl.load(d_act_ptr + rows64[:, None] * stride_da_m + cols[None, :], mask=mask, other=0.0)
+            d_act = d_act.to(tl.float32)
             gate, up = _load_pairs(h_ptr, rows, stride_h_m, cols2, mask2)
         gate += b_gate[None, :]
         up += b_up[None, :]
@@ -245,16 +236,11 @@ def _act_bwd_tile(
         d_gate = tl.where(mask, d_gate, 0.0)
         db_gate += tl.sum(d_gate, axis=0)
         db_up += tl.sum(d_up, axis=0)
-        if STRIDED:
-            dh_even = d_h_ptr + rows64[:, None] * stride_dh_m + 2 * cols[None, :]
-            tl.store(dh_even, d_gate.to(d_h_ptr.dtype.element_ty), mask=mask)
-            tl.store(dh_even + 1, d_up.to(d_h_ptr.dtype.element_ty), mask=mask)
+        d_h = tl.reshape(tl.join(d_gate, d_up), [BLOCK_M, 2 * BLOCK_N]).to(d_h_ptr.dtype.element_ty)
+        if TMA:
+            dh_desc.store([m0, n_block * 2 * BLOCK_N], d_h)
         else:
-            d_h = tl.reshape(tl.join(d_gate, d_up), [BLOCK_M, 2 * BLOCK_N]).to(d_h_ptr.dtype.element_ty)
-            if TMA:
-                dh_desc.store([m0, n_block * 2 * BLOCK_N], d_h)
-            else:
-                tl.store(d_h_ptr + rows64[:, None] * stride_dh_m + cols2[None, :], d_h, mask=mask2)
+            tl.store(d_h_ptr + rows64[:, None] * stride_dh_m + cols2[None, :], d_h, mask=mask2)
     db = tl.reshape(tl.join(db_gate, db_up), [2 * BLOCK_N])
     tl.store(db1_ptr + e.to(tl.int64) * stride_db1_e + cols2, db.to(db1_ptr.dtype.element_ty), mask=col_mask2)
 
@@ -324,7 +310,6 @@ def gptoss_bwd_kernel(
     STAGES: tl.constexpr,  # rows loop's software pipeline: 2+ fetches the next steps' row indices (and, with
     #                      TMA, their dA and H tiles) ahead
     TMA: tl.constexpr,  # dA, H, w·A and dH through tensor descriptors (16-byte aligned rows)
-    STRIDED: tl.constexpr,  # H read and dH written as gate and up halves, two stride-2 accesses each
 ):
     """Grid: (I_BLOCKS + ⌈H / BLOCK_N⌉ (or just I_BLOCKS when neither db2 nor the routing-weight
     gradient is wanted), E). Each program owns one expert and one column block and walks the
@@ -341,7 +326,7 @@ def gptoss_bwd_kernel(
         _act_bwd_tile(d_act_ptr, d_lora_ptr, p_ptr, l2_ptr, h_ptr, b1_ptr, weights_ptr, sorted_slots_ptr, d_h_ptr,
                       weighted_act_ptr, dsp_ptr, db1_ptr, e, row_start, row_end, pid_n, num_rows, inter, rank,
                       limit, alpha, stride_da_m, stride_dl_m, stride_p_m, stride_l2_m, stride_h_m, stride_b1_e,
-                      stride_dh_m, stride_wa_m, stride_db1_e, LORA, BLOCK_M, BLOCK_N, BLOCK_R, STAGES, TMA, STRIDED)
+                      stride_dh_m, stride_wa_m, stride_db1_e, LORA, BLOCK_M, BLOCK_N, BLOCK_R, STAGES, TMA)
     else:
         _down_bias_bwd_tile(g_ptr, b2_ptr, weights_ptr, sorted_slots_ptr, dsp_ptr, db2_ptr,
                             e, row_start, row_end, pid_n - I_BLOCKS, pid_n, num_rows, hidden, topk,

@@ -82,7 +82,6 @@ ACT_BLOCK_M, ACT_BLOCK_N = 32, 64
 COMBINE_BLOCK_T, COMBINE_BLOCK_N = 16, 128
 BWD_BLOCK_M, BWD_BLOCK_N, BWD_WARPS, BWD_STAGES = 64, 64, 4, 3
 BWD_TMA = True  # where the device and the rows allow (``activation_backward``)
-BWD_STRIDED = False  # H and dH as stride-2 gate/up halves instead of one interleaved slab
 ELEMENTWISE_WARPS = 4
 
 
@@ -255,8 +254,7 @@ def activation_backward(d_act: torch.Tensor, h: torch.Tensor, gate_up_b: torch.T
          grad_out.stride(0), down_b.stride(0), d_h.stride(0), weighted_act.stride(0), d_gate_up_b.stride(0),
          db2_arg.stride(0)),
         dict(I_BLOCKS=i_blocks, LORA=lora is not None, BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N,
-             BLOCK_R=max(16, launch.next_power_of_2(rank)), STAGES=BWD_STAGES, TMA=tma, STRIDED=BWD_STRIDED,
-             num_warps=BWD_WARPS),
+             BLOCK_R=max(16, launch.next_power_of_2(rank)), STAGES=BWD_STAGES, TMA=tma, num_warps=BWD_WARPS),
         (d_h, weighted_act, dsp, d_gate_up_b, d_down_b))
     d_weights = grad_out.new_empty(0)
     if need_weights:
