@@ -166,11 +166,21 @@ def tma_store_possible(problem: Problem, cfg: KernelConfig, device: DeviceInfo) 
     return None
 
 
+def a_gathered(problem: Problem) -> bool:
+    """Whether a forward or dx pass reads its A rows gathered (in token or slot order)."""
+    return problem.gather if problem.pass_ == "forward" else problem.scatter if problem.pass_ == "dx" else False
+
+
 def gather_copy_applies(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> str | None:
-    if cfg.GATHER_COPY and not (problem.pass_ == "dw" and (problem.gather or problem.scatter)
-                                and problem.fusion != "sorted"):
-        return "GATHER_COPY applies to dw with a gathered operand only"
-    return None
+    """GATHER_COPY copies a gathered operand to expert order before the kernel: either of a dW's,
+    or the A rows of a forward or dx (not with a fused row copy of its own)."""
+    if not cfg.GATHER_COPY:
+        return None
+    if problem.pass_ == "dw":
+        applies = (problem.gather or problem.scatter) and problem.fusion != "sorted"
+    else:
+        applies = a_gathered(problem) and problem.fusion == "none"
+    return None if applies else "GATHER_COPY applies to a gathered operand only (dw's, or a forward's or dx's A rows)"
 
 
 def warp_spec_possible(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> str | None:
@@ -194,9 +204,8 @@ def warp_spec_possible(problem: Problem, cfg: KernelConfig, device: DeviceInfo) 
         if (problem.gather or problem.scatter) and problem.fusion != "sorted" and not cfg.GATHER_COPY:
             return "WARP_SPEC dW needs both operands in expert order (fusion 'sorted' or GATHER_COPY)"
         return None
-    gathered_a = problem.gather if problem.pass_ == "forward" else problem.scatter
-    if gathered_a or problem.fusion != "none":
-        return "WARP_SPEC needs A in expert order (not gathered, no fused row copy)"
+    if (a_gathered(problem) and not cfg.GATHER_COPY) or problem.fusion != "none":
+        return "WARP_SPEC needs A in expert order (not gathered unless GATHER_COPY, no fused row copy)"
     return None
 
 

@@ -216,8 +216,13 @@ def grouped_mm(a, w, c, routing, weights, *, trans_w: bool, gather_a: bool, gath
     """One launch of ``grouped_mm_kernel``: C = A·W[e]ᵀ (``trans_w``: A·W[e]) per expert, rows of A
     gathered as ``slot // gather_div`` when ``gather_a``, rows of C scattered to slot order when
     ``scatter_c``, multiplied by ``weights`` when given. ``sorted_a`` [M, RED], when given, receives
-    A's gathered rows in expert order."""
+    A's gathered rows in expert order. With ``cfg.GATHER_COPY`` gathered A rows are first copied
+    to expert order (``gather_rows``), so the kernel reads A through TMA (and may warp-specialise)."""
     E, N, K = w.shape
+    if cfg.GATHER_COPY and gather_a:
+        from moe_tune.ops.rows import gather_rows  # rows launches through this module
+
+        a, gather_a, gather_div = gather_rows(a, routing.sorted_slots, gather_div, in_op=in_op), False, 1
     out_cols, red = (K, N) if trans_w else (N, K)
     if trans_w:
         stride_w_red, stride_w_out = w.stride(1), w.stride(2)

@@ -39,6 +39,7 @@ from moe_tune.device import DeviceInfo
 from moe_tune.problem import DTYPE_BYTES, KernelConfig, Problem
 from moe_tune.space import (
     SPACES,
+    a_gathered,
     accumulator_regs,
     candidates,
     default_config,
@@ -156,8 +157,10 @@ def estimate_ms(problem: Problem, cfg: KernelConfig, tokens: int, device: Device
         tile_r, tile_c, step = cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K
         tiles = problem.E * _blocks(per_expert, tile_r) * math.ceil(out / tile_c)
         steps = math.ceil(red / step)
-        a_gathered = problem.gather if problem.pass_ == "forward" else problem.scatter
-        gathered = int(a_gathered)
+        gathered = int(a_gathered(problem))
+        if cfg.GATHER_COPY and gathered:  # A's rows copied to expert order first, then TMA
+            copy_ns = 2 * rows * red * nbytes / _HBM_BYTES_PER_NS
+            gathered = 0
         descriptors = 0  # made once per program
         operands = 2
     # Warp specialisation: two consumer warpgroups of ``num_warps`` share the accumulator.

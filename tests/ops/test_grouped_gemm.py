@@ -254,13 +254,37 @@ def test_gather_copy_dw(flags):
     routing, x, w, dy, weights = make_inputs(21, 5, 48, 32, 2, torch.float16, gather, scatter, weighted, "subset")
     kw = dict(gather=gather, scatter=scatter, weights=weights)
     if not (gather or scatter):
-        with pytest.raises(ConfigError, match="GATHER_COPY applies to dw"):
+        with pytest.raises(ConfigError, match="GATHER_COPY applies to a gathered operand"):
             gg.backward_dw(dy, x, w.shape, routing, config=cfg, **kw)
         return
     dw = gg.backward_dw(dy, x, w.shape, routing, config=cfg, out=nan_like(w.shape, torch.float16), **kw)
     assert relative_error(dw, reference_dw(dy, x, routing, **kw)) < TOLERANCES[torch.float16]
-    with pytest.raises(ConfigError, match="GATHER_COPY applies to dw"):
-        gg.forward(x, w, routing, config=dataclasses.replace(TMA, GATHER_COPY=True), **kw)
+
+
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "gather{:d}-scatter{:d}-weighted{:d}".format(*f))
+@pytest.mark.parametrize("mode, T, E, topk", [("subset", 21, 5, 2), ("one", 12, 4, 1), ("random", 1, 3, 1)],
+                         ids=["empty-experts", "one-expert", "one-row"])
+def test_gather_copy_forward_and_dx(flags, mode, T, E, topk):
+    # A forward or dx whose A rows are gathered may copy them to expert order first (the kernel then
+    # reads A through TMA); with A already in expert order the config is refused, not ignored.
+    gather, scatter, weighted = flags
+    dtype = torch.float16
+    routing, x, w, dy, weights = make_inputs(T, E, 48, 40, topk, dtype, gather, scatter, weighted, mode)
+    kw = dict(gather=gather, scatter=scatter, weights=weights)
+    M = T * topk
+    for cfg in (dataclasses.replace(TMA, GATHER_COPY=True), dataclasses.replace(PLAIN, GATHER_COPY=True)):
+        if gather:
+            y = gg.forward(x, w, routing, config=cfg, out=nan_like((M, 48), dtype), **kw)
+            assert relative_error(y, reference_forward(x, w, routing, **kw)) < TOLERANCES[dtype]
+        else:
+            with pytest.raises(ConfigError, match="GATHER_COPY applies to a gathered operand"):
+                gg.forward(x, w, routing, config=cfg, **kw)
+        if scatter:  # dx gathers dY's slot rows where the forward scattered
+            dx = gg.backward_dx(dy, w, routing, config=cfg, out=nan_like((M, 40), dtype), **kw)
+            assert relative_error(dx, reference_dx(dy, w, routing, **kw)) < TOLERANCES[dtype]
+        else:
+            with pytest.raises(ConfigError, match="GATHER_COPY applies to a gathered operand"):
+                gg.backward_dx(dy, w, routing, config=cfg, **kw)
 
 
 def test_routing_weight_gradient_uses_the_weighted_problems_config(monkeypatch):
@@ -344,6 +368,22 @@ def test_warp_specialised_dw_reads_gathered_rows_after_the_copy():
     cfg = dataclasses.replace(WARP_SPEC, GATHER_COPY=True)
     dw = gg.backward_dw(dy, x, w.shape, routing, gather=True, config=cfg, out=nan_like(w.shape, torch.float16))
     assert relative_error(dw, reference_dw(dy, x, routing, gather=True)) < TOLERANCES[torch.float16]
+
+
+@pytest.mark.parametrize("mode", ["subset", "one"])
+def test_warp_specialised_forward_and_dx_read_gathered_rows_after_the_copy(mode):
+    # The experts blocks' up forward (token rows gathered) and down dx (dY's slot rows gathered):
+    # with GATHER_COPY their A is in expert order, so the warp-specialised loop may run them.
+    topk = 1 if mode == "one" else 2
+    cfg = dataclasses.replace(WARP_SPEC, GATHER_COPY=True)
+    tol = TOLERANCES[torch.float16]
+    routing, x, w, dy, _ = make_inputs(21, 5, 64, 32, topk, torch.float16, True, False, False, mode)
+    y = gg.forward(x, w, routing, gather=True, config=cfg, out=nan_like((21 * topk, 64), torch.float16))
+    assert relative_error(y, reference_forward(x, w, routing, gather=True)) < tol
+    routing, x, w, dy, weights = make_inputs(21, 5, 64, 32, topk, torch.float16, False, True, True, mode)
+    kw = dict(scatter=True, weights=weights)
+    dx = gg.backward_dx(dy, w, routing, config=cfg, out=nan_like((21 * topk, 32), torch.float16), **kw)
+    assert relative_error(dx, reference_dx(dy, w, routing, **kw)) < tol
 
 
 @pytest.mark.parametrize("why, flags, dtype, change", [

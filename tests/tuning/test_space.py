@@ -87,11 +87,12 @@ def test_token_rule_drops_row_blocks_far_above_the_rows_per_expert():
 
 def test_default_space_size_is_what_the_search_is_designed_for():
     # The search compiles ~56 of these per problem; the full space is the exhaustive reference.
-    # dw doubles with GATHER_COPY (its gathered operand copied to expert order or not);
+    # A gathered operand doubles it with GATHER_COPY (copied to expert order first or not; a
+    # forward's or dx's copied A also admits TMA loads of A and warp specialisation);
     # PROGRAMS_PER_SM adds the tilings small enough for two programs per SM (about half again),
     # and a 32-row step (for dW, where two programs fit with it) half again.
     for problem in load_preset("qwen3-30b-a3b").problems():
-        assert 100 <= len(candidates(problem, H100, "default")) <= 900
+        assert 100 <= len(candidates(problem, H100, "default")) <= 1800
         assert len(candidates(problem, H100, "full")) > 1000
 
 
@@ -131,10 +132,12 @@ def test_warp_spec_candidates_are_hopper_only_and_what_the_pass_compiles():
                 assert not ws
                 continue
             gathered_a = problem.gather if problem.pass_ == "forward" else problem.scatter
-            if problem.pass_ != "dw" and (gathered_a or output_scattered(problem) or problem.fusion != "none"):
+            if problem.pass_ != "dw" and (output_scattered(problem) or problem.fusion != "none"):
                 assert not ws
             for c in ws:
                 assert c.num_warps == 4 and c.TMA_LOAD and c.TMA_STORE and c.num_stages <= 4
+                # gathered A rows only after GATHER_COPY has put them in expert order
+                assert c.GATHER_COPY or problem.pass_ == "dw" or not gathered_a
         for qwen_dw in [p for p in load_preset("qwen3-30b-a3b").problems() if p.pass_ == "dw"]:
             assert any(c.WARP_SPEC for c in candidates(qwen_dw, H100, "default"))
 
