@@ -185,10 +185,11 @@ def gather_copy_applies(problem: Problem, cfg: KernelConfig, device: DeviceInfo)
 
 def warp_spec_possible(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> str | None:
     """What Triton 3.6's Hopper warp specialisation compiles and computes right (compiled for
-    sm90 and checked on an H100, 2026-11-28): a loop whose every load is a TMA copy, 16-bit
-    operands, four warps per consumer warpgroup, at most four stages, and a TMA store (with a
-    pointer-store epilogue the kernel left its output unwritten; five stages did too). dW stores
-    through a 2-D view of [E·N, K], so its tiles must not straddle two experts."""
+    sm90 and checked on an H100 and an H200, 2026-11-28): a loop whose every load is a TMA copy,
+    16-bit operands, four warps per consumer warpgroup, at most four stages, and a TMA store (with
+    a pointer-store epilogue the kernel left its output unwritten; five stages did too). dW stores
+    through a 2-D view of [E·N, K], so its tiles must not straddle two experts; a forward or dx
+    needs 128+ rows a tile and no routing weight in its epilogue."""
     if not cfg.WARP_SPEC:
         return None
     if not (device.is_interpreter or device.capability[0] == 9):
@@ -206,6 +207,14 @@ def warp_spec_possible(problem: Problem, cfg: KernelConfig, device: DeviceInfo) 
         return None
     if (a_gathered(problem) and not cfg.GATHER_COPY) or problem.fusion != "none":
         return "WARP_SPEC needs A in expert order (not gathered unless GATHER_COPY, no fused row copy)"
+    if cfg.BLOCK_M < 128 and not device.is_interpreter:  # the interpreter runs any tile
+        # The two consumer warpgroups split the tile's rows, and a Hopper MMA takes 64 rows: with 64
+        # the pass fails to compile (every gathered-A problem swept on an H200, 2026-11-28).
+        return "WARP_SPEC splits BLOCK_M over two consumer warpgroups of at least 64 rows: BLOCK_M >= 128"
+    if problem.weighted:
+        # The routing weight in the epilogue of a warp-specialised loop computes wrong values in
+        # Triton 3.6 (relative error 0.48-0.67 for every such config on an H200, 2026-11-28).
+        return "WARP_SPEC does not combine with the routing weight in the epilogue (Triton 3.6 computes it wrong)"
     return None
 
 

@@ -188,3 +188,25 @@ def test_programs_per_sm_is_a_checked_config_field():
     for bad in (0, 5, 1.5, True, "2"):
         with pytest.raises(InvalidInputError, match="PROGRAMS_PER_SM"):
             KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, PROGRAMS_PER_SM=bad)
+
+
+def test_warp_specialised_forward_and_dx_need_128_rows_and_no_epilogue_weight():
+    # On Hopper the two consumer warpgroups split BLOCK_M (64-row tiles failed to compile) and the
+    # routing weight in a warp-specialised epilogue computes wrong values (Triton 3.6): neither is
+    # a candidate, and the launcher refuses both; the interpreter runs any tile.
+    ws = KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3, TMA_LOAD=True, TMA_STORE=True,
+                      GATHER_COPY=True, WARP_SPEC=True)
+    for preset in ("qwen3-30b-a3b", "gpt-oss-20b"):
+        for problem in load_preset(preset).problems():
+            if problem.pass_ == "dw":
+                continue
+            for cfg in candidates(problem, H100, "default"):
+                if cfg.WARP_SPEC:
+                    assert cfg.BLOCK_M >= 128 and not problem.weighted
+            gathered = problem.gather if problem.pass_ == "forward" else problem.scatter
+            if gathered and not problem.weighted:
+                assert why_illegal(problem, ws, H100) is None
+                assert "BLOCK_M >= 128" in why_illegal(problem, dataclasses.replace(ws, BLOCK_M=64), H100)
+                assert why_illegal(problem, dataclasses.replace(ws, BLOCK_M=64), INTERPRETER_DEVICE) is None
+            if gathered and problem.weighted:
+                assert "routing weight" in why_illegal(problem, ws, H100)
