@@ -182,6 +182,31 @@ def test_warp_specialised_passes_at_model_shapes(name, E, H, I, topk, T, dtype, 
             assert relative_error(dw, reference_dw(dy, x, routing)) < TOLERANCES[dtype]
 
 
+@pytest.mark.parametrize("warp_spec", [False, True], ids=["plain", "ws"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name, E, H, I, topk, T", SHAPES, ids=[s[0] for s in SHAPES])
+def test_gathered_a_copied_to_expert_order_at_model_shapes(name, E, H, I, topk, T, dtype, warp_spec):
+    # GATHER_COPY on the blocks' gathered-A GEMMs: the up forward (token rows gathered) and the
+    # down dx (dY's slot rows gathered), copied to expert order first, then TMA (and, on Hopper,
+    # warp specialisation) on A; uniform and skewed routing (empty and crowded experts).
+    if warp_spec and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("Triton's Hopper warp specialisation")
+    cfg = KernelConfig(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=4 if warp_spec else 8,
+                       num_stages=3, TMA_LOAD=True, TMA_STORE=True, GATHER_COPY=True, WARP_SPEC=warp_spec)
+    for skew in (0.0, 4.0):
+        torch.manual_seed(hash((name, str(dtype), "copy", warp_spec, skew)) % 2**31)
+        routing = build_routing(random_routing(T, E, topk, device="cuda", skew=skew), E)
+        M = T * topk
+        x = torch.randn(T, H, device="cuda", dtype=dtype)
+        w1 = (torch.randn(E, 2 * I, H, device="cuda") / H**0.5).to(dtype)
+        y = gg.forward(x, w1, routing, gather=True, config=cfg, out=_nan((M, 2 * I), dtype))
+        assert relative_error(y, reference_forward(x, w1, routing, gather=True)) < TOLERANCES[dtype]
+        w2 = (torch.randn(E, H, I, device="cuda") / I**0.5).to(dtype)
+        dy = torch.randn(M, H, device="cuda", dtype=dtype)
+        dx = gg.backward_dx(dy, w2, routing, scatter=True, config=cfg, out=_nan((M, I), dtype))
+        assert relative_error(dx, reference_dx(dy, w2, routing, scatter=True)) < TOLERANCES[dtype]
+
+
 # Two programs per SM (the configs gpt-oss-120b's dW sweep picked at 4096 tokens, H200) and a
 # forward/dx tiling small enough for two: each pass against float64 on uniform and skewed routing.
 TWO_PER_SM = {
