@@ -76,7 +76,10 @@ class Journal:
     @classmethod
     def open(cls, path: str | os.PathLike, settings: Mapping[str, Any], *, resume: bool) -> "Journal":
         """Start a journal at ``path``. With ``resume``, keep an existing one whose header holds the
-        same ``settings`` (else ``InvalidInputError`` naming what differs); without, start over."""
+        same ``settings`` (else ``InvalidInputError`` naming what differs); without, start a new
+        one there and keep the one it replaces as ``<name>.<n>.jsonl`` (``archive``): a second
+        sweep into the same directory (other passes, other token counts) must not erase the
+        first one's measurements."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         records = read_records(path) if resume else []
@@ -97,6 +100,7 @@ class Journal:
                     f.truncate(data.rfind(b"\n") + 1)
             journal = cls(path, records)
         else:
+            archive(path)
             path.write_bytes(b"")
             journal = cls(path, [])
             journal.append({"type": "header", "version": JOURNAL_VERSION, "settings": dict(settings)})
@@ -124,6 +128,29 @@ class Journal:
 # ---------------------------------------------------------------------------------------------
 # Naming
 # ---------------------------------------------------------------------------------------------
+
+
+def archive(path: Path) -> Path | None:
+    """Rename a non-empty journal at ``path`` to the first free ``<stem>.<n>.jsonl`` beside it and
+    return the new path (None when there was nothing to keep). ``sibling_records`` never reads
+    these: they belong to finished or abandoned sweeps, kept for the record (and for
+    ``benchmarks/cost_model_check.py``)."""
+    try:
+        if path.stat().st_size == 0:
+            return None
+    except FileNotFoundError:
+        return None
+    stem = path.name.removesuffix(".jsonl")
+    n = 1
+    while (path.parent / f"{stem}.{n}.jsonl").exists():
+        n += 1
+    kept = path.parent / f"{stem}.{n}.jsonl"
+    try:
+        os.replace(path, kept)
+    except OSError as exc:
+        raise CacheError(f"cannot keep the previous sweep journal {path} as {kept.name}: "
+                         f"{exc.strerror or exc}") from None
+    return kept
 
 
 def journal_settings(options: SweepOptions, device: DeviceInfo, problems: list[Problem]) -> dict[str, Any]:

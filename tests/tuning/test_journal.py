@@ -71,10 +71,23 @@ def test_resume_refuses_other_settings(tmp_path):
         Journal.open(path, {**SETTINGS, "tokens": [32]}, resume=True)
 
 
-def test_without_resume_a_journal_starts_over(tmp_path, rng):
+def test_without_resume_a_journal_starts_over_and_keeps_the_old_one(tmp_path, rng):
+    # A second sweep into the same directory starts a fresh journal; the first one's records move
+    # to sweep.1.jsonl, a third sweep's predecessor to sweep.2.jsonl, and so on.
     path = tmp_path / "sweep.jsonl"
-    with Journal.open(path, SETTINGS, resume=False) as journal:
-        for record in records(rng, 3):
-            journal.append(record)
-    Journal.open(path, {"other": True}, resume=False).close()
-    assert read_records(path) == [{"type": "header", "version": 1, "settings": {"other": True}}]
+    written = []
+    for run in range(3):
+        with Journal.open(path, {**SETTINGS, "run": run}, resume=False) as journal:
+            written.append(records(rng, 2 + run))
+            for record in written[-1]:
+                journal.append(record)
+    assert read_records(path)[1:] == written[2]
+    for n in (1, 2):
+        kept = read_records(tmp_path / f"sweep.{n}.jsonl")
+        assert kept[0]["settings"]["run"] == n - 1 and kept[1:] == written[n - 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.1.jsonl", "sweep.2.jsonl", "sweep.jsonl"]
+    # An empty journal (a sweep killed before its header) is not worth keeping.
+    path.write_bytes(b"")
+    Journal.open(path, SETTINGS, resume=False).close()
+    assert not (tmp_path / "sweep.3.jsonl").exists()
+    assert read_records(path) == [{"type": "header", "version": 1, "settings": SETTINGS}]
