@@ -9,7 +9,11 @@ variant's outputs are compared with the shipped variant's, and each is timed wit
 ``triton.testing.do_bench`` (median), beside a device copy of the same bytes (the memory roof).
 Writes ``OUT/gptoss_bwd_probe.json``.
 
-    python3 benchmarks/gpu_gptoss_bwd_probe.py --out DIR [--tokens 4096 16384]
+    python3 benchmarks/gpu_gptoss_bwd_probe.py --out DIR [--tokens 4096 16384] [--pairs]
+
+``--pairs`` times the 16-bit H and dH read and written as int32 words of (gate, up) pairs
+(``BWD_PACKED``, one tile layout a step) against the interleaved slabs split in registers, over
+fewer tiles (``PAIR_TILES``) and descriptors only.
 """
 
 from __future__ import annotations
@@ -29,10 +33,14 @@ SHAPES = {"gpt-oss-20b": (32, 2880, 2880, 4), "gpt-oss-120b": (128, 2880, 2880, 
 TILES = ((32, 64, 4), (16, 64, 4), (64, 64, 4), (64, 64, 8), (32, 128, 4), (64, 32, 4), (16, 128, 4))
 STAGES = (1, 2, 3, 4)
 DESCRIPTORS = (False, True)
+PAIR_TILES = ((64, 64, 4), (32, 64, 4), (64, 128, 4), (64, 128, 8), (128, 64, 8), (32, 128, 4))
+PAIR_STAGES = (2, 3, 4)
 
 
 def main(argv=None) -> int:
-    args, out_dir = probe_args.parse(argv, __doc__.splitlines()[0], [4096, 16384])
+    pairs = "--pairs" in (argv if argv is not None else sys.argv[1:])
+    args, out_dir = probe_args.parse([a for a in (argv if argv is not None else sys.argv[1:]) if a != "--pairs"],
+                                     __doc__.splitlines()[0], [4096, 16384])
 
     import torch
 
@@ -40,7 +48,8 @@ def main(argv=None) -> int:
     from moe_tune.ops.routing import build_routing
     from moe_tune.reference import relative_error
 
-    shipped = (gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES, gptoss.BWD_TMA)
+    shipped = (gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES, gptoss.BWD_TMA,
+               gptoss.BWD_PACKED)
     rows, t0 = [], time.time()
     dt = torch.bfloat16
     for (name, (E, H, I, k)), T in itertools.product(SHAPES.items(), args.tokens):
@@ -64,12 +73,18 @@ def main(argv=None) -> int:
         src = torch.empty(moved // 4, dtype=torch.int16, device="cuda")
         roof_ms = probe_args.median_ms(lambda: src.clone())  # reads half the bytes, writes half
         ref = None
-        variants = [shipped] + [(bm, bn, w, st, tma) for (bm, bn, w), st, tma in itertools.product(TILES, STAGES, DESCRIPTORS)
-                                if (bm, bn, w, st, tma) != shipped]
-        for bm, bn, w, st, tma in variants:
-            gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES, gptoss.BWD_TMA = bm, bn, w, st, tma
-            row = dict(model=name, T=T, BLOCK_M=bm, BLOCK_N=bn, warps=w, stages=st, descriptors=tma,
-                       shipped=(bm, bn, w, st, tma) == shipped, roof_ms=roof_ms)
+        if pairs:
+            grid = [(bm, bn, w, st, True, pk) for (bm, bn, w), st, pk in itertools.product(PAIR_TILES, PAIR_STAGES,
+                                                                                          (True, False))]
+        else:
+            grid = [(bm, bn, w, st, tma, shipped[5]) for (bm, bn, w), st, tma in itertools.product(TILES, STAGES,
+                                                                                                  DESCRIPTORS)]
+        variants = [shipped] + [v for v in grid if v != shipped]
+        for bm, bn, w, st, tma, pk in variants:
+            (gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES, gptoss.BWD_TMA,
+             gptoss.BWD_PACKED) = bm, bn, w, st, tma, pk
+            row = dict(model=name, T=T, BLOCK_M=bm, BLOCK_N=bn, warps=w, stages=st, descriptors=tma, pairs=pk,
+                       shipped=(bm, bn, w, st, tma, pk) == shipped, roof_ms=roof_ms)
             try:
                 out = [t.float() for t in run()]
                 if ref is None:
@@ -81,10 +96,12 @@ def main(argv=None) -> int:
             except Exception as exc:  # a variant that fails is a row
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             rows.append(row)
-            print(f"{name} T={T} {bm}x{bn} w{w} s{st} {'tma' if tma else 'ptr'}: " + (f"{row['ms']:.4f} ms (roof {roof_ms:.4f})"
+            print(f"{name} T={T} {bm}x{bn} w{w} s{st} {'tma' if tma else 'ptr'}{' pairs' if pk else ''}: "
+                  + (f"{row['ms']:.4f} ms (roof {roof_ms:.4f})"
                   if "ms" in row else row["error"]) + f"  t={time.time() - t0:.0f}s", flush=True)
             (out_dir / "gptoss_bwd_probe.json").write_text(json.dumps(rows, indent=1))
-        gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES, gptoss.BWD_TMA = shipped
+        (gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES, gptoss.BWD_TMA,
+         gptoss.BWD_PACKED) = shipped
     return 0
 
 

@@ -38,6 +38,23 @@ def _load_pairs(ptr, rows, stride_m, cols2, mask2):
 
 
 @triton.jit
+def _unpack_pairs(words, elem: tl.constexpr):
+    """32-bit words each holding one interleaved (gate, up) pair of 16-bit ``elem`` values (gate in
+    the low half: the lower address) → (gate, up) in float32, with no change of layout."""
+    gate = words.to(tl.int16).to(elem, bitcast=True).to(tl.float32)
+    up = (words >> 16).to(tl.int16).to(elem, bitcast=True).to(tl.float32)
+    return gate, up
+
+
+@triton.jit
+def _pack_pairs(gate, up, elem: tl.constexpr):
+    """``_unpack_pairs``' inverse: (gate, up) rounded to ``elem`` and packed into 32-bit words."""
+    low = gate.to(elem).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    high = up.to(elem).to(tl.int16, bitcast=True).to(tl.int32) << 16
+    return high | low
+
+
+@triton.jit
 def _bias_pairs(b_ptr, experts, stride_b_e, cols2, mask2):
     """The bias of each row's expert over the slab's columns, split like ``_load_pairs``."""
     b = tl.load(b_ptr + experts.to(tl.int64)[:, None] * stride_b_e + cols2[None, :], mask=mask2, other=0.0)
@@ -162,12 +179,16 @@ def _act_bwd_tile(
     stride_da_m, stride_dl_m, stride_p_m, stride_l2_m, stride_h_m, stride_b1_e, stride_dh_m, stride_wa_m,
     stride_db1_e,
     LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    STAGES: tl.constexpr, TMA: tl.constexpr,
+    STAGES: tl.constexpr, TMA: tl.constexpr, PACKED: tl.constexpr,
 ):
     """Columns [n, n+BLOCK_N) of I over every row of expert e: dH, w·A, the ⟨dA_raw, A⟩ part of
     the routing-weight gradient and this column block of db1[e]. With LORA, dA gains the down
     LoRA's (already weighted) dA_lora, and column block 0 adds ⟨P, L2⟩ to its partial: the LoRA
-    output's part of the routing-weight gradient."""
+    output's part of the routing-weight gradient. With PACKED (16-bit activations), H and dH come
+    as int32 views [M, I] whose every word is one (gate, up) pair, so each step's tiles are all
+    [BLOCK_M, BLOCK_N] in one layout (the interleaved [BLOCK_M, 2·BLOCK_N] slab split in registers
+    made the compiler load H twice, in two layouts)."""
+    elem = d_act_ptr.dtype.element_ty
     cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < inter
     cols2 = n_block * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
@@ -183,12 +204,18 @@ def _act_bwd_tile(
         # loads in flight in shared memory rather than in registers.
         da_desc = tl.make_tensor_descriptor(d_act_ptr, shape=[row_end, inter], strides=[stride_da_m, 1],
                                             block_shape=[BLOCK_M, BLOCK_N])
-        h_desc = tl.make_tensor_descriptor(h_ptr, shape=[row_end, 2 * inter], strides=[stride_h_m, 1],
-                                           block_shape=[BLOCK_M, 2 * BLOCK_N])
+        if PACKED:
+            h_desc = tl.make_tensor_descriptor(h_ptr, shape=[row_end, inter], strides=[stride_h_m, 1],
+                                               block_shape=[BLOCK_M, BLOCK_N])
+            dh_desc = tl.make_tensor_descriptor(d_h_ptr, shape=[row_end, inter], strides=[stride_dh_m, 1],
+                                                block_shape=[BLOCK_M, BLOCK_N])
+        else:
+            h_desc = tl.make_tensor_descriptor(h_ptr, shape=[row_end, 2 * inter], strides=[stride_h_m, 1],
+                                               block_shape=[BLOCK_M, 2 * BLOCK_N])
+            dh_desc = tl.make_tensor_descriptor(d_h_ptr, shape=[row_end, 2 * inter], strides=[stride_dh_m, 1],
+                                                block_shape=[BLOCK_M, 2 * BLOCK_N])
         wa_desc = tl.make_tensor_descriptor(weighted_act_ptr, shape=[row_end, inter], strides=[stride_wa_m, 1],
                                             block_shape=[BLOCK_M, BLOCK_N])
-        dh_desc = tl.make_tensor_descriptor(d_h_ptr, shape=[row_end, 2 * inter], strides=[stride_dh_m, 1],
-                                            block_shape=[BLOCK_M, 2 * BLOCK_N])
     for m0 in tl.range(row_start, row_end, BLOCK_M, num_stages=STAGES):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
@@ -199,12 +226,19 @@ def _act_bwd_tile(
         mask2 = row_mask[:, None] & col_mask2[None, :]
         if TMA:
             d_act = da_desc.load([m0, n_block * BLOCK_N]).to(tl.float32)
-            pairs = h_desc.load([m0, n_block * 2 * BLOCK_N]).to(tl.float32)
-            gate, up = tl.split(tl.reshape(pairs, [BLOCK_M, BLOCK_N, 2]))
+            if PACKED:
+                gate, up = _unpack_pairs(h_desc.load([m0, n_block * BLOCK_N]), elem)
+            else:
+                pairs = h_desc.load([m0, n_block * 2 * BLOCK_N]).to(tl.float32)
+                gate, up = tl.split(tl.reshape(pairs, [BLOCK_M, BLOCK_N, 2]))
         else:
             d_act = tl.load(d_act_ptr + rows64[:, None] * stride_da_m + cols[None, :], mask=mask, other=0.0)
             d_act = d_act.to(tl.float32)
-            gate, up = _load_pairs(h_ptr, rows, stride_h_m, cols2, mask2)
+            if PACKED:
+                words = tl.load(h_ptr + rows64[:, None] * stride_h_m + cols[None, :], mask=mask, other=0)
+                gate, up = _unpack_pairs(words, elem)
+            else:
+                gate, up = _load_pairs(h_ptr, rows, stride_h_m, cols2, mask2)
         gate += b_gate[None, :]
         up += b_up[None, :]
         a, g, u, sig = _clamped_glu(gate, up, limit, alpha)
@@ -236,11 +270,18 @@ def _act_bwd_tile(
         d_gate = tl.where(mask, d_gate, 0.0)
         db_gate += tl.sum(d_gate, axis=0)
         db_up += tl.sum(d_up, axis=0)
-        d_h = tl.reshape(tl.join(d_gate, d_up), [BLOCK_M, 2 * BLOCK_N]).to(d_h_ptr.dtype.element_ty)
-        if TMA:
-            dh_desc.store([m0, n_block * 2 * BLOCK_N], d_h)
+        if PACKED:
+            d_h = _pack_pairs(d_gate, d_up, elem)
+            if TMA:
+                dh_desc.store([m0, n_block * BLOCK_N], d_h)
+            else:
+                tl.store(d_h_ptr + rows64[:, None] * stride_dh_m + cols[None, :], d_h, mask=mask)
         else:
-            tl.store(d_h_ptr + rows64[:, None] * stride_dh_m + cols2[None, :], d_h, mask=mask2)
+            d_h = tl.reshape(tl.join(d_gate, d_up), [BLOCK_M, 2 * BLOCK_N]).to(d_h_ptr.dtype.element_ty)
+            if TMA:
+                dh_desc.store([m0, n_block * 2 * BLOCK_N], d_h)
+            else:
+                tl.store(d_h_ptr + rows64[:, None] * stride_dh_m + cols2[None, :], d_h, mask=mask2)
     db = tl.reshape(tl.join(db_gate, db_up), [2 * BLOCK_N])
     tl.store(db1_ptr + e.to(tl.int64) * stride_db1_e + cols2, db.to(db1_ptr.dtype.element_ty), mask=col_mask2)
 
@@ -310,6 +351,7 @@ def gptoss_bwd_kernel(
     STAGES: tl.constexpr,  # rows loop's software pipeline: 2+ fetches the next steps' row indices (and, with
     #                      TMA, their dA and H tiles) ahead
     TMA: tl.constexpr,  # dA, H, w·A and dH through tensor descriptors (16-byte aligned rows)
+    PACKED: tl.constexpr,  # 16-bit activations: h_ptr, d_h_ptr are int32 views [M, I], one (gate, up) pair a word
 ):
     """Grid: (I_BLOCKS + ⌈H / BLOCK_N⌉ (or just I_BLOCKS when neither db2 nor the routing-weight
     gradient is wanted), E). Each program owns one expert and one column block and walks the
@@ -326,7 +368,7 @@ def gptoss_bwd_kernel(
         _act_bwd_tile(d_act_ptr, d_lora_ptr, p_ptr, l2_ptr, h_ptr, b1_ptr, weights_ptr, sorted_slots_ptr, d_h_ptr,
                       weighted_act_ptr, dsp_ptr, db1_ptr, e, row_start, row_end, pid_n, num_rows, inter, rank,
                       limit, alpha, stride_da_m, stride_dl_m, stride_p_m, stride_l2_m, stride_h_m, stride_b1_e,
-                      stride_dh_m, stride_wa_m, stride_db1_e, LORA, BLOCK_M, BLOCK_N, BLOCK_R, STAGES, TMA)
+                      stride_dh_m, stride_wa_m, stride_db1_e, LORA, BLOCK_M, BLOCK_N, BLOCK_R, STAGES, TMA, PACKED)
     else:
         _down_bias_bwd_tile(g_ptr, b2_ptr, weights_ptr, sorted_slots_ptr, dsp_ptr, db2_ptr,
                             e, row_start, row_end, pid_n - I_BLOCKS, pid_n, num_rows, hidden, topk,

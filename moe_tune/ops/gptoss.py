@@ -82,6 +82,9 @@ ACT_BLOCK_M, ACT_BLOCK_N = 32, 64
 COMBINE_BLOCK_T, COMBINE_BLOCK_N = 16, 128
 BWD_BLOCK_M, BWD_BLOCK_N, BWD_WARPS, BWD_STAGES = 64, 64, 4, 3
 BWD_TMA = True  # where the device and the rows allow (``activation_backward``)
+# 16-bit H and dH read and written as int32 words of (gate, up) pairs where their rows allow
+# (``_pair_words``): every tile of a step then has one shape and one layout.
+BWD_PACKED = True
 ELEMENTWISE_WARPS = 4
 
 
@@ -220,6 +223,16 @@ def backward_act(grad_out: torch.Tensor, gate_up_b: torch.Tensor, down_w: torch.
     return d_h, weighted_act, d_gate_up_b, d_down_b, d_weights
 
 
+def _pair_words(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` [M, 2I] (16-bit, interleaved gate/up) as an int32 view [M, I], one pair a word; None
+    where its dtype or strides do not allow one."""
+    if t.dtype not in (torch.bfloat16, torch.float16) or t.dim() != 2 or t.stride(1) != 1 or t.shape[1] % 2:
+        return None
+    if t.stride(0) % 2 or t.storage_offset() % 2:
+        return None
+    return t.view(torch.int32)
+
+
 def activation_backward(d_act: torch.Tensor, h: torch.Tensor, gate_up_b: torch.Tensor, grad_out: torch.Tensor,
                         down_b: torch.Tensor, top_k_weights: torch.Tensor, expert_offsets: torch.Tensor,
                         sorted_slots: torch.Tensor, *, limit: float, alpha: float, need_down_b: bool,
@@ -242,19 +255,24 @@ def activation_backward(d_act: torch.Tensor, h: torch.Tensor, gate_up_b: torch.T
     db2_arg = d_down_b if with_down_bias else d_gate_up_b  # never written when h_blocks == 0
     d_lora, p, l2 = lora if lora is not None else (d_act, d_act, d_act)
     rank = p.shape[1] if lora is not None else 0
-    tma = BWD_TMA and query_device(device).supports_tma and launch.rows_fit_descriptors(d_act, h, d_h, weighted_act)
+    h_words, d_h_words = (_pair_words(h), _pair_words(d_h)) if BWD_PACKED else (None, None)
+    packed = h_words is not None and d_h_words is not None
+    h_arg, d_h_arg = (h_words, d_h_words) if packed else (h, d_h)
+    tma = BWD_TMA and query_device(device).supports_tma and launch.rows_fit_descriptors(d_act, h_arg, d_h_arg,
+                                                                                         weighted_act)
     if tma:
         launch.ensure_descriptor_allocator(device)
     launch.launch_kernel(
         gptoss_bwd_kernel, in_op, (i_blocks + h_blocks, E),
-        (d_act, d_lora, p, l2, h, gate_up_b, grad_out, down_b, weights, sorted_slots, expert_offsets,
-         d_h, weighted_act, dsp, d_gate_up_b, db2_arg,
+        (d_act, d_lora, p, l2, h_arg, gate_up_b, grad_out, down_b, weights, sorted_slots, expert_offsets,
+         d_h_arg, weighted_act, dsp, d_gate_up_b, db2_arg,
          M, I, H, k, rank, limit, alpha,
-         d_act.stride(0), d_lora.stride(0), p.stride(0), l2.stride(0), h.stride(0), gate_up_b.stride(0),
-         grad_out.stride(0), down_b.stride(0), d_h.stride(0), weighted_act.stride(0), d_gate_up_b.stride(0),
+         d_act.stride(0), d_lora.stride(0), p.stride(0), l2.stride(0), h_arg.stride(0), gate_up_b.stride(0),
+         grad_out.stride(0), down_b.stride(0), d_h_arg.stride(0), weighted_act.stride(0), d_gate_up_b.stride(0),
          db2_arg.stride(0)),
         dict(I_BLOCKS=i_blocks, LORA=lora is not None, BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N,
-             BLOCK_R=max(16, launch.next_power_of_2(rank)), STAGES=BWD_STAGES, TMA=tma, num_warps=BWD_WARPS),
+             BLOCK_R=max(16, launch.next_power_of_2(rank)), STAGES=BWD_STAGES, TMA=tma, PACKED=packed,
+             num_warps=BWD_WARPS),
         (d_h, weighted_act, dsp, d_gate_up_b, d_down_b))
     d_weights = grad_out.new_empty(0)
     if need_weights:

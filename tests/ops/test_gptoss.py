@@ -326,11 +326,15 @@ def test_block_kernel_paths(name, fields, monkeypatch):
     assert_weight_grad_close(grads["top_k_weights"], ref_grads["top_k_weights"], inputs, grad_out, torch.float32)
 
 
+@pytest.mark.parametrize("dtype, packed", [(torch.float32, False), (torch.float16, True), (torch.float16, False)],
+                         ids=["fp32", "fp16-pair-words", "fp16-slabs"])
 @pytest.mark.parametrize("descriptors", [True, False], ids=["descriptors", "pointers"])
-def test_activation_backward_through_descriptors_and_pointers(descriptors, monkeypatch):
+def test_activation_backward_through_descriptors_and_pointers(descriptors, dtype, packed, monkeypatch):
     """The activation backward streams dA, H, w·A and dH through tensor descriptors that end at each
     expert's last row (zero-filled loads, clipped stores), or through masked pointers: both match
-    the reference, on experts whose row counts are not multiples of the row step."""
+    the reference, on experts whose row counts are not multiples of the row step. 16-bit H and dH
+    go as int32 words of (gate, up) pairs (``BWD_PACKED``) or as interleaved slabs split in
+    registers; float32 always the latter."""
     from moe_tune.ops import launch
 
     ran = []
@@ -338,20 +342,21 @@ def test_activation_backward_through_descriptors_and_pointers(descriptors, monke
 
     def recording(kernel, in_op, grid, args, meta, outputs):
         if kernel is gptoss.gptoss_bwd_kernel:
-            ran.append(meta["TMA"])
+            ran.append((meta["TMA"], meta["PACKED"]))
         plain(kernel, in_op, grid, args, meta, outputs)
 
     monkeypatch.setattr(launch, "launch_kernel", recording)
     monkeypatch.setattr(gptoss, "BWD_TMA", descriptors)
+    monkeypatch.setattr(gptoss, "BWD_PACKED", packed or dtype == torch.float32)  # fp32 never packs
     T, H, I, E, k = 37, 48, 40, 3, 2  # ~25 rows per expert; 2I = 80 columns: a partial 128-wide tile
-    inputs = make_block(T, H, I, E, k, torch.float32)
-    grad_out = torch.randn(T, H)
+    inputs = make_block(T, H, I, E, k, dtype)
+    grad_out = torch.randn(T, H, dtype=dtype)
     _, grads = run_block(gptoss_experts, inputs, grad_out)
     _, ref_grads = reference(inputs, grad_out)
-    assert ran == [descriptors]
+    assert ran == [(descriptors, packed)]
     for grad_name in DIFFERENTIABLE[:-1]:
-        assert relative_error(grads[grad_name], ref_grads[grad_name]) < 1e-5, grad_name
-    assert_weight_grad_close(grads["top_k_weights"], ref_grads["top_k_weights"], inputs, grad_out, torch.float32)
+        assert relative_error(grads[grad_name], ref_grads[grad_name]) < TOLERANCES[dtype], grad_name
+    assert_weight_grad_close(grads["top_k_weights"], ref_grads["top_k_weights"], inputs, grad_out, dtype)
 
 
 def test_unaligned_rows_take_the_pointer_path():
@@ -469,15 +474,18 @@ for p in fn.params:
 # The LoRA variants (HAS_DELTA, LORA) read more operands: build those, the plain ones share the rest.
 values = {"BLOCK_M": gptoss.BWD_BLOCK_M, "BLOCK_N": gptoss.BWD_BLOCK_N, "I_BLOCKS": 45, "HAS_DELTA": True,
           "LORA": True, "BLOCK_R": 16, "STAGES": gptoss.BWD_STAGES,
-          "TMA": True}
+          "TMA": True, "PACKED": sys.argv[2] == "packed"}
+if values["PACKED"]:  # H and dH as int32 words of (gate, up) pairs
+    signature.update(h_ptr="*i32", d_h_ptr="*i32")
 constexprs = {n: values[n] for n, t in signature.items() if t == "constexpr"}
 triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
 print("built")
 """
 
 
-@pytest.mark.parametrize("kernel_name", ["gptoss_act_fwd_kernel", "gptoss_bwd_kernel"])
-def test_kernels_build_with_float64_scalars(kernel_name, tmp_path):
+@pytest.mark.parametrize("kernel_name, variant", [("gptoss_act_fwd_kernel", "-"), ("gptoss_bwd_kernel", "packed"),
+                                                  ("gptoss_bwd_kernel", "slabs")])
+def test_kernels_build_with_float64_scalars(kernel_name, variant, tmp_path):
     """Under torch.compile, Inductor launches these kernels itself and types ``limit`` and
     ``alpha`` fp64 (eager launches type them fp32); the kernels must still build for sm90 (a
     float32 accumulator met by an fp64 scalar would turn fp64 and stop the build). Compiled on
@@ -487,7 +495,7 @@ def test_kernels_build_with_float64_scalars(kernel_name, tmp_path):
     import sys
 
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", _BUILD_WITH_FP64, kernel_name], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", _BUILD_WITH_FP64, kernel_name, variant], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0 and "built" in done.stdout, done.stderr[-2000:]
 
