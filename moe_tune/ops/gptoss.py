@@ -75,12 +75,13 @@ _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # Tiles of the three elementwise kernels. Not tuned per GPU: each streams its rows once, and 64
 # columns of I are 128 interleaved gate/up columns, 256 bytes of bf16 per row per load. The
-# backward's: the best by geometric mean of 56 tiles × stages × load paths over gpt-oss-20b/120b at
-# 4096 and 16384 tokens (benchmarks/gpu_gptoss_bwd_probe.py, H200): 1.08-1.53× the earlier 32×64,
-# one stage, pointer loads; its row loop keeps two 64-row steps of dA and H in flight.
+# backward's: with H and dH as (gate, up) pair words (``BWD_PACKED``), the best by geometric mean of
+# 18 tiles × stages over gpt-oss-20b/120b at 4096 and 16384 tokens (benchmarks/gpu_gptoss_bwd_probe.py
+# --pairs, H200, 2026-11-28): 1.25-1.48× the interleaved slabs at 64×64 with 3 stages, shipped
+# before; its row loop keeps two 32-row steps of dA and H in flight.
 ACT_BLOCK_M, ACT_BLOCK_N = 32, 64
 COMBINE_BLOCK_T, COMBINE_BLOCK_N = 16, 128
-BWD_BLOCK_M, BWD_BLOCK_N, BWD_WARPS, BWD_STAGES = 64, 64, 4, 3
+BWD_BLOCK_M, BWD_BLOCK_N, BWD_WARPS, BWD_STAGES = 32, 64, 4, 3
 BWD_TMA = True  # where the device and the rows allow (``activation_backward``)
 # 16-bit H and dH read and written as int32 words of (gate, up) pairs where their rows allow
 # (``_pair_words``): every tile of a step then has one shape and one layout.
