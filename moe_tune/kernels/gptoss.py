@@ -21,7 +21,10 @@ Rows are in expert order (the order the grouped GEMMs write); the expert of a ro
 The backward walks each expert's rows in a software-pipelined loop. Where rows are 16-byte aligned
 its dA, H, w·A and dH tiles go through tensor descriptors that end at the expert's last row, so
 the copy engine fetches the next steps into shared memory while a step computes (1.08-1.53× the
-pointer loop at gpt-oss shapes on an H200; BENCHMARKS.md, eleventh session).
+pointer loop at gpt-oss shapes on an H200; BENCHMARKS.md, eleventh session). With 16-bit
+activations it reads H and writes dH as 32-bit words, one (gate, up) pair each (``PACKED``), so
+every tile of a step has one shape and one layout: the split slabs made the compiler load H twice,
+in two layouts (1.25-1.48× at gpt-oss shapes, H200; fifteenth session).
 """
 
 from __future__ import annotations
