@@ -9,6 +9,10 @@ preset and token count: the block's problem with the config the runtime resolves
 and the expert-ordered problem over a small grid of configs (plain and warp-specialised), each
 gated against the float32 reference on a NaN-poisoned output. The grid is compiled first in a
 pool of processes (``launch.compile_only``), then timed in this one. Writes ``OUT/sorted_a.json``.
+Configs are timed one after another, so a 3-4 ms GEMM can read ±10% with the card's clock: read a
+gain here as a lead and settle it with ``gpu_ab_probe.py`` (interleaved rounds) or a sweep
+(its head to head is interleaved too). The fifteenth session's 1.11× at gpt-oss-20b × 16384 did not
+survive that (BENCHMARKS.md).
 
     python3 benchmarks/gpu_sorted_a_probe.py --out DIR [--presets qwen3-30b-a3b gpt-oss-20b] [--tokens 4096 16384]
 """
