@@ -38,9 +38,8 @@ PAIR_STAGES = (2, 3, 4)
 
 
 def main(argv=None) -> int:
-    pairs = "--pairs" in (argv if argv is not None else sys.argv[1:])
-    args, out_dir = probe_args.parse([a for a in (argv if argv is not None else sys.argv[1:]) if a != "--pairs"],
-                                     __doc__.splitlines()[0], [4096, 16384])
+    args, out_dir = probe_args.parse(argv, __doc__.splitlines()[0], [4096, 16384], flags=("--pairs",))
+    pairs = args.pairs
 
     import torch
 

@@ -8,12 +8,15 @@ import argparse
 from pathlib import Path
 
 
-def parse(argv, description: str, tokens: list[int]) -> tuple[argparse.Namespace, Path]:
-    """``--out DIR`` (created), ``--model PRESET``, ``--tokens T ...``: (the arguments, the folder)."""
+def parse(argv, description: str, tokens: list[int], flags: tuple[str, ...] = ()) -> tuple[argparse.Namespace, Path]:
+    """``--out DIR`` (created), ``--model PRESET``, ``--tokens T ...`` and the on/off ``flags``
+    (e.g. ``("--pairs",)``): (the arguments, the folder)."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="qwen3-30b-a3b")
     ap.add_argument("--tokens", type=int, nargs="+", default=tokens)
+    for flag in flags:
+        ap.add_argument(flag, action="store_true")
     args = ap.parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -211,6 +211,13 @@ def programs(cfg: KernelConfig, info: DeviceInfo) -> int:
     return info.sm_count * cfg.PROGRAMS_PER_SM
 
 
+def _expert_order(t, routing, div: int, in_op: bool):
+    """``GATHER_COPY``'s copy: the rows ``slot // div`` of ``t``, in expert order."""
+    from moe_tune.ops.rows import gather_rows  # rows launches through this module
+
+    return gather_rows(t, routing.sorted_slots, div, in_op=in_op)
+
+
 def grouped_mm(a, w, c, routing, weights, *, trans_w: bool, gather_a: bool, gather_div: int, scatter_c: bool,
                cfg: KernelConfig, info: DeviceInfo, sorted_a=None, in_op: bool = False) -> None:
     """One launch of ``grouped_mm_kernel``: C = A·W[e]ᵀ (``trans_w``: A·W[e]) per expert, rows of A
@@ -220,9 +227,7 @@ def grouped_mm(a, w, c, routing, weights, *, trans_w: bool, gather_a: bool, gath
     to expert order (``gather_rows``), so the kernel reads A through TMA (and may warp-specialise)."""
     E, N, K = w.shape
     if cfg.GATHER_COPY and gather_a:
-        from moe_tune.ops.rows import gather_rows  # rows launches through this module
-
-        a, gather_a, gather_div = gather_rows(a, routing.sorted_slots, gather_div, in_op=in_op), False, 1
+        a, gather_a, gather_div = _expert_order(a, routing, gather_div, in_op), False, 1
     out_cols, red = (K, N) if trans_w else (N, K)
     if trans_w:
         stride_w_red, stride_w_out = w.stride(1), w.stride(2)
@@ -259,15 +264,13 @@ def grouped_mm_dw(dy, x, dw, routing, weights, *, gather_dy: bool, dy_div: int, 
     routing weight into dY's copy), so the kernel streams both through TMA."""
     E, N, K = dw.shape
     if cfg.GATHER_COPY and (gather_dy or gather_x):
-        from moe_tune.ops.rows import gather_rows  # rows launches through this module
-
-        slots = routing.sorted_slots
         if gather_x:
-            x, gather_x, x_div = gather_rows(x, slots, x_div, in_op=in_op), False, 1
+            x, gather_x, x_div = _expert_order(x, routing, x_div, in_op), False, 1
         if gather_dy:
-            dy = gather_rows(dy, slots, dy_div, in_op=in_op)
+            dy = _expert_order(dy, routing, dy_div, in_op)
             if weights is not None:
-                dy = (dy.float() * weights.float().index_select(0, slots.long())[:, None]).to(dy.dtype)
+                slots = routing.sorted_slots.long()
+                dy = (dy.float() * weights.float().index_select(0, slots)[:, None]).to(dy.dtype)
                 weights = None
             gather_dy, dy_div = False, 1
     ensure_allocator(cfg, dw.device)
