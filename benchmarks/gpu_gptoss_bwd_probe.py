@@ -13,7 +13,11 @@ Writes ``OUT/gptoss_bwd_probe.json``.
 
 ``--pairs`` times the 16-bit H and dH read and written as int32 words of (gate, up) pairs
 (``BWD_PACKED``, one tile layout a step) against the interleaved slabs split in registers, over
-fewer tiles (``PAIR_TILES``) and descriptors only.
+fewer tiles (``PAIR_TILES``) and descriptors only. ``--stores`` (pair words, descriptor loads) times
+dH and w·A written through descriptors or through pointers (``BWD_TMA_STORE``: a descriptor store
+waits for the previous step's to leave shared memory, with barriers) and the bias gradients summed
+over rows per step or once per program (``BWD_BIAS_2D``: a per-step sum over rows crosses warps),
+over ``STORE_TILES`` × ``STORE_STAGES``.
 """
 
 from __future__ import annotations
@@ -35,10 +39,15 @@ STAGES = (1, 2, 3, 4)
 DESCRIPTORS = (False, True)
 PAIR_TILES = ((64, 64, 4), (32, 64, 4), (64, 128, 4), (64, 128, 8), (128, 64, 8), (32, 128, 4))
 PAIR_STAGES = (2, 3, 4)
+STORE_TILES = ((32, 64, 4), (16, 64, 4), (16, 128, 4), (32, 32, 4), (16, 64, 2))
+STORE_STAGES = (2, 3)
+# A variant: (BLOCK_M, BLOCK_N, warps, stages, descriptor loads, pair words, descriptor stores, bias once)
+KNOBS = ("BWD_BLOCK_M", "BWD_BLOCK_N", "BWD_WARPS", "BWD_STAGES", "BWD_TMA", "BWD_PACKED", "BWD_TMA_STORE",
+         "BWD_BIAS_2D")
 
 
 def main(argv=None) -> int:
-    args, out_dir = probe_args.parse(argv, __doc__.splitlines()[0], [4096, 16384], flags=("--pairs",))
+    args, out_dir = probe_args.parse(argv, __doc__.splitlines()[0], [4096, 16384], flags=("--pairs", "--stores"))
     pairs = args.pairs
 
     import torch
@@ -47,8 +56,7 @@ def main(argv=None) -> int:
     from moe_tune.ops.routing import build_routing
     from moe_tune.reference import relative_error
 
-    shipped = (gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES, gptoss.BWD_TMA,
-               gptoss.BWD_PACKED)
+    shipped = tuple(getattr(gptoss, knob) for knob in KNOBS)
     rows, t0 = [], time.time()
     dt = torch.bfloat16
     for (name, (E, H, I, k)), T in itertools.product(SHAPES.items(), args.tokens):
@@ -72,18 +80,22 @@ def main(argv=None) -> int:
         src = torch.empty(moved // 4, dtype=torch.int16, device="cuda")
         roof_ms = probe_args.median_ms(lambda: src.clone())  # reads half the bytes, writes half
         ref = None
-        if pairs:
-            grid = [(bm, bn, w, st, True, pk) for (bm, bn, w), st, pk in itertools.product(PAIR_TILES, PAIR_STAGES,
-                                                                                          (True, False))]
+        if args.stores:
+            grid = [(bm, bn, w, st, True, True, store, once) for (bm, bn, w), st, store, once
+                    in itertools.product(STORE_TILES, STORE_STAGES, (True, False), (True, False))]
+        elif pairs:
+            grid = [(bm, bn, w, st, True, pk) + shipped[6:] for (bm, bn, w), st, pk
+                    in itertools.product(PAIR_TILES, PAIR_STAGES, (True, False))]
         else:
-            grid = [(bm, bn, w, st, tma, shipped[5]) for (bm, bn, w), st, tma in itertools.product(TILES, STAGES,
-                                                                                                  DESCRIPTORS)]
+            grid = [(bm, bn, w, st, tma, shipped[5]) + shipped[6:] for (bm, bn, w), st, tma
+                    in itertools.product(TILES, STAGES, DESCRIPTORS)]
         variants = [shipped] + [v for v in grid if v != shipped]
-        for bm, bn, w, st, tma, pk in variants:
-            (gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES, gptoss.BWD_TMA,
-             gptoss.BWD_PACKED) = bm, bn, w, st, tma, pk
+        for variant in variants:
+            for knob, value in zip(KNOBS, variant):
+                setattr(gptoss, knob, value)
+            bm, bn, w, st, tma, pk, store, once = variant
             row = dict(model=name, T=T, BLOCK_M=bm, BLOCK_N=bn, warps=w, stages=st, descriptors=tma, pairs=pk,
-                       shipped=(bm, bn, w, st, tma, pk) == shipped, roof_ms=roof_ms)
+                       descriptor_stores=store, bias_once=once, shipped=variant == shipped, roof_ms=roof_ms)
             try:
                 out = [t.float() for t in run()]
                 if ref is None:
@@ -95,12 +107,13 @@ def main(argv=None) -> int:
             except Exception as exc:  # a variant that fails is a row
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             rows.append(row)
-            print(f"{name} T={T} {bm}x{bn} w{w} s{st} {'tma' if tma else 'ptr'}{' pairs' if pk else ''}: "
+            print(f"{name} T={T} {bm}x{bn} w{w} s{st} {'tma' if tma else 'ptr'}{' pairs' if pk else ''}"
+                  f"{' tma-stores' if store else ''}{' bias-once' if once else ''}: "
                   + (f"{row['ms']:.4f} ms (roof {roof_ms:.4f})"
                   if "ms" in row else row["error"]) + f"  t={time.time() - t0:.0f}s", flush=True)
             (out_dir / "gptoss_bwd_probe.json").write_text(json.dumps(rows, indent=1))
-        (gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS, gptoss.BWD_STAGES, gptoss.BWD_TMA,
-         gptoss.BWD_PACKED) = shipped
+        for knob, value in zip(KNOBS, shipped):
+            setattr(gptoss, knob, value)
     return 0
 
 

@@ -82,7 +82,9 @@ _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ACT_BLOCK_M, ACT_BLOCK_N = 32, 64
 COMBINE_BLOCK_T, COMBINE_BLOCK_N = 16, 128
 BWD_BLOCK_M, BWD_BLOCK_N, BWD_WARPS, BWD_STAGES = 32, 64, 4, 3
-BWD_TMA = True  # where the device and the rows allow (``activation_backward``)
+BWD_TMA = True  # dA and H read through descriptors where the device and the rows allow (``activation_backward``)
+BWD_TMA_STORE = True  # dH and w·A written through them too (with BWD_TMA)
+BWD_BIAS_2D = False  # the bias gradients summed over rows once per program rather than once per step
 # 16-bit H and dH read and written as int32 words of (gate, up) pairs where their rows allow
 # (``_pair_words``): every tile of a step then has one shape and one layout.
 BWD_PACKED = True
@@ -272,8 +274,8 @@ def activation_backward(d_act: torch.Tensor, h: torch.Tensor, gate_up_b: torch.T
          grad_out.stride(0), down_b.stride(0), d_h_arg.stride(0), weighted_act.stride(0), d_gate_up_b.stride(0),
          db2_arg.stride(0)),
         dict(I_BLOCKS=i_blocks, LORA=lora is not None, BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N,
-             BLOCK_R=max(16, launch.next_power_of_2(rank)), STAGES=BWD_STAGES, TMA=tma, PACKED=packed,
-             num_warps=BWD_WARPS),
+             BLOCK_R=max(16, launch.next_power_of_2(rank)), STAGES=BWD_STAGES, TMA=tma,
+             TMA_STORE=tma and BWD_TMA_STORE, PACKED=packed, BIAS_2D=BWD_BIAS_2D, num_warps=BWD_WARPS),
         (d_h, weighted_act, dsp, d_gate_up_b, d_down_b))
     d_weights = grad_out.new_empty(0)
     if need_weights:
