@@ -14,10 +14,11 @@ Writes ``OUT/gptoss_bwd_probe.json``.
 ``--pairs`` times the 16-bit H and dH read and written as int32 words of (gate, up) pairs
 (``BWD_PACKED``, one tile layout a step) against the interleaved slabs split in registers, over
 fewer tiles (``PAIR_TILES``) and descriptors only. ``--stores`` (pair words, descriptor loads) times
-dH and w·A written through descriptors or through pointers (``BWD_TMA_STORE``: a descriptor store
-waits for the previous step's to leave shared memory, with barriers) and the bias gradients summed
-over rows per step or once per program (``BWD_BIAS_2D``: a per-step sum over rows crosses warps),
-over ``STORE_TILES`` × ``STORE_STAGES``.
+the tiles of ``STORE_TILES`` × ``STORE_STAGES``. (In the session that chose 16-row steps it also
+compared dH and w·A written through descriptors, and the bias gradients summed over each step's
+rows; both lost at the best tiles and left the kernel: BENCHMARKS.md, sixteenth session.)
+``--split`` also times the activation's programs alone (no down-bias programs: db2 and the
+routing-weight gradient not wanted), to show each half's share.
 """
 
 from __future__ import annotations
@@ -41,13 +42,12 @@ PAIR_TILES = ((64, 64, 4), (32, 64, 4), (64, 128, 4), (64, 128, 8), (128, 64, 8)
 PAIR_STAGES = (2, 3, 4)
 STORE_TILES = ((32, 64, 4), (16, 64, 4), (16, 64, 2), (8, 64, 4), (8, 64, 2), (16, 32, 4), (16, 128, 4))
 STORE_STAGES = (3, 4, 5)
-# A variant: (BLOCK_M, BLOCK_N, warps, stages, descriptor loads, pair words, descriptor stores, bias once)
-KNOBS = ("BWD_BLOCK_M", "BWD_BLOCK_N", "BWD_WARPS", "BWD_STAGES", "BWD_TMA", "BWD_PACKED", "BWD_TMA_STORE",
-         "BWD_BIAS_2D")
+# A variant: (BLOCK_M, BLOCK_N, warps, stages, descriptor loads, pair words)
+KNOBS = ("BWD_BLOCK_M", "BWD_BLOCK_N", "BWD_WARPS", "BWD_STAGES", "BWD_TMA", "BWD_PACKED")
 
 
 def main(argv=None) -> int:
-    args, out_dir = probe_args.parse(argv, __doc__.splitlines()[0], [4096, 16384], flags=("--pairs", "--stores"))
+    args, out_dir = probe_args.parse(argv, __doc__.splitlines()[0], [4096, 16384], flags=("--pairs", "--stores", "--split"))
     pairs = args.pairs
 
     import torch
@@ -76,26 +76,30 @@ def main(argv=None) -> int:
                                               routing.sorted_slots, limit=7.0, alpha=1.702, need_down_b=True,
                                               need_weights=True, in_op=False)
 
+        def run_act():
+            return gptoss.activation_backward(d_act, h, b1, g, b2, weights, routing.expert_offsets,
+                                              routing.sorted_slots, limit=7.0, alpha=1.702, need_down_b=False,
+                                              need_weights=False, in_op=False)
+
         moved = 2 * (d_act.numel() + 2 * h.numel() + d_act.numel() + M * H)  # dA, H read; dH, w·A written; G read
         src = torch.empty(moved // 4, dtype=torch.int16, device="cuda")
         roof_ms = probe_args.median_ms(lambda: src.clone())  # reads half the bytes, writes half
         ref = None
         if args.stores:
-            grid = [(bm, bn, w, st, True, True, store, once) for (bm, bn, w), st, store, once
-                    in itertools.product(STORE_TILES, STORE_STAGES, (True, False), (True, False))]
+            grid = [(bm, bn, w, st, True, True) for (bm, bn, w), st in itertools.product(STORE_TILES, STORE_STAGES)]
         elif pairs:
-            grid = [(bm, bn, w, st, True, pk) + shipped[6:] for (bm, bn, w), st, pk
+            grid = [(bm, bn, w, st, True, pk) for (bm, bn, w), st, pk
                     in itertools.product(PAIR_TILES, PAIR_STAGES, (True, False))]
         else:
-            grid = [(bm, bn, w, st, tma, shipped[5]) + shipped[6:] for (bm, bn, w), st, tma
+            grid = [(bm, bn, w, st, tma, shipped[5]) for (bm, bn, w), st, tma
                     in itertools.product(TILES, STAGES, DESCRIPTORS)]
         variants = [shipped] + [v for v in grid if v != shipped]
         for variant in variants:
             for knob, value in zip(KNOBS, variant):
                 setattr(gptoss, knob, value)
-            bm, bn, w, st, tma, pk, store, once = variant
+            bm, bn, w, st, tma, pk = variant
             row = dict(model=name, T=T, BLOCK_M=bm, BLOCK_N=bn, warps=w, stages=st, descriptors=tma, pairs=pk,
-                       descriptor_stores=store, bias_once=once, shipped=variant == shipped, roof_ms=roof_ms)
+                       shipped=variant == shipped, roof_ms=roof_ms)
             try:
                 out = [t.float() for t in run()]
                 if ref is None:
@@ -104,12 +108,14 @@ def main(argv=None) -> int:
                 if not max(errs) < 2e-2:
                     raise RuntimeError(f"outputs differ from the shipped variant's: {errs}")
                 row.update(ms=probe_args.median_ms(run), err=max(errs))
+                if args.split:
+                    row["act_only_ms"] = probe_args.median_ms(run_act)
             except Exception as exc:  # a variant that fails is a row
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             rows.append(row)
-            print(f"{name} T={T} {bm}x{bn} w{w} s{st} {'tma' if tma else 'ptr'}{' pairs' if pk else ''}"
-                  f"{' tma-stores' if store else ''}{' bias-once' if once else ''}: "
-                  + (f"{row['ms']:.4f} ms (roof {roof_ms:.4f})"
+            print(f"{name} T={T} {bm}x{bn} w{w} s{st} {'tma' if tma else 'ptr'}{' pairs' if pk else ''}: "
+                  + (f"{row['ms']:.4f} ms (roof {roof_ms:.4f})" + (f", activation alone {row['act_only_ms']:.4f}"
+                                                                  if "act_only_ms" in row else "")
                   if "ms" in row else row["error"]) + f"  t={time.time() - t0:.0f}s", flush=True)
             (out_dir / "gptoss_bwd_probe.json").write_text(json.dumps(rows, indent=1))
         for knob, value in zip(KNOBS, shipped):

@@ -19,12 +19,14 @@ Rows are in expert order (the order the grouped GEMMs write); the expert of a ro
 ``top_k_index.flat[sorted_slots[row]]``, two small loads instead of a search over the offsets.
 
 The backward walks each expert's rows in a software-pipelined loop. Where rows are 16-byte aligned
-its dA, H, w·A and dH tiles go through tensor descriptors that end at the expert's last row, so
-the copy engine fetches the next steps into shared memory while a step computes (1.08-1.53× the
-pointer loop at gpt-oss shapes on an H200; BENCHMARKS.md, eleventh session). With 16-bit
-activations it reads H and writes dH as 32-bit words, one (gate, up) pair each (``PACKED``), so
-every tile of a step has one shape and one layout: the split slabs made the compiler load H twice,
-in two layouts (1.25-1.48× at gpt-oss shapes, H200; fifteenth session).
+its dA and H tiles come through tensor descriptors that end at the expert's last row, so the copy
+engine fetches the next steps into shared memory while a step computes (1.08-1.53× the pointer loop
+at gpt-oss shapes on an H200; BENCHMARKS.md, eleventh session). With 16-bit activations it reads H
+and writes dH as 32-bit words, one (gate, up) pair each (``PACKED``), so every tile of a step has
+one shape and one layout: the split slabs made the compiler load H twice, in two layouts (1.25-1.48×
+at gpt-oss shapes, H200; fifteenth session). Its stores are plain, and the bias gradients are summed
+over rows once per program: descriptor stores and per-step row sums each put barriers in every step
+(1.22× without both, sixteenth session).
 """
 
 from __future__ import annotations
@@ -182,8 +184,7 @@ def _act_bwd_tile(
     stride_da_m, stride_dl_m, stride_p_m, stride_l2_m, stride_h_m, stride_b1_e, stride_dh_m, stride_wa_m,
     stride_db1_e,
     LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    STAGES: tl.constexpr, TMA: tl.constexpr, TMA_STORE: tl.constexpr, PACKED: tl.constexpr,
-    BIAS_2D: tl.constexpr,
+    STAGES: tl.constexpr, TMA: tl.constexpr, PACKED: tl.constexpr,
 ):
     """Columns [n, n+BLOCK_N) of I over every row of expert e: dH, w·A, the ⟨dA_raw, A⟩ part of
     the routing-weight gradient and this column block of db1[e]. With LORA, dA gains the down
@@ -200,18 +201,15 @@ def _act_bwd_tile(
     # One expert per program: its bias row is loaded once, broadcast over the rows.
     b = tl.load(b1_ptr + e.to(tl.int64) * stride_b1_e + cols2, mask=col_mask2, other=0.0).to(tl.float32)
     b_gate, b_up = tl.split(tl.reshape(b, [BLOCK_N, 2]))
-    # BIAS_2D: the bias gradient accumulates per element and is summed over rows once, after the
-    # loop; otherwise each step sums its rows, which crosses warps (shared memory and a barrier).
-    if BIAS_2D:
-        db_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        db_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        db_gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        db_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # The bias gradient accumulates per element and is summed over rows once, after the loop: a sum
+    # over each step's rows crosses warps (shared memory and a barrier every step).
+    db_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if TMA:
         # Descriptors that end at the expert's last row: the copy engine zero-fills the rows past
-        # it on load (and drops them on store), and the software pipeline keeps STAGES - 1 steps of
-        # loads in flight in shared memory rather than in registers.
+        # it, and the software pipeline keeps STAGES - 1 steps of loads in flight in shared memory
+        # rather than in registers. The stores stay plain: through a descriptor a store goes by
+        # shared memory, and each step would wait for the previous step's to leave it.
         da_desc = tl.make_tensor_descriptor(d_act_ptr, shape=[row_end, inter], strides=[stride_da_m, 1],
                                             block_shape=[BLOCK_M, BLOCK_N])
         if PACKED:
@@ -220,17 +218,6 @@ def _act_bwd_tile(
         else:
             h_desc = tl.make_tensor_descriptor(h_ptr, shape=[row_end, 2 * inter], strides=[stride_h_m, 1],
                                                block_shape=[BLOCK_M, 2 * BLOCK_N])
-    if TMA_STORE:
-        # A store through a descriptor goes by shared memory: each step waits for the previous
-        # step's stores to leave it, with a barrier on either side.
-        if PACKED:
-            dh_desc = tl.make_tensor_descriptor(d_h_ptr, shape=[row_end, inter], strides=[stride_dh_m, 1],
-                                                block_shape=[BLOCK_M, BLOCK_N])
-        else:
-            dh_desc = tl.make_tensor_descriptor(d_h_ptr, shape=[row_end, 2 * inter], strides=[stride_dh_m, 1],
-                                                block_shape=[BLOCK_M, 2 * BLOCK_N])
-        wa_desc = tl.make_tensor_descriptor(weighted_act_ptr, shape=[row_end, inter], strides=[stride_wa_m, 1],
-                                            block_shape=[BLOCK_M, BLOCK_N])
     for m0 in tl.range(row_start, row_end, BLOCK_M, num_stages=STAGES):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
@@ -272,39 +259,23 @@ def _act_bwd_tile(
                 l2 = tl.load(l2_ptr + rows64[:, None] * stride_l2_m + r_cols[None, :], mask=r_mask, other=0.0)
                 partial += tl.sum(p.to(tl.float32) * l2.to(tl.float32), axis=1)
         tl.store(dsp_ptr + n_block.to(tl.int64) * num_rows + slots, partial, mask=row_mask)
-        if TMA_STORE:
-            wa_desc.store([m0, n_block * BLOCK_N], (w * a).to(weighted_act_ptr.dtype.element_ty))
-        else:
-            tl.store(weighted_act_ptr + rows64[:, None] * stride_wa_m + cols[None, :],
-                     (w * a).to(weighted_act_ptr.dtype.element_ty), mask=mask)
+        tl.store(weighted_act_ptr + rows64[:, None] * stride_wa_m + cols[None, :],
+                 (w * a).to(weighted_act_ptr.dtype.element_ty), mask=mask)
 
         # Clamped elements pass no gradient (torch.clamp's rule: the limits themselves pass).
         d_up = tl.where((up >= -limit) & (up <= limit), d_a * g * sig, 0.0)
         d_gate = tl.where(gate <= limit, d_a * (u + 1.0) * sig * (1.0 + alpha * g * (1.0 - sig)), 0.0)
         d_up = tl.where(mask, d_up, 0.0)
         d_gate = tl.where(mask, d_gate, 0.0)
-        if BIAS_2D:
-            db_gate += d_gate
-            db_up += d_up
-        else:
-            db_gate += tl.sum(d_gate, axis=0)
-            db_up += tl.sum(d_up, axis=0)
+        db_gate += d_gate
+        db_up += d_up
         if PACKED:
             d_h = _pack_pairs(d_gate, d_up, elem)
-            if TMA_STORE:
-                dh_desc.store([m0, n_block * BLOCK_N], d_h)
-            else:
-                tl.store(d_h_ptr + rows64[:, None] * stride_dh_m + cols[None, :], d_h, mask=mask)
+            tl.store(d_h_ptr + rows64[:, None] * stride_dh_m + cols[None, :], d_h, mask=mask)
         else:
             d_h = tl.reshape(tl.join(d_gate, d_up), [BLOCK_M, 2 * BLOCK_N]).to(d_h_ptr.dtype.element_ty)
-            if TMA_STORE:
-                dh_desc.store([m0, n_block * 2 * BLOCK_N], d_h)
-            else:
-                tl.store(d_h_ptr + rows64[:, None] * stride_dh_m + cols2[None, :], d_h, mask=mask2)
-    if BIAS_2D:
-        db = tl.reshape(tl.join(tl.sum(db_gate, axis=0), tl.sum(db_up, axis=0)), [2 * BLOCK_N])
-    else:
-        db = tl.reshape(tl.join(db_gate, db_up), [2 * BLOCK_N])
+            tl.store(d_h_ptr + rows64[:, None] * stride_dh_m + cols2[None, :], d_h, mask=mask2)
+    db = tl.reshape(tl.join(tl.sum(db_gate, axis=0), tl.sum(db_up, axis=0)), [2 * BLOCK_N])
     tl.store(db1_ptr + e.to(tl.int64) * stride_db1_e + cols2, db.to(db1_ptr.dtype.element_ty), mask=col_mask2)
 
 
@@ -313,17 +284,14 @@ def _down_bias_bwd_tile(
     g_ptr, b2_ptr, weights_ptr, sorted_slots_ptr, dsp_ptr, db2_ptr,
     e, row_start, row_end, n_block, dsp_row, num_rows, hidden, topk,
     stride_g_t, stride_b2_e, stride_db2_e,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr, BIAS_2D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Columns [n, n+BLOCK_N) of H over every row of expert e: db2[e] = Σ w·dY[t] and the
     ⟨dY[t], b2[e]⟩ part of the routing-weight gradient."""
     cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < hidden
     b = tl.load(b2_ptr + e.to(tl.int64) * stride_b2_e + cols, mask=col_mask, other=0.0).to(tl.float32)
-    if BIAS_2D:  # as in _act_bwd_tile
-        db = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # summed over rows after the loop, as in _act_bwd_tile
     for m0 in tl.range(row_start, row_end, BLOCK_M, num_stages=STAGES):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
@@ -332,16 +300,10 @@ def _down_bias_bwd_tile(
         tokens = (slots // topk).to(tl.int64)
         mask = row_mask[:, None] & col_mask[None, :]
         g = tl.load(g_ptr + tokens[:, None] * stride_g_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if BIAS_2D:
-            db += g * w[:, None]
-        else:
-            db += tl.sum(g * w[:, None], axis=0)
+        db += g * w[:, None]
         tl.store(dsp_ptr + dsp_row.to(tl.int64) * num_rows + slots, tl.sum(g * b[None, :], axis=1), mask=row_mask)
-    if BIAS_2D:
-        db_cols = tl.sum(db, axis=0)
-    else:
-        db_cols = db
-    tl.store(db2_ptr + e.to(tl.int64) * stride_db2_e + cols, db_cols.to(db2_ptr.dtype.element_ty), mask=col_mask)
+    tl.store(db2_ptr + e.to(tl.int64) * stride_db2_e + cols, tl.sum(db, axis=0).to(db2_ptr.dtype.element_ty),
+             mask=col_mask)
 
 
 @triton.jit
@@ -383,9 +345,7 @@ def gptoss_bwd_kernel(
     STAGES: tl.constexpr,  # rows loop's software pipeline: 2+ fetches the next steps' row indices (and, with
     #                      TMA, their dA and H tiles) ahead
     TMA: tl.constexpr,  # dA and H read through tensor descriptors (16-byte aligned rows)
-    TMA_STORE: tl.constexpr,  # w·A and dH written through them too (with TMA)
     PACKED: tl.constexpr,  # 16-bit activations: h_ptr, d_h_ptr are int32 views [M, I], one (gate, up) pair a word
-    BIAS_2D: tl.constexpr,  # bias gradients summed over rows once per program, not once per step
 ):
     """Grid: (I_BLOCKS + ⌈H / BLOCK_N⌉ (or just I_BLOCKS when neither db2 nor the routing-weight
     gradient is wanted), E). Each program owns one expert and one column block and walks the
@@ -402,9 +362,8 @@ def gptoss_bwd_kernel(
         _act_bwd_tile(d_act_ptr, d_lora_ptr, p_ptr, l2_ptr, h_ptr, b1_ptr, weights_ptr, sorted_slots_ptr, d_h_ptr,
                       weighted_act_ptr, dsp_ptr, db1_ptr, e, row_start, row_end, pid_n, num_rows, inter, rank,
                       limit, alpha, stride_da_m, stride_dl_m, stride_p_m, stride_l2_m, stride_h_m, stride_b1_e,
-                      stride_dh_m, stride_wa_m, stride_db1_e, LORA, BLOCK_M, BLOCK_N, BLOCK_R, STAGES, TMA, TMA_STORE,
-                      PACKED, BIAS_2D)
+                      stride_dh_m, stride_wa_m, stride_db1_e, LORA, BLOCK_M, BLOCK_N, BLOCK_R, STAGES, TMA, PACKED)
     else:
         _down_bias_bwd_tile(g_ptr, b2_ptr, weights_ptr, sorted_slots_ptr, dsp_ptr, db2_ptr,
                             e, row_start, row_end, pid_n - I_BLOCKS, pid_n, num_rows, hidden, topk,
-                            stride_g_t, stride_b2_e, stride_db2_e, BLOCK_M, BLOCK_N, STAGES, BIAS_2D)
+                            stride_g_t, stride_b2_e, stride_db2_e, BLOCK_M, BLOCK_N, STAGES)

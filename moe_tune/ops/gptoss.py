@@ -75,16 +75,15 @@ _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # Tiles of the three elementwise kernels. Not tuned per GPU: each streams its rows once, and 64
 # columns of I are 128 interleaved gate/up columns, 256 bytes of bf16 per row per load. The
-# backward's: with H and dH as (gate, up) pair words (``BWD_PACKED``), the best by geometric mean of
-# 18 tiles × stages over gpt-oss-20b/120b at 4096 and 16384 tokens (benchmarks/gpu_gptoss_bwd_probe.py
-# --pairs, H200, 2026-11-28): 1.25-1.48× the interleaved slabs at 64×64 with 3 stages, shipped
-# before; its row loop keeps two 32-row steps of dA and H in flight.
+# backward's: with H and dH as (gate, up) pair words (``BWD_PACKED``), plain stores and the bias
+# gradients summed once per program, the best by geometric mean of 21 tiles × stages over
+# gpt-oss-20b/120b at 4096 and 16384 tokens (benchmarks/gpu_gptoss_bwd_probe.py --stores, H200,
+# 2026-11-28): 1.22× the 32-row steps shipped before (150 registers a thread: three programs an SM);
+# its row loop keeps two 16-row steps of dA and H in flight.
 ACT_BLOCK_M, ACT_BLOCK_N = 32, 64
 COMBINE_BLOCK_T, COMBINE_BLOCK_N = 16, 128
-BWD_BLOCK_M, BWD_BLOCK_N, BWD_WARPS, BWD_STAGES = 32, 64, 4, 3
+BWD_BLOCK_M, BWD_BLOCK_N, BWD_WARPS, BWD_STAGES = 16, 64, 4, 3
 BWD_TMA = True  # dA and H read through descriptors where the device and the rows allow (``activation_backward``)
-BWD_TMA_STORE = True  # dH and w·A written through them too (with BWD_TMA)
-BWD_BIAS_2D = False  # the bias gradients summed over rows once per program rather than once per step
 # 16-bit H and dH read and written as int32 words of (gate, up) pairs where their rows allow
 # (``_pair_words``): every tile of a step then has one shape and one layout.
 BWD_PACKED = True
@@ -274,8 +273,8 @@ def activation_backward(d_act: torch.Tensor, h: torch.Tensor, gate_up_b: torch.T
          grad_out.stride(0), down_b.stride(0), d_h_arg.stride(0), weighted_act.stride(0), d_gate_up_b.stride(0),
          db2_arg.stride(0)),
         dict(I_BLOCKS=i_blocks, LORA=lora is not None, BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N,
-             BLOCK_R=max(16, launch.next_power_of_2(rank)), STAGES=BWD_STAGES, TMA=tma,
-             TMA_STORE=tma and BWD_TMA_STORE, PACKED=packed, BIAS_2D=BWD_BIAS_2D, num_warps=BWD_WARPS),
+             BLOCK_R=max(16, launch.next_power_of_2(rank)), STAGES=BWD_STAGES, TMA=tma, PACKED=packed,
+             num_warps=BWD_WARPS),
         (d_h, weighted_act, dsp, d_gate_up_b, d_down_b))
     d_weights = grad_out.new_empty(0)
     if need_weights:

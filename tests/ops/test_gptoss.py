@@ -328,17 +328,14 @@ def test_block_kernel_paths(name, fields, monkeypatch):
 
 @pytest.mark.parametrize("dtype, packed", [(torch.float32, False), (torch.float16, True), (torch.float16, False)],
                          ids=["fp32", "fp16-pair-words", "fp16-slabs"])
-@pytest.mark.parametrize("descriptors, store", [(True, True), (True, False), (False, False)],
-                         ids=["descriptors", "descriptor-loads", "pointers"])
-@pytest.mark.parametrize("bias_2d", [True, False], ids=["bias-once", "bias-per-step"])
-def test_activation_backward_through_descriptors_and_pointers(descriptors, store, bias_2d, dtype, packed,
-                                                               monkeypatch):
-    """The activation backward reads dA and H, and writes w·A and dH, through tensor descriptors that
-    end at each expert's last row (zero-filled loads, clipped stores), or through masked pointers:
-    every mix matches the reference, on experts whose row counts are not multiples of the row step,
-    with the bias gradients summed over rows per step or once per program (``BWD_BIAS_2D``). 16-bit
-    H and dH go as int32 words of (gate, up) pairs (``BWD_PACKED``) or as interleaved slabs split in
-    registers; float32 always the latter."""
+@pytest.mark.parametrize("descriptors", [True, False], ids=["descriptors", "pointers"])
+@pytest.mark.parametrize("block_m", [16, 32], ids=["16-row-steps", "32-row-steps"])
+def test_activation_backward_through_descriptors_and_pointers(descriptors, block_m, dtype, packed, monkeypatch):
+    """The activation backward reads dA and H through tensor descriptors that end at each expert's
+    last row (zero-filled loads), or through masked pointers: both match the reference, on experts
+    whose row counts are not multiples of the row step, with each program's bias gradients summed
+    over all its steps' rows at the end. 16-bit H and dH go as int32 words of (gate, up) pairs
+    (``BWD_PACKED``) or as interleaved slabs split in registers; float32 always the latter."""
     from moe_tune.ops import launch
 
     ran = []
@@ -346,20 +343,19 @@ def test_activation_backward_through_descriptors_and_pointers(descriptors, store
 
     def recording(kernel, in_op, grid, args, meta, outputs):
         if kernel is gptoss.gptoss_bwd_kernel:
-            ran.append((meta["TMA"], meta["TMA_STORE"], meta["PACKED"], meta["BIAS_2D"]))
+            ran.append((meta["TMA"], meta["PACKED"], meta["BLOCK_M"]))
         plain(kernel, in_op, grid, args, meta, outputs)
 
     monkeypatch.setattr(launch, "launch_kernel", recording)
     monkeypatch.setattr(gptoss, "BWD_TMA", descriptors)
-    monkeypatch.setattr(gptoss, "BWD_TMA_STORE", store)
-    monkeypatch.setattr(gptoss, "BWD_BIAS_2D", bias_2d)
+    monkeypatch.setattr(gptoss, "BWD_BLOCK_M", block_m)
     monkeypatch.setattr(gptoss, "BWD_PACKED", packed or dtype == torch.float32)  # fp32 never packs
     T, H, I, E, k = 37, 48, 40, 3, 2  # ~25 rows per expert; 2I = 80 columns: a partial 128-wide tile
     inputs = make_block(T, H, I, E, k, dtype)
     grad_out = torch.randn(T, H, dtype=dtype)
     _, grads = run_block(gptoss_experts, inputs, grad_out)
     _, ref_grads = reference(inputs, grad_out)
-    assert ran == [(descriptors, store, packed, bias_2d)]
+    assert ran == [(descriptors, packed, block_m)]
     for grad_name in DIFFERENTIABLE[:-1]:
         assert relative_error(grads[grad_name], ref_grads[grad_name]) < TOLERANCES[dtype], grad_name
     assert_weight_grad_close(grads["top_k_weights"], ref_grads["top_k_weights"], inputs, grad_out, dtype)
@@ -480,8 +476,7 @@ for p in fn.params:
 # The LoRA variants (HAS_DELTA, LORA) read more operands: build those, the plain ones share the rest.
 values = {"BLOCK_M": gptoss.BWD_BLOCK_M, "BLOCK_N": gptoss.BWD_BLOCK_N, "I_BLOCKS": 45, "HAS_DELTA": True,
           "LORA": True, "BLOCK_R": 16, "STAGES": gptoss.BWD_STAGES,
-          "TMA": True, "TMA_STORE": gptoss.BWD_TMA_STORE, "BIAS_2D": gptoss.BWD_BIAS_2D,
-          "PACKED": sys.argv[2] == "packed"}
+          "TMA": True, "PACKED": sys.argv[2] == "packed"}
 if values["PACKED"]:  # H and dH as int32 words of (gate, up) pairs
     signature.update(h_ptr="*i32", d_h_ptr="*i32")
 constexprs = {n: values[n] for n, t in signature.items() if t == "constexpr"}
