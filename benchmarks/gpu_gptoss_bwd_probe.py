@@ -18,7 +18,8 @@ the tiles of ``STORE_TILES`` × ``STORE_STAGES``. (In the session that chose 16-
 compared dH and w·A written through descriptors, and the bias gradients summed over each step's
 rows; both lost at the best tiles and left the kernel: BENCHMARKS.md, sixteenth session.)
 ``--split`` also times the activation's programs alone (no down-bias programs: db2 and the
-routing-weight gradient not wanted), to show each half's share.
+routing-weight gradient not wanted), to show each half's share. ``--db2`` keeps the activation's tile
+and times the down-bias programs' own tiles (``BWD_DB2_BLOCK_M`` × ``BWD_DB2_BLOCK_N``, ``DB2_TILES``).
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ PAIR_TILES = ((64, 64, 4), (32, 64, 4), (64, 128, 4), (64, 128, 8), (128, 64, 8)
 PAIR_STAGES = (2, 3, 4)
 STORE_TILES = ((32, 64, 4), (16, 64, 4), (16, 64, 2), (8, 64, 4), (8, 64, 2), (16, 32, 4), (16, 128, 4))
 STORE_STAGES = (3, 4, 5)
-# A variant: (BLOCK_M, BLOCK_N, warps, stages, descriptor loads, pair words)
-KNOBS = ("BWD_BLOCK_M", "BWD_BLOCK_N", "BWD_WARPS", "BWD_STAGES", "BWD_TMA", "BWD_PACKED")
+DB2_TILES = ((16, 64), (32, 64), (64, 64), (128, 64), (32, 128), (64, 128), (16, 256), (32, 256))
+# A variant: (BLOCK_M, BLOCK_N, warps, stages, descriptor loads, pair words, down-bias rows, columns)
+KNOBS = ("BWD_BLOCK_M", "BWD_BLOCK_N", "BWD_WARPS", "BWD_STAGES", "BWD_TMA", "BWD_PACKED", "BWD_DB2_BLOCK_M",
+         "BWD_DB2_BLOCK_N")
 
 
 def main(argv=None) -> int:
-    args, out_dir = probe_args.parse(argv, __doc__.splitlines()[0], [4096, 16384], flags=("--pairs", "--stores", "--split"))
+    args, out_dir = probe_args.parse(argv, __doc__.splitlines()[0], [4096, 16384], flags=("--pairs", "--stores", "--split", "--db2"))
     pairs = args.pairs
 
     import torch
@@ -85,21 +88,24 @@ def main(argv=None) -> int:
         src = torch.empty(moved // 4, dtype=torch.int16, device="cuda")
         roof_ms = probe_args.median_ms(lambda: src.clone())  # reads half the bytes, writes half
         ref = None
-        if args.stores:
-            grid = [(bm, bn, w, st, True, True) for (bm, bn, w), st in itertools.product(STORE_TILES, STORE_STAGES)]
+        if args.db2:
+            grid = [shipped[:6] + tile for tile in DB2_TILES]
+        elif args.stores:
+            grid = [(bm, bn, w, st, True, True) + shipped[6:] for (bm, bn, w), st
+                    in itertools.product(STORE_TILES, STORE_STAGES)]
         elif pairs:
-            grid = [(bm, bn, w, st, True, pk) for (bm, bn, w), st, pk
+            grid = [(bm, bn, w, st, True, pk) + shipped[6:] for (bm, bn, w), st, pk
                     in itertools.product(PAIR_TILES, PAIR_STAGES, (True, False))]
         else:
-            grid = [(bm, bn, w, st, tma, shipped[5]) for (bm, bn, w), st, tma
+            grid = [(bm, bn, w, st, tma, shipped[5]) + shipped[6:] for (bm, bn, w), st, tma
                     in itertools.product(TILES, STAGES, DESCRIPTORS)]
         variants = [shipped] + [v for v in grid if v != shipped]
         for variant in variants:
             for knob, value in zip(KNOBS, variant):
                 setattr(gptoss, knob, value)
-            bm, bn, w, st, tma, pk = variant
+            bm, bn, w, st, tma, pk, dbm, dbn = variant
             row = dict(model=name, T=T, BLOCK_M=bm, BLOCK_N=bn, warps=w, stages=st, descriptors=tma, pairs=pk,
-                       shipped=variant == shipped, roof_ms=roof_ms)
+                       DB2_BLOCK_M=dbm, DB2_BLOCK_N=dbn, shipped=variant == shipped, roof_ms=roof_ms)
             try:
                 out = [t.float() for t in run()]
                 if ref is None:
@@ -113,7 +119,7 @@ def main(argv=None) -> int:
             except Exception as exc:  # a variant that fails is a row
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             rows.append(row)
-            print(f"{name} T={T} {bm}x{bn} w{w} s{st} {'tma' if tma else 'ptr'}{' pairs' if pk else ''}: "
+            print(f"{name} T={T} {bm}x{bn} w{w} s{st} {'tma' if tma else 'ptr'}{' pairs' if pk else ''} db2 {dbm}x{dbn}: "
                   + (f"{row['ms']:.4f} ms (roof {roof_ms:.4f})" + (f", activation alone {row['act_only_ms']:.4f}"
                                                                   if "act_only_ms" in row else "")
                   if "ms" in row else row["error"]) + f"  t={time.time() - t0:.0f}s", flush=True)

@@ -237,6 +237,7 @@ def bwd_scan(out: Path, cases: list[str]) -> None:
         grad = torch.randn(T, H, device="cuda", generator=gen).to(dt)
         leaves = [x, wts, w1, b1, w2, b2]
         ref = None
+        shipped = gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS
         for bm, bn, warps in tiles:
             gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS = bm, bn, warps
 
@@ -252,7 +253,7 @@ def bwd_scan(out: Path, cases: list[str]) -> None:
             ms = do_bench(call, warmup=10, rep=100, grad_to_none=leaves)
             lines.append(f"{name} T={T} bwd tile {bm}x{bn} w{warps}: {ms:.3f} ms (diff vs first {err:.1e})")
             print(lines[-1], flush=True)
-        gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS = 32, 64, 4
+        gptoss.BWD_BLOCK_M, gptoss.BWD_BLOCK_N, gptoss.BWD_WARPS = shipped
     (out / "bwd_scan.txt").write_text("\n".join(lines) + "\n")
 
 

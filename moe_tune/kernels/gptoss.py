@@ -339,15 +339,17 @@ def gptoss_bwd_kernel(
     # Meta-parameters ---------------------------------------------------------------------------
     I_BLOCKS: tl.constexpr,  # ⌈I / BLOCK_N⌉: programs along dim 0 below it do the activation
     LORA: tl.constexpr,  # the down projection carries LoRA (d_lora, P, L2 are read)
-    BLOCK_M: tl.constexpr,  # rows per step of a program's loop over its expert
-    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per step of an activation program's loop over its expert
+    BLOCK_N: tl.constexpr,  # columns of I per activation program
+    DB2_BLOCK_M: tl.constexpr,  # the same for the down-bias programs, over columns of H: with no H or
+    DB2_BLOCK_N: tl.constexpr,  # dA tiles they hold few registers, and take larger steps of gathered rows
     BLOCK_R: tl.constexpr,  # ≥ rank, a power of two ≥ 16
     STAGES: tl.constexpr,  # rows loop's software pipeline: 2+ fetches the next steps' row indices (and, with
     #                      TMA, their dA and H tiles) ahead
     TMA: tl.constexpr,  # dA and H read through tensor descriptors (16-byte aligned rows)
     PACKED: tl.constexpr,  # 16-bit activations: h_ptr, d_h_ptr are int32 views [M, I], one (gate, up) pair a word
 ):
-    """Grid: (I_BLOCKS + ⌈H / BLOCK_N⌉ (or just I_BLOCKS when neither db2 nor the routing-weight
+    """Grid: (I_BLOCKS + ⌈H / DB2_BLOCK_N⌉ (or just I_BLOCKS when neither db2 nor the routing-weight
     gradient is wanted), E). Each program owns one expert and one column block and walks the
     expert's rows, so both bias gradients are plain register sums per expert: deterministic, no
     atomics, and an empty expert stores zeros. Programs below I_BLOCKS run the activation's
@@ -366,4 +368,4 @@ def gptoss_bwd_kernel(
     else:
         _down_bias_bwd_tile(g_ptr, b2_ptr, weights_ptr, sorted_slots_ptr, dsp_ptr, db2_ptr,
                             e, row_start, row_end, pid_n - I_BLOCKS, pid_n, num_rows, hidden, topk,
-                            stride_g_t, stride_b2_e, stride_db2_e, BLOCK_M, BLOCK_N, STAGES)
+                            stride_g_t, stride_b2_e, stride_db2_e, DB2_BLOCK_M, DB2_BLOCK_N, STAGES)

@@ -83,6 +83,8 @@ _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ACT_BLOCK_M, ACT_BLOCK_N = 32, 64
 COMBINE_BLOCK_T, COMBINE_BLOCK_N = 16, 128
 BWD_BLOCK_M, BWD_BLOCK_N, BWD_WARPS, BWD_STAGES = 16, 64, 4, 3
+# The same kernel's down-bias programs (db2 and ⟨G, b2[e]⟩ over gathered rows of G).
+BWD_DB2_BLOCK_M, BWD_DB2_BLOCK_N = 16, 64
 BWD_TMA = True  # dA and H read through descriptors where the device and the rows allow (``activation_backward``)
 # 16-bit H and dH read and written as int32 words of (gate, up) pairs where their rows allow
 # (``_pair_words``): every tile of a step then has one shape and one layout.
@@ -120,7 +122,7 @@ def block_configs(E: int, H: int, I: int, topk: int, dtype: torch.dtype, num_tok
 def dsp_rows(I: int, H: int, with_down_bias: bool) -> tuple[int, int]:
     """(column blocks of I, column blocks of H) of the backward kernel's grid: the rows of its
     routing-weight-gradient partials. The H part runs only when db2 or dS is wanted."""
-    return launch.cdiv(I, BWD_BLOCK_N), launch.cdiv(H, BWD_BLOCK_N) if with_down_bias else 0
+    return launch.cdiv(I, BWD_BLOCK_N), launch.cdiv(H, BWD_DB2_BLOCK_N) if with_down_bias else 0
 
 
 # -------------------------------------------------------------------------------------------------
@@ -273,6 +275,7 @@ def activation_backward(d_act: torch.Tensor, h: torch.Tensor, gate_up_b: torch.T
          grad_out.stride(0), down_b.stride(0), d_h_arg.stride(0), weighted_act.stride(0), d_gate_up_b.stride(0),
          db2_arg.stride(0)),
         dict(I_BLOCKS=i_blocks, LORA=lora is not None, BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N,
+             DB2_BLOCK_M=BWD_DB2_BLOCK_M, DB2_BLOCK_N=BWD_DB2_BLOCK_N,
              BLOCK_R=max(16, launch.next_power_of_2(rank)), STAGES=BWD_STAGES, TMA=tma, PACKED=packed,
              num_warps=BWD_WARPS),
         (d_h, weighted_act, dsp, d_gate_up_b, d_down_b))

@@ -474,7 +474,8 @@ for p in fn.params:
     else:
         signature[p.name] = "i32"
 # The LoRA variants (HAS_DELTA, LORA) read more operands: build those, the plain ones share the rest.
-values = {"BLOCK_M": gptoss.BWD_BLOCK_M, "BLOCK_N": gptoss.BWD_BLOCK_N, "I_BLOCKS": 45, "HAS_DELTA": True,
+values = {"BLOCK_M": gptoss.BWD_BLOCK_M, "BLOCK_N": gptoss.BWD_BLOCK_N, "DB2_BLOCK_M": gptoss.BWD_DB2_BLOCK_M,
+          "DB2_BLOCK_N": gptoss.BWD_DB2_BLOCK_N, "I_BLOCKS": 45, "HAS_DELTA": True,
           "LORA": True, "BLOCK_R": 16, "STAGES": gptoss.BWD_STAGES,
           "TMA": True, "PACKED": sys.argv[2] == "packed"}
 if values["PACKED"]:  # H and dH as int32 words of (gate, up) pairs
