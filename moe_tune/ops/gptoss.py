@@ -83,8 +83,10 @@ _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ACT_BLOCK_M, ACT_BLOCK_N = 32, 64
 COMBINE_BLOCK_T, COMBINE_BLOCK_N = 16, 128
 BWD_BLOCK_M, BWD_BLOCK_N, BWD_WARPS, BWD_STAGES = 16, 64, 4, 3
-# The same kernel's down-bias programs (db2 and ⟨G, b2[e]⟩ over gathered rows of G).
-BWD_DB2_BLOCK_M, BWD_DB2_BLOCK_N = 16, 64
+# The same kernel's down-bias programs (db2 and ⟨G, b2[e]⟩ over gathered rows of G): the best of eight
+# tiles by geometric mean (--db2, same probe and points), 1.09× the activation's own 16×64; larger
+# ones raised the registers of the whole kernel, whose two branches are one compile.
+BWD_DB2_BLOCK_M, BWD_DB2_BLOCK_N = 32, 128
 BWD_TMA = True  # dA and H read through descriptors where the device and the rows allow (``activation_backward``)
 # 16-bit H and dH read and written as int32 words of (gate, up) pairs where their rows allow
 # (``_pair_words``): every tile of a step then has one shape and one layout.
