@@ -59,10 +59,13 @@ def block_table_kernel(
     BLOCK_M: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
-    """Grid: (1,). The row blocks of BLOCK_M rows the grouped-GEMM kernel walks, as a table:
-    ``table[0]`` = their number, then per block (expert, first row). A warp-specialised
-    ``grouped_mm_kernel`` reads it in place of its in-register search (a reduction, which
-    Triton's Hopper warp specialisation cannot follow). Entries past the count are left as they are."""
+    """Grid: (⌈max_blocks / CHUNK⌉,). The row blocks of BLOCK_M rows the grouped-GEMM kernel walks,
+    as a table: ``table[0]`` = their number, then per block (expert, first row). A warp-specialised
+    ``grouped_mm_kernel`` reads it in place of its in-register search (a reduction, which Triton's
+    Hopper warp specialisation cannot follow). Each program fills CHUNK blocks' entries (each works
+    out the per-expert block counts itself: E values); one program looping over every chunk took
+    19-25 µs on an H200 (Nsight Compute, gpt-oss at 4096 tokens), the forward's serial head. Entries
+    past the count are left as they are."""
     e_range = tl.arange(0, E_POW2)
     starts = tl.load(offsets_ptr + e_range, mask=e_range < E, other=0)
     ends = tl.load(offsets_ptr + e_range + 1, mask=e_range < E, other=0)
@@ -70,14 +73,15 @@ def block_table_kernel(
     cum_end = tl.cumsum(blocks, axis=0)  # blocks of experts ≤ e
     first = cum_end - blocks
     num_blocks = tl.sum(blocks, axis=0)
-    tl.store(table_ptr, num_blocks)
-    for b0 in range(0, max_blocks, CHUNK):
-        b = b0 + tl.arange(0, CHUNK)
-        # The expert of block b: how many experts end at or before it.
-        e = tl.sum((cum_end[None, :] <= b[:, None]).to(tl.int32), axis=1)
-        mine = e_range[None, :] == e[:, None]
-        row0 = (tl.sum(tl.where(mine, starts[None, :], 0), axis=1)
-                + (b - tl.sum(tl.where(mine, first[None, :], 0), axis=1)) * BLOCK_M)
-        keep = b < num_blocks
-        tl.store(table_ptr + 1 + 2 * b, e, mask=keep)
-        tl.store(table_ptr + 2 + 2 * b, row0, mask=keep)
+    pid = tl.program_id(0)
+    if pid == 0:
+        tl.store(table_ptr, num_blocks)
+    b = pid * CHUNK + tl.arange(0, CHUNK)
+    # The expert of block b: how many experts end at or before it.
+    e = tl.sum((cum_end[None, :] <= b[:, None]).to(tl.int32), axis=1)
+    mine = e_range[None, :] == e[:, None]
+    row0 = (tl.sum(tl.where(mine, starts[None, :], 0), axis=1)
+            + (b - tl.sum(tl.where(mine, first[None, :], 0), axis=1)) * BLOCK_M)
+    keep = (b < num_blocks) & (b < max_blocks)
+    tl.store(table_ptr + 1 + 2 * b, e, mask=keep)
+    tl.store(table_ptr + 2 + 2 * b, row0, mask=keep)

@@ -59,14 +59,16 @@ class Routing:
         warp-specialised grouped GEMM walks. One launch per BLOCK_M per routing; no host sync."""
         table = self._tables.get(block_m)
         if table is None:
-            from moe_tune.ops.launch import launch_kernel, next_power_of_2
+            from moe_tune.ops.launch import cdiv, launch_kernel, next_power_of_2
 
             E = self.num_experts
             e_pow2 = next_power_of_2(E + 1)
             max_blocks = self.num_rows // block_m + E
             table = torch.empty(1 + 2 * max_blocks, dtype=torch.int32, device=self.expert_offsets.device)
-            meta = dict(E=E, E_POW2=e_pow2, BLOCK_M=block_m, CHUNK=max(16, 16384 // e_pow2), num_warps=4)
-            launch_kernel(block_table_kernel, in_op, (1,), (self.expert_offsets, table, max_blocks), meta, (table,))
+            chunk = max(16, 2048 // e_pow2)  # a [chunk, E_POW2] comparison per program
+            meta = dict(E=E, E_POW2=e_pow2, BLOCK_M=block_m, CHUNK=chunk, num_warps=4)
+            launch_kernel(block_table_kernel, in_op, (cdiv(max_blocks, chunk),), (self.expert_offsets, table, max_blocks),
+                          meta, (table,))
             self._tables[block_m] = table
         return table
 
