@@ -264,8 +264,8 @@ def activation_backward(d_act: torch.Tensor, h: torch.Tensor, gate_up_b: torch.T
     h_words, d_h_words = (_pair_words(h), _pair_words(d_h)) if BWD_PACKED else (None, None)
     packed = h_words is not None and d_h_words is not None
     h_arg, d_h_arg = (h_words, d_h_words) if packed else (h, d_h)
-    tma = BWD_TMA and query_device(device).supports_tma and launch.rows_fit_descriptors(d_act, h_arg, d_h_arg,
-                                                                                         weighted_act)
+    # Only the loads go through descriptors (the kernel's stores are plain).
+    tma = BWD_TMA and query_device(device).supports_tma and launch.rows_fit_descriptors(d_act, h_arg)
     if tma:
         launch.ensure_descriptor_allocator(device)
     launch.launch_kernel(
