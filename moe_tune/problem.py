@@ -12,9 +12,11 @@ as ``[E, K, N]``), so the three passes of one GEMM share E, N and K:
     dx       dX[rows, K] = dY[rows, N] · W[e]
     dw       dW[e]       = dY[rows of e]ᵀ · X[rows of e]      ([N, K] per expert)
 
-The flags always describe the forward GEMM (gather: X rows read in token order, row = slot // k;
+The flags describe the forward GEMM (gather: X rows read in token order, row = slot // k;
 scatter: Y rows written in token-slot order; weighted: Y rows multiplied by their routing weight);
-each pass's launcher derives from them where it gathers and scatters. ``fusion`` names the fused
+each pass's launcher derives from them where it gathers and scatters, and a weighted dx multiplies
+its rows by the weight too. The experts blocks' down dx runs without that multiply, so their dx
+problem is the unweighted one (``MoeShape.problems``). ``fusion`` names the fused
 variant the experts block launches (``FUSIONS``); "none" is the plain grouped GEMM.
 """
 
@@ -245,25 +247,26 @@ class MoeShape:
                  f"layout must be one of {', '.join(EXPERT_LAYOUTS)}, got {self.layout!r}")
 
     def problems(self, dtype: str = "bfloat16") -> list[Problem]:
-        """The six problems the experts block launches: up (gate_up, gathered) and down
-        (scattered, routing-weighted) in forward, dx and dw, both dW on expert-ordered operands."""
-        if self.layout == "gpt_oss":
-            return self._gpt_oss_problems(dtype)
-        up = Problem("forward", self.E, 2 * self.I, self.H, self.topk, dtype, gather=True)
-        down = Problem("forward", self.E, self.H, self.I, self.topk, dtype, scatter=True, weighted=True)
-        return [dataclasses.replace(g.with_pass(p), fusion="sorted" if p == "dw" else "none")
-                for g in (up, down) for p in PASSES]
-
-    def _gpt_oss_problems(self, dtype: str) -> list[Problem]:
-        """gpt-oss's six (``moe_tune.ops.gptoss``): the same GEMM shapes on [E, K, N] weights. The
-        activation, the biases and the routing-weight gradient run in kernels of their own, so no
-        GEMM carries an epilogue; both dW run on rows copied to expert order ("sorted"), as the
-        Qwen layout's do."""
-        up = Problem("forward", self.E, 2 * self.I, self.H, self.topk, dtype, gather=True, weight_layout="kn")
+        """The six problems the experts block launches (either layout: gpt-oss's reads its [E, K, N]
+        weights as stored, ``moe_tune.ops.gptoss``): up (gate_up, gathered) and down (scattered,
+        routing-weighted) in forward, dx and dw, both dW on expert-ordered operands ("sorted").
+        The down dx runs unweighted, so its problem is the unweighted one: its output dA_raw gives
+        the routing-weight gradient ⟨dA_raw, A⟩, and the weight joins dA in the activation's
+        backward. (Until 2026-11-28 this problem was keyed weighted, the forward's flags, and tuned
+        with an epilogue multiply the block never ran; the runtime still reads such entries,
+        ``runtime.interchangeable``.)"""
+        layout = "kn" if self.layout == "gpt_oss" else "nk"
+        up = Problem("forward", self.E, 2 * self.I, self.H, self.topk, dtype, gather=True, weight_layout=layout)
         down = Problem("forward", self.E, self.H, self.I, self.topk, dtype, scatter=True, weighted=True,
-                       weight_layout="kn")
-        return [dataclasses.replace(g.with_pass(p), fusion="sorted" if p == "dw" else "none")
-                for g in (up, down) for p in PASSES]
+                       weight_layout=layout)
+        out = []
+        for gemm in (up, down):
+            for pass_ in PASSES:
+                problem = dataclasses.replace(gemm.with_pass(pass_), fusion="sorted" if pass_ == "dw" else "none")
+                if pass_ == "dx":
+                    problem = dataclasses.replace(problem, weighted=False)
+                out.append(problem)
+        return out
 
     def lora_rank_of(self, problem: Problem) -> int | None:
         """The rank r at which ``problem`` is one of the LoRA factors' GEMMs of this layer
@@ -280,8 +283,7 @@ class MoeShape:
         frozen base weights, ``up_a``/``down_a`` the LoRA factors A ``[E, r, K]`` (N = r) and
         ``up_b``/``down_b`` the factors B ``[E, N, r]`` (K = r). Each is a plain problem whose
         flags describe the launch exactly, so the sweep tunes and the cache stores it like any
-        other. The base up forward and down dx run without their fused epilogues (the LoRA terms
-        join H and dA before SwiGLU and its backward), and no base dW runs at all. With the
+        other. The four base problems are the block's own (``problems``); no base dW runs at all. With the
         gpt-oss layout (``moe_tune.ops.gptoss_lora``) the four base problems read the weights as
         stored ([E, K, N], ``kn``); PEFT's factors have the same per-expert shapes in both
         layouts, so their twelve are the same."""
@@ -299,7 +301,7 @@ class MoeShape:
             "up.forward": base("forward", 2 * I, H, gather=True),
             "up.dx": base("dx", 2 * I, H, gather=True),
             "down.forward": base("forward", H, I, scatter=True, weighted=True),
-            "down.dx": base("dx", H, I, scatter=True),  # unweighted: dA_raw feeds the weight gradient
+            "down.dx": base("dx", H, I, scatter=True),  # unweighted, as the experts block's: dA_raw feeds dS
             "up_a.forward": problem("forward", r, H, gather=True),  # L1 = X·A1ᵀ
             "up_a.dx": problem("dx", r, H, gather=True),  # dL1·A1, scattered to slot order
             "up_a.dw": problem("dw", r, H, gather=True),  # dL1ᵀ·X

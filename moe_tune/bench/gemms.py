@@ -21,7 +21,8 @@ up fwd     gather X rows (``x[slot // k]``), grouped GEMM into expert order
 up dx      grouped GEMM, scatter rows back to slot order, sum each token's k slots
 up dw      gather X rows, grouped GEMM over the rows (``offs`` on the reduction)
 down fwd   grouped GEMM, multiply each row by its routing weight, scatter to slot order
-down dx    gather dY rows into expert order times the routing weight, grouped GEMM
+down dx    gather dY rows into expert order, grouped GEMM (unweighted, as the experts block runs it:
+           its output gives the routing-weight gradient, and the weight joins dA after it)
 down dw    the same weighted gather, grouped GEMM over the rows
 =========  =================================================================================
 
@@ -139,7 +140,7 @@ def build_cases(shape: MoeShape, tokens: int, dtype: str = "bfloat16", device: s
         return out
 
     def down_dx_ref():
-        return torch._grouped_mm(dy_down[slots] * w_route_rows, w2, offs=offs)
+        return torch._grouped_mm(dy_down[slots], w2, offs=offs)
 
     def down_dw_ref():
         return torch._grouped_mm((dy_down[slots] * w_route_rows).t(), a, offs=offs)
@@ -172,7 +173,7 @@ def build_cases(shape: MoeShape, tokens: int, dtype: str = "bfloat16", device: s
                  up_dw_ref, (2 * I, M, H)),
         GemmCase(d["forward"], T, lambda c: lambda: gg.forward(a, w2, routing, config=c, **scattered),
                  down_fwd_ref, (M, I, H)),
-        GemmCase(d["dx"], T, lambda c: lambda: gg.backward_dx(dy_down, w2, routing, config=c, **scattered),
+        GemmCase(d["dx"], T, lambda c: lambda: gg.backward_dx(dy_down, w2, routing, scatter=True, config=c),
                  down_dx_ref, (M, H, I)),
         GemmCase(d["dw"], T, lambda c: lambda: sorted_dw(dy_down.index_select(0, token_rows_slots), weighted_a, w2.shape,
                                                           c),
@@ -194,7 +195,7 @@ def _gpt_oss_cases(problems, T, routing, info, x, w1, w2, a, dy_up, dy_down, w_r
         dict(dy=dy_up, w=w1),  # up dx
         lambda: dict(x=x.index_select(0, slots // routing.topk), dy=dy_up),  # up dW: the row copy is timed
         dict(x=a, w=w2, weights=w_route),  # down forward
-        dict(dy=dy_down, w=w2, weights=w_route),  # down dx
+        dict(dy=dy_down, w=w2),  # down dx, unweighted
         lambda: dict(x=weighted_a, dy=dy_down.index_select(0, slots)),  # down dW: the row copy is timed
     ]
 

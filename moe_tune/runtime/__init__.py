@@ -9,7 +9,9 @@ Data flow of ``get_config(problem, num_tokens, device)``:
    and compute capability) and the running Triton version that has the problem. Files for other
    Triton versions are considered only after every layer came up empty for the running version,
    and are then used with a warning (refused under ``MOE_TUNE_STRICT=1``). Only buckets whose
-   correctness gate passed and whose config the device can run are eligible;
+   correctness gate passed and whose config the device can run are eligible. Within a file, a
+   problem with no entry of its own may be served by an interchangeable one (``interchangeable``:
+   a plain dx and its routing-weighted twin);
 3. the bucket nearest in log space to ``num_tokens`` (``choose_bucket``);
 4. no table anywhere: the heuristic ``moe_tune.space.default_config``, with one ``CacheWarning``
    per (problem, device) naming the ``moe-tune sweep`` command that fills it
@@ -39,6 +41,7 @@ import logging
 import os
 import threading
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -227,9 +230,6 @@ def _lora_sweep_command(problem: Problem) -> str | None:
         rank = shape.lora_rank_of(problem)
         if rank is not None:
             return command.format(rank)
-        # A base GEMM that only the LoRA block launches (its unweighted down dx) is the same at every rank.
-        if problem in shape.lora_problems(1, problem.dtype).values() and problem not in shape.problems(problem.dtype):
-            return command.format(16)
     return None
 
 
@@ -265,18 +265,21 @@ def _find_table(problem: Problem, device: DeviceInfo) -> _Table | None:
         for source, cache in _device_files(layer, device, strict):
             (same if cache.triton == running else other).append((layer, source, cache))
 
+    keys = interchangeable(problem)
     for layer, source, cache in same:
-        table = _eligible(problem, device, layer, source, cache, strict)
-        if table is not None:
-            return table
+        for key in keys:
+            table = _eligible(problem, device, layer, source, cache, strict, key)
+            if table is not None:
+                return table
 
     refused = []
     for layer, source, cache in other:
         if strict:
-            if problem in cache.entries:
+            if any(key in cache.entries for key in keys):
                 refused.append(f"{source} (Triton {cache.triton})")
             continue
-        table = _eligible(problem, device, layer, source, cache, strict)
+        table = next((t for t in (_eligible(problem, device, layer, source, cache, strict, key) for key in keys)
+                      if t is not None), None)
         if table is not None:
             _warn_once(f"triton:{source}", (
                 f"moe-tune: using {source}, tuned with Triton {cache.triton}; this process runs Triton "
@@ -330,9 +333,24 @@ def _skip(key: str, message: str, strict: bool) -> None:
     _warn_once(f"bad:{key}", f"moe-tune: {message}")
 
 
+def interchangeable(problem: Problem) -> list[Problem]:
+    """The cache keys whose entries may serve ``problem``, in order: its own, then — for a plain
+    dx — the same dx with the routing-weight flag flipped. The two launch one kernel that differs by
+    a multiply in the epilogue, so a config tuned for one runs the other at the same speed; what
+    either cannot run is refused by the legality check against ``problem`` itself. This keeps
+    caches from before 2026-11-28, which keyed the experts blocks' (unweighted) down dx as the
+    weighted one, serving the blocks, and lets the blocks' entries serve the weighted dx of
+    ``moe_tune.grouped_gemm``."""
+    if problem.pass_ == "dx" and problem.fusion == "none":
+        return [problem, dataclasses.replace(problem, weighted=not problem.weighted)]
+    return [problem]
+
+
 def _eligible(problem: Problem, device: DeviceInfo, layer: paths.Layer, source: str, cache: CacheFile,
-              strict: bool) -> _Table | None:
-    buckets = cache.entries.get(problem)
+              strict: bool, key: Problem | None = None) -> _Table | None:
+    """``problem``'s table in ``cache`` from the entry under ``key`` (default: ``problem``), with
+    only the buckets whose config passed its gate and ``problem`` can run on ``device``."""
+    buckets = cache.entries.get(key or problem)
     if not buckets:
         return None
     entries = {}

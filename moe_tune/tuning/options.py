@@ -108,10 +108,9 @@ def named_problems(options: SweepOptions) -> dict[str, Problem]:
     """The problems the options select, each by a name for people.
 
     The layer's six (either layout) come as ``up.forward`` … ``down.dw``. For each LoRA rank r,
-    the LoRA block's launches the six do not cover follow: the factors' GEMMs as
-    ``up_a[r16].forward`` and so on, and the base down dx the LoRA block runs unweighted as
-    ``down[lora].dx`` (one problem for every rank). A name belongs to the ``--gemms`` entry it
-    starts with; ``lora_only`` drops the six."""
+    the factors' GEMMs of the LoRA block follow as ``up_a[r16].forward`` and so on; the base GEMMs
+    it launches (up forward and dx, down forward and dx) are four of the six. A name belongs to the
+    ``--gemms`` entry it starts with; ``lora_only`` drops the six."""
     shape, dtype = options.model.shape, options.dtype
     base = {f"{p.gemm}.{p.pass_}": p for p in shape.problems(dtype)}
     named = dict(base)
@@ -119,8 +118,7 @@ def named_problems(options: SweepOptions) -> dict[str, Problem]:
         for name, problem in shape.lora_problems(rank, dtype).items():
             if problem not in named.values():
                 matrix, pass_ = name.split(".")
-                tag = "lora" if matrix in ("up", "down") else f"r{rank}"
-                named[f"{matrix}[{tag}].{pass_}"] = problem
+                named[f"{matrix}[r{rank}].{pass_}"] = problem
     return {name: p for name, p in named.items() if not (options.lora_only and name in base)
             and p.pass_ in options.passes and re.match(r"[a-z]+", name).group() in options.gemms}
 

@@ -363,3 +363,48 @@ def test_lora_block_configs_follow_a_new_cache_dir(layers, rng, layout):
         for _ in range(2):  # the second call is the memo's hit
             got = lora_configs(shape.E, shape.H, shape.I, shape.topk, torch.bfloat16, rank, rank, tokens, H100)
             assert got["up_a.forward"] == expected
+
+
+# -------------------------------------------------------------------------------------------------
+# A plain dx and its routing-weighted twin
+# -------------------------------------------------------------------------------------------------
+
+WEIGHTED_DOWN_DX = dataclasses.replace(DOWN_DX, weighted=True)  # how caches before 2026-11-28 keyed it
+
+
+def test_the_blocks_down_dx_is_the_unweighted_problem_they_launch():
+    assert not DOWN_DX.weighted and DOWN_DX.scatter and DOWN_DX.key == "dx/E128/N2048/K768/k8/bfloat16/scatter"
+    assert runtime.interchangeable(DOWN_DX) == [DOWN_DX, WEIGHTED_DOWN_DX]
+    assert runtime.interchangeable(DOWN_FWD) == [DOWN_FWD] and runtime.interchangeable(DOWN_DW) == [DOWN_DW]
+
+
+@pytest.mark.parametrize("stored, asked", [(WEIGHTED_DOWN_DX, DOWN_DX), (DOWN_DX, WEIGHTED_DOWN_DX)],
+                         ids=["older-cache-serves-the-block", "block-entry-serves-the-weighted-dx"])
+def test_a_dx_without_an_entry_is_served_by_its_twin(layers, rng, stored, asked):
+    cfg = config(rng)
+    path = write(layers.shipped, {stored: {4096: cfg, 16384: config(rng)}})
+    found, seen = caught(lambda: runtime.explain(asked, 5000, H100))
+    assert (found.config, found.source, found.path, found.bucket) == (cfg, "shipped", str(path), 4096)
+    assert seen == []
+
+
+def test_the_exact_entry_wins_in_a_file_and_the_higher_layer_wins_across(layers, rng):
+    own, twin, user_twin = config(rng, BLOCK_M=32), config(rng, BLOCK_M=64), config(rng, BLOCK_M=128)
+    write(layers.shipped, {DOWN_DX: {4096: own}, WEIGHTED_DOWN_DX: {4096: twin}})
+    assert runtime.get_config(DOWN_DX, 4096, H100) == own
+    assert runtime.get_config(WEIGHTED_DOWN_DX, 4096, H100) == twin
+    write(layers.user, {WEIGHTED_DOWN_DX: {4096: user_twin}})  # the user's own (older) sweep
+    runtime.reset()
+    assert runtime.get_config(DOWN_DX, 4096, H100) == user_twin
+
+
+def test_a_twin_config_the_asked_problem_cannot_run_is_not_used(layers, rng):
+    # Warp specialisation with the routing weight in the epilogue computes wrong values (Triton 3.6):
+    # the unweighted dx may run this config, its weighted twin may not.
+    ws = KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3, TMA_LOAD=True,
+                      TMA_STORE=True, GATHER_COPY=True, WARP_SPEC=True)
+    write(layers.shipped, {DOWN_DX: {4096: ws}})
+    assert runtime.get_config(DOWN_DX, 4096, H100) == ws
+    found, seen = caught(lambda: runtime.explain(WEIGHTED_DOWN_DX, 4096, H100))
+    assert found.source == "default" and found.config == default_config(WEIGHTED_DOWN_DX, H100)
+    assert any("ignoring the config" in str(w.message) for w in seen)

@@ -26,7 +26,7 @@ QWEN = resolve_model("qwen3-30b-a3b")
 TINY = resolve_model("tiny")
 
 
-def test_each_rank_adds_its_factor_gemms_and_the_lora_down_dx_once():
+def test_each_rank_adds_its_factor_gemms():
     ranks = tuple(sorted(random.sample(range(2, 200), 2)))
     named = named_problems(SweepOptions(model=QWEN, lora_ranks=ranks[::-1]).resolved())
     shape = QWEN.shape
@@ -42,9 +42,9 @@ def test_each_rank_adds_its_factor_gemms_and_the_lora_down_dx_once():
             if "_" in name.split(".")[0]:
                 assert named[f"{name.split('.')[0]}[r{r}].{name.split('.')[1]}"] == problem
                 assert shape.lora_rank_of(problem) == r
-    # The unweighted down dx the LoRA block launches is one problem for every rank.
-    assert [n for n in named if "[lora]" in n] == ["down[lora].dx"]
-    assert len(set(named.values())) == len(named)
+    # The base GEMMs the LoRA block launches are four of the six (its down dx too: both blocks run
+    # it unweighted).
+    assert len(named) == 6 + 12 * len(ranks) and len(set(named.values())) == len(named)
 
 
 def test_gemms_and_passes_filter_the_lora_problems_too():
@@ -62,29 +62,30 @@ def test_bad_ranks_are_refused(ranks):
 def test_lora_only_leaves_the_base_six_out():
     options = SweepOptions(model=QWEN, lora_ranks=(32,), lora_only=True).resolved()
     named = named_problems(options)
-    assert len(named) == 13 and not set(named.values()) & set(QWEN.shape.problems())
-    assert "down[lora].dx" in named and sweep_command(options).endswith("--lora-rank 32 --lora-only")
+    assert len(named) == 12 and not set(named.values()) & set(QWEN.shape.problems())
+    assert sweep_command(options).endswith("--lora-rank 32 --lora-only")
     with pytest.raises(InvalidInputError, match="--lora-only needs --lora-rank"):
         SweepOptions(model=QWEN, lora_only=True).resolved()
 
 
 def test_gpt_oss_lora_problems_are_swept():
-    """gpt-oss's LoRA block (``moe_tune.ops.gptoss_lora``): its unweighted base down dx ([E, K, N]
-    weights) and the twelve factor GEMMs join the six (its base up forward is the six's own); a
-    cache miss on any of them names the gpt-oss LoRA sweep."""
+    """gpt-oss's LoRA block (``moe_tune.ops.gptoss_lora``): the twelve factor GEMMs join the six
+    (its four base GEMMs on the [E, K, N] weights are the six's own, the unweighted down dx
+    included); a cache miss on a factor names the gpt-oss LoRA sweep."""
     model = resolve_model("gpt-oss-20b")
     rank = random.choice((8, 16, 32))
     named = named_problems(SweepOptions(model=model, lora_ranks=(rank,)).resolved())
     shape = model.shape
     six = set(shape.problems())
-    assert len(named) == 6 + 1 + 12 and six <= set(named.values())
-    assert shape.lora_problems(rank)["up.forward"] in six
-    down_dx = named["down[lora].dx"]
+    assert len(named) == 6 + 12 and six <= set(named.values())
+    lora = shape.lora_problems(rank)
+    assert {lora[n] for n in ("up.forward", "up.dx", "down.forward", "down.dx")} <= six
+    down_dx = named["down.dx"]
     assert down_dx.weight_layout == "kn" and down_dx.fusion == "none" and not down_dx.weighted
-    for name, problem in shape.lora_problems(rank).items():
+    for name, problem in lora.items():
         if problem not in six:
-            assert runtime.sweep_command(problem) == (f"moe-tune sweep --model gpt-oss-20b --lora-rank "
-                                                      f"{rank if '_' in name.split('.')[0] else 16} --dtype bfloat16"), name
+            assert runtime.sweep_command(problem) == (f"moe-tune sweep --model gpt-oss-20b --lora-rank {rank} "
+                                                      f"--dtype bfloat16"), name
 
 
 def test_the_provenance_command_carries_the_ranks():
