@@ -253,9 +253,10 @@ def main() -> None:
             time_block(name, *PRESETS[name], T, impls, results)
     if not args.no_step:
         E, H, I, k = PRESETS[args.presets[0]]
-        time_step(args.presets[0], E, H, I, k, args.step_batch, args.step_seq, args.step_vocab,
-                  ["grouped_mm", "moe_tune"] + (["grouped_mm+compile", "moe_tune+compile"] if args.step_compile else []),
-                  results)
+        step_impls = ["grouped_mm", "moe_tune"]
+        if args.step_compile:
+            step_impls += ["grouped_mm+compile", "moe_tune+compile"]
+        time_step(args.presets[0], E, H, I, k, args.step_batch, args.step_seq, args.step_vocab, step_impls, results)
     results["seconds"] = time.perf_counter() - started
     (out / "bench_gptoss.json").write_text(json.dumps(results, indent=1, default=str))
     report = markdown(results)

@@ -50,7 +50,8 @@ KNOBS = ("BWD_BLOCK_M", "BWD_BLOCK_N", "BWD_WARPS", "BWD_STAGES", "BWD_TMA", "BW
 
 
 def main(argv=None) -> int:
-    args, out_dir = probe_args.parse(argv, __doc__.splitlines()[0], [4096, 16384], flags=("--pairs", "--stores", "--split", "--db2"))
+    args, out_dir = probe_args.parse(argv, __doc__.splitlines()[0], [4096, 16384],
+                                     flags=("--pairs", "--stores", "--split", "--db2"))
     pairs = args.pairs
 
     import torch
@@ -119,7 +120,8 @@ def main(argv=None) -> int:
             except Exception as exc:  # a variant that fails is a row
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             rows.append(row)
-            print(f"{name} T={T} {bm}x{bn} w{w} s{st} {'tma' if tma else 'ptr'}{' pairs' if pk else ''} db2 {dbm}x{dbn}: "
+            print(f"{name} T={T} {bm}x{bn} w{w} s{st} {'tma' if tma else 'ptr'}{' pairs' if pk else ''} "
+                  f"db2 {dbm}x{dbn}: "
                   + (f"{row['ms']:.4f} ms (roof {roof_ms:.4f})" + (f", activation alone {row['act_only_ms']:.4f}"
                                                                   if "act_only_ms" in row else "")
                   if "ms" in row else row["error"]) + f"  t={time.time() - t0:.0f}s", flush=True)

@@ -283,8 +283,8 @@ class MoeShape:
         frozen base weights, ``up_a``/``down_a`` the LoRA factors A ``[E, r, K]`` (N = r) and
         ``up_b``/``down_b`` the factors B ``[E, N, r]`` (K = r). Each is a plain problem whose
         flags describe the launch exactly, so the sweep tunes and the cache stores it like any
-        other. The four base problems are the block's own (``problems``); no base dW runs at all. With the
-        gpt-oss layout (``moe_tune.ops.gptoss_lora``) the four base problems read the weights as
+        other. The four base problems are the block's own (``problems``); no base dW runs at all.
+        With the gpt-oss layout (``moe_tune.ops.gptoss_lora``) the four base problems read the weights as
         stored ([E, K, N], ``kn``); PEFT's factors have the same per-expert shapes in both
         layouts, so their twelve are the same."""
         r = _as_pos_int(rank, "rank")

@@ -67,8 +67,8 @@ class Routing:
             table = torch.empty(1 + 2 * max_blocks, dtype=torch.int32, device=self.expert_offsets.device)
             chunk = max(16, 2048 // e_pow2)  # a [chunk, E_POW2] comparison per program
             meta = dict(E=E, E_POW2=e_pow2, BLOCK_M=block_m, CHUNK=chunk, num_warps=4)
-            launch_kernel(block_table_kernel, in_op, (cdiv(max_blocks, chunk),), (self.expert_offsets, table, max_blocks),
-                          meta, (table,))
+            launch_kernel(block_table_kernel, in_op, (cdiv(max_blocks, chunk),),
+                          (self.expert_offsets, table, max_blocks), meta, (table,))
             self._tables[block_m] = table
         return table
 

@@ -37,11 +37,11 @@ Importing this module loads neither torch, triton, filelock nor the CLI stack; o
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import os
 import threading
 import warnings
-import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
