@@ -252,9 +252,7 @@ class MoeShape:
         routing-weighted) in forward, dx and dw, both dW on expert-ordered operands ("sorted").
         The down dx runs unweighted, so its problem is the unweighted one: its output dA_raw gives
         the routing-weight gradient ⟨dA_raw, A⟩, and the weight joins dA in the activation's
-        backward. (Until 2026-11-28 this problem was keyed weighted, the forward's flags, and tuned
-        with an epilogue multiply the block never ran; the runtime still reads such entries,
-        ``runtime.interchangeable``.)"""
+        backward. (Caches that key it weighted still serve it: ``runtime.interchangeable``.)"""
         layout = "kn" if self.layout == "gpt_oss" else "nk"
         up = Problem("forward", self.E, 2 * self.I, self.H, self.topk, dtype, gather=True, weight_layout=layout)
         down = Problem("forward", self.E, self.H, self.I, self.topk, dtype, scatter=True, weighted=True,

@@ -265,21 +265,18 @@ def _find_table(problem: Problem, device: DeviceInfo) -> _Table | None:
         for source, cache in _device_files(layer, device, strict):
             (same if cache.triton == running else other).append((layer, source, cache))
 
-    keys = interchangeable(problem)
     for layer, source, cache in same:
-        for key in keys:
-            table = _eligible(problem, device, layer, source, cache, strict, key)
-            if table is not None:
-                return table
+        table = _eligible(problem, device, layer, source, cache, strict)
+        if table is not None:
+            return table
 
     refused = []
     for layer, source, cache in other:
         if strict:
-            if any(key in cache.entries for key in keys):
+            if any(key in cache.entries for key in interchangeable(problem)):
                 refused.append(f"{source} (Triton {cache.triton})")
             continue
-        table = next((t for t in (_eligible(problem, device, layer, source, cache, strict, key) for key in keys)
-                      if t is not None), None)
+        table = _eligible(problem, device, layer, source, cache, strict)
         if table is not None:
             _warn_once(f"triton:{source}", (
                 f"moe-tune: using {source}, tuned with Triton {cache.triton}; this process runs Triton "
@@ -347,10 +344,20 @@ def interchangeable(problem: Problem) -> list[Problem]:
 
 
 def _eligible(problem: Problem, device: DeviceInfo, layer: paths.Layer, source: str, cache: CacheFile,
-              strict: bool, key: Problem | None = None) -> _Table | None:
-    """``problem``'s table in ``cache`` from the entry under ``key`` (default: ``problem``), with
-    only the buckets whose config passed its gate and ``problem`` can run on ``device``."""
-    buckets = cache.entries.get(key or problem)
+              strict: bool) -> _Table | None:
+    """``problem``'s table in ``cache``: from its own entry, else the first interchangeable one
+    (``interchangeable``), with only the buckets whose config passed its gate and ``problem`` can
+    run on ``device``."""
+    for key in interchangeable(problem):
+        table = _entry_table(problem, key, device, layer, source, cache, strict)
+        if table is not None:
+            return table
+    return None
+
+
+def _entry_table(problem: Problem, key: Problem, device: DeviceInfo, layer: paths.Layer, source: str,
+                 cache: CacheFile, strict: bool) -> _Table | None:
+    buckets = cache.entries.get(key)
     if not buckets:
         return None
     entries = {}
