@@ -2,8 +2,8 @@
 
 A dW tile reduces over one expert's rows: 2-16 row steps at common token counts, so the row
 loop's pipeline drains at every tile. ``FLAT`` keeps it full across tiles. For each preset, token
-count and dW problem this times the config the runtime resolves, that config flattened (no warp
-specialisation), and a grid of flattened tilings; every config is gated once
+count and dW problem this times the config the runtime resolves, that config flattened (pointer
+loads, no warp specialisation), and a grid of flattened tilings; every config is gated once
 against the float32 reference. The fastest few then run interleaved (each round times every one
 of them once, order reversed every other round). Writes ``OUT/flat.json``.
 
@@ -36,17 +36,15 @@ def flat_grid(problem, info):
             for w in (4, 8):
                 for s in (3, 4):
                     for p in (1, 2):
-                        for tma_load in (False, True):
-                            cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w,
-                                               num_stages=s, TMA_LOAD=tma_load, TMA_STORE=True, PROGRAMS_PER_SM=p,
-                                               FLAT=True)
-                            if why_illegal(problem, cfg, info, PREDICATES) is None:
-                                out.append(cfg)
+                        cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s,
+                                           TMA_STORE=True, PROGRAMS_PER_SM=p, FLAT=True)
+                        if why_illegal(problem, cfg, info, PREDICATES) is None:
+                            out.append(cfg)
     return out
 
 
 def flattened(cfg):
-    return dataclasses.replace(cfg, WARP_SPEC=False, FLAT=True)
+    return dataclasses.replace(cfg, TMA_LOAD=False, WARP_SPEC=False, GATHER_COPY=False, FLAT=True)
 
 
 def main(argv=None) -> int:

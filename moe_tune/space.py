@@ -219,14 +219,15 @@ def warp_spec_possible(problem: Problem, cfg: KernelConfig, device: DeviceInfo) 
 
 
 def flat_possible(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> str | None:
-    """FLAT runs a dW program's tiles as one loop over (tile, row step), not warp-specialised
-    (with TMA loads it makes each tile's descriptors in the loop)."""
+    """FLAT runs a dW program's tiles as one loop over (tile, row step): its loads go through
+    pointers (a TMA load needs a descriptor per expert, made at each tile's start), and it is not
+    warp-specialised (Triton's pass takes one loop of TMA copies)."""
     if not cfg.FLAT:
         return None
     if problem.pass_ != "dw":
         return "FLAT is the dW kernel's flattened loop"
-    if cfg.WARP_SPEC:
-        return "FLAT does not combine with WARP_SPEC"
+    if cfg.TMA_LOAD or cfg.WARP_SPEC:
+        return "FLAT loads through pointers: no TMA_LOAD, no WARP_SPEC"
     return None
 
 

@@ -301,7 +301,7 @@ def grouped_mm_dw_kernel(
         _dw_flat(dy_ptr, x_ptr, dw_ptr, dw_desc if TMA_STORE else dw_ptr, expert_offsets_ptr, sorted_slots_ptr,
                  weights_ptr, pid, N, K, dy_div, x_div, stride_dy_m, stride_dy_n, stride_x_m, stride_x_k,
                  stride_dw_e, stride_dw_n, stride_dw_k, E, E_POW2, GATHER_DY, GATHER_X, WEIGHTED, BLOCK_M,
-                 BLOCK_N, BLOCK_K, GROUP_M, TMA_LOAD, TMA_STORE, NUM_SMS, DOT_PRECISION)
+                 BLOCK_N, BLOCK_K, GROUP_M, TMA_STORE, NUM_SMS, DOT_PRECISION)
         return
 
     for tile in range(pid, num_tiles, NUM_SMS):
@@ -393,7 +393,7 @@ def _dw_flat(dy_ptr, x_ptr, dw_ptr, dw_desc, expert_offsets_ptr, sorted_slots_pt
              stride_dw_e, stride_dw_n, stride_dw_k,
              E: tl.constexpr, E_POW2: tl.constexpr, GATHER_DY: tl.constexpr, GATHER_X: tl.constexpr,
              WEIGHTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             GROUP_M: tl.constexpr, TMA_LOAD: tl.constexpr, TMA_STORE: tl.constexpr, NUM_SMS: tl.constexpr,
+             GROUP_M: tl.constexpr, TMA_STORE: tl.constexpr, NUM_SMS: tl.constexpr,
              DOT_PRECISION: tl.constexpr):
     """``grouped_mm_dw_kernel`` with FLAT: the program's tiles as one loop over (tile, row step).
     Every value the loads need is updated at the top of an iteration, and the store only reads
@@ -425,12 +425,6 @@ def _dw_flat(dy_ptr, x_ptr, dw_ptr, dw_desc, expert_offsets_ptr, sorted_slots_pt
     row_start = zero
     row_end = zero
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    # TMA_LOAD: an expert-ordered operand's descriptor is re-made at each tile's start, ending at
-    # its expert's last row (TMA zero-fills past it); a gathered one goes through pointers.
-    if TMA_LOAD and not GATHER_DY:
-        dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[1, N], strides=[stride_dy_m, 1], block_shape=[BLOCK_M, BLOCK_N])
-    if TMA_LOAD and not GATHER_X:
-        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[1, K], strides=[stride_x_m, 1], block_shape=[BLOCK_M, BLOCK_K])
     for _ in range(0, total):
         step = tl.where(step == tile_steps - 1, 0, step + 1)
         if step == 0:
@@ -439,14 +433,6 @@ def _dw_flat(dy_ptr, x_ptr, dw_ptr, dw_desc, expert_offsets_ptr, sorted_slots_pt
             row_start = tl.load(expert_offsets_ptr + e)
             row_end = tl.load(expert_offsets_ptr + e + 1)
             tile_steps = tl.maximum(tl.cdiv(row_end - row_start, BLOCK_M), 1)
-            # (an empty expert at the start reads row 0 of the next: its tile is zeroed below)
-            bound = tl.maximum(row_end, 1)
-            if TMA_LOAD and not GATHER_DY:
-                dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[bound, N], strides=[stride_dy_m, 1],
-                                                    block_shape=[BLOCK_M, BLOCK_N])
-            if TMA_LOAD and not GATHER_X:
-                x_desc = tl.make_tensor_descriptor(x_ptr, shape=[bound, K], strides=[stride_x_m, 1],
-                                                   block_shape=[BLOCK_M, BLOCK_K])
         ns = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
         n_mask = ns < N
@@ -463,24 +449,16 @@ def _dw_flat(dy_ptr, x_ptr, dw_ptr, dw_desc, expert_offsets_ptr, sorted_slots_pt
             x_rows = slots // x_div
         else:
             x_rows = rows
-        if TMA_LOAD and not GATHER_DY:
-            dy = dy_desc.load([row_start + step * BLOCK_M, n_block * BLOCK_N])
-        else:
-            dy = tl.load(dy_ptr + dy_rows.to(tl.int64)[:, None] * stride_dy_m + ns[None, :] * stride_dy_n,
-                         mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+        dy = tl.load(dy_ptr + dy_rows.to(tl.int64)[:, None] * stride_dy_m + ns[None, :] * stride_dy_n,
+                     mask=row_mask[:, None] & n_mask[None, :], other=0.0)
         if WEIGHTED:
             w = tl.load(weights_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
             dy = (dy.to(tl.float32) * w[:, None]).to(dtype)
-        if TMA_LOAD and not GATHER_X:
-            x = x_desc.load([row_start + step * BLOCK_M, k_block * BLOCK_K])
-        else:
-            x = tl.load(x_ptr + x_rows.to(tl.int64)[:, None] * stride_x_m + ks[None, :] * stride_x_k,
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        x = tl.load(x_ptr + x_rows.to(tl.int64)[:, None] * stride_x_m + ks[None, :] * stride_x_k,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(dy.T, x, acc, input_precision=DOT_PRECISION)
 
         if step == tile_steps - 1:
-            if TMA_LOAD:
-                acc = tl.where(row_end > row_start, acc, 0.0)
             dw = acc.to(dtype)
             if TMA_STORE:
                 dw_desc.store([e, n_block * BLOCK_N, k_block * BLOCK_K], dw.reshape(1, BLOCK_N, BLOCK_K))
