@@ -108,7 +108,6 @@ class KernelConfig:
     GATHER_COPY: bool = False
     WARP_SPEC: bool = False
     PROGRAMS_PER_SM: int = 1
-    FLAT: bool = False
 
     def __post_init__(self) -> None:
         for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
@@ -120,7 +119,6 @@ class KernelConfig:
         _as_bool(self.TMA_STORE, "TMA_STORE")
         _as_bool(self.GATHER_COPY, "GATHER_COPY")
         _as_bool(self.WARP_SPEC, "WARP_SPEC")
-        _as_bool(self.FLAT, "FLAT")
         programs = _as_pos_int(self.PROGRAMS_PER_SM, "PROGRAMS_PER_SM")
         _require(programs <= MAX_PROGRAMS_PER_SM,
                  f"PROGRAMS_PER_SM must be at most {MAX_PROGRAMS_PER_SM}, got {programs}")
@@ -146,7 +144,6 @@ class KernelConfig:
             f"w{self.num_warps} s{self.num_stages}" + (f" tma:{tma}" if tma else "")
             + (" copy" if self.GATHER_COPY else "") + (" ws" if self.WARP_SPEC else "")
             + (f" p{self.PROGRAMS_PER_SM}" if self.PROGRAMS_PER_SM > 1 else "")
-            + (" flat" if self.FLAT else "")
         )
 
 

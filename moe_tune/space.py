@@ -218,19 +218,6 @@ def warp_spec_possible(problem: Problem, cfg: KernelConfig, device: DeviceInfo) 
     return None
 
 
-def flat_possible(problem: Problem, cfg: KernelConfig, device: DeviceInfo) -> str | None:
-    """FLAT runs a dW program's tiles as one loop over (tile, row step): its loads go through
-    pointers (a TMA load needs a descriptor per expert, made at each tile's start), and it is not
-    warp-specialised (Triton's pass takes one loop of TMA copies)."""
-    if not cfg.FLAT:
-        return None
-    if problem.pass_ != "dw":
-        return "FLAT is the dW kernel's flattened loop"
-    if cfg.TMA_LOAD or cfg.WARP_SPEC:
-        return "FLAT loads through pointers: no TMA_LOAD, no WARP_SPEC"
-    return None
-
-
 # Registers a thread of these kernels holds besides its fp32 accumulator (addresses, indices, the
 # epilogue): the dW tilings of benchmarks/gpu_occupancy_probe.py compiled to 26-62 above it (sm90).
 _REGS_BESIDE_ACCUMULATOR = 40
@@ -286,7 +273,6 @@ PREDICATES: tuple[Predicate, ...] = (
     tma_store_possible,
     gather_copy_applies,
     warp_spec_possible,
-    flat_possible,
     programs_fit_sm,
     blocks_fit_problem,
     warps_fit_tile,
@@ -295,7 +281,6 @@ PREDICATES: tuple[Predicate, ...] = (
 # Rules the launcher enforces on any explicit config (the others only prune the search).
 HARD_PREDICATES: tuple[Predicate, ...] = (
     fits_shared_memory, tma_supported, tma_aligned, tma_store_possible, gather_copy_applies, warp_spec_possible,
-    flat_possible,
 )
 
 

@@ -254,7 +254,6 @@ def grouped_mm_dw_kernel(
     stride_dw_e, stride_dw_n, stride_dw_k,
     # Meta-parameters ---------------------------------------------------------------------------
     E: tl.constexpr,
-    E_POW2: tl.constexpr,  # a power of two > E (FLAT counts each program's row steps per expert)
     GATHER_DY: tl.constexpr,
     GATHER_X: tl.constexpr,
     WEIGHTED: tl.constexpr,
@@ -267,17 +266,9 @@ def grouped_mm_dw_kernel(
     NUM_SMS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WARP_SPEC: tl.constexpr,  # warp-specialised row loop (both operands through TMA, 2-D TMA store)
-    FLAT: tl.constexpr,  # one loop over the program's (tile, row step) pairs (pointer loads only)
 ):
     """Grid: (min(NUM_SMS, E·⌈N/BLOCK_N⌉·⌈K/BLOCK_K⌉),). Tiles are expert-major so programs
-    running at the same time share an expert's rows in L2.
-
-    A tile reduces over its expert's rows only (128-1024 at common token counts: 2-16 row steps),
-    so the pipeline of the row loop drains at every tile: the first loads of the next tile wait
-    until the previous tile's store is done. FLAT runs the program's tiles as one loop over
-    (tile, row step) pairs instead, so the pipeliner issues the next tile's first loads while the
-    current tile's last steps and store run (an empty expert still takes one step, which writes
-    its zeros)."""
+    running at the same time share an expert's rows in L2."""
     pid = tl.program_id(0)
     dtype = dw_ptr.dtype.element_ty
     num_n_blocks = tl.cdiv(N, BLOCK_N)
@@ -297,16 +288,15 @@ def grouped_mm_dw_kernel(
                 dw_ptr, shape=[E, N, K], strides=[stride_dw_e, stride_dw_n, 1], block_shape=[1, BLOCK_N, BLOCK_K],
             )
 
-    if FLAT:
-        _dw_flat(dy_ptr, x_ptr, dw_ptr, dw_desc if TMA_STORE else dw_ptr, expert_offsets_ptr, sorted_slots_ptr,
-                 weights_ptr, pid, N, K, dy_div, x_div, stride_dy_m, stride_dy_n, stride_x_m, stride_x_k,
-                 stride_dw_e, stride_dw_n, stride_dw_k, E, E_POW2, GATHER_DY, GATHER_X, WEIGHTED, BLOCK_M,
-                 BLOCK_N, BLOCK_K, GROUP_M, TMA_STORE, NUM_SMS, DOT_PRECISION)
-        return
-
     for tile in range(pid, num_tiles, NUM_SMS):
         # -- Map tile id to (expert, N block, K block), swizzled within the expert ---------------
-        e, n_block, k_block = _dw_tile(tile, tiles_per_expert, num_n_blocks, num_k_blocks, GROUP_M)
+        e = tile // tiles_per_expert
+        t = tile % tiles_per_expert
+        tiles_per_group = GROUP_M * num_k_blocks
+        first_n = (t // tiles_per_group) * GROUP_M
+        group_rows = tl.minimum(num_n_blocks - first_n, GROUP_M)
+        n_block = first_n + (t % tiles_per_group) % group_rows
+        k_block = (t % tiles_per_group) // group_rows
 
         row_start = tl.load(expert_offsets_ptr + e)
         row_end = tl.load(expert_offsets_ptr + e + 1)
@@ -371,99 +361,3 @@ def grouped_mm_dw_kernel(
             dw_ptrs = (dw_ptr + e.to(tl.int64) * stride_dw_e
                        + ns[:, None].to(tl.int64) * stride_dw_n + ks[None, :] * stride_dw_k)
             tl.store(dw_ptrs, dw, mask=n_mask[:, None] & k_mask[None, :])
-
-
-@triton.jit
-def _dw_tile(tile, tiles_per_expert, num_n_blocks, num_k_blocks, GROUP_M: tl.constexpr):
-    """(expert, N block, K block) of a dW tile id: expert-major, GROUP_M N blocks walking the K
-    blocks together within the expert."""
-    e = tile // tiles_per_expert
-    t = tile % tiles_per_expert
-    tiles_per_group = GROUP_M * num_k_blocks
-    first_n = (t // tiles_per_group) * GROUP_M
-    group_rows = tl.minimum(num_n_blocks - first_n, GROUP_M)
-    n_block = first_n + (t % tiles_per_group) % group_rows
-    k_block = (t % tiles_per_group) // group_rows
-    return e, n_block, k_block
-
-
-@triton.jit
-def _dw_flat(dy_ptr, x_ptr, dw_ptr, dw_desc, expert_offsets_ptr, sorted_slots_ptr, weights_ptr, pid,
-             N, K, dy_div, x_div, stride_dy_m, stride_dy_n, stride_x_m, stride_x_k,
-             stride_dw_e, stride_dw_n, stride_dw_k,
-             E: tl.constexpr, E_POW2: tl.constexpr, GATHER_DY: tl.constexpr, GATHER_X: tl.constexpr,
-             WEIGHTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             GROUP_M: tl.constexpr, TMA_STORE: tl.constexpr, NUM_SMS: tl.constexpr,
-             DOT_PRECISION: tl.constexpr):
-    """``grouped_mm_dw_kernel`` with FLAT: the program's tiles as one loop over (tile, row step).
-    Every value the loads need is updated at the top of an iteration, and the store only reads
-    them, so the pipeliner can run the loads of later iterations (the next tile's too) ahead."""
-    dtype = dw_ptr.dtype.element_ty
-    num_n_blocks = tl.cdiv(N, BLOCK_N)
-    num_k_blocks = tl.cdiv(K, BLOCK_K)
-    tiles_per_expert = num_n_blocks * num_k_blocks
-
-    # -- Row steps of this program: its tiles of expert e (ids ≡ pid mod NUM_SMS in e's range)
-    # times e's steps (an empty expert takes one, to write its zeros) ---------------------------
-    es = tl.arange(0, E_POW2)
-    in_range = es < E
-    starts = tl.load(expert_offsets_ptr + es, mask=in_range, other=0)
-    ends = tl.load(expert_offsets_ptr + es + 1, mask=in_range, other=0)
-    steps = tl.maximum(tl.cdiv(ends - starts, BLOCK_M), 1)
-    first = es * tiles_per_expert
-    # (ids ≡ pid in [0, x): (x - pid + NUM_SMS - 1) // NUM_SMS, a non-negative numerator for x ≥ 0)
-    mine = (first + tiles_per_expert - pid + NUM_SMS - 1) // NUM_SMS - (first - pid + NUM_SMS - 1) // NUM_SMS
-    total = tl.sum(tl.where(in_range, mine * steps, 0), axis=0)
-
-    zero = pid * 0  # int32 scalars, as the loop carries them
-    tile = pid - NUM_SMS
-    step = zero - 1
-    tile_steps = zero
-    e = zero
-    n_block = zero
-    k_block = zero
-    row_start = zero
-    row_end = zero
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for _ in range(0, total):
-        step = tl.where(step == tile_steps - 1, 0, step + 1)
-        if step == 0:
-            tile += NUM_SMS
-            e, n_block, k_block = _dw_tile(tile, tiles_per_expert, num_n_blocks, num_k_blocks, GROUP_M)
-            row_start = tl.load(expert_offsets_ptr + e)
-            row_end = tl.load(expert_offsets_ptr + e + 1)
-            tile_steps = tl.maximum(tl.cdiv(row_end - row_start, BLOCK_M), 1)
-        ns = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
-        n_mask = ns < N
-        k_mask = ks < K
-        rows = row_start + step * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = rows < row_end
-        if GATHER_DY or GATHER_X or WEIGHTED:
-            slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
-        if GATHER_DY:
-            dy_rows = slots // dy_div
-        else:
-            dy_rows = rows
-        if GATHER_X:
-            x_rows = slots // x_div
-        else:
-            x_rows = rows
-        dy = tl.load(dy_ptr + dy_rows.to(tl.int64)[:, None] * stride_dy_m + ns[None, :] * stride_dy_n,
-                     mask=row_mask[:, None] & n_mask[None, :], other=0.0)
-        if WEIGHTED:
-            w = tl.load(weights_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
-            dy = (dy.to(tl.float32) * w[:, None]).to(dtype)
-        x = tl.load(x_ptr + x_rows.to(tl.int64)[:, None] * stride_x_m + ks[None, :] * stride_x_k,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = tl.dot(dy.T, x, acc, input_precision=DOT_PRECISION)
-
-        if step == tile_steps - 1:
-            dw = acc.to(dtype)
-            if TMA_STORE:
-                dw_desc.store([e, n_block * BLOCK_N, k_block * BLOCK_K], dw.reshape(1, BLOCK_N, BLOCK_K))
-            else:
-                dw_ptrs = (dw_ptr + e.to(tl.int64) * stride_dw_e
-                           + ns[:, None].to(tl.int64) * stride_dw_n + ks[None, :] * stride_dw_k)
-                tl.store(dw_ptrs, dw, mask=n_mask[:, None] & k_mask[None, :])
-            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)

@@ -283,9 +283,9 @@ def grouped_mm_dw(dy, x, dw, routing, weights, *, gather_dy: bool, dy_div: int, 
         dw.stride(0), dw.stride(1), dw.stride(2),
     )
     meta = dict(
-        E=E, E_POW2=next_power_of_2(E + 1), GATHER_DY=gather_dy, GATHER_X=gather_x, WEIGHTED=weights is not None,
+        E=E, GATHER_DY=gather_dy, GATHER_X=gather_x, WEIGHTED=weights is not None,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=grid, DOT_PRECISION=dot_precision(dy.dtype),
-        WARP_SPEC=cfg.WARP_SPEC, FLAT=cfg.FLAT, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        WARP_SPEC=cfg.WARP_SPEC, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     launch_kernel(grouped_mm_dw_kernel, in_op, (grid,), args, meta, (dy, dw))
