@@ -88,8 +88,10 @@ def synchronising_calls(model, optimizer, ids) -> list[str]:
     found = []
 
     def note(message, category, filename, lineno, file=None, line=None):
-        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename][-3:]
-        found.append(f"{str(message)[:80]} <- " + " <- ".join(f"{Path(f.filename).name}:{f.lineno}"
+        # The innermost frames, torch's own included: the op that waits is often a torch function
+        # called from the model's code.
+        frames = traceback.extract_stack()[:-1][-8:]
+        found.append(f"{str(message)[:80]} <- " + " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}"
                                                                 for f in reversed(frames)))
 
     torch.cuda.set_sync_debug_mode("warn")
