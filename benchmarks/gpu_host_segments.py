@@ -12,9 +12,11 @@ summed per call by wrapping them:
 * eager.forward / eager.backward: the eager Function's bodies.
 
 Medians over ``--calls`` calls, µs, for moe-tune eager and graphed, and the loop figure of the
-bench beside them. Writes ``OUT/host_segments.json``.
+bench beside them. Writes ``OUT/host_segments.json``; with ``--cprofile`` also
+``OUT/cprofile_T<tokens>.txt``, the Python functions with the most own time over 20 eager
+fwd+bwd calls (each on a drained GPU).
 
-    python3 benchmarks/gpu_host_segments.py --out DIR [--model qwen3-30b-a3b] [--tokens 128]
+    python3 benchmarks/gpu_host_segments.py --out DIR [--model qwen3-30b-a3b] [--tokens 128] [--cprofile]
 """
 
 from __future__ import annotations
@@ -61,8 +63,31 @@ def instrument() -> None:
     launch.launch_kernel = _timed("launch", launch.launch_kernel)
 
 
+def _cprofile(prepared, inputs, path: Path, calls: int = 20) -> None:
+    """cProfile over ``calls`` eager fwd+bwd calls, each on a drained GPU: own time per function."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    profiler = cProfile.Profile()
+    for _ in range(calls):
+        inputs.clear()
+        torch.cuda.synchronize()
+        profiler.enable()
+        out = prepared.fwd()
+        out.backward(inputs.grad)
+        profiler.disable()
+        del out
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
+    path.write_text(text.getvalue())
+
+
 def main(argv=None) -> int:
-    ap_args, out_dir = probe_args.parse(argv, __doc__.splitlines()[0], [128])
+    ap_args, out_dir = probe_args.parse(argv, __doc__.splitlines()[0], [128], ("--cprofile",))
     import torch
 
     from moe_tune import models
@@ -98,6 +123,8 @@ def main(argv=None) -> int:
                     per_call[name].append(s)
                 del out
             torch.cuda.synchronize()
+            if ap_args.cprofile and not graphed:
+                _cprofile(prepared, inputs, out_dir / f"cprofile_T{T}.txt")
             row = {name: statistics.median(v) * 1e6 for name, v in per_call.items()}
             row["loop_fwd+bwd"] = loop * 1e3
             report[f"{label}@{T}"] = row
