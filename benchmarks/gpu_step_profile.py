@@ -4,7 +4,8 @@
 builds the same 2-layer LM (``moe_tune.bench.lm``) and, per (mode, implementation), times each
 phase of a step on the host without synchronising between them — forward, backward, the
 optimizer step, zero_grad — then profiles a few steps (torch.profiler, CPU and CUDA activities)
-and keeps the operators and CUDA runtime calls with the most host time. A phase whose host time
+and keeps the operators and CUDA runtime calls with the most host time, and the host time spent
+inside each kind of submodule's forward (hooks). A phase whose host time
 jumps between modes, or a runtime call that blocks (``cudaStreamSynchronize``, ``cudaMalloc``,
 ``cudaFree``), is what to look at. Writes ``OUT/step_profile.json``.
 
@@ -77,6 +78,47 @@ def profile(model, optimizer, ids, steps: int, top: int = 25) -> dict:
             "gpu_ms_total": round(sum(r["gpu_ms"] for r in kernels), 3)}
 
 
+def module_times(model, optimizer, ids, steps: int) -> dict[str, float]:
+    """Median host ms per step spent inside each kind of submodule's forward (by class name, the
+    outermost call of a kind only), with the steps run as ``phase_times`` runs them."""
+    import collections
+
+    import torch
+
+    spent: collections.Counter = collections.Counter()
+    depth: collections.Counter = collections.Counter()
+    started = {}
+
+    def pre(module, args):
+        kind = type(module).__name__
+        depth[kind] += 1
+        if depth[kind] == 1:
+            started[kind] = time.perf_counter()
+
+    def post(module, args, output):
+        kind = type(module).__name__
+        depth[kind] -= 1
+        if depth[kind] == 0:
+            spent[kind] += time.perf_counter() - started[kind]
+
+    handles = []
+    for module in model.modules():
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    samples = collections.defaultdict(list)
+    try:
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            spent.clear()
+            train_step(model, optimizer, ids)
+            for kind, seconds in spent.items():
+                samples[kind].append(seconds * 1e3)
+        torch.cuda.synchronize()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {kind: round(statistics.median(v), 3) for kind, v in sorted(samples.items(), key=lambda kv: -max(kv[1]))}
+
+
 def synchronising_calls(model, optimizer, ids) -> list[str]:
     """Where one step makes the host wait on the device (``torch.cuda.set_sync_debug_mode``'s
     warnings, each with the innermost frames outside torch)."""
@@ -135,10 +177,11 @@ def main(argv=None) -> None:
             phase_times(model, optimizer, ids, 3)  # warm-up: kernels, configs, optimizer state
             run = {"mode": mode, "implementation": implementation,
                    "phases_ms": phase_times(model, optimizer, ids, args.steps),
+                   "module_ms": module_times(model, optimizer, ids, args.steps),
                    "profile": profile(model, optimizer, ids, 3),
                    "syncs": synchronising_calls(model, optimizer, ids)}
             report["runs"].append(run)
-            print(mode, implementation, run["phases_ms"], flush=True)
+            print(mode, implementation, run["phases_ms"], run["module_ms"], flush=True)
             del model, optimizer
             torch.cuda.empty_cache()
     (out / "step_profile.json").write_text(json.dumps(report, indent=1) + "\n")
