@@ -5,7 +5,7 @@ builds the same 2-layer LM (``moe_tune.bench.lm``) and, per (mode, implementatio
 phase of a step on the host without synchronising between them — forward, backward, the
 optimizer step, zero_grad — then profiles a few steps (torch.profiler, CPU and CUDA activities)
 and keeps the operators and CUDA runtime calls with the most host time, and the host time spent
-inside each kind of submodule's forward (hooks). A phase whose host time
+inside each kind of submodule's forward (hooks), and Python's garbage collections per step. A phase whose host time
 jumps between modes, or a runtime call that blocks (``cudaStreamSynchronize``, ``cudaMalloc``,
 ``cudaFree``), is what to look at. Writes ``OUT/step_profile.json``.
 
@@ -119,6 +119,35 @@ def module_times(model, optimizer, ids, steps: int) -> dict[str, float]:
     return {kind: round(statistics.median(v), 3) for kind, v in sorted(samples.items(), key=lambda kv: -max(kv[1]))}
 
 
+def gc_per_step(model, optimizer, ids, steps: int) -> dict:
+    """Python's garbage collections during ``steps`` steps: per generation, collections and ms
+    per step (``gc.callbacks``)."""
+    import gc
+
+    import torch
+
+    counts = [0, 0, 0]
+    seconds = [0.0, 0.0, 0.0]
+    started = {}
+
+    def callback(phase, info):
+        if phase == "start":
+            started["t"] = time.perf_counter()
+        else:
+            counts[info["generation"]] += 1
+            seconds[info["generation"]] += time.perf_counter() - started["t"]
+
+    gc.callbacks.append(callback)
+    try:
+        for _ in range(steps):
+            train_step(model, optimizer, ids)
+        torch.cuda.synchronize()
+    finally:
+        gc.callbacks.remove(callback)
+    return {f"gen{g}": {"per_step": round(counts[g] / steps, 2), "ms_per_step": round(seconds[g] * 1e3 / steps, 3)}
+            for g in range(3)}
+
+
 def synchronising_calls(model, optimizer, ids) -> list[str]:
     """Where one step makes the host wait on the device (``torch.cuda.set_sync_debug_mode``'s
     warnings, each with the innermost frames outside torch)."""
@@ -178,10 +207,11 @@ def main(argv=None) -> None:
             run = {"mode": mode, "implementation": implementation,
                    "phases_ms": phase_times(model, optimizer, ids, args.steps),
                    "module_ms": module_times(model, optimizer, ids, args.steps),
+                   "gc": gc_per_step(model, optimizer, ids, args.steps),
                    "profile": profile(model, optimizer, ids, 3),
                    "syncs": synchronising_calls(model, optimizer, ids)}
             report["runs"].append(run)
-            print(mode, implementation, run["phases_ms"], run["module_ms"], flush=True)
+            print(mode, implementation, run["phases_ms"], run["gc"], flush=True)
             del model, optimizer
             torch.cuda.empty_cache()
     (out / "step_profile.json").write_text(json.dumps(report, indent=1) + "\n")
