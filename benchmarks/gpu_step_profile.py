@@ -4,10 +4,11 @@
 builds the same 2-layer LM (``moe_tune.bench.lm``) and, per (mode, implementation), times each
 phase of a step on the host without synchronising between them — forward, backward, the
 optimizer step, zero_grad — then profiles a few steps (torch.profiler, CPU and CUDA activities)
-and keeps the operators and CUDA runtime calls with the most host time, and the host time spent
-inside each kind of submodule's forward (hooks), and Python's garbage collections per step. A phase whose host time
-jumps between modes, or a runtime call that blocks (``cudaStreamSynchronize``, ``cudaMalloc``,
-``cudaFree``), is what to look at. Writes ``OUT/step_profile.json``.
+and keeps the operators and CUDA runtime calls with the most host time; it also records the host
+time spent inside each kind of submodule's forward (hooks), Python's garbage collections per step,
+and where a step synchronises. A phase whose host time jumps between modes, or a runtime call that
+blocks (``cudaStreamSynchronize``, ``cudaMalloc``, ``cudaFree``), is what to look at. Writes
+``OUT/step_profile.json``.
 
     python3 benchmarks/gpu_step_profile.py --out DIR [--model qwen3-30b-a3b] [--tokens 4096]
         [--modes full,frozen] [--steps 20]
@@ -53,7 +54,8 @@ def phase_times(model, optimizer, ids, steps: int) -> dict[str, float]:
         t4 = time.perf_counter()
         torch.cuda.synchronize()
         t5 = time.perf_counter()
-        for name, (a, b) in zip((*PHASES, "host", "step"), ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t0, t4), (t0, t5))):
+        spans = ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t0, t4), (t0, t5))
+        for name, (a, b) in zip((*PHASES, "host", "step"), spans):
             samples[name].append((b - a) * 1e3)
     return {name: round(statistics.median(values), 3) for name, values in samples.items()}
 
@@ -150,7 +152,8 @@ def gc_per_step(model, optimizer, ids, steps: int) -> dict:
 
 def synchronising_calls(model, optimizer, ids) -> list[str]:
     """Where one step makes the host wait on the device (``torch.cuda.set_sync_debug_mode``'s
-    warnings, each with the innermost frames outside torch)."""
+    warnings, each with its innermost frames, torch's own included: the op that waits is often a
+    torch function called from the model's code)."""
     import traceback
     import warnings
 
@@ -159,9 +162,7 @@ def synchronising_calls(model, optimizer, ids) -> list[str]:
     found = []
 
     def note(message, category, filename, lineno, file=None, line=None):
-        # The innermost frames, torch's own included: the op that waits is often a torch function
-        # called from the model's code.
-        frames = traceback.extract_stack()[:-1][-8:]
+        frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")][-8:]
         found.append(f"{str(message)[:80]} <- " + " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}"
                                                                 for f in reversed(frames)))
 
