@@ -6,6 +6,9 @@ on a drained GPU (no launch can wait), and the time of the named parts of moe-tu
 summed per call by wrapping them:
 
 * fwd, bwd: the module's forward, and ``out.backward(grad)``;
+* experts_forward: the transformers integration's forward (within fwd), layout_check and
+  experts_weights: its module checks and weight look-up, moe_experts: the op it calls,
+  graphs.experts_block and graphs._pair_for: the graphed path's entry and its key look-up;
 * graphed.forward / graphed.backward: the CUDA-graph Function's bodies (copies, replay, clones,
   the weight gradients' launches), replay: ``CUDAGraph.replay``, weight_grads: the two dW
   launches with their look-ups, launch: every Triton launch through ``launch_kernel``;
@@ -13,8 +16,8 @@ summed per call by wrapping them:
 
 Medians over ``--calls`` calls, µs, for moe-tune eager and graphed, and the loop figure of the
 bench beside them. Writes ``OUT/host_segments.json``; with ``--cprofile`` also
-``OUT/cprofile_T<tokens>.txt``, the Python functions with the most own time over 20 eager
-fwd+bwd calls (each on a drained GPU).
+``OUT/cprofile_<eager|graphed>_T<tokens>.txt``, the Python functions with the most own time (and
+the most time with their callees) over 20 fwd+bwd calls each on a drained GPU.
 
     python3 benchmarks/gpu_host_segments.py --out DIR [--model qwen3-30b-a3b] [--tokens 128] [--cprofile]
 """
@@ -49,11 +52,27 @@ def _timed(name, fn):
 def instrument() -> None:
     import torch
 
+    from moe_tune.integrations import peft
+    from moe_tune.integrations import transformers as integration
     from moe_tune.ops import graphs, launch, moe_experts
 
     for name, owner, attr in (("graphed.forward", graphs._GraphedBlock, "forward"),
                               ("graphed.backward", graphs._GraphedBlock, "backward")):
         setattr(owner, attr, staticmethod(_timed(name, getattr(owner, attr))))
+    # The integration's forward, its layout check and weight look-up, and the graphs' key look-up
+    # (transformers' ExpertsInterface holds experts_forward itself: wrapped in place there).
+    from transformers.integrations.moe import ExpertsInterface
+
+    timed_forward = _timed("experts_forward", integration.experts_forward)
+    ExpertsInterface.register(integration.DEFAULT_NAME, timed_forward)
+    integration.experts_forward = timed_forward
+    for name, owner, attr in (("layout_check", integration, "_check_layout_once"),
+                              ("experts_weights", peft, "experts_weights"),
+                              ("moe_experts", integration, "moe_experts"),
+                              ("graphs.experts_block", moe_experts.graphs, "experts_block"),
+                              ("graphs._pair_for", graphs, "_pair_for")):
+        if hasattr(owner, attr):  # an older tree may lack one
+            setattr(owner, attr, _timed(name, getattr(owner, attr)))
     for cls in (c for c in vars(moe_experts).values() if isinstance(c, type)
                 and issubclass(c, torch.autograd.Function)):
         cls.forward = staticmethod(_timed("eager.forward", cls.forward))
@@ -64,7 +83,8 @@ def instrument() -> None:
 
 
 def _cprofile(prepared, inputs, path: Path, calls: int = 20) -> None:
-    """cProfile over ``calls`` eager fwd+bwd calls, each on a drained GPU: own time per function."""
+    """cProfile over ``calls`` fwd+bwd calls, each on a drained GPU: the functions with the most
+    own time, then with the most time including their callees."""
     import cProfile
     import io
     import pstats
@@ -82,7 +102,9 @@ def _cprofile(prepared, inputs, path: Path, calls: int = 20) -> None:
         del out
     torch.cuda.synchronize()
     text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(45)
+    stats.sort_stats("cumulative").print_stats(45)
     path.write_text(text.getvalue())
 
 
@@ -123,8 +145,8 @@ def main(argv=None) -> int:
                     per_call[name].append(s)
                 del out
             torch.cuda.synchronize()
-            if ap_args.cprofile and not graphed:
-                _cprofile(prepared, inputs, out_dir / f"cprofile_T{T}.txt")
+            if ap_args.cprofile:
+                _cprofile(prepared, inputs, out_dir / f"cprofile_{label}_T{T}.txt")
             row = {name: statistics.median(v) * 1e6 for name, v in per_call.items()}
             row["loop_fwd+bwd"] = loop * 1e3
             report[f"{label}@{T}"] = row

@@ -145,6 +145,22 @@ def _activate_lora(wrapper, active_adapters: list[str]):
             module._moe_tune_lora = outer
 
 
+def _instance_attribute(module: torch.nn.Module, name: str):
+    """``getattr(module, name, None)`` for a plain attribute: in eager mode read from the
+    instance's ``__dict__`` (nn.Module's ``__getattr__`` takes ~2 µs to miss a name)."""
+    if torch.compiler.is_compiling():
+        return getattr(module, name, None)
+    return module.__dict__.get(name)
+
+
+def _has_parametrizations(module: torch.nn.Module) -> bool:
+    """``parametrize.is_parametrized(module)``: in eager mode a look-up in the module's submodules,
+    where torch keeps them."""
+    if torch.compiler.is_compiling():
+        return parametrize.is_parametrized(module)
+    return module._modules.get("parametrizations") is not None
+
+
 def experts_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, MoeLora | None]:
     """(gate_up_w, down_w, lora) of a transformers experts module: the frozen weights and the
     active wrappers' factors where the fused LoRA block runs PEFT's LoRA (``_activate_lora``),
@@ -152,9 +168,11 @@ def experts_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor
     parametrization applied as usual — and None. One weight fused and the other on PEFT's path
     raises ``UnsupportedLoraAdapter``."""
     factors = {}
-    for name, wrapper, adapter in getattr(module, _ACTIVE, None) or ():
+    for name, wrapper, adapter in _instance_attribute(module, _ACTIVE) or ():
         factors[name] = LoraFactors.from_peft(wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight,
                                               wrapper.num_experts, wrapper.scaling[adapter])
+    if not factors and not _has_parametrizations(module):  # the plain module: its two parameters
+        return module.gate_up_proj, module.down_proj, None
     for name in _WEIGHTS:
         if not parametrize.is_parametrized(module, name):
             continue

@@ -113,6 +113,21 @@ def test_non_silu_activation_is_refused():
         ours(torch.randn(1, 3, 32))
 
 
+def test_layout_is_checked_again_when_the_module_changes():
+    # The layout check is remembered per module after a first forward that passes; a parameter
+    # added later (an expert bias the block would ignore) is seen on the next forward.
+    config = tiny_config()
+    ref, ours = block_pair(config)
+    x = torch.randn(1, 3, config.hidden_size)
+    ours(x)
+    experts = ours.experts
+    experts.gate_up_proj_bias = torch.nn.Parameter(torch.randn(config.num_experts, 2 * config.moe_intermediate_size))
+    with pytest.raises(UnsupportedExpertsLayout, match="expert biases"):
+        ours(x)
+    del experts.gate_up_proj_bias
+    assert_same(fwd_bwd(ours, x, torch.ones_like(x)), fwd_bwd(ref, x, torch.ones_like(x)))
+
+
 def test_no_autotuning_through_the_transformers_path(monkeypatch):
     # Nothing between the model and the kernels may benchmark or autotune: every config comes
     # from the runtime loader (here its heuristic default).
