@@ -3,7 +3,8 @@ waits on the host. Opt-in: ``MOE_TUNE_CUDA_GRAPHS=1`` in the environment, or ``e
 
 At a few hundred tokens the block's GPU work is short and its host work (Python, a dozen launches,
 autograd) sets the pace. Graphed, a forward is three input copies, one replay and one output copy;
-a backward is one copy, one replay, two output copies and the weight gradients' launches.
+a backward is one copy, one replay, two output copies and the weight gradients' launches (bound
+to the pair's buffers at capture, ``launch.BoundLaunch``).
 
 What one graph pair holds, per *key* — the weights (by address), the token count, k, the dtypes and
 which inputs want gradients:
@@ -112,6 +113,7 @@ class _Pair:
         self.leased = False
         self.bytes = 0
         self.forward_graph = self.backward_graph = None
+        self.dw_launches: tuple = (None, None)
 
     def capture(self, gate_up_w, down_w, needs: tuple[bool, ...]) -> None:
         """Run the bodies once on a side stream (every launch compiled and loaded), then capture."""
@@ -142,7 +144,16 @@ class _Pair:
                                   capture_error_mode="thread_local"):
                 (self.d_act, self.d_h, self.d_weights, self.d_hidden, self.x_sorted,
                  self.g_sorted) = self._backward(saved, gate_up_w, down_w, needs)
-            self.routing = Routing(self.offsets, self.slots, T, k)
+            # The weight gradients' launches, bound to this pair's buffers: a backward allocates
+            # each gradient and launches into it.
+            _, need_gate_up, need_down, _ = needs
+            routing = Routing(self.offsets, self.slots, T, k)
+            info, cfg = self.dw_configs
+            self.dw_launches = (
+                launch.bind_grouped_mm_dw(self.d_h, self.x_sorted, gate_up_w, routing, cfg["up", "dw"], info)
+                if need_gate_up else None,
+                launch.bind_grouped_mm_dw(self.g_sorted, self.d_act, down_w, routing, cfg["down", "dw"], info)
+                if need_down else None)
 
     def _forward(self, gate_up_w, down_w):
         return block.forward(self.hidden, gate_up_w, down_w, self.top_k_index, self.top_k_weights, in_op=False)
@@ -163,9 +174,9 @@ class _Pair:
 
 
 def _weight_grads(pair: _Pair, gate_up_w, down_w, needs, routing: Routing, buffers) -> tuple:
-    """(d gate_up_w, d down_w), None where not needed: the two dW GEMMs on a backward's buffers
-    (w·A, dH, X and G rows in expert order) with the configs the pair looked up at capture, into
-    fresh tensors."""
+    """(d gate_up_w, d down_w), None where not needed: the two dW GEMMs on the capture's warm-up
+    buffers (w·A, dH, X and G rows in expert order) with the configs the pair looked up, into fresh
+    tensors (what compiles them; a backward launches them through ``_Pair.dw_launches``)."""
     _, need_gate_up, need_down, _ = needs
     d_act, d_h, x_sorted, g_sorted = buffers
     info, cfg = pair.dw_configs
@@ -273,6 +284,16 @@ def experts_block(hidden, gate_up_w, down_w, top_k_index, top_k_weights) -> torc
     return _GraphedBlock.apply(hidden, gate_up_w, down_w, top_k_index, top_k_weights, pair, needs)
 
 
+def _launched_into(bound: launch.BoundLaunch | None, weight: torch.Tensor) -> torch.Tensor | None:
+    """A fresh gradient for ``weight`` (contiguous, as ``moe_experts`` passes it), written by
+    ``bound``; None where that gradient is not needed."""
+    if bound is None:
+        return None
+    d_weight = block._alloc(tuple(weight.shape), weight.dtype, weight.device)
+    bound(d_weight)
+    return d_weight
+
+
 class _GraphedBlock(torch.autograd.Function):
 
     @staticmethod
@@ -299,7 +320,7 @@ class _GraphedBlock(torch.autograd.Function):
         pair.backward_graph.replay()
         d_hidden = pair.d_hidden.clone() if ctx.needs[0] else None
         d_weights = pair.d_weights.clone() if ctx.needs[3] else None
-        d_gate_up, d_down = _weight_grads(pair, gate_up_w, down_w, ctx.needs, pair.routing,
-                                          (pair.d_act, pair.d_h, pair.x_sorted, pair.g_sorted))
+        d_gate_up, d_down = (_launched_into(bound, weight) for bound, weight in zip(pair.dw_launches,
+                                                                                     (gate_up_w, down_w)))
         lease.release()  # stream order: the next forward's writes come after these launches
         return d_hidden, d_gate_up, d_down, None, d_weights, None, None

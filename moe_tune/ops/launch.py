@@ -73,8 +73,21 @@ def next_power_of_2(n: int) -> int:
 # Launchers
 # -------------------------------------------------------------------------------------------------
 
+# The descriptors' scratch of uncaptured launches, one buffer per (device, stream), grown as needed.
+# Kernels on one stream run one after another, so each launch may take the same buffer; a
+# torch.empty per launch cost ~10 µs of host time (H200 host). A launch captured into a CUDA graph
+# gets its own allocation from the graph's pool, as before.
+_SCRATCH: dict[tuple[int, int], torch.Tensor] = {}
+
+
 def _descriptor_scratch(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+    if torch.cuda.is_current_stream_capturing():
+        return torch.empty(size, dtype=torch.int8, device="cuda")
+    key = (torch.cuda.current_device(), stream)
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.numel() < size:
+        buffer = _SCRATCH[key] = torch.empty(size, dtype=torch.int8, device="cuda")
+    return buffer
 
 
 try:  # Triton's private allocator slot: read per launch, so looked up once here
@@ -137,14 +150,17 @@ class _Launcher:
         self.compiled: dict[tuple, tuple] = {}
         self.constexprs = [p.name for p in kernel.params if p.is_constexpr]
 
+    @staticmethod
+    def key(grid: tuple, args: tuple, meta: dict) -> tuple:
+        return (grid, *[(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args],
+                *meta.values())
+
     def __call__(self, grid: tuple, args: tuple, meta: dict) -> None:
-        key = (grid, *[(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args],
-               *meta.values())
-        entry = self.compiled.get(key)
+        entry = self.compiled.get(self.key(grid, args, meta))
         if entry is None:
             compiled = self.kernel[grid](*args, **meta)
             grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-            self.compiled[key] = (compiled, grid3, tuple(meta[name] for name in self.constexprs))
+            self.compiled[self.key(grid, args, meta)] = (compiled, grid3, tuple(meta[name] for name in self.constexprs))
             return
         compiled, (gx, gy, gz), constexprs = entry
         stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
@@ -155,6 +171,40 @@ class _Launcher:
         else:  # nothing would read it: no metadata, no hook calls
             metadata = enter = leave = None
         compiled.run(gx, gy, gz, stream, compiled.function, compiled.packed_metadata, metadata, enter, leave, *full)
+
+
+class BoundLaunch:
+    """One launch prepared for repeating with a fresh tensor in argument ``slot`` each time (a
+    graphed backward's weight gradients, allocated per call): the arguments, the config and the
+    cached launcher entry are found once, and each call swaps the tensor in and calls Triton's
+    launcher. Through ``launch_kernel`` instead for the first call, in the interpreter or
+    ``compile_only()``, while a launch hook is set, or for a tensor whose 16-byte alignment
+    differs from the one the entry was compiled for."""
+
+    def __init__(self, kernel, grid: tuple, args: tuple, meta: dict, slot: int, descriptors_on: torch.device | None):
+        self.kernel, self.grid, self.meta = kernel, grid, meta
+        self.head, self.tail = args[:slot], args[slot + 1:]
+        self.descriptors_on = descriptors_on  # a device whose launches make tensor descriptors
+        self.entry = None
+        self.alignment = None
+
+    def __call__(self, tensor: torch.Tensor) -> None:
+        args = self.head + (tensor,) + self.tail
+        if self.descriptors_on is not None:
+            ensure_descriptor_allocator(self.descriptors_on)
+        entry = self.entry
+        hooks = triton.knobs.runtime
+        if (entry is None or tensor.data_ptr() & 15 != self.alignment or _hooked(hooks.launch_enter_hook)
+                or _hooked(hooks.launch_exit_hook) or INTERPRETED or compiling_only()):
+            launch_kernel(self.kernel, False, self.grid, args, self.meta, ())
+            launcher = _LAUNCHERS.get(self.kernel)
+            if entry is None and launcher is not None:
+                self.entry = launcher.compiled.get(launcher.key(self.grid, args, self.meta))
+                self.alignment = tensor.data_ptr() & 15
+            return
+        compiled, (gx, gy, gz), constexprs = entry
+        stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+        compiled.run(gx, gy, gz, stream, compiled.function, compiled.packed_metadata, None, None, *args, *constexprs)
 
 
 _LAUNCHERS: dict[Any, _Launcher] = {}
@@ -262,7 +312,6 @@ def grouped_mm_dw(dy, x, dw, routing, weights, *, gather_dy: bool, dy_div: int, 
     """dW[e] = dY_eᵀ·X_e into ``dw`` [E, N, K]; a gathered row is ``slot // div``. With
     ``cfg.GATHER_COPY`` the gathered operands are first copied into expert order (folding the
     routing weight into dY's copy), so the kernel streams both through TMA."""
-    E, N, K = dw.shape
     if cfg.GATHER_COPY and (gather_dy or gather_x):
         if gather_x:
             x, gather_x, x_div = _expert_order(x, routing, x_div, in_op), False, 1
@@ -274,6 +323,13 @@ def grouped_mm_dw(dy, x, dw, routing, weights, *, gather_dy: bool, dy_div: int, 
                 weights = None
             gather_dy, dy_div = False, 1
     ensure_allocator(cfg, dw.device)
+    grid, args, meta = _dw_launch(dy, x, dw, routing, weights, gather_dy, dy_div, gather_x, x_div, cfg, info)
+    launch_kernel(grouped_mm_dw_kernel, in_op, grid, args, meta, (dy, dw))
+
+
+def _dw_launch(dy, x, dw, routing, weights, gather_dy, dy_div, gather_x, x_div, cfg, info) -> tuple:
+    """(grid, args, meta) of one ``grouped_mm_dw_kernel`` launch; ``dw`` is argument 2."""
+    E, N, K = dw.shape
     grid = programs(cfg, info)
     args = (
         dy, x, dw, routing.expert_offsets, routing.sorted_slots, weights if weights is not None else dy,
@@ -288,4 +344,12 @@ def grouped_mm_dw(dy, x, dw, routing, weights, *, gather_dy: bool, dy_div: int, 
         TMA_LOAD=cfg.TMA_LOAD, TMA_STORE=cfg.TMA_STORE, NUM_SMS=grid, DOT_PRECISION=dot_precision(dy.dtype),
         WARP_SPEC=cfg.WARP_SPEC, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    launch_kernel(grouped_mm_dw_kernel, in_op, (grid,), args, meta, (dy, dw))
+    return (grid,), args, meta
+
+
+def bind_grouped_mm_dw(dy, x, weight, routing, cfg: KernelConfig, info: DeviceInfo) -> BoundLaunch:
+    """``grouped_mm_dw`` of ``dy`` against ``x``, both already in expert order, as a
+    ``BoundLaunch`` whose calls take the dW tensor (shaped, strided and typed like ``weight``)."""
+    grid, args, meta = _dw_launch(dy, x, weight, routing, None, False, 1, False, 1, cfg, info)
+    descriptors_on = weight.device if cfg.TMA_LOAD or cfg.TMA_STORE else None
+    return BoundLaunch(grouped_mm_dw_kernel, grid, args, meta, 2, descriptors_on)

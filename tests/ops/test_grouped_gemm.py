@@ -407,3 +407,25 @@ def test_warp_spec_dw_tiles_must_not_straddle_experts():
     routing, x, _, dy, _ = make_inputs(9, 4, 48, 32, 2, torch.float16, False, False, False)
     with pytest.raises(ConfigError, match="BLOCK_N to divide"):
         gg.backward_dw(dy, x, (4, 48, 32), routing, config=WARP_SPEC)
+
+
+@pytest.mark.parametrize("cfg", [PLAIN, TMA_ALL], ids=["pointers", "tma"])
+def test_a_bound_dw_launch_writes_each_fresh_output(cfg):
+    # launch.bind_grouped_mm_dw: the operands fixed at binding, a fresh output per call (a graphed
+    # backward's weight gradients). Each call writes the whole poisoned output, from the operands'
+    # values at call time.
+    from moe_tune.device import query_device
+    from moe_tune.ops import launch
+
+    T, E, N, K, topk = 19, 5, 48, 32, 2
+    routing = make_routing(T, E, topk, "subset")  # two experts get no rows: their dW is zero
+    M = T * topk
+    dy, x = torch.randn(M, N, dtype=torch.float16), torch.randn(M, K, dtype=torch.float16)
+    template = torch.empty(E, N, K, dtype=torch.float16)
+    bound = launch.bind_grouped_mm_dw(dy, x, template, routing, cfg, query_device(torch.device("cpu")))
+    for _ in range(3):
+        dy.copy_(torch.randn(M, N))
+        x.copy_(torch.randn(M, K))
+        dw = nan_like((E, N, K), torch.float16)
+        bound(dw)
+        assert relative_error(dw, reference_dw(dy, x, routing)) < TOLERANCES[torch.float16]

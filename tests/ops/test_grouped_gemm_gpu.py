@@ -235,3 +235,60 @@ def test_two_programs_per_sm_at_model_shapes(name, E, H, I, topk, T, dtype):
             assert relative_error(dx, reference_dx(dy, w, routing, **kw)) < TOLERANCES[dtype]
             dw = gg.backward_dw(dy, x, w.shape, routing, config=TWO_PER_SM["dw"], out=_nan(w.shape, dtype), **kw)
             assert relative_error(dw, reference_dw(dy, x, routing, **kw)) < TOLERANCES[dtype]
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["tma-off", "tma-on"])
+def test_bound_dw_launches_into_fresh_outputs(tma):
+    # launch.bind_grouped_mm_dw, as a graphed backward launches its weight gradients: the first
+    # call through launch_kernel, later ones straight to Triton's launcher, through launch_kernel
+    # again while a launch hook is set (which then sees the launch). Every call writes its whole
+    # poisoned output from the operands' values at call time.
+    import triton
+
+    from moe_tune.ops import launch
+
+    E, H, I, topk, T = 32, 512, 256, 4, 512
+    routing = build_routing(random_routing(T, E, topk, device="cuda", skew=2.0), E)
+    M = T * topk
+    dy = torch.empty(M, 2 * I, device="cuda", dtype=torch.bfloat16)
+    x = torch.empty(M, H, device="cuda", dtype=torch.bfloat16)
+    template = torch.empty(E, 2 * I, H, device="cuda", dtype=torch.bfloat16)
+    info = query_device(torch.device("cuda"))
+    cfg = DW_TMA_ON if tma else default_config(Problem("dw", E, 2 * I, H, topk, "bfloat16"), info)
+    bound = launch.bind_grouped_mm_dw(dy, x, template, routing, cfg, info)
+    seen = []
+
+    def hook(metadata):
+        seen.append(metadata)
+
+    for call in range(4):
+        dy.copy_(torch.randn(M, 2 * I, device="cuda"))
+        x.copy_(torch.randn(M, H, device="cuda"))
+        dw = _nan(template.shape, torch.bfloat16)
+        if call == 2:
+            triton.knobs.runtime.launch_enter_hook.add(hook)
+        try:
+            bound(dw)
+        finally:
+            triton.knobs.runtime.launch_enter_hook.remove(hook)
+        assert relative_error(dw, reference_dw(dy, x, routing)) < TOLERANCES[torch.bfloat16], call
+        assert len(seen) == (call >= 2), call
+    assert bound.entry is not None  # the launcher's entry was found after the first call
+
+
+def test_descriptor_scratch_is_kept_per_stream_and_fresh_under_capture():
+    from moe_tune.ops import launch
+
+    side = torch.cuda.Stream()
+    main_stream = torch.cuda.current_stream().cuda_stream
+    first = launch._descriptor_scratch(4096, 128, main_stream)
+    assert launch._descriptor_scratch(1024, 128, main_stream) is first  # smaller: the same buffer
+    grown = launch._descriptor_scratch(8192, 128, main_stream)
+    assert grown.numel() >= 8192 and launch._descriptor_scratch(8192, 128, main_stream) is grown
+    with torch.cuda.stream(side):
+        other = launch._descriptor_scratch(4096, 128, side.cuda_stream)
+    assert other.data_ptr() != grown.data_ptr()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = launch._descriptor_scratch(4096, 128, torch.cuda.current_stream().cuda_stream)
+    assert all(captured.data_ptr() != t.data_ptr() for t in (grown, other))
