@@ -34,7 +34,7 @@ def main(argv=None) -> int:
 
     shape = models.load_preset(args.model)
     block = build_block(shape, "bfloat16", "cuda")
-    row = {"tag": args.tag}
+    row = {"tag": tag.tag}
     for T in args.tokens:
         inputs = block_inputs(block, shape, T, "bfloat16", "cuda")
         for label in ("moe_tune", GRAPHED):
