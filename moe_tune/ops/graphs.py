@@ -219,7 +219,7 @@ class _Lease:
 def _eligible(hidden, top_k_index) -> bool:
     return (enabled() and not launch.INTERPRETED and hidden.is_cuda
             and hidden.shape[0] * top_k_index.shape[1] <= MAX_ROWS
-            and hidden.device.index == torch.cuda.current_device()
+            and hidden.device.index == launch.current_device()
             and not torch.cuda.is_current_stream_capturing() and block.hands_over())
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import triton
@@ -83,7 +83,7 @@ _SCRATCH: dict[tuple[int, int], torch.Tensor] = {}
 def _descriptor_scratch(size: int, alignment: int, stream):
     if torch.cuda.is_current_stream_capturing():
         return torch.empty(size, dtype=torch.int8, device="cuda")
-    key = (torch.cuda.current_device(), stream)
+    key = (current_device(), stream)
     buffer = _SCRATCH.get(key)
     if buffer is None or buffer.numel() < size:
         buffer = _SCRATCH[key] = torch.empty(size, dtype=torch.int8, device="cuda")
@@ -125,6 +125,12 @@ def rows_fit_descriptors(*tensors: torch.Tensor) -> bool:
                and t.storage_offset() * t.element_size() % 16 == 0 for t in tensors)
 
 
+def current_device() -> int:
+    """The current CUDA device's index, for launches on CUDA tensors (CUDA is initialised):
+    ``torch.cuda.current_device()`` without its lazy-initialisation check, ~1 µs a call."""
+    return torch._C._cuda_getDevice()
+
+
 def _hooked(hook) -> bool:
     """Whether a Triton launch hook would call anything: 3.6 keeps an always-present chain of
     hooks (empty unless a profiler or tool added one), older versions None or a function."""
@@ -163,7 +169,7 @@ class _Launcher:
             self.compiled[self.key(grid, args, meta)] = (compiled, grid3, tuple(meta[name] for name in self.constexprs))
             return
         compiled, (gx, gy, gz), constexprs = entry
-        stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+        stream = torch._C._cuda_getCurrentRawStream(current_device())
         enter, leave = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
         full = args + constexprs
         if _hooked(enter) or _hooked(leave):
@@ -197,17 +203,21 @@ class BoundLaunch:
         if (entry is None or tensor.data_ptr() & 15 != self.alignment or _hooked(hooks.launch_enter_hook)
                 or _hooked(hooks.launch_exit_hook) or INTERPRETED or compiling_only()):
             launch_kernel(self.kernel, False, self.grid, args, self.meta, ())
-            launcher = _LAUNCHERS.get(self.kernel)
+            launcher = _LAUNCHERS.get(id(self.kernel))
             if entry is None and launcher is not None:
                 self.entry = launcher.compiled.get(launcher.key(self.grid, args, self.meta))
                 self.alignment = tensor.data_ptr() & 15
             return
         compiled, (gx, gy, gz), constexprs = entry
-        stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
-        compiled.run(gx, gy, gz, stream, compiled.function, compiled.packed_metadata, None, None, *args, *constexprs)
+        stream = torch._C._cuda_getCurrentRawStream(current_device())
+        # Triton's launch metadata and its two hooks: none (no hook is set)
+        compiled.run(gx, gy, gz, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *args, *constexprs)
 
 
-_LAUNCHERS: dict[Any, _Launcher] = {}
+# id(kernel) → its launcher (which keeps the kernel alive, so the id stays its own): hashing a
+# JITFunction itself reads its cache key, ~2 µs a launch.
+_LAUNCHERS: dict[int, _Launcher] = {}
 _compile_only = threading.local()
 
 
@@ -238,9 +248,9 @@ def launch_kernel(kernel, in_op: bool, grid: tuple, args: tuple, meta: dict, out
     elif INTERPRETED:
         kernel[grid](*args, **meta)
     else:
-        launcher = _LAUNCHERS.get(kernel)
+        launcher = _LAUNCHERS.get(id(kernel))
         if launcher is None:
-            launcher = _LAUNCHERS[kernel] = _Launcher(kernel)
+            launcher = _LAUNCHERS[id(kernel)] = _Launcher(kernel)
         launcher(grid, args, meta)
 
 
