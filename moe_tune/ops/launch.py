@@ -73,21 +73,11 @@ def next_power_of_2(n: int) -> int:
 # Launchers
 # -------------------------------------------------------------------------------------------------
 
-# The descriptors' scratch of uncaptured launches, one buffer per (device, stream), grown as needed.
-# Kernels on one stream run one after another, so each launch may take the same buffer; a
-# torch.empty per launch cost ~10 µs of host time (H200 host). A launch captured into a CUDA graph
-# gets its own allocation from the graph's pool, as before.
-_SCRATCH: dict[tuple[int, int], torch.Tensor] = {}
-
-
 def _descriptor_scratch(size: int, alignment: int, stream):
-    if torch.cuda.is_current_stream_capturing():
-        return torch.empty(size, dtype=torch.int8, device="cuda")
-    key = (current_device(), stream)
-    buffer = _SCRATCH.get(key)
-    if buffer is None or buffer.numel() < size:
-        buffer = _SCRATCH[key] = torch.empty(size, dtype=torch.int8, device="cuda")
-    return buffer
+    # A fresh allocation per launch. Keeping one buffer per stream was tried: the warm-up run of
+    # torch.compile(mode="reduce-overhead") allocates into its CUDA-graph pool, and a buffer kept
+    # from there fails that pool's check for live tensors it does not own.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 try:  # Triton's private allocator slot: read per launch, so looked up once here

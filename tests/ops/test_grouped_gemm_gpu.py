@@ -275,20 +275,3 @@ def test_bound_dw_launches_into_fresh_outputs(tma):
         assert len(seen) == (call >= 2), call
     assert bound.entry is not None  # the launcher's entry was found after the first call
 
-
-def test_descriptor_scratch_is_kept_per_stream_and_fresh_under_capture():
-    from moe_tune.ops import launch
-
-    side = torch.cuda.Stream()
-    main_stream = torch.cuda.current_stream().cuda_stream
-    first = launch._descriptor_scratch(4096, 128, main_stream)
-    assert launch._descriptor_scratch(1024, 128, main_stream) is first  # smaller: the same buffer
-    grown = launch._descriptor_scratch(8192, 128, main_stream)
-    assert grown.numel() >= 8192 and launch._descriptor_scratch(8192, 128, main_stream) is grown
-    with torch.cuda.stream(side):
-        other = launch._descriptor_scratch(4096, 128, side.cuda_stream)
-    assert other.data_ptr() != grown.data_ptr()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = launch._descriptor_scratch(4096, 128, torch.cuda.current_stream().cuda_stream)
-    assert all(captured.data_ptr() != t.data_ptr() for t in (grown, other))
