@@ -6,8 +6,8 @@ autograd) sets the pace. Graphed, a forward is three input copies, one replay an
 a backward is one copy, one replay, two output copies and the weight gradients' launches (bound
 to the pair's buffers at capture, ``launch.BoundLaunch``).
 
-What one graph pair holds, per *key* — the weights (by address), the token count, k, the dtypes and
-which inputs want gradients:
+What one graph pair holds, per *key* — the weights (by address), the token count, k, the dtypes,
+which inputs want gradients and torch's float32 matmul precision:
 
 * forward (``block.forward`` on static copies of hidden, top_k_index, top_k_weights): routing, up
   GEMM, SwiGLU, down GEMM, slot sum;
@@ -225,7 +225,8 @@ def _eligible(hidden, top_k_index) -> bool:
 
 def _pair_for(hidden, gate_up_w, down_w, top_k_index, top_k_weights, needs) -> _Pair | None:
     key = (hidden.shape, hidden.dtype, hidden.device, top_k_index.shape, top_k_index.dtype, top_k_weights.dtype,
-           gate_up_w.shape, gate_up_w.data_ptr(), down_w.shape, down_w.data_ptr(), needs, runtime.generation())
+           gate_up_w.shape, gate_up_w.data_ptr(), down_w.shape, down_w.data_ptr(), needs, runtime.generation(),
+           torch.get_float32_matmul_precision())  # float32 products follow it (launch.dot_precision)
     entry = _KEYS.get(key)
     if entry is None:
         entry = _KEYS[key] = _Key()

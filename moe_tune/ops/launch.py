@@ -152,11 +152,12 @@ class _Launcher:
                 *meta.values())
 
     def __call__(self, grid: tuple, args: tuple, meta: dict) -> None:
-        entry = self.compiled.get(self.key(grid, args, meta))
+        key = self.key(grid, args, meta)
+        entry = self.compiled.get(key)
         if entry is None:
             compiled = self.kernel[grid](*args, **meta)
             grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-            self.compiled[self.key(grid, args, meta)] = (compiled, grid3, tuple(meta[name] for name in self.constexprs))
+            self.compiled[key] = (compiled, grid3, tuple(meta[name] for name in self.constexprs))
             return
         compiled, (gx, gy, gz), constexprs = entry
         stream = torch._C._cuda_getCurrentRawStream(current_device())

@@ -84,6 +84,22 @@ def test_replays_match_the_eager_block_on_fresh_inputs(dtype):
     assert pairs() == 1
 
 
+def test_float32_follows_a_change_of_matmul_precision():
+    # Float32 products run as TF32 or three TF32 products by torch's setting: a change between
+    # steps is a new graph pair, whose replays match the eager block under the new setting.
+    w1, w2 = weights(torch.float32)
+    before = torch.get_float32_matmul_precision()
+    try:
+        for precision in ("highest", "high"):
+            torch.set_float32_matmul_precision(precision)
+            for _ in range(3):
+                inputs = batch(dtype=torch.float32)
+                assert_same(fwd_bwd(w1, w2, *inputs, graphed=True), fwd_bwd(w1, w2, *inputs, graphed=False))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert pairs() == 2
+
+
 def test_frozen_weights_and_no_grad():
     w1, w2 = weights(trainable=False)
     for _ in range(3):
