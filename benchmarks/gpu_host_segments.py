@@ -11,7 +11,7 @@ summed per call by wrapping them:
   graphs.experts_block and graphs._pair_for: the graphed path's entry and its key look-up;
 * graphed.forward / graphed.backward: the CUDA-graph Function's bodies (copies, replay, clones,
   the weight gradients' launches), replay: ``CUDAGraph.replay``, weight_grads: the two dW
-  launches with their look-ups, launch: every Triton launch through ``launch_kernel``;
+  gradients' allocations and bound launches, launch: every Triton launch through ``launch_kernel``;
 * eager.forward / eager.backward: the eager Function's bodies.
 
 Medians over ``--calls`` calls, µs, for moe-tune eager and graphed, and the loop figure of the
@@ -78,7 +78,7 @@ def instrument() -> None:
         cls.forward = staticmethod(_timed("eager.forward", cls.forward))
         cls.backward = staticmethod(_timed("eager.backward", cls.backward))
     torch.cuda.CUDAGraph.replay = _timed("replay", torch.cuda.CUDAGraph.replay)
-    graphs._weight_grads = _timed("weight_grads", graphs._weight_grads)
+    graphs._launched_into = _timed("weight_grads", graphs._launched_into)
     launch.launch_kernel = _timed("launch", launch.launch_kernel)
 
 

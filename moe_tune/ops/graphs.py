@@ -120,17 +120,12 @@ class _Pair:
         self.grad_out.zero_()
         E, H, I, k = block.problem_dims(gate_up_w, self.top_k_index.shape[1])
         T = self.hidden.shape[0]
-        info = query_device(self.hidden.device)
-        # The weight gradients' configs, looked up once: each backward launches them directly.
-        self.dw_configs = (info, block.block_configs(E, H, I, k, gate_up_w.dtype, T, info))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side):  # the captured bodies (the dW are not captured: see below)
             warm = self._forward(gate_up_w, down_w)
             if any(needs):
-                d_act, d_h, _, _, x_sorted, g_sorted = self._backward(warm, gate_up_w, down_w, needs)
-                _weight_grads(self, gate_up_w, down_w, needs, Routing(warm[2], warm[3], T, k),
-                              (d_act, d_h, x_sorted, g_sorted))
+                self._backward(warm, gate_up_w, down_w, needs)
             del warm
         torch.cuda.current_stream().wait_stream(side)
         self.forward_graph = torch.cuda.CUDAGraph()
@@ -144,11 +139,13 @@ class _Pair:
                                   capture_error_mode="thread_local"):
                 (self.d_act, self.d_h, self.d_weights, self.d_hidden, self.x_sorted,
                  self.g_sorted) = self._backward(saved, gate_up_w, down_w, needs)
-            # The weight gradients' launches, bound to this pair's buffers: a backward allocates
-            # each gradient and launches into it.
+            # The weight gradients' launches, bound to this pair's buffers with their configs: a
+            # backward allocates each gradient and launches into it (the first launch compiles
+            # or loads the kernel, outside any capture).
             _, need_gate_up, need_down, _ = needs
             routing = Routing(self.offsets, self.slots, T, k)
-            info, cfg = self.dw_configs
+            info = query_device(self.hidden.device)
+            cfg = block.block_configs(E, H, I, k, gate_up_w.dtype, T, info)
             self.dw_launches = (
                 launch.bind_grouped_mm_dw(self.d_h, self.x_sorted, gate_up_w, routing, cfg["up", "dw"], info)
                 if need_gate_up else None,
@@ -171,20 +168,6 @@ class _Pair:
         x_sorted = block.expert_rows(self.hidden, slots, k) if need_gate_up else None
         g_sorted = block.expert_rows(self.grad_out, slots, k) if need_down else None
         return d_act, d_h, d_weights, d_hidden, x_sorted, g_sorted
-
-
-def _weight_grads(pair: _Pair, gate_up_w, down_w, needs, routing: Routing, buffers) -> tuple:
-    """(d gate_up_w, d down_w), None where not needed: the two dW GEMMs on the capture's warm-up
-    buffers (w·A, dH, X and G rows in expert order) with the configs the pair looked up, into fresh
-    tensors (what compiles them; a backward launches them through ``_Pair.dw_launches``)."""
-    _, need_gate_up, need_down, _ = needs
-    d_act, d_h, x_sorted, g_sorted = buffers
-    info, cfg = pair.dw_configs
-    d_gate_up = block.weight_grad(d_h, x_sorted, gate_up_w, routing, cfg["up", "dw"], info,
-                                  in_op=False) if need_gate_up else None
-    d_down = block.weight_grad(g_sorted, d_act, down_w, routing, cfg["down", "dw"], info,
-                               in_op=False) if need_down else None
-    return d_gate_up, d_down
 
 
 class _Key:

@@ -174,9 +174,9 @@ class BoundLaunch:
     """One launch prepared for repeating with a fresh tensor in argument ``slot`` each time (a
     graphed backward's weight gradients, allocated per call): the arguments, the config and the
     cached launcher entry are found once, and each call swaps the tensor in and calls Triton's
-    launcher. Through ``launch_kernel`` instead for the first call, in the interpreter or
-    ``compile_only()``, while a launch hook is set, or for a tensor whose 16-byte alignment
-    differs from the one the entry was compiled for."""
+    launcher. Through ``launch_kernel`` instead until an entry exists (the first call; always in
+    the interpreter, which keeps none), in ``compile_only()``, while a launch hook is set, or for
+    a tensor whose 16-byte alignment differs from the one the entry was compiled for."""
 
     def __init__(self, kernel, grid: tuple, args: tuple, meta: dict, slot: int, descriptors_on: torch.device | None):
         self.kernel, self.grid, self.meta = kernel, grid, meta
@@ -192,7 +192,7 @@ class BoundLaunch:
         entry = self.entry
         hooks = triton.knobs.runtime
         if (entry is None or tensor.data_ptr() & 15 != self.alignment or _hooked(hooks.launch_enter_hook)
-                or _hooked(hooks.launch_exit_hook) or INTERPRETED or compiling_only()):
+                or _hooked(hooks.launch_exit_hook) or compiling_only()):
             launch_kernel(self.kernel, False, self.grid, args, self.meta, ())
             launcher = _LAUNCHERS.get(id(self.kernel))
             if entry is None and launcher is not None:
