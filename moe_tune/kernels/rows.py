@@ -6,6 +6,8 @@ GEMMs of the experts block. Both are memory-bound: one pass, wide loads, many ro
   order, back to one row per token.
 * ``gather_rows_kernel`` — ``dst[r] = src[slots[r] // div]``: a token-ordered tensor's rows copied
   to expert order (the dWs' operands, which then stream through TMA).
+* ``copy_kernel`` — up to three flat copies in one launch: a graphed block's inputs into its
+  static buffers, and its gradients out of them (one launch where torch makes one per tensor).
 
 Why own kernels: ``torch.sum`` over the slot axis and ``index_select`` ran at ~2.4-2.6 TB/s of the
 H200's 4.8 (Qwen3-30B-A3B at 4096 tokens, 58 µs and 57 µs each, twice per fwd+bwd).
@@ -75,3 +77,30 @@ def gather_rows_kernel(
     values = tl.load(src_ptr + src_rows.to(tl.int64)[:, None] * stride_src_s + cols[None, :] * stride_src_w,
                      mask=mask)
     tl.store(dst_ptr + rows.to(tl.int64)[:, None] * stride_dst_r + cols[None, :], values, mask=mask)
+
+
+@triton.jit
+def _copy_block(src_ptr, dst_ptr, n, block, BLOCK: tl.constexpr):
+    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask), mask=mask)
+
+
+@triton.jit
+def copy_kernel(
+    src0_ptr, dst0_ptr, n0,  # n elements of contiguous tensors, each pair of one dtype
+    src1_ptr, dst1_ptr, n1,
+    src2_ptr, dst2_ptr, n2,
+    BLOCK: tl.constexpr,
+):
+    """Grid: (⌈n0 / BLOCK⌉ + ⌈n1 / BLOCK⌉ + ⌈n2 / BLOCK⌉,). A copy of no elements launches no
+    program (its pointers may repeat another pair's)."""
+    pid = tl.program_id(0)
+    blocks0 = tl.cdiv(n0, BLOCK)
+    blocks01 = blocks0 + tl.cdiv(n1, BLOCK)
+    if pid < blocks0:
+        _copy_block(src0_ptr, dst0_ptr, n0, pid, BLOCK)
+    elif pid < blocks01:
+        _copy_block(src1_ptr, dst1_ptr, n1, pid - blocks0, BLOCK)
+    else:
+        _copy_block(src2_ptr, dst2_ptr, n2, pid - blocks01, BLOCK)

@@ -2,9 +2,10 @@
 waits on the host. Opt-in: ``MOE_TUNE_CUDA_GRAPHS=1`` in the environment, or ``enable()``.
 
 At a few hundred tokens the block's GPU work is short and its host work (Python, a dozen launches,
-autograd) sets the pace. Graphed, a forward is three input copies, one replay and one output copy;
-a backward is one copy, one replay, two output copies and the weight gradients' launches (bound
-to the pair's buffers at capture, ``launch.BoundLaunch``).
+autograd) sets the pace. Graphed, a forward is one launch copying its three inputs in, one replay
+and one output copy; a backward is one copy, one replay, one launch copying its two input
+gradients out and the weight gradients' launches. Those launches are bound to the pair's buffers
+at capture (``launch.BoundLaunch``: the arguments built once, a fresh tensor swapped in per call).
 
 What one graph pair holds, per *key* — the weights (by address), the token count, k, the dtypes,
 which inputs want gradients and torch's float32 matmul precision:
@@ -50,6 +51,7 @@ from moe_tune.device import query_device
 from moe_tune.errors import InvalidInputError
 from moe_tune.ops import block, launch
 from moe_tune.ops.routing import Routing
+from moe_tune.ops.rows import bind_copies
 
 ENV_VAR = "MOE_TUNE_CUDA_GRAPHS"
 BUDGET_ENV_VAR = "MOE_TUNE_CUDA_GRAPHS_MIB"
@@ -114,6 +116,10 @@ class _Pair:
         self.bytes = 0
         self.forward_graph = self.backward_graph = None
         self.dw_launches: tuple = (None, None)
+        # The forward's three input copies, as one launch (sources given per call)
+        self.copy_in = bind_copies((self.hidden, self.top_k_index, self.top_k_weights),
+                                   (self.hidden, self.top_k_index, self.top_k_weights), "sources")
+        self.copy_out = None  # the backward's d hidden and d top_k_weights, when both are wanted
 
     def capture(self, gate_up_w, down_w, needs: tuple[bool, ...]) -> None:
         """Run the bodies once on a side stream (every launch compiled and loaded), then capture."""
@@ -142,7 +148,10 @@ class _Pair:
             # The weight gradients' launches, bound to this pair's buffers with their configs: a
             # backward allocates each gradient and launches into it (the first launch compiles
             # or loads the kernel, outside any capture).
-            _, need_gate_up, need_down, _ = needs
+            need_hidden, need_gate_up, need_down, need_weights = needs
+            if need_hidden and need_weights:
+                self.copy_out = bind_copies((self.d_hidden, self.d_weights), (self.d_hidden, self.d_weights),
+                                            "destinations")
             routing = Routing(self.offsets, self.slots, T, k)
             info = query_device(self.hidden.device)
             cfg = block.block_configs(E, H, I, k, gate_up_w.dtype, T, info)
@@ -201,7 +210,7 @@ class _Lease:
 
 def _eligible(hidden, top_k_index) -> bool:
     return (enabled() and not launch.INTERPRETED and hidden.is_cuda
-            and hidden.shape[0] * top_k_index.shape[1] <= MAX_ROWS
+            and 0 < hidden.shape[0] * top_k_index.shape[1] <= MAX_ROWS
             and hidden.device.index == launch.current_device()
             and not torch.cuda.is_current_stream_capturing() and block.hands_over())
 
@@ -226,11 +235,9 @@ def _pair_for(hidden, gate_up_w, down_w, top_k_index, top_k_weights, needs) -> _
     if len(entry.pairs) >= INSTANCES or not _within_budget():
         return None
     allocated = torch.cuda.memory_allocated(hidden.device)
-    pair = _Pair(hidden, top_k_index, top_k_weights)
     try:
-        pair.hidden.copy_(hidden)
-        pair.top_k_index.copy_(top_k_index)
-        pair.top_k_weights.copy_(top_k_weights)
+        pair = _Pair(hidden, top_k_index, top_k_weights)
+        pair.copy_in(hidden, top_k_index, top_k_weights)
         with torch.no_grad():  # the bodies' torch ops record nothing for autograd
             pair.capture(gate_up_w, down_w, needs)
     except Exception as exc:  # graphs are a speed-up only: the call runs eagerly
@@ -282,9 +289,7 @@ class _GraphedBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, gate_up_w, down_w, top_k_index, top_k_weights, pair: _Pair, needs):
-        pair.hidden.copy_(hidden)
-        pair.top_k_index.copy_(top_k_index)
-        pair.top_k_weights.copy_(top_k_weights)
+        pair.copy_in(hidden, top_k_index, top_k_weights)
         pair.forward_graph.replay()
         ctx.lease = _Lease(pair) if any(needs) else None
         ctx.needs = needs
@@ -302,8 +307,12 @@ class _GraphedBlock(torch.autograd.Function):
         gate_up_w, down_w = ctx.saved_tensors
         pair.grad_out.copy_(grad_out)
         pair.backward_graph.replay()
-        d_hidden = pair.d_hidden.clone() if ctx.needs[0] else None
-        d_weights = pair.d_weights.clone() if ctx.needs[3] else None
+        if pair.copy_out is not None:
+            d_hidden, d_weights = torch.empty_like(pair.d_hidden), torch.empty_like(pair.d_weights)
+            pair.copy_out(d_hidden, d_weights)
+        else:
+            d_hidden = pair.d_hidden.clone() if ctx.needs[0] else None
+            d_weights = pair.d_weights.clone() if ctx.needs[3] else None
         d_gate_up, d_down = (_launched_into(bound, weight) for bound, weight in zip(pair.dw_launches,
                                                                                      (gate_up_w, down_w)))
         lease.release()  # stream order: the next forward's writes come after these launches

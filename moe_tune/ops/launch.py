@@ -171,39 +171,76 @@ class _Launcher:
 
 
 class BoundLaunch:
-    """One launch prepared for repeating with a fresh tensor in argument ``slot`` each time (a
-    graphed backward's weight gradients, allocated per call): the arguments, the config and the
-    cached launcher entry are found once, and each call swaps the tensor in and calls Triton's
-    launcher. Through ``launch_kernel`` instead until an entry exists (the first call; always in
-    the interpreter, which keeps none), in ``compile_only()``, while a launch hook is set, or for
-    a tensor whose 16-byte alignment differs from the one the entry was compiled for."""
+    """One launch prepared for repeating with fresh tensors in the argument positions ``slots``
+    each time (a graphed block's input copies, its weight gradients allocated per call): the
+    arguments, the config and the cached launcher entry are found once, and each call swaps the
+    tensors in and calls Triton's launcher. Through ``launch_kernel`` instead until an entry exists
+    (the first call; always in the interpreter, which keeps none), in ``compile_only()``, while a
+    launch hook is set, or for tensors whose 16-byte alignments differ from the entry's.
 
-    def __init__(self, kernel, grid: tuple, args: tuple, meta: dict, slot: int, descriptors_on: torch.device | None):
+    A kernel that makes tensor descriptors on the device gets its scratch memory from this object
+    rather than from an allocation per launch: one buffer, made on the first direct launch and
+    used again by later ones on the same stream (stream order keeps two launches apart); a launch
+    on another stream goes through Triton's launcher, which allocates."""
+
+    def __init__(self, kernel, grid: tuple, args: tuple, meta: dict, slots: tuple[int, ...],
+                 descriptors_on: torch.device | None):
         self.kernel, self.grid, self.meta = kernel, grid, meta
-        self.head, self.tail = args[:slot], args[slot + 1:]
+        self.args, self.slots = args, slots  # (the slots' tensors are not kept between calls)
         self.descriptors_on = descriptors_on  # a device whose launches make tensor descriptors
         self.entry = None
-        self.alignment = None
+        self.alignments = None
+        self.scratch = self.scratch_stream = None
 
-    def __call__(self, tensor: torch.Tensor) -> None:
-        args = self.head + (tensor,) + self.tail
-        if self.descriptors_on is not None:
-            ensure_descriptor_allocator(self.descriptors_on)
+    def __call__(self, *tensors: torch.Tensor) -> None:
+        args = list(self.args)
+        for slot, tensor in zip(self.slots, tensors):
+            args[slot] = tensor
+        args = tuple(args)
         entry = self.entry
         hooks = triton.knobs.runtime
-        if (entry is None or tensor.data_ptr() & 15 != self.alignment or _hooked(hooks.launch_enter_hook)
-                or _hooked(hooks.launch_exit_hook) or compiling_only()):
+        if (entry is None or tuple(t.data_ptr() & 15 for t in tensors) != self.alignments
+                or _hooked(hooks.launch_enter_hook) or _hooked(hooks.launch_exit_hook) or compiling_only()):
+            self._allocator()
             launch_kernel(self.kernel, False, self.grid, args, self.meta, ())
             launcher = _LAUNCHERS.get(id(self.kernel))
             if entry is None and launcher is not None:
                 self.entry = launcher.compiled.get(launcher.key(self.grid, args, self.meta))
-                self.alignment = tensor.data_ptr() & 15
+                self.alignments = tuple(t.data_ptr() & 15 for t in tensors)
             return
         compiled, (gx, gy, gz), constexprs = entry
         stream = torch._C._cuda_getCurrentRawStream(current_device())
-        # Triton's launch metadata and its two hooks: none (no hook is set)
-        compiled.run(gx, gy, gz, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                     *args, *constexprs)
+        run = compiled.run
+        scratch = self._scratch(run, gx * gy * gz, stream)
+        if scratch is False:  # Triton's launcher, which allocates the scratch it needs
+            self._allocator()
+            run(gx, gy, gz, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *constexprs)
+        else:  # its launch function itself, with this object's scratch (None: the kernel needs none)
+            run.launch(gx, gy, gz, stream, compiled.function, run.launch_cooperative_grid, run.launch_pdl,
+                       scratch, None, compiled.packed_metadata, None, None, None, *args, *constexprs)
+
+    def _allocator(self) -> None:
+        if self.descriptors_on is not None:
+            ensure_descriptor_allocator(self.descriptors_on)
+
+    def _scratch(self, run, programs: int, stream: int):
+        """This launch's descriptor scratch: a tensor, None where the kernel needs none, or False
+        where Triton's launcher must allocate it (another stream; a launcher this does not know)."""
+        try:
+            size, align = run.global_scratch_size, run.global_scratch_align
+            if run.profile_scratch_size or run.launch_pdl or align > 256:  # (allocations are 512-byte aligned)
+                return False
+        except AttributeError:
+            return False
+        if not size:
+            return None
+        if self.scratch is None:
+            self.scratch = torch.empty(programs * getattr(run, "num_ctas", 1) * size, dtype=torch.int8,
+                                       device=torch.device("cuda", current_device()))
+            self.scratch_stream = stream
+        if stream != self.scratch_stream:
+            return False
+        return self.scratch
 
 
 # id(kernel) → its launcher (which keeps the kernel alive, so the id stays its own): hashing a
@@ -353,4 +390,4 @@ def bind_grouped_mm_dw(dy, x, weight, routing, cfg: KernelConfig, info: DeviceIn
     ``BoundLaunch`` whose calls take the dW tensor (shaped, strided and typed like ``weight``)."""
     grid, args, meta = _dw_launch(dy, x, weight, routing, None, False, 1, False, 1, cfg, info)
     descriptors_on = weight.device if cfg.TMA_LOAD or cfg.TMA_STORE else None
-    return BoundLaunch(grouped_mm_dw_kernel, grid, args, meta, 2, descriptors_on)
+    return BoundLaunch(grouped_mm_dw_kernel, grid, args, meta, (2,), descriptors_on)

@@ -84,6 +84,18 @@ def test_replays_match_the_eager_block_on_fresh_inputs(dtype):
     assert pairs() == 1
 
 
+@pytest.mark.parametrize("wanted", ["hidden", "routing-weights", "both"])
+def test_gradients_of_some_inputs_only(wanted):
+    # The backward copies out the input gradients autograd asks for: both in one launch, or one.
+    w1, w2 = weights()
+    for _ in range(4):
+        x, idx, wts, grad = batch()
+        x.requires_grad_(wanted != "routing-weights")
+        wts.requires_grad_(wanted != "hidden")
+        assert_same(fwd_bwd(w1, w2, x, idx, wts, grad, graphed=True), fwd_bwd(w1, w2, x, idx, wts, grad, graphed=False))
+    assert pairs() == 1
+
+
 def test_float32_follows_a_change_of_matmul_precision():
     # Float32 products run as TF32 or three TF32 products by torch's setting: a change between
     # steps is a new graph pair, whose replays match the eager block under the new setting.

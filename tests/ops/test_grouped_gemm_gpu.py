@@ -240,9 +240,11 @@ def test_two_programs_per_sm_at_model_shapes(name, E, H, I, topk, T, dtype):
 @pytest.mark.parametrize("tma", [False, True], ids=["tma-off", "tma-on"])
 def test_bound_dw_launches_into_fresh_outputs(tma):
     # launch.bind_grouped_mm_dw, as a graphed backward launches its weight gradients: the first
-    # call through launch_kernel, later ones straight to Triton's launcher, through launch_kernel
-    # again while a launch hook is set (which then sees the launch). Every call writes its whole
-    # poisoned output from the operands' values at call time.
+    # call through launch_kernel, later ones straight to Triton's launcher (with the bound
+    # launch's own descriptor scratch where TMA is on), through launch_kernel again while a launch
+    # hook is set (which then sees the launch), and through Triton's launcher on another stream
+    # (which allocates a scratch of its own). Every call writes its whole poisoned output from
+    # the operands' values at call time.
     import triton
 
     from moe_tune.ops import launch
@@ -257,21 +259,29 @@ def test_bound_dw_launches_into_fresh_outputs(tma):
     cfg = DW_TMA_ON if tma else default_config(Problem("dw", E, 2 * I, H, topk, "bfloat16"), info)
     bound = launch.bind_grouped_mm_dw(dy, x, template, routing, cfg, info)
     seen = []
+    side = torch.cuda.Stream()
 
     def hook(metadata):
         seen.append(metadata)
 
-    for call in range(4):
+    for call in range(6):
         dy.copy_(torch.randn(M, 2 * I, device="cuda"))
         x.copy_(torch.randn(M, H, device="cuda"))
         dw = _nan(template.shape, torch.bfloat16)
         if call == 2:
             triton.knobs.runtime.launch_enter_hook.add(hook)
         try:
-            bound(dw)
+            if call == 4:  # another stream
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    bound(dw)
+                torch.cuda.current_stream().wait_stream(side)
+            else:
+                bound(dw)
         finally:
             triton.knobs.runtime.launch_enter_hook.remove(hook)
         assert relative_error(dw, reference_dw(dy, x, routing)) < TOLERANCES[torch.bfloat16], call
         assert len(seen) == (call >= 2), call
+        assert (bound.scratch is not None) == (tma and call >= 1), call
     assert bound.entry is not None  # the launcher's entry was found after the first call
 

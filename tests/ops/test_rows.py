@@ -70,3 +70,51 @@ def test_gather_rows_reads_an_expanded_source():
 
 def test_gather_rows_of_no_rows_returns_empty():
     assert rows.gather_rows(torch.randn(3, 8), torch.empty(0, dtype=torch.int32), 1).shape == (0, 8)
+
+
+# name, shapes and dtypes of the (source, destination) pairs, tile (elements, warps)
+COPY_CASES = [
+    ("graph-inputs", [((7, 24), torch.float16), ((7, 3), torch.int64), ((7, 3), torch.float32)], rows.COPY_TILE),
+    ("ragged-blocks", [((5, 33), torch.float32), ((5, 2), torch.int32), ((1, 1), torch.float16)], (64, 4)),
+    ("two-pairs", [((9, 40), torch.bfloat16), ((9, 4), torch.float16)], (128, 4)),
+    ("one-pair", [((3, 50), torch.float16)], (32, 4)),
+]
+
+
+def _random(shape, dtype):
+    if dtype.is_floating_point:
+        return torch.randn(shape).to(dtype)
+    return torch.randint(-2**30, 2**30, shape, dtype=dtype)
+
+
+def _poisoned(shape, dtype):
+    return torch.full(shape, float("nan") if dtype.is_floating_point else -7, dtype=dtype)
+
+
+@pytest.mark.parametrize("bind", ["sources", "destinations"])
+@pytest.mark.parametrize("name,pairs,tile", COPY_CASES, ids=[c[0] for c in COPY_CASES])
+def test_bound_copies_copy_every_element_each_call(name, pairs, tile, bind):
+    # rows.bind_copies: one launch for up to three copies, the bound side fixed, the other new
+    # each call (a graphed block's inputs in, its input gradients out).
+    bound_side = [_poisoned(shape, dtype) for shape, dtype in pairs]
+    placeholders = [torch.empty(shape, dtype=dtype) for shape, dtype in pairs]
+    if bind == "sources":
+        copy = rows.bind_copies(tuple(placeholders), tuple(bound_side), bind, tile)
+    else:
+        copy = rows.bind_copies(tuple(bound_side), tuple(placeholders), bind, tile)
+    for _ in range(2):
+        fresh = [_random(shape, dtype) if bind == "sources" else _poisoned(shape, dtype) for shape, dtype in pairs]
+        if bind == "destinations":
+            for t, (shape, dtype) in zip(bound_side, pairs):
+                t.copy_(_random(shape, dtype))
+        copy(*fresh)
+        for src, dst in (zip(fresh, bound_side) if bind == "sources" else zip(bound_side, fresh)):
+            assert torch.equal(dst, src)
+
+
+def test_bind_copies_refuses_more_than_three_pairs_or_an_unknown_side():
+    t = torch.empty(2)
+    with pytest.raises(ValueError, match="one to three"):
+        rows.bind_copies((t,) * 4, (t,) * 4, "sources")
+    with pytest.raises(ValueError, match="bind must be"):
+        rows.bind_copies((t,), (t,), "both")
