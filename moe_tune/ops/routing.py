@@ -7,11 +7,17 @@ From the router's top-k expert ids ``[T, k]`` to:
 * ``sorted_slots`` ``[M]`` int32 — the token-slot id ``t·k + j`` of each expert-ordered row
   (stable, so rows of one expert stay in token order).
 
-Two ways to the same result: up to ``KERNEL_MAX_WORK`` ids × experts, one launch of
-``moe_tune.kernels.routing.routing_kernel`` (a counting sort: at the token counts where the eager
-block is bound by host time, one launch beats a radix sort's several); above it, one stable
-``torch.sort`` and a ``searchsorted`` (the counting sort reads the ids once per expert, which
-at 16k tokens × 512 experts would cost more GPU time than the sort).
+Three ways to the same result (``build_routing``'s ``method``):
+
+* ``"kernel"`` — one launch of ``moe_tune.kernels.routing.routing_kernel``, a counting sort with
+  one program per expert, each reading every id: up to ``KERNEL_MAX_IDS`` ids (and
+  ``KERNEL_MAX_WORK`` ids × experts), the token counts where the eager block is bound by host
+  time and one launch beats two;
+* ``"chunks"`` — above it on the GPU: the same counting sort over chunks of ids in two launches
+  (``routing_count_kernel``, ``routing_place_kernel``), each id read twice whatever the number of
+  experts;
+* ``"sort"`` — plain CPU tensors (a reference, a test): one stable ``torch.sort`` and a
+  ``searchsorted``.
 """
 
 from __future__ import annotations
@@ -22,10 +28,10 @@ import torch
 
 from moe_tune.device import interpreting
 from moe_tune.errors import InvalidInputError
-from moe_tune.kernels.routing import block_table_kernel, routing_kernel
+from moe_tune.kernels.routing import block_table_kernel, routing_count_kernel, routing_kernel, routing_place_kernel
 
-# ids × experts up to which the counting-sort kernel builds the routing: at 16384 tokens × top-8 ×
-# 128 experts (2^24) it took 75 µs against the sort path's 121 (H200, benchmarks/gpu_routing_probe.py).
+# Up to these ids, and ids × experts, one launch of the per-expert kernel; above, the chunked one.
+KERNEL_MAX_IDS = 16384
 KERNEL_MAX_WORK = 1 << 24
 
 
@@ -38,6 +44,18 @@ def _routing_launch(num_ids) -> dict:
 
     block = 1 << max(10, min(14, (max(size_hint(num_ids), 1) - 1).bit_length()))
     return dict(BLOCK=block, num_warps=8)
+
+
+def _chunks_launch(num_ids, num_experts: int) -> tuple[dict, dict]:
+    """The chunked kernels' meta-parameters (count, place): chunks of a power of two between 1024
+    and 8192 ids, about 64 of them (each program sorts its chunk in registers; the place kernel
+    reads every chunk's counts, ``COUNT_ROWS`` rows at a time)."""
+    from moe_tune.ops.launch import cdiv, next_power_of_2, size_hint
+
+    chunk = min(8192, max(1024, next_power_of_2(cdiv(max(size_hint(num_ids), 1), 64))))
+    e_pow2 = next_power_of_2(num_experts)
+    count = dict(E_POW2=e_pow2, CHUNK=chunk, num_warps=4)
+    return count, dict(E_POW2=e_pow2, CHUNK=chunk, COUNT_ROWS=max(1, 4096 // e_pow2), num_warps=8)
 
 
 @dataclass(frozen=True)
@@ -97,7 +115,8 @@ def build_routing(top_k_index: torch.Tensor, num_experts: int, *, in_op: bool = 
     """Sort token slots by expert. Shapes only are read on the host; no ``.item()``.
 
     ``in_op``: called from a torch.library op body (see ``moe_tune.ops.launch``). ``method``:
-    ``"kernel"`` or ``"sort"`` to force one way (tests); default by ``KERNEL_MAX_WORK``."""
+    ``"kernel"``, ``"chunks"`` or ``"sort"`` to force one way (tests, probes); by default the
+    module's rule."""
     if top_k_index.dim() != 2:
         raise InvalidInputError(f"top_k_index must be [T, k], got shape {tuple(top_k_index.shape)}")
     if top_k_index.dtype not in (torch.int32, torch.int64):
@@ -106,16 +125,31 @@ def build_routing(top_k_index: torch.Tensor, num_experts: int, *, in_op: bool = 
         raise InvalidInputError(f"num_experts must be positive, got {num_experts}")
     num_tokens, topk = top_k_index.shape
     ids = top_k_index.reshape(-1)
+    M = ids.numel()
     if method is None:
-        runs_kernels = ids.is_cuda or interpreting()  # plain CPU tensors (a reference, a test) sort
-        method = "kernel" if runs_kernels and ids.numel() * num_experts <= KERNEL_MAX_WORK else "sort"
-    if method == "kernel":
-        offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=ids.device)
-        slots = torch.empty(ids.numel(), dtype=torch.int32, device=ids.device)
-        from moe_tune.ops.launch import launch_kernel
+        if not (ids.is_cuda or interpreting()):  # plain CPU tensors (a reference, a test)
+            method = "sort"
+        else:
+            method = "kernel" if M <= KERNEL_MAX_IDS and M * num_experts <= KERNEL_MAX_WORK else "chunks"
+    if method not in ("kernel", "chunks", "sort"):
+        raise InvalidInputError(f"method must be 'kernel', 'chunks' or 'sort', got {method!r}")
+    if method != "sort":
+        from moe_tune.ops.launch import cdiv, launch_kernel
 
-        launch_kernel(routing_kernel, in_op, (num_experts + 1,), (ids, offsets, slots, ids.numel()),
-                      _routing_launch(ids.numel()), (offsets, slots))
+        offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=ids.device)
+        slots = torch.empty(M, dtype=torch.int32, device=ids.device)
+        if method == "kernel" or M == 0:
+            launch_kernel(routing_kernel, in_op, (num_experts + 1,), (ids, offsets, slots, M),
+                          _routing_launch(M), (offsets, slots))
+        else:
+            count, place = _chunks_launch(M, num_experts)
+            chunks = cdiv(M, count["CHUNK"])
+            scratch = torch.empty((2, chunks, count["E_POW2"]), dtype=torch.int32, device=ids.device)
+            launch_kernel(routing_count_kernel, in_op, (chunks,), (ids, scratch[0], M, num_experts), count,
+                          (scratch,))
+            launch_kernel(routing_place_kernel, in_op, (chunks,),
+                          (ids, scratch[0], scratch[1], offsets, slots, M, chunks, num_experts), place,
+                          (offsets, slots))
         return Routing(offsets, slots, num_tokens, topk)
     # One stable sort gives both outputs: its permutation is the slot order, and the offsets are
     # where each expert id would be inserted in the sorted ids (a handful of launches in all,

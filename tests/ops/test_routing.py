@@ -1,6 +1,6 @@
-"""Routing metadata (``build_routing``): the counting-sort kernel (Triton's interpreter) and the
-torch sort path give the same offsets and the same stable slot order, checked against a plain
-Python bucket sort, with poisoned outputs."""
+"""Routing metadata (``build_routing``): the counting-sort kernels, per expert and in chunks
+(Triton's interpreter), and the torch sort path give the same offsets and the same stable slot
+order, checked against a plain Python bucket sort, with poisoned outputs."""
 
 from __future__ import annotations
 
@@ -29,12 +29,16 @@ CASES = [
     ("one-chunk-padded", 700, 3, 6, torch.int32),  # 2100 ids in one 4096-id chunk, int32 ids
     ("two-chunks", 4500, 4, 6, torch.int64),  # 18000 ids: two 16384-id chunks, the second ragged
     ("empty", 0, 2, 4, torch.int64),  # no tokens: offsets all zero
+    ("chunks-many-experts", 700, 4, 300, torch.int32),  # 2800 ids in three 1024-id chunks, E_POW2 512
 ]
+METHODS = ["kernel", "chunks", "sort"]
 
 
-@pytest.mark.parametrize("method", ["kernel", "sort"])
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name, T, k, E, dtype", CASES, ids=[c[0] for c in CASES])
 def test_routing_matches_bucket_sort(name, T, k, E, dtype, method, monkeypatch):
+    if method == "chunks" and T * k > 4096:
+        pytest.skip("the interpreter sorts a 1024-id chunk in ~4 s; three chunks cover a ragged last one")
     real_empty = torch.empty
     monkeypatch.setattr(routing_mod.torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(-7))
     ids = (torch.stack([torch.randperm(E)[:k] for _ in range(T)]) if T else torch.zeros(0, k)).to(dtype)
@@ -45,22 +49,44 @@ def test_routing_matches_bucket_sort(name, T, k, E, dtype, method, monkeypatch):
     assert r.sorted_slots.tolist() == slots
 
 
+@pytest.mark.parametrize("num_ids, experts, method", [(1, 128, "kernel"), (16384, 128, "kernel"), (16385, 128, "chunks"),
+                                                      (8192, 2048, "kernel"), (8192, 2049, "chunks")])
+def test_default_method_by_ids_and_work(num_ids, experts, method, monkeypatch):
+    """Up to KERNEL_MAX_IDS ids and KERNEL_MAX_WORK ids × experts, one launch; above, the chunks."""
+    from moe_tune.kernels import routing as kernels
+    from moe_tune.ops import launch
+
+    seen = []  # (the launches are recorded, not run)
+    monkeypatch.setattr(launch, "launch_kernel", lambda kernel, *args: seen.append(kernel))
+    build_routing(torch.zeros(num_ids, 1, dtype=torch.int32), experts)
+    assert seen == ([kernels.routing_kernel] if method == "kernel"
+                    else [kernels.routing_count_kernel, kernels.routing_place_kernel])
+
+
+@pytest.mark.parametrize("num_ids, chunk", [(1, 1024), (65536, 1024), (65537, 2048), (131072, 2048), (10**7, 8192)])
+def test_chunks_are_about_a_64th_of_the_ids_within_1024_and_8192(num_ids, chunk):
+    count, place = routing_mod._chunks_launch(num_ids, 128)
+    assert count["CHUNK"] == place["CHUNK"] == chunk
+    assert place["COUNT_ROWS"] * place["E_POW2"] == 4096
+
+
 @pytest.mark.parametrize("num_ids, block", [(1, 1024), (1024, 1024), (1025, 2048), (32768, 16384), (10**6, 16384)])
 def test_routing_chunk_covers_the_ids_up_to_16384(num_ids, block):
     """The kernel's chunk: the id count rounded up to a power of two, within [1024, 16384]."""
     assert routing_mod._routing_launch(num_ids) == dict(BLOCK=block, num_warps=8)
 
 
-def test_skewed_routing_kernel():
-    # 90% of slots on one expert: a long run for one program, short ones for the rest
-    T, k, E = 400, 2, 7
+@pytest.mark.parametrize("method", ["kernel", "chunks"])
+def test_skewed_routing_kernel(method):
+    # 90% of slots on one expert: a long run for one program (or for every chunk), short ones for the rest
+    T, k, E = 1400, 2, 7
     ids = torch.where(torch.rand(T, k) < 0.9, torch.zeros(T, k, dtype=torch.long), torch.randint(1, E, (T, k)))
-    r = build_routing(ids, E, method="kernel")
+    r = build_routing(ids, E, method=method)
     offsets, slots = python_routing(ids, E)
     assert r.expert_offsets.tolist() == offsets and r.sorted_slots.tolist() == slots
 
 
-@pytest.mark.parametrize("method", ["kernel", "sort"])
+@pytest.mark.parametrize("method", ["kernel", "sort"])  # the table reads the offsets alone
 @pytest.mark.parametrize("name, T, k, E, dtype", CASES + [("many-experts", 90, 4, 300, torch.int64)],
                          ids=[c[0] for c in CASES] + ["many-experts"])
 @pytest.mark.parametrize("block_m", [1, 4, 64])
