@@ -3,9 +3,10 @@ waits on the host. Opt-in: ``MOE_TUNE_CUDA_GRAPHS=1`` in the environment, or ``e
 
 At a few hundred tokens the block's GPU work is short and its host work (Python, a dozen launches,
 autograd) sets the pace. Graphed, a forward is one launch copying its three inputs in, one replay
-and one output copy; a backward is one copy, one replay, one launch copying its two input
-gradients out and the weight gradients' launches. Those launches are bound to the pair's buffers
-at capture (``launch.BoundLaunch``: the arguments built once, a fresh tensor swapped in per call).
+and one launch copying its output out; a backward is one copy in, one replay, one launch copying
+its input gradients out and the weight gradients' launches. Those launches are bound to the pair's
+buffers at capture (``launch.BoundLaunch``: the arguments built once, fresh tensors swapped in per
+call).
 
 What one graph pair holds, per *key* — the weights (by address), the token count, k, the dtypes,
 which inputs want gradients and torch's float32 matmul precision:
@@ -116,10 +117,13 @@ class _Pair:
         self.bytes = 0
         self.forward_graph = self.backward_graph = None
         self.dw_launches: tuple = (None, None)
-        # The forward's three input copies, as one launch (sources given per call)
+        # The copies in and out of the static buffers, each one bound launch (torch's copies are
+        # one cudaMemcpyAsync each, ~20-50 µs of host time on an H200 machine's host)
         self.copy_in = bind_copies((self.hidden, self.top_k_index, self.top_k_weights),
                                    (self.hidden, self.top_k_index, self.top_k_weights), "sources")
-        self.copy_out = None  # the backward's d hidden and d top_k_weights, when both are wanted
+        self.grad_in = bind_copies((self.grad_out,), (self.grad_out,), "sources")
+        self.copy_out = None  # the forward's output (bound at capture)
+        self.grads_out = None  # the backward's d hidden and d top_k_weights, those wanted
 
     def capture(self, gate_up_w, down_w, needs: tuple[bool, ...]) -> None:
         """Run the bodies once on a side stream (every launch compiled and loaded), then capture."""
@@ -137,6 +141,7 @@ class _Pair:
         self.forward_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.forward_graph, capture_error_mode="thread_local"):
             self.out, self.h, self.offsets, self.slots = saved = self._forward(gate_up_w, down_w)
+        self.copy_out = bind_copies((self.out,), (self.out,), "destinations")
         if any(needs):
             self.backward_graph = torch.cuda.CUDAGraph()
             # One pool for both: the backward may reuse what the forward freed (its SwiGLU output,
@@ -149,9 +154,8 @@ class _Pair:
             # backward allocates each gradient and launches into it (the first launch compiles
             # or loads the kernel, outside any capture).
             need_hidden, need_gate_up, need_down, need_weights = needs
-            if need_hidden and need_weights:
-                self.copy_out = bind_copies((self.d_hidden, self.d_weights), (self.d_hidden, self.d_weights),
-                                            "destinations")
+            wanted = tuple(t for t, need in ((self.d_hidden, need_hidden), (self.d_weights, need_weights)) if need)
+            self.grads_out = bind_copies(wanted, wanted, "destinations") if wanted else None
             routing = Routing(self.offsets, self.slots, T, k)
             info = query_device(self.hidden.device)
             cfg = block.block_configs(E, H, I, k, gate_up_w.dtype, T, info)
@@ -294,7 +298,9 @@ class _GraphedBlock(torch.autograd.Function):
         ctx.lease = _Lease(pair) if any(needs) else None
         ctx.needs = needs
         ctx.save_for_backward(gate_up_w, down_w)
-        return pair.out.clone()
+        out = torch.empty_like(pair.out)
+        pair.copy_out(out)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -305,14 +311,15 @@ class _GraphedBlock(torch.autograd.Function):
                                "run the forward again")
         pair = lease.pair
         gate_up_w, down_w = ctx.saved_tensors
-        pair.grad_out.copy_(grad_out)
+        if grad_out.is_contiguous():
+            pair.grad_in(grad_out)
+        else:  # (an expanded gradient, as ``out.sum()`` gives)
+            pair.grad_out.copy_(grad_out)
         pair.backward_graph.replay()
-        if pair.copy_out is not None:
-            d_hidden, d_weights = torch.empty_like(pair.d_hidden), torch.empty_like(pair.d_weights)
-            pair.copy_out(d_hidden, d_weights)
-        else:
-            d_hidden = pair.d_hidden.clone() if ctx.needs[0] else None
-            d_weights = pair.d_weights.clone() if ctx.needs[3] else None
+        d_hidden = torch.empty_like(pair.d_hidden) if ctx.needs[0] else None
+        d_weights = torch.empty_like(pair.d_weights) if ctx.needs[3] else None
+        if pair.grads_out is not None:
+            pair.grads_out(*(t for t in (d_hidden, d_weights) if t is not None))
         d_gate_up, d_down = (_launched_into(bound, weight) for bound, weight in zip(pair.dw_launches,
                                                                                      (gate_up_w, down_w)))
         lease.release()  # stream order: the next forward's writes come after these launches

@@ -190,57 +190,67 @@ class BoundLaunch:
         self.descriptors_on = descriptors_on  # a device whose launches make tensor descriptors
         self.entry = None
         self.alignments = None
-        self.scratch = self.scratch_stream = None
+        self.scratch = None
+        self.direct = None  # (stream, launch function, its leading arguments) once prepared
 
     def __call__(self, *tensors: torch.Tensor) -> None:
         args = list(self.args)
         for slot, tensor in zip(self.slots, tensors):
             args[slot] = tensor
-        args = tuple(args)
         entry = self.entry
         hooks = triton.knobs.runtime
-        if (entry is None or tuple(t.data_ptr() & 15 for t in tensors) != self.alignments
+        if (entry is None or [t.data_ptr() & 15 for t in tensors] != self.alignments
                 or _hooked(hooks.launch_enter_hook) or _hooked(hooks.launch_exit_hook) or compiling_only()):
-            self._allocator()
-            launch_kernel(self.kernel, False, self.grid, args, self.meta, ())
-            launcher = _LAUNCHERS.get(id(self.kernel))
-            if entry is None and launcher is not None:
-                self.entry = launcher.compiled.get(launcher.key(self.grid, args, self.meta))
-                self.alignments = tuple(t.data_ptr() & 15 for t in tensors)
+            self._through_triton(tuple(args), tensors)
             return
-        compiled, (gx, gy, gz), constexprs = entry
-        stream = torch._C._cuda_getCurrentRawStream(current_device())
-        run = compiled.run
-        scratch = self._scratch(run, gx * gy * gz, stream)
-        if scratch is False:  # Triton's launcher, which allocates the scratch it needs
+        stream = torch._C._cuda_getCurrentRawStream(torch._C._cuda_getDevice())
+        direct = self.direct
+        if direct is None or direct[0] != stream:
+            direct = self._prepare(stream)
+        if direct is False:  # Triton's launcher, which allocates the scratch it needs
+            compiled, (gx, gy, gz), constexprs = entry
             self._allocator()
-            run(gx, gy, gz, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *constexprs)
-        else:  # its launch function itself, with this object's scratch (None: the kernel needs none)
-            run.launch(gx, gy, gz, stream, compiled.function, run.launch_cooperative_grid, run.launch_pdl,
-                       scratch, None, compiled.packed_metadata, None, None, None, *args, *constexprs)
+            compiled.run(gx, gy, gz, stream, compiled.function, compiled.packed_metadata, None, None, None, *args,
+                         *constexprs)
+        else:  # its launch function itself: no launch metadata, no hooks, this object's scratch
+            direct[1](*direct[2], *args, *entry[2])
+
+    def _through_triton(self, args: tuple, tensors: tuple) -> None:
+        self._allocator()
+        launch_kernel(self.kernel, False, self.grid, args, self.meta, ())
+        launcher = _LAUNCHERS.get(id(self.kernel))
+        if self.entry is None and launcher is not None:
+            self.entry = launcher.compiled.get(launcher.key(self.grid, args, self.meta))
+            self.alignments = [t.data_ptr() & 15 for t in tensors]
 
     def _allocator(self) -> None:
         if self.descriptors_on is not None:
             ensure_descriptor_allocator(self.descriptors_on)
 
-    def _scratch(self, run, programs: int, stream: int):
-        """This launch's descriptor scratch: a tensor, None where the kernel needs none, or False
-        where Triton's launcher must allocate it (another stream; a launcher this does not know)."""
+    def _prepare(self, stream: int):
+        """The direct launch on ``stream``: (stream, launch function, its arguments before the
+        kernel's), kept for the next call; or False where Triton's launcher must allocate the
+        descriptor scratch (a stream other than the one this object's scratch was made for, or a
+        launcher this does not know)."""
+        compiled, (gx, gy, gz), _ = self.entry
+        run = compiled.run
         try:
             size, align = run.global_scratch_size, run.global_scratch_align
-            if run.profile_scratch_size or run.launch_pdl or align > 256:  # (allocations are 512-byte aligned)
+            launch, cooperative, pdl = run.launch, run.launch_cooperative_grid, run.launch_pdl
+            if run.profile_scratch_size or pdl or align > 256:  # (allocations are 512-byte aligned)
                 return False
         except AttributeError:
             return False
-        if not size:
-            return None
-        if self.scratch is None:
-            self.scratch = torch.empty(programs * getattr(run, "num_ctas", 1) * size, dtype=torch.int8,
-                                       device=torch.device("cuda", current_device()))
-            self.scratch_stream = stream
-        if stream != self.scratch_stream:
-            return False
-        return self.scratch
+        if size:
+            if self.scratch is None:
+                self.scratch = (stream, torch.empty(gx * gy * gz * getattr(run, "num_ctas", 1) * size,
+                                                    dtype=torch.int8, device=torch.device("cuda", current_device())))
+            if self.scratch[0] != stream:
+                return False
+        scratch = self.scratch[1] if size else None
+        self.direct = (stream, launch, (gx, gy, gz, stream, compiled.function, cooperative, pdl, scratch, None,
+                                        compiled.packed_metadata, None, None, None))
+        return self.direct
 
 
 # id(kernel) → its launcher (which keeps the kernel alive, so the id stays its own): hashing a

@@ -96,6 +96,24 @@ def test_gradients_of_some_inputs_only(wanted):
     assert pairs() == 1
 
 
+def test_an_expanded_output_gradient():
+    # ``out.sum().backward()`` hands the backward an expanded gradient (every stride 0): copied into
+    # the static buffer by torch rather than by the bound copy, which takes contiguous tensors.
+    w1, w2 = weights()
+    for _ in range(4):
+        x, idx, wts, _ = batch()
+        results = []
+        for graphed in (True, False):
+            graphs.enable(graphed)
+            leaves = [t.detach().requires_grad_() for t in (x, w1, w2, wts)]
+            out = moe_experts(leaves[0], leaves[1], leaves[2], idx, leaves[3])
+            out.sum().backward()
+            results.append((out.detach(), [t.grad for t in leaves]))
+        graphs.enable(True)
+        assert_same(*results)
+    assert pairs() == 1
+
+
 def test_float32_follows_a_change_of_matmul_precision():
     # Float32 products run as TF32 or three TF32 products by torch's setting: a change between
     # steps is a new graph pair, whose replays match the eager block under the new setting.

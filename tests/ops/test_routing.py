@@ -29,7 +29,7 @@ CASES = [
     ("one-chunk-padded", 700, 3, 6, torch.int32),  # 2100 ids in one 4096-id chunk, int32 ids
     ("two-chunks", 4500, 4, 6, torch.int64),  # 18000 ids: two 16384-id chunks, the second ragged
     ("empty", 0, 2, 4, torch.int64),  # no tokens: offsets all zero
-    ("chunks-many-experts", 700, 4, 300, torch.int32),  # 2800 ids in three 1024-id chunks, E_POW2 512
+    ("chunks-many-experts", 700, 4, 300, torch.int32),  # 2800 ids in six 512-id chunks, E_POW2 512
 ]
 METHODS = ["kernel", "chunks", "sort"]
 
@@ -38,7 +38,7 @@ METHODS = ["kernel", "chunks", "sort"]
 @pytest.mark.parametrize("name, T, k, E, dtype", CASES, ids=[c[0] for c in CASES])
 def test_routing_matches_bucket_sort(name, T, k, E, dtype, method, monkeypatch):
     if method == "chunks" and T * k > 4096:
-        pytest.skip("the interpreter sorts a 1024-id chunk in ~4 s; three chunks cover a ragged last one")
+        pytest.skip("the interpreter sorts a 512-id chunk in seconds; the smaller cases cover ragged chunks")
     real_empty = torch.empty
     monkeypatch.setattr(routing_mod.torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(-7))
     ids = (torch.stack([torch.randperm(E)[:k] for _ in range(T)]) if T else torch.zeros(0, k)).to(dtype)
@@ -50,7 +50,7 @@ def test_routing_matches_bucket_sort(name, T, k, E, dtype, method, monkeypatch):
 
 
 @pytest.mark.parametrize("num_ids, experts, method", [(1, 128, "kernel"), (16384, 128, "kernel"), (16385, 128, "chunks"),
-                                                      (8192, 2048, "kernel"), (8192, 2049, "chunks")])
+                                                      (4096, 512, "kernel"), (4097, 512, "chunks")])
 def test_default_method_by_ids_and_work(num_ids, experts, method, monkeypatch):
     """Up to KERNEL_MAX_IDS ids and KERNEL_MAX_WORK ids × experts, one launch; above, the chunks."""
     from moe_tune.kernels import routing as kernels
@@ -63,8 +63,8 @@ def test_default_method_by_ids_and_work(num_ids, experts, method, monkeypatch):
                     else [kernels.routing_count_kernel, kernels.routing_place_kernel])
 
 
-@pytest.mark.parametrize("num_ids, chunk", [(1, 1024), (65536, 1024), (65537, 2048), (131072, 2048), (10**7, 8192)])
-def test_chunks_are_about_a_64th_of_the_ids_within_1024_and_8192(num_ids, chunk):
+@pytest.mark.parametrize("num_ids, chunk", [(1, 512), (32768, 512), (65537, 1024), (131072, 1024), (10**7, 2048)])
+def test_chunks_are_about_a_128th_of_the_ids_within_512_and_2048(num_ids, chunk):
     count, place = routing_mod._chunks_launch(num_ids, 128)
     assert count["CHUNK"] == place["CHUNK"] == chunk
     assert place["COUNT_ROWS"] * place["E_POW2"] == 4096
