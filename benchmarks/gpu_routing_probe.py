@@ -22,6 +22,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--shapes", nargs="+", default=["128:8", "512:10", "64:6", "32:4"], help="experts:top-k")
     ap.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 1024, 2048, 4096, 8192, 16384])
+    ap.add_argument("--chunk-sizes", type=int, nargs="*", default=[256, 512, 1024, 2048],
+                    help="chunked variants to time beside the defaults (none: the defaults only)")
     args = ap.parse_args(argv)
 
     import torch
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
                 results.append(dict(E=E, k=k, T=T, way=method, ms=bench(lambda: build_routing(index, E, method=method)),
                                     same=same))
             e_pow2 = next_power_of_2(E)
-            for chunk in (256, 512, 1024, 2048):  # (a sort of 4096 ids took ~80 µs, of 8192 ~170)
+            for chunk in args.chunk_sizes:  # (a sort of 4096 ids took ~80 µs, of 8192 ~170)
                 if chunk > 2 * max(M, 1024):
                     continue
                 for warps in (4, 8):
