@@ -53,7 +53,8 @@ def main(argv=None) -> int:
                 if method == "kernel" and M * E > 1 << 26:
                     continue
                 r = build_routing(index, E, method=method)
-                same = torch.equal(r.expert_offsets, ref.expert_offsets) and torch.equal(r.sorted_slots, ref.sorted_slots)
+                same = (torch.equal(r.expert_offsets, ref.expert_offsets)
+                        and torch.equal(r.sorted_slots, ref.sorted_slots))
                 results.append(dict(E=E, k=k, T=T, way=method, ms=bench(lambda: build_routing(index, E, method=method)),
                                     same=same))
             e_pow2 = next_power_of_2(E)

@@ -1,6 +1,7 @@
 """Launchers of ``moe_tune.kernels.rows``: the k-slot sum and the row gather around the experts
-block's grouped GEMMs, and the bound copies of a graphed block. Callers validate (the block's bodies); nothing here reads device memory on
-the host, so both run under CUDA-graph capture and inside torch.library op bodies.
+block's grouped GEMMs, and the bound copies of a graphed block. Callers validate (the block's
+bodies); nothing here reads device memory on the host, so all run under CUDA-graph capture and
+inside torch.library op bodies.
 """
 
 from __future__ import annotations

@@ -49,8 +49,9 @@ def test_routing_matches_bucket_sort(name, T, k, E, dtype, method, monkeypatch):
     assert r.sorted_slots.tolist() == slots
 
 
-@pytest.mark.parametrize("num_ids, experts, method", [(1, 128, "kernel"), (16384, 128, "kernel"), (16385, 128, "chunks"),
-                                                      (4096, 512, "kernel"), (4097, 512, "chunks")])
+@pytest.mark.parametrize("num_ids, experts, method", [(1, 128, "kernel"), (16384, 128, "kernel"),
+                                                      (16385, 128, "chunks"), (4096, 512, "kernel"),
+                                                      (4097, 512, "chunks")])
 def test_default_method_by_ids_and_work(num_ids, experts, method, monkeypatch):
     """Up to KERNEL_MAX_IDS ids and KERNEL_MAX_WORK ids × experts, one launch; above, the chunks."""
     from moe_tune.kernels import routing as kernels
