@@ -150,12 +150,12 @@ class _Pair:
                                   capture_error_mode="thread_local"):
                 (self.d_act, self.d_h, self.d_weights, self.d_hidden, self.x_sorted,
                  self.g_sorted) = self._backward(saved, gate_up_w, down_w, needs)
-            # The weight gradients' launches, bound to this pair's buffers with their configs: a
-            # backward allocates each gradient and launches into it (the first launch compiles
-            # or loads the kernel, outside any capture).
             need_hidden, need_gate_up, need_down, need_weights = needs
             wanted = tuple(t for t, need in ((self.d_hidden, need_hidden), (self.d_weights, need_weights)) if need)
             self.grads_out = bind_copies(wanted, wanted, "destinations") if wanted else None
+            # The weight gradients' launches, bound to this pair's buffers with their configs: a
+            # backward allocates each gradient and launches into it (the first launch compiles
+            # or loads the kernel, outside any capture).
             routing = Routing(self.offsets, self.slots, T, k)
             info = query_device(self.hidden.device)
             cfg = block.block_configs(E, H, I, k, gate_up_w.dtype, T, info)
