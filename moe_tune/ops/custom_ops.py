@@ -3,8 +3,9 @@ runs the backward as three ops (``moe_experts_bwd_act``, ``_bwd_up``, ``_bwd_dow
 taken under torch.compile (``moe_tune.moe_experts`` takes it while compiling; eager calls skip the
 dispatcher).
 
-All are opaque ops (``moe_tune.ops.launch.register_op``): torch.compile calls each as a black box,
-and nothing in a body reads device memory on the host. The bodies are ``moe_tune.ops.block``'s
+All are opaque ops (``moe_tune.ops.launch.register_op``; the backward ops, which have no gradient of
+their own, ``register_backward_op``): torch.compile calls each as a black box, and nothing in a body
+reads device memory on the host. The bodies are ``moe_tune.ops.block``'s
 (the data flow is described there); the backward is three ops so that Inductor frees H after the
 first and dH after the second.
 
@@ -15,7 +16,7 @@ annotations' runtime values.
 import torch
 
 from moe_tune.ops import block
-from moe_tune.ops.launch import register_op
+from moe_tune.ops.launch import register_backward_op, register_op
 
 
 def _moe_experts_fwd(
@@ -47,7 +48,7 @@ def _moe_experts_bwd_act(
                               in_op=True)
 
 
-moe_experts_bwd_act = register_op("moe_tune::moe_experts_bwd_act", _moe_experts_bwd_act)
+moe_experts_bwd_act = register_backward_op("moe_tune::moe_experts_bwd_act", _moe_experts_bwd_act)
 
 
 def _moe_experts_bwd_up(
@@ -65,7 +66,7 @@ def _moe_experts_bwd_up(
                              need_hidden=need_hidden, need_gate_up=need_gate_up, in_op=True)
 
 
-moe_experts_bwd_up = register_op("moe_tune::moe_experts_bwd_up", _moe_experts_bwd_up)
+moe_experts_bwd_up = register_backward_op("moe_tune::moe_experts_bwd_up", _moe_experts_bwd_up)
 
 
 def _moe_experts_bwd_down(
@@ -80,7 +81,7 @@ def _moe_experts_bwd_down(
     return block.backward_down(grad_out, weighted_act, down_w, expert_offsets, sorted_slots, topk, in_op=True)
 
 
-moe_experts_bwd_down = register_op("moe_tune::moe_experts_bwd_down", _moe_experts_bwd_down)
+moe_experts_bwd_down = register_backward_op("moe_tune::moe_experts_bwd_down", _moe_experts_bwd_down)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -401,7 +401,8 @@ def _gptoss_experts_bwd_act(
                         in_op=True)
 
 
-gptoss_experts_bwd_act = launch.register_op("moe_tune::gptoss_experts_bwd_act", _gptoss_experts_bwd_act)
+gptoss_experts_bwd_act = launch.register_backward_op("moe_tune::gptoss_experts_bwd_act",
+                                                         _gptoss_experts_bwd_act)
 
 
 def _gptoss_experts_bwd_up(
@@ -419,7 +420,8 @@ def _gptoss_experts_bwd_up(
                        need_hidden=need_hidden, need_gate_up=need_gate_up, in_op=True)
 
 
-gptoss_experts_bwd_up = launch.register_op("moe_tune::gptoss_experts_bwd_up", _gptoss_experts_bwd_up)
+gptoss_experts_bwd_up = launch.register_backward_op("moe_tune::gptoss_experts_bwd_up",
+                                                        _gptoss_experts_bwd_up)
 
 
 def _gptoss_experts_bwd_down(
@@ -434,7 +436,8 @@ def _gptoss_experts_bwd_down(
     return backward_down(grad_out, weighted_act, down_w, expert_offsets, sorted_slots, topk, in_op=True)
 
 
-gptoss_experts_bwd_down = launch.register_op("moe_tune::gptoss_experts_bwd_down", _gptoss_experts_bwd_down)
+gptoss_experts_bwd_down = launch.register_backward_op("moe_tune::gptoss_experts_bwd_down",
+                                                          _gptoss_experts_bwd_down)
 
 # needs_input_grad positions of the forward op's and the eager Function's inputs
 _HIDDEN, _GATE_UP, _GATE_UP_B, _DOWN, _DOWN_B, _WEIGHTS = 0, 1, 2, 3, 4, 6

@@ -249,7 +249,8 @@ def _gptoss_experts_lora_bwd(
                     in_op=True, **dict(zip(_NEED_NAMES, needs)))
 
 
-gptoss_experts_lora_bwd = launch.register_op("moe_tune::gptoss_experts_lora_bwd", _gptoss_experts_lora_bwd)
+gptoss_experts_lora_bwd = launch.register_backward_op("moe_tune::gptoss_experts_lora_bwd",
+                                                          _gptoss_experts_lora_bwd)
 
 # The differentiable inputs of the forward (op and eager Function), by position, and their
 # ``backward`` keywords, in the order ``backward`` returns their gradients.

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from moe_tune.ops import lora_block
-from moe_tune.ops.launch import register_op
+from moe_tune.ops.launch import register_backward_op, register_op
 
 def _moe_experts_lora_fwd(
     hidden: torch.Tensor,
@@ -65,7 +65,7 @@ def _moe_experts_lora_bwd(
                                need_down_b=need_down_b, in_op=True)
 
 
-moe_experts_lora_bwd = register_op("moe_tune::moe_experts_lora_bwd", _moe_experts_lora_bwd)
+moe_experts_lora_bwd = register_backward_op("moe_tune::moe_experts_lora_bwd", _moe_experts_lora_bwd)
 
 
 def _setup_context(ctx, inputs, output) -> None:
