@@ -6,7 +6,8 @@ Each row is ``moe_tune.bench.host``'s measurement (loops of fwd+bwd calls that n
 through transformers' experts module, medians of 15 repeats), at ``--tokens`` (default 128).
 Prints one JSON line and appends it to ``OUT/host_ab.jsonl`` with ``--tag``.
 
-    PYTHONPATH=TREE python3 benchmarks/gpu_host_ab.py --out DIR --tag new [--model qwen3-30b-a3b]
+    PYTHONPATH=TREE python3 benchmarks/gpu_host_ab.py --out DIR --tag new [--model qwen3-30b-a3b] \
+        [--labels moe_tune moe_tune+cuda_graphs moe_tune+compile]
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def main(argv=None) -> int:
 
     tag_ap = argparse.ArgumentParser(add_help=False)
     tag_ap.add_argument("--tag", required=True)
+    tag_ap.add_argument("--labels", nargs="+", default=["moe_tune", "moe_tune+cuda_graphs"],
+                        help="rows to time: moe_tune, moe_tune+cuda_graphs, moe_tune+compile")
     tag, rest = tag_ap.parse_known_args(argv)
     args, out_dir = probe_args.parse(rest, __doc__.splitlines()[0], [128])
 
@@ -37,7 +40,7 @@ def main(argv=None) -> int:
     row = {"tag": tag.tag}
     for T in args.tokens:
         inputs = block_inputs(block, shape, T, "bfloat16", "cuda")
-        for label in ("moe_tune", GRAPHED):
+        for label in tag.labels:
             with _cuda_graphs(label == GRAPHED):
                 result = _measure(block, label, inputs, "cuda", iterations=50, repeats=15, compile_backend="inductor")
             inputs.clear()
