@@ -50,14 +50,21 @@ def _routing_launch(num_ids) -> dict:
 
 
 def _chunks_launch(num_ids, num_experts: int) -> tuple[dict, dict]:
-    """The chunked kernels' meta-parameters (count, place): chunks of a power of two between 512
-    and 2048 ids, about 128 of them, 4 warps. Each program sorts its chunk in registers (a sort
-    of 2048 ids took ~30 µs, of 8192 ~170 on an H200), and the place kernel reads every chunk's
-    counts, ``COUNT_ROWS`` rows at a time (256-id chunks: 70 µs at 131072 ids, 10 at 32768).
-    Measured best at 32768 ids (512), 131072 and 163840 (1024)."""
-    from moe_tune.ops.launch import cdiv, next_power_of_2, size_hint
+    """The chunked kernels' meta-parameters (count, place), 4 warps. Each program sorts its chunk
+    in registers (a sort of 2048 ids took ~30 µs, of 8192 ~170 on an H200), and the place kernel
+    reads every chunk's counts, ``COUNT_ROWS`` rows at a time, so too many chunks cost there
+    (256-id chunks: 70 µs at 131072 ids, 10 at 32768). Chunks of 512 ids up to 65536 ids, and up
+    to 262144 with at most 64 experts; 1024 above, up to 262144; 2048 beyond. Measured (H200,
+    µs, this rule's choice against the next best): 128 experts at 98304 ids 16.4 (512: 20.2), at
+    196608 29.6 (2048: 38.2); 64 experts at 196608 19.1 (1024: 20.5); 512 experts at 163840 27.2
+    (2048: 39.6)."""
+    from moe_tune.ops.launch import next_power_of_2, size_hint
 
-    chunk = min(2048, max(512, next_power_of_2(cdiv(max(size_hint(num_ids), 1), 128))))
+    ids = max(size_hint(num_ids), 1)
+    if ids <= 65536 or (num_experts <= 64 and ids <= 262144):
+        chunk = 512
+    else:
+        chunk = 1024 if ids <= 262144 else 2048
     e_pow2 = next_power_of_2(num_experts)
     count = dict(E_POW2=e_pow2, CHUNK=chunk, num_warps=4)
     return count, dict(E_POW2=e_pow2, CHUNK=chunk, COUNT_ROWS=max(1, 4096 // e_pow2), num_warps=4)

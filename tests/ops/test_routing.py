@@ -64,9 +64,12 @@ def test_default_method_by_ids_and_work(num_ids, experts, method, monkeypatch):
                     else [kernels.routing_count_kernel, kernels.routing_place_kernel])
 
 
-@pytest.mark.parametrize("num_ids, chunk", [(1, 512), (32768, 512), (65537, 1024), (131072, 1024), (10**7, 2048)])
-def test_chunks_are_about_a_128th_of_the_ids_within_512_and_2048(num_ids, chunk):
-    count, place = routing_mod._chunks_launch(num_ids, 128)
+@pytest.mark.parametrize("num_ids, experts, chunk", [
+    (1, 128, 512), (65536, 512, 512), (65537, 128, 1024), (163840, 512, 1024), (196608, 64, 512),
+    (262144, 64, 512), (262144, 128, 1024), (262145, 64, 2048), (10**7, 128, 2048),
+])
+def test_chunk_sizes_follow_the_measured_rule(num_ids, experts, chunk):
+    count, place = routing_mod._chunks_launch(num_ids, experts)
     assert count["CHUNK"] == place["CHUNK"] == chunk
     assert place["COUNT_ROWS"] * place["E_POW2"] == 4096
 
