@@ -55,6 +55,15 @@ def release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def allocated_bytes(device: str) -> int | None:
+    """Bytes allocated on the device now (None off CUDA)."""
+    if device != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.memory_allocated()
+
+
 def peak_memory_reset(device: str) -> int | None:
     """Start a peak-memory window; returns the bytes allocated now (None off CUDA)."""
     if device != "cuda":

@@ -290,15 +290,18 @@ def step_caption(report: BenchReport) -> str:
             f"expert shapes and random weights: hidden {m.get('hidden')}, {m.get('heads')} attention heads "
             f"({m.get('kv_heads')} key/value, head dim {m.get('head_dim')}, {m.get('attention')}) as the family's "
             f"config defaults; vocabulary {m.get('vocab')} (kept moderate so the LM head does not dominate); "
-            f"T tokens per step as sequences of {m.get('seq_len')} (one sequence when T is smaller). Each row trains a copy of the same "
-            f"weights on the same batch: forward, backward and {m.get('optimizer', 'AdamW')}; median of the "
-            f"timed steps after warm-up, the device synchronised after each (step ms), host ms = until the "
-            f"step's last launch returned. Modes: full fine-tuning; experts frozen (no gradient for the expert "
-            f"weights); LoRA r={m.get('lora_rank')} on both expert weight stacks (PEFT target_parameters). "
-            f"Peak MiB: above what was allocated before the copy (weights, gradients, optimizer state, "
-            f"activations). First-step losses of a (T, mode) must agree within "
-            f"{report.step.loss_tolerance} relative. Forward matmul FLOPs: {parts}. graphs: graphs "
-            f"torch.compile made (1: no graph break).")
+            f"T tokens per step as sequences of {m.get('seq_len')} (one sequence when T is smaller). Each row "
+            f"trains a copy of the same weights on the same batch: forward, backward and "
+            f"{m.get('optimizer', 'AdamW')}; median of the timed steps after warm-up, the device synchronised "
+            f"after each (step ms), host ms = until the step's last launch returned. The two implementations "
+            f"of a (T, mode, eager or compiled) train side by side, their timed steps alternating, so that a "
+            f"slow phase of the host weighs on both (where the two copies do not fit the device together, "
+            f"each is timed alone and the note says so). Modes: full fine-tuning; experts frozen (no gradient "
+            f"for the expert weights); LoRA r={m.get('lora_rank')} on both expert weight stacks (PEFT "
+            f"target_parameters). Peak MiB: the highest allocation of one step timed in a window of its own, "
+            f"above what was allocated before the copy (weights, gradients, optimizer state, activations). "
+            f"First-step losses of a (T, mode) must agree within {report.step.loss_tolerance} relative. "
+            f"Forward matmul FLOPs: {parts}. graphs: graphs torch.compile made (1: no graph break).")
 
 
 def step_mode_notes(report: BenchReport) -> list[str]:

@@ -381,10 +381,10 @@ class StepRow:
     """Whole training steps (forward, backward, AdamW step) of the causal LM at one token count,
     in one training mode, under one experts implementation, eager or compiled. ``step``: ms per
     step with the GPU synchronised at its end; ``host``: ms until the step's last launch returned
-    (the host side); ``peak_mib``: peak memory of the run above what was allocated before its model
+    (the host side); ``peak_mib``: peak memory of one step above what was allocated before its model
     copy (weights, gradients, optimizer state, activations); ``loss``: the first step's loss (same
     weights and data for every row of a (tokens, mode): they must agree); ``graphs``: graphs
-    torch.compile made (1: no graph break)."""
+    torch.compile made (1: no graph break); ``note``: how it was timed, where not as usual."""
 
     tokens: int
     mode: str  # one of STEP_MODES

@@ -16,6 +16,7 @@ import torch
 from moe_tune.bench import lm
 from moe_tune.bench.results import STEP_MODES
 from moe_tune.bench.run import INTERPRETER_COMPILE_BACKEND, BenchOptions, run_bench
+from moe_tune.bench import step as step_mod
 from moe_tune.bench.step import LOSS_TOLERANCE, bench_steps, run_steps
 from moe_tune.bench.testing import QWEN3_30B
 from moe_tune.bench.timing import wall_timer
@@ -140,3 +141,46 @@ def test_a_failing_implementation_is_a_row_error():
     assert [r.implementation for r in rows] == ["grouped_mm", "moe_tune"]
     assert rows[0].error is None and rows[0].loss is not None
     assert rows[1].step is None and "activation 'gelu'" in rows[1].error
+
+
+def test_timed_steps_alternate_and_a_failing_run_stops_alone():
+    calls = []
+
+    def stepper(name, fail_at=None):
+        def step():
+            calls.append(name)
+            if fail_at is not None and calls.count(name) == fail_at:
+                raise RuntimeError(f"{name} broke")
+        return step
+
+    first = step_mod._Run("first", stepper("first"), 1.0, None, None, False)
+    second = step_mod._Run("second", stepper("second", fail_at=4), 1.0, None, None, False)
+    step_mod._time([first, second], "cpu", 5)
+    # (No peak step on the CPU.) The order reverses every round; "second" fails at its fourth step.
+    assert calls == ["first", "second", "second", "first", "first", "second", "second", "first", "first"]
+    assert len(first.host) == len(first.wall) == 5 and first.error is None
+    assert len(second.host) == 3 and second.error == "RuntimeError: second broke" and not second.out_of_memory
+    rows = [step_mod._row(run, 16, "full") for run in (first, second)]
+    assert rows[0].step.n == 5 and rows[0].error is None
+    assert rows[1].step is None and rows[1].error == "RuntimeError: second broke"
+
+
+@interpreter_with_transformers
+def test_copies_that_do_not_fit_together_are_timed_one_after_the_other(monkeypatch):
+    config, master = tiny_master()
+    real_start, starts = step_mod._start, []
+
+    def start(*args, **kwargs):  # the second copy, beside the first, runs out of device memory
+        starts.append(kwargs["implementation"])
+        if len(starts) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_start(*args, **kwargs)
+
+    monkeypatch.setattr(step_mod, "_start", start)
+    rows = bench_steps(master, config, 16, modes=("full",), compile_steps=False, dtype="float32", device="cpu",
+                       seq_len=16, steps=2, warmup=1)
+    assert starts == ["grouped_mm", "moe_tune", "grouped_mm", "moe_tune"]
+    assert [r.implementation for r in rows] == ["grouped_mm", "moe_tune"]
+    for row in rows:
+        assert row.error is None and row.note == step_mod.ALONE_NOTE and row.step.n == 2
+    assert rows[1].loss == pytest.approx(rows[0].loss, rel=LOSS_TOLERANCE["float32"])
