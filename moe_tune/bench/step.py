@@ -6,8 +6,8 @@ Data flow: the master LM (built once) and one batch of token ids per token count
 every run) → per (mode, eager/compiled) both implementations side by side (``bench_steps``): for
 each, a deep copy of the master set to the mode and implementation, its AdamW
 (``lm.make_optimizer``), ``torch.compile(model)`` when compiled; the first step's loss (before any
-update: every run's must agree); warm-up steps (compiles and recompiles); one step alone for its
-peak memory; then ``steps`` timed steps of each, alternating (A B, B A, A B, ...) so that a slow
+update: every run's must agree); warm-up steps (compiles and recompiles); one step for its peak
+memory; then ``steps`` timed steps of each, alternating (A B, B A, A B, ...) so that a slow
 phase of the host (these steps are mostly host time) weighs on both → one ``StepRow`` each. Where
 the two copies do not fit the device together, each runs alone, one after the other (the row says
 so). A failure (a compile error, out of memory, PEFT refusing) is a row with its error, and the
@@ -16,9 +16,9 @@ device is cleared before the next pair.
 Timing is the host clock, not CUDA events (a step is many launches and an optimizer step; the
 host side is half of what is measured): per step, ``time.perf_counter`` before the step, after its
 last launch returned (``host``) and after synchronising the device (``step``); median over the
-timed steps. Peak memory: the highest allocation during one step of the run alone, above what was
-allocated before it, plus what its model copy holds between steps (weights, optimizer state): so
-weights, gradients, optimizer state and activations.
+timed steps. Peak memory: the highest allocation during one step in a window of its own, above
+what was allocated before that step, plus what the model copy holds between steps (weights,
+optimizer state): so weights, gradients, optimizer state and activations.
 """
 
 from __future__ import annotations
@@ -111,27 +111,22 @@ def _measure_peak(run: _Run, device: str) -> None:
     if device != "cuda":
         return
     base = peak_memory_reset(device)
-    _counted(run)
+    _step(run, device, timed=False)
     run.peak_mib = peak_memory_mib(device, base) + run.static / 2**20
 
 
-def _counted(run: _Run) -> None:
-    """One step, any graph torch.compile makes during it added to the run's count."""
-    before = _graph_count() if run.compiled else 0
-    run.step()
-    if run.compiled:
-        run.graphs += _graph_count() - before
-
-
-def _timed_step(run: _Run, device: str) -> None:
+def _step(run: _Run, device: str, timed: bool = True) -> None:
+    """One step of ``run``, its host and wall times kept when ``timed``; any graph torch.compile
+    makes during it added to the run's count."""
     before = _graph_count() if run.compiled else 0
     start = time.perf_counter()
     run.step()
     launched = time.perf_counter()
     synchronize(device)
     done = time.perf_counter()
-    run.host.append((launched - start) * 1e3)
-    run.wall.append((done - start) * 1e3)
+    if timed:
+        run.host.append((launched - start) * 1e3)
+        run.wall.append((done - start) * 1e3)
     if run.compiled:
         run.graphs += _graph_count() - before
 
@@ -147,7 +142,7 @@ def _time(runs: list[_Run], device: str, steps: int) -> None:
                 if i < 0:
                     _measure_peak(run, device)
                 else:
-                    _timed_step(run, device)
+                    _step(run, device)
             except Exception as exc:
                 run.error, run.out_of_memory = describe_error(exc), _is_out_of_memory(exc)
 
