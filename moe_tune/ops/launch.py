@@ -8,11 +8,11 @@ a call made from a ``torch.library`` op body (``register_op``).
 
 The ops torch.compile sees (``register_op``, ``register_backward_op``) are opaque ``torch.library``
 ops: Inductor calls each as a black box, and its body runs at run time with the same cached
-launches as the eager path. Its fake implementation is the body itself: on fake tensors every launch is skipped, and the
-body's torch ops produce outputs of the right shape, dtype and device. (Registered as
-``triton_op``s instead, Inductor traced into the bodies and replaced their torch ops — the row
-gathers, the k-slot sums — with its own kernels, 0.9 ms slower per block fwd+bwd at 16384 tokens,
-H100.)
+launches as the eager path. Its fake implementation is the body itself: on fake tensors every
+launch is skipped, and the body's torch ops produce outputs of the right shape, dtype and device.
+(Registered as ``triton_op``s instead, Inductor traced into the bodies and replaced their torch ops
+— the row gathers, the k-slot sums — with its own kernels, 0.9 ms slower per block fwd+bwd at
+16384 tokens, H100.)
 """
 
 from __future__ import annotations
