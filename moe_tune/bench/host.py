@@ -36,10 +36,9 @@ import time
 from moe_tune.bench.block import block_inputs, implementations, prepare
 from moe_tune.bench.isolation import describe_error, release, synchronize
 from moe_tune.progress import NullProgress, Progress
-from moe_tune.bench.results import COMPILED, HostRow, Timing
+from moe_tune.bench.results import COMPILED, GRAPHED, HostRow, Timing
 from moe_tune.problem import MoeShape
 
-GRAPHED = "moe_tune+cuda_graphs"
 HOST_TOKENS = 128  # the issue's figure: the token count where a training step is bound by launches
 
 # Launches one host-time loop may queue: under the ~1000 after which a CUDA launch blocks until
@@ -112,12 +111,10 @@ def _cuda_graphs(on: bool):
     """moe-tune's CUDA graphs on (or off) within, as before outside; the graphs dropped after."""
     from moe_tune.ops import graphs
 
-    before = graphs.enabled()
-    graphs.enable(on)
     try:
-        yield
+        with graphs.switched(on):
+            yield
     finally:
-        graphs.enable(before)
         graphs.reset()
 
 

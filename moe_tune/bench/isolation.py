@@ -45,9 +45,13 @@ def reset_compiler() -> None:
 
 
 def release(device: str) -> None:
-    """Return what dropped objects held: Python cycles, compiled graphs, cached device memory."""
+    """Return what dropped objects held: Python cycles, compiled graphs, moe-tune's CUDA graphs of
+    the experts block, cached device memory."""
     import torch
 
+    from moe_tune.ops import graphs
+
+    graphs.reset()
     gc.collect()
     reset_compiler()
     if device == "cuda":

@@ -69,6 +69,13 @@ LM_FAMILIES = {
 }
 
 
+def graphed_rows(family: str, device: str) -> bool:
+    """Whether the eager steps get a row of moe-tune with its CUDA graphs around the experts block:
+    on CUDA, for the families whose experts run ``moe_tune.ops.moe_experts`` (gpt-oss's block has no
+    graphed path)."""
+    return device == "cuda" and family != "gpt_oss"
+
+
 def step_skip_reason(family: str, model: str) -> str | None:
     """Why the training-step section cannot run for ``model`` here (None: it can)."""
     from moe_tune.bench.block import transformers_missing

@@ -323,7 +323,7 @@ class HostRow:
     ``kernels``/``memops``: GPU kernel launches and memcpy/memset operations per call, from
     torch.profiler's CUDA events (None off CUDA)."""
 
-    implementation: str  # one of BLOCK_IMPLEMENTATIONS, or moe_tune.bench.host.GRAPHED
+    implementation: str  # one of BLOCK_IMPLEMENTATIONS, or GRAPHED
     host: Timing | None
     wall: Timing | None
     kernels: int | None = None
@@ -374,6 +374,11 @@ class HostSection:
 # weights through PEFT's ``target_parameters`` (the base frozen).
 STEP_MODES = ("full", "frozen", "lora")
 STEP_IMPLEMENTATIONS = (BLOCK_BASELINE, "moe_tune")
+# moe-tune eager with its opt-in CUDA graphs around the experts block (``moe_tune.ops.graphs``, what
+# ``MOE_TUNE_CUDA_GRAPHS=1`` turns on): a row of the host section, and of the eager training steps
+# in the modes whose experts block it graphs (on CUDA, Qwen3-layout families).
+GRAPHED = "moe_tune+cuda_graphs"
+GRAPHED_MODES = ("full", "frozen")
 
 
 @dataclass(frozen=True)
@@ -388,7 +393,7 @@ class StepRow:
 
     tokens: int
     mode: str  # one of STEP_MODES
-    implementation: str  # one of STEP_IMPLEMENTATIONS
+    implementation: str  # one of STEP_IMPLEMENTATIONS, or GRAPHED (eager)
     compiled: bool
     step: Timing | None
     host: Timing | None = None

@@ -74,16 +74,17 @@ def planned_steps(options: BenchOptions, block_runs: bool, host_runs: bool = Fal
                   step_modes: tuple[str, ...] = ()) -> int:
     from moe_tune.bench.block import implementations
     from moe_tune.bench.gemms import steps_per_case
+    from moe_tune.bench.lm import graphed_rows
     from moe_tune.bench.step import run_order
 
     gemm_compiled = options.compile and gemm_compile_skip(options.dtype) is None
     per_tokens = 6 * steps_per_case(gemm_compiled) if options.gemms else 0
     if block_runs:
         per_tokens += 2 * len(implementations(options.compile))
-    per_tokens += len(run_order(step_modes, options.compile))
+    per_tokens += len(run_order(step_modes, options.compile, graphed_rows(options.family, options.device)))
     total = per_tokens * len(options.tokens)
     if host_runs:
-        total += len(implementations(options.compile))
+        total += len(implementations(options.compile)) + (options.device == "cuda")  # + the graphed row
     return total
 
 
@@ -200,7 +201,7 @@ def _block_and_host(options: BenchOptions, timer: Timer, progress: Progress, rep
 
 def _steps(options: BenchOptions, progress: Progress, report: BenchReport, modes: tuple[str, ...],
            mode_skipped: dict[str, str], save: Save) -> BenchReport:
-    from moe_tune.bench.lm import build_lm, describe, lm_config
+    from moe_tune.bench.lm import build_lm, describe, graphed_rows, lm_config
     from moe_tune.bench.step import LOSS_TOLERANCE, bench_steps
 
     config = lm_config(options.shape, options.family, options.step_layers, options.step_vocab, options.step_seq_len)
@@ -217,7 +218,7 @@ def _steps(options: BenchOptions, progress: Progress, report: BenchReport, modes
         bench_steps(master, config, tokens, modes=modes, compile_steps=options.compile, dtype=options.dtype,
                     device=options.device, seq_len=options.step_seq_len, steps=options.step_steps,
                     warmup=options.step_warmup, compile_backend=options.compile_backend, progress=progress,
-                    seed=options.seed, on_row=row_done)
+                    seed=options.seed, graphed=graphed_rows(options.family, options.device), on_row=row_done)
     del master
     release(options.device)
     return dataclasses.replace(report, step=dataclasses.replace(section, rows=tuple(rows)))

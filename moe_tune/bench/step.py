@@ -1,17 +1,18 @@
 """Whole training steps — forward, backward, AdamW step — of the causal LM of ``moe_tune.bench.lm``,
 per token count, training mode (full, expert weights frozen, LoRA on the experts) and experts
-implementation (transformers' grouped_mm, moe-tune), eager and under ``torch.compile``.
+implementation (transformers' grouped_mm, moe-tune; on CUDA also eager moe-tune with its CUDA
+graphs around the experts block, ``GRAPHED``), eager and under ``torch.compile``.
 
 Data flow: the master LM (built once) and one batch of token ids per token count (the same for
-every run) → per (mode, eager/compiled) both implementations side by side (``bench_steps``): for
+every run) → per (mode, eager/compiled) the implementations side by side (``bench_steps``): for
 each, a deep copy of the master set to the mode and implementation, its AdamW
 (``lm.make_optimizer``), ``torch.compile(model)`` when compiled; the first step's loss (before any
 update: every run's must agree); warm-up steps (compiles and recompiles); one step for its peak
 memory; then ``steps`` timed steps of each, alternating (A B, B A, A B, ...) so that a slow
-phase of the host (these steps are mostly host time) weighs on both → one ``StepRow`` each. Where
-the two copies do not fit the device together, each runs alone, one after the other (the row says
+phase of the host (these steps are mostly host time) weighs on all → one ``StepRow`` each. Where
+the copies do not fit the device together, each runs alone, one after the other (the row says
 so). A failure (a compile error, out of memory, PEFT refusing) is a row with its error, and the
-device is cleared before the next pair.
+device is cleared before the next (mode, eager/compiled).
 
 Timing is the host clock, not CUDA events (a step is many launches and an optimizer step; the
 host side is half of what is measured): per step, ``time.perf_counter`` before the step, after its
@@ -32,7 +33,7 @@ from typing import Callable
 from moe_tune.bench.isolation import (allocated_bytes, describe_error, peak_memory_mib, peak_memory_reset, release,
                                       reset_compiler, synchronize)
 from moe_tune.progress import NullProgress, Progress
-from moe_tune.bench.results import STEP_IMPLEMENTATIONS, STEP_MODES, StepRow, Timing
+from moe_tune.bench.results import GRAPHED, GRAPHED_MODES, STEP_IMPLEMENTATIONS, STEP_MODES, StepRow, Timing
 
 # First-step losses of two runs on the same weights and data: bfloat16 rounding and compile's
 # fusion order move the mean loss by ~1e-4 relative; NaN, inf and gross errors land far above.
@@ -42,10 +43,14 @@ LOSS_TOLERANCE = {"bfloat16": 5e-3, "float16": 2e-3, "float32": 1e-4}
 WARMUP_STEPS = {False: 2, True: 3}
 
 
-def run_order(modes, compile_steps: bool) -> list[tuple[str, bool, str]]:
-    """(mode, compiled, implementation) in table order."""
+def run_order(modes, compile_steps: bool, graphed: bool = False) -> list[tuple[str, bool, str]]:
+    """(mode, compiled, implementation) in table order; with ``graphed``, eager moe-tune with its
+    CUDA graphs (``GRAPHED``) as a third implementation of the eager ``GRAPHED_MODES``."""
+    def impls(mode: str, compiled: bool) -> tuple[str, ...]:
+        return STEP_IMPLEMENTATIONS + ((GRAPHED,) if graphed and not compiled and mode in GRAPHED_MODES else ())
+
     return [(mode, compiled, impl) for mode in STEP_MODES if mode in modes
-            for compiled in ((False, True) if compile_steps else (False,)) for impl in STEP_IMPLEMENTATIONS]
+            for compiled in ((False, True) if compile_steps else (False,)) for impl in impls(mode, compiled)]
 
 
 def _graph_count() -> int:
@@ -55,7 +60,7 @@ def _graph_count() -> int:
 
 
 # What a row says when its implementation's copy did not fit beside the other's
-ALONE_NOTE = "timed alone: the two model copies did not fit the device together"
+ALONE_NOTE = "timed alone: the model copies did not fit the device together"
 
 
 @dataclass
@@ -82,17 +87,20 @@ def _start(master, ids, *, mode: str, implementation: str, compiled: bool, devic
     import torch
 
     from moe_tune.bench.lm import make_optimizer, prepare_mode
+    from moe_tune.ops import graphs as cuda_graphs
 
     synchronize(device)
     before = allocated_bytes(device)
-    model = prepare_mode(copy.deepcopy(master), implementation, mode, seed)
+    graphed = implementation == GRAPHED  # moe-tune, its CUDA graphs on for its steps (off for the others')
+    model = prepare_mode(copy.deepcopy(master), "moe_tune" if graphed else implementation, mode, seed)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], device)
     graphs_before = _graph_count() if compiled else None
     forward = torch.compile(model, backend=compile_backend) if compiled else model
 
     def step():
-        loss = forward(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
+        with cuda_graphs.switched(graphed):
+            loss = forward(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
@@ -176,16 +184,17 @@ def _is_out_of_memory(exc: Exception) -> bool:
 
 def bench_steps(master, config, tokens: int, *, modes, compile_steps: bool, dtype: str, device: str,
                 seq_len: int, steps: int = 10, warmup: int | None = None, compile_backend: str = "inductor",
-                progress: Progress | None = None, seed: int = 0,
+                progress: Progress | None = None, seed: int = 0, graphed: bool = False,
                 on_row: Callable[[StepRow], None] | None = None) -> list[StepRow]:
     """One ``StepRow`` per (mode, eager/compiled, implementation) at ``tokens`` tokens, in
-    ``run_order``, each also passed to ``on_row`` as soon as its pair is measured."""
+    ``run_order`` (``graphed``: with the CUDA-graphed moe-tune rows), each also passed to ``on_row``
+    as soon as its (mode, eager/compiled) is measured."""
     from moe_tune.bench.lm import token_batch
 
     progress = progress or NullProgress()
     ids = token_batch(config, tokens, seq_len, device, seed)
     rows = []
-    order = run_order(modes, compile_steps)
+    order = run_order(modes, compile_steps, graphed)
     for mode, compiled in dict.fromkeys((m, c) for m, c, _ in order):
         impls = [impl for m, c, impl in order if (m, c) == (mode, compiled)]
         pair_rows = _pair(master, ids, tokens, mode, compiled, impls, device, steps, warmup, compile_backend, seed,
@@ -199,8 +208,8 @@ def bench_steps(master, config, tokens: int, *, modes, compile_steps: bool, dtyp
 
 def _pair(master, ids, tokens, mode, compiled, impls, device, steps, warmup, compile_backend, seed,
           progress) -> list[StepRow]:
-    """Both implementations of one (mode, eager/compiled), side by side; one after the other where
-    the second copy does not fit beside the first."""
+    """The implementations of one (mode, eager/compiled), side by side; one after the other where a
+    later copy does not fit beside the earlier ones."""
     runs: dict[str, _Run] = {}
     errors: dict[str, str] = {}
     alone = False

@@ -22,8 +22,10 @@ which inputs want gradients and torch's float32 matmul precision:
 Rules:
 
 * a key is graphed on its second call; the first runs eagerly (kernels compile, configs load);
-* only up to ``MAX_ROWS`` routed rows (T·k): above it the block is GPU-bound, and each graph pair
-  keeps its activations (H, the routing, the slot rows) allocated between steps;
+* only up to ``MAX_ROWS`` routed rows (T·k; 4096 tokens at k = 8): each graph pair keeps its
+  activations (H, the routing, the slot rows) allocated between steps, and beyond a few thousand
+  tokens a layer's GPU work outlasts the host work around it, so the host time saved no longer
+  shortens a step;
 * a forward's static buffers must survive until its backward: a key holds up to ``INSTANCES``
   graph pairs, each leased from its forward to the end of its backward (or until autograd drops
   the forward's graph), and a forward that finds every pair leased runs eagerly (gradient
@@ -41,6 +43,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections import OrderedDict
@@ -57,7 +60,7 @@ from moe_tune.ops.rows import bind_copies
 ENV_VAR = "MOE_TUNE_CUDA_GRAPHS"
 BUDGET_ENV_VAR = "MOE_TUNE_CUDA_GRAPHS_MIB"
 DEFAULT_BUDGET_MIB = 4096
-MAX_ROWS = 4096
+MAX_ROWS = 32768
 INSTANCES = 2
 MAX_KEYS = 512
 
@@ -79,6 +82,17 @@ def enabled() -> bool:
     if _enabled is None:
         _enabled = os.environ.get(ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
     return _enabled
+
+
+@contextlib.contextmanager
+def switched(on: bool):
+    """CUDA graphs on (or off) within, as they were after (the graphs captured within are kept)."""
+    before = enabled()
+    enable(on)
+    try:
+        yield
+    finally:
+        enable(before)
 
 
 def budget_bytes() -> int:

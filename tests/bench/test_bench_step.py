@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from moe_tune.bench import lm
-from moe_tune.bench.results import STEP_MODES
+from moe_tune.bench.results import GRAPHED, STEP_MODES
 from moe_tune.bench.run import INTERPRETER_COMPILE_BACKEND, BenchOptions, run_bench
 from moe_tune.bench import step as step_mod
 from moe_tune.bench.step import LOSS_TOLERANCE, bench_steps, run_steps
@@ -22,6 +22,7 @@ from moe_tune.bench.testing import QWEN3_30B
 from moe_tune.bench.timing import wall_timer
 from moe_tune.errors import InvalidInputError
 from moe_tune.models import find_preset
+from moe_tune.ops import graphs
 from moe_tune.problem import MoeShape
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
@@ -184,3 +185,34 @@ def test_copies_that_do_not_fit_together_are_timed_one_after_the_other(monkeypat
     for row in rows:
         assert row.error is None and row.note == step_mod.ALONE_NOTE and row.step.n == 2
     assert rows[1].loss == pytest.approx(rows[0].loss, rel=LOSS_TOLERANCE["float32"])
+
+
+def test_graphed_rows_are_eager_full_and_frozen_only():
+    order = step_mod.run_order(STEP_MODES, compile_steps=True, graphed=True)
+    graphed = [(mode, compiled) for mode, compiled, impl in order if impl == GRAPHED]
+    assert graphed == [("full", False), ("frozen", False)]
+    assert GRAPHED not in {impl for _, _, impl in step_mod.run_order(STEP_MODES, compile_steps=True)}
+    assert lm.graphed_rows("qwen3_moe", "cuda") and not lm.graphed_rows("qwen3_moe", "cpu")
+    assert not lm.graphed_rows("gpt_oss", "cuda")
+
+
+@interpreter_with_transformers
+def test_the_graphed_row_turns_graphs_on_for_its_own_steps_only(monkeypatch):
+    config, master = tiny_master()
+    seen = []
+    real = graphs.experts_block
+
+    def spy(*args):
+        seen.append(graphs.enabled())
+        return real(*args)  # None off CUDA: the block runs eagerly
+
+    monkeypatch.setattr(graphs, "experts_block", spy)
+    monkeypatch.setattr(graphs, "_enabled", True)  # as MOE_TUNE_CUDA_GRAPHS=1: the plain row still runs without
+    rows = bench_steps(master, config, 16, modes=("full",), compile_steps=False, dtype="float32", device="cpu",
+                       seq_len=16, steps=3, warmup=1, graphed=True)
+    assert [r.implementation for r in rows] == ["grouped_mm", "moe_tune", GRAPHED]
+    assert all(r.error is None and r.step.n == 3 for r in rows)
+    assert rows[2].loss == rows[1].loss  # the same path off CUDA, from the same weights
+    # One layer: one block call per step of each moe-tune row (its first step and three timed ones).
+    assert seen.count(True) == seen.count(False) == 4
+    assert graphs.enabled()  # as before the bench
