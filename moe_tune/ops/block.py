@@ -49,7 +49,7 @@ import torch
 from moe_tune import runtime
 from moe_tune.device import DeviceInfo, query_device
 from moe_tune.kernels.swiglu import swiglu_backward_kernel, swiglu_forward_kernel
-from moe_tune.ops import dw_stream, launch
+from moe_tune.ops import launch
 from moe_tune.ops.launch import size_hint
 from moe_tune.ops.grouped_gemm import DTYPE_NAMES
 from moe_tune.ops.routing import Routing, build_routing
@@ -269,24 +269,22 @@ def expert_rows(t: torch.Tensor, sorted_slots: torch.Tensor, topk: int, *, in_op
 
 
 def weight_grad(dy_rows: torch.Tensor, x_rows: torch.Tensor, weight: torch.Tensor, routing: Routing,
-                cfg: KernelConfig, info: DeviceInfo, *, in_op: bool, stream=None) -> torch.Tensor:
+                cfg: KernelConfig, info: DeviceInfo, *, in_op: bool) -> torch.Tensor:
     """dW[e] = dY_eᵀ·X_e over rows already in expert order, into a fresh tensor shaped like
     ``weight``: the two dW GEMMs of the block (dY = dH, X = X_s for the up weights; dY = G_s,
-    X = w·A for the down weights). ``stream``: ``dw_stream.side``'s, or None (the current one)."""
+    X = w·A for the down weights)."""
     d_weight = _alloc(tuple(weight.shape), weight.dtype, weight.device)
-    with dw_stream.running_on(stream, (dy_rows, x_rows, d_weight, routing.expert_offsets, routing.sorted_slots)):
-        launch.grouped_mm_dw(dy_rows, x_rows, d_weight, routing, None, gather_dy=False, dy_div=1, gather_x=False,
-                             x_div=1, cfg=cfg, info=info, in_op=in_op)
+    launch.grouped_mm_dw(dy_rows, x_rows, d_weight, routing, None, gather_dy=False, dy_div=1, gather_x=False,
+                         x_div=1, cfg=cfg, info=info, in_op=in_op)
     return d_weight
 
 
 def backward_up(d_h, hidden: torch.Tensor, gate_up_w: torch.Tensor, expert_offsets: torch.Tensor,
                 sorted_slots: torch.Tensor, topk: int, *, need_hidden: bool, need_gate_up: bool, in_op: bool,
-                x_sorted: torch.Tensor | None = None, dw_on=None):
+                x_sorted: torch.Tensor | None = None):
     """Up dx and up dW: returns (d hidden [T, H], d gate_up_w), one not asked for as an empty
     tensor. ``d_h``: dH, or a ``hand_over`` list holding it (then freed once dW1 is made).
-    ``x_sorted``: ``expert_rows(hidden)`` when the caller has it; ``dw_on``: the dW's stream
-    (``dw_stream.side``), None for the current one."""
+    ``x_sorted``: ``expert_rows(hidden)`` when the caller has it."""
     E, H, I, k = problem_dims(gate_up_w, topk)
     T = hidden.shape[0]
     M = T * k
@@ -309,16 +307,15 @@ def backward_up(d_h, hidden: torch.Tensor, gate_up_w: torch.Tensor, expert_offse
     if need_gate_up:
         if x_sorted is None:
             x_sorted = expert_rows(hidden, sorted_slots, k, in_op=in_op)
-        d_gate_up = weight_grad(d_h, x_sorted, gate_up_w, routing, cfg["up", "dw"], info, in_op=in_op,
-                                stream=dw_on)
+        d_gate_up = weight_grad(d_h, x_sorted, gate_up_w, routing, cfg["up", "dw"], info, in_op=in_op)
     return d_hidden, d_gate_up
 
 
 def backward_down(grad_out: torch.Tensor, d_act: torch.Tensor, down_w: torch.Tensor, expert_offsets: torch.Tensor,
                   sorted_slots: torch.Tensor, topk: int, *, in_op: bool,
-                  g_sorted: torch.Tensor | None = None, dw_on=None) -> torch.Tensor:
+                  g_sorted: torch.Tensor | None = None) -> torch.Tensor:
     """Down dW: G's rows copied to expert order against w·A (``backward_act``'s first output).
-    ``g_sorted``: ``expert_rows(grad_out)`` when the caller has it; ``dw_on`` as ``backward_up``'s."""
+    ``g_sorted``: ``expert_rows(grad_out)`` when the caller has it."""
     E, H, I = (int(d) for d in down_w.shape)
     k = int(topk)
     T = grad_out.shape[0]
@@ -326,7 +323,7 @@ def backward_down(grad_out: torch.Tensor, d_act: torch.Tensor, down_w: torch.Ten
     info, cfg, routing = part_context(block_configs, E, H, I, k, T, dtype, device, expert_offsets, sorted_slots)
     if g_sorted is None:
         g_sorted = expert_rows(grad_out, sorted_slots, k, in_op=in_op)
-    return weight_grad(g_sorted, d_act, down_w, routing, cfg["down", "dw"], info, in_op=in_op, stream=dw_on)
+    return weight_grad(g_sorted, d_act, down_w, routing, cfg["down", "dw"], info, in_op=in_op)
 
 
 def backward(grad_out: torch.Tensor, hidden: torch.Tensor, gate_up_w: torch.Tensor, down_w: torch.Tensor,
@@ -334,21 +331,18 @@ def backward(grad_out: torch.Tensor, hidden: torch.Tensor, gate_up_w: torch.Tens
              *, need_hidden: bool, need_gate_up: bool, need_down: bool):
     """The eager backward, the three parts in order: returns (d hidden [T, H], d gate_up_w,
     d down_w, d top_k_weights [T, k]), a gradient not asked for as an empty tensor. ``h``: the
-    forward's H, or a ``hand_over`` list holding it (then freed once read). The two dW run on
-    ``dw_stream``'s side stream where it applies."""
+    forward's H, or a ``hand_over`` list holding it (then freed once read)."""
     k = int(top_k_weights.shape[1])
     grad_out = grad_out.contiguous()
-    dw_on = dw_stream.side([w for w, need in ((gate_up_w, need_gate_up), (down_w, need_down)) if need])
     d_act, d_h, d_weights = backward_act(grad_out, down_w, top_k_weights, h, expert_offsets, sorted_slots,
                                          in_op=False)
     d_h = hand_over(d_h)  # the only holder: backward_up frees dH once dW1 is made, before dW2 exists
     d_hidden, d_gate_up = grad_out.new_empty(0), grad_out.new_empty(0)
     if need_hidden or need_gate_up:
         d_hidden, d_gate_up = backward_up(d_h, hidden, gate_up_w, expert_offsets, sorted_slots, k,
-                                          need_hidden=need_hidden, need_gate_up=need_gate_up, in_op=False,
-                                          dw_on=dw_on)
+                                          need_hidden=need_hidden, need_gate_up=need_gate_up, in_op=False)
     del d_h
     d_down = grad_out.new_empty(0)
     if need_down:
-        d_down = backward_down(grad_out, d_act, down_w, expert_offsets, sorted_slots, k, in_op=False, dw_on=dw_on)
+        d_down = backward_down(grad_out, d_act, down_w, expert_offsets, sorted_slots, k, in_op=False)
     return d_hidden, d_gate_up, d_down, d_weights

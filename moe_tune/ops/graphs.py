@@ -53,7 +53,7 @@ import torch
 from moe_tune import runtime
 from moe_tune.device import query_device
 from moe_tune.errors import InvalidInputError
-from moe_tune.ops import block, dw_stream, launch
+from moe_tune.ops import block, launch
 from moe_tune.ops.routing import Routing
 from moe_tune.ops.rows import bind_copies
 
@@ -293,15 +293,13 @@ def experts_block(hidden, gate_up_w, down_w, top_k_index, top_k_weights) -> torc
     return _GraphedBlock.apply(hidden, gate_up_w, down_w, top_k_index, top_k_weights, pair, needs)
 
 
-def _launched_into(bound: launch.BoundLaunch | None, weight: torch.Tensor, stream, reads) -> torch.Tensor | None:
+def _launched_into(bound: launch.BoundLaunch | None, weight: torch.Tensor) -> torch.Tensor | None:
     """A fresh gradient for ``weight`` (contiguous, as ``moe_experts`` passes it), written by
-    ``bound`` on ``stream`` (``dw_stream.side``'s, or None: the current one) from the pair's
-    buffers ``reads``; None where that gradient is not needed."""
+    ``bound``; None where that gradient is not needed."""
     if bound is None:
         return None
     d_weight = block._alloc(tuple(weight.shape), weight.dtype, weight.device)
-    with dw_stream.running_on(stream, (d_weight, *reads)):
-        bound(d_weight)
+    bound(d_weight)
     return d_weight
 
 
@@ -336,10 +334,7 @@ class _GraphedBlock(torch.autograd.Function):
         d_weights = torch.empty_like(pair.d_weights) if ctx.needs[3] else None
         if pair.grads_out is not None:
             pair.grads_out(*(t for t in (d_hidden, d_weights) if t is not None))
-        stream = dw_stream.side([w for w, bound in zip((gate_up_w, down_w), pair.dw_launches) if bound is not None])
-        d_gate_up = _launched_into(pair.dw_launches[0], gate_up_w, stream, (pair.d_h, pair.x_sorted, pair.offsets))
-        d_down = _launched_into(pair.dw_launches[1], down_w, stream, (pair.g_sorted, pair.d_act, pair.offsets))
-        # The next forward's writes come after these launches: in stream order, or (the dW on the
-        # side stream) after the join that ends this backward.
-        lease.release()
+        d_gate_up, d_down = (_launched_into(bound, weight) for bound, weight in zip(pair.dw_launches,
+                                                                                     (gate_up_w, down_w)))
+        lease.release()  # stream order: the next forward's writes come after these launches
         return d_hidden, d_gate_up, d_down, None, d_weights, None, None
