@@ -10,7 +10,7 @@ import importlib.util
 
 import pytest
 
-from moe_tune.bench.results import ALL_GEMM_VARIANTS, STEP_MODES
+from moe_tune.bench.results import ALL_GEMM_VARIANTS, GRAPHED, STEP_MODES
 from moe_tune.bench.timing import do_bench_timer
 from moe_tune.models import find_preset
 from moe_tune.problem import MoeShape
@@ -72,3 +72,10 @@ def test_training_steps_every_mode():
         assert row.error is None, (row.mode, row.label, row.error)
         assert row.step.ms > 0 and row.peak_mib > 0
     assert not report.failed_checks, report.failed_checks
+    # Eager full and frozen also run moe-tune with its CUDA graphs (8192 routed rows: graphed from the
+    # second step), whose kept buffers show in its peak.
+    rows = {(r.mode, r.label): r for r in report.step.rows}
+    assert [(m, label) for m, label in rows if label == GRAPHED] == [("full", GRAPHED), ("frozen", GRAPHED)]
+    for mode in ("full", "frozen"):
+        assert rows[mode, GRAPHED].loss == rows[mode, "moe_tune"].loss  # the first step runs eagerly
+        assert rows[mode, GRAPHED].peak_mib > rows[mode, "moe_tune"].peak_mib
