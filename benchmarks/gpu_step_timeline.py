@@ -4,7 +4,8 @@
 step the GPU falls behind the host (GPU-bound stretches) and where it waits for it (host-bound
 ones). It builds the bench's 2-layer LM (``moe_tune.bench.lm``) once per implementation — eager
 grouped_mm, moe-tune, moe-tune with ``MOE_TUNE_CUDA_GRAPHS`` — and puts marks at the edges of
-each decoder layer and of its MoE block, forward (module hooks) and backward (full backward hooks),
+each decoder layer, its attention, its MoE block and the block's router and experts modules,
+forward (module hooks) and backward (full backward hooks),
 and at the step's phases (loss computed, backward returned, optimizer step, zero_grad). At each
 mark it reads the host clock and records a CUDA event on the current stream: the event's time is
 when the GPU got through everything launched before the mark. Per mark, medians over the timed
@@ -66,8 +67,15 @@ class Marks:
 
 
 def hook(model, marks: Marks) -> None:
+    """Marks at each decoder layer's edges and at its attention's, its MoE block's, the block's
+    router's and its experts module's."""
+    from torch import nn
+
     for i, layer in enumerate(model.model.layers):
-        for module, name in ((layer, f"layer {i}"), (layer.mlp, f"layer {i} moe")):
+        parts = [(layer, f"layer {i}"), (layer.self_attn, f"layer {i} attention"), (layer.mlp, f"layer {i} moe")]
+        parts += [(getattr(layer.mlp, attr), f"layer {i} {attr}") for attr in ("gate", "experts")
+                  if isinstance(getattr(layer.mlp, attr, None), nn.Module)]
+        for module, name in parts:
             module.register_forward_pre_hook(lambda m, a, n=name: marks.mark(f"fwd {n} in"))
             module.register_forward_hook(lambda m, a, o, n=name: marks.mark(f"fwd {n} out"))
             module.register_full_backward_pre_hook(lambda m, g, n=name: marks.mark(f"bwd {n} in"))
