@@ -2,7 +2,9 @@
 waits on the host. Opt-in: ``MOE_TUNE_CUDA_GRAPHS=1`` in the environment, or ``enable()``.
 
 At a few hundred tokens the block's GPU work is short and its host work (Python, a dozen launches,
-autograd) sets the pace. Graphed, a forward is one launch copying its three inputs in, one replay
+autograd) sets its pace. In an eager training step the host sets the pace well beyond that: the GPU
+waits for the host while it runs the attention and norm modules around the experts, so the block's
+host time lies on the step's path at 4096 tokens too (BENCHMARKS.md, twenty-first session). Graphed, a forward is one launch copying its three inputs in, one replay
 and one launch copying its output out; a backward is one copy in, one replay, one launch copying
 its input gradients out and the weight gradients' launches. Those launches are bound to the pair's
 buffers at capture (``launch.BoundLaunch``: the arguments built once, fresh tensors swapped in per
