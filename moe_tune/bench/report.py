@@ -257,7 +257,7 @@ def host_caption(report: BenchReport) -> str:
 # -------------------------------------------------------------------------------------------------
 
 STEP_COLUMNS = ("T", "mode", "implementation", "step ms", "tokens/s", "host ms", "peak MiB", "first-step loss",
-                "vs best grouped_mm", "graphs", "note")
+                "vs best grouped_mm", "eager vs eager grouped_mm", "graphs", "note")
 
 
 def _loss_cell(report: BenchReport, row) -> str:
@@ -277,7 +277,8 @@ def step_rows(report: BenchReport) -> list[list[str]]:
         rows.append([str(r.tokens), MODE_LABELS.get(r.mode, r.mode), BLOCK_LABELS.get(r.label, r.label),
                      fmt_ms(r.step), "-" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}", fmt_ms(r.host),
                      fmt_mib(r.peak_mib), _loss_cell(report, r), fmt_ratio(section.speedup(r)),
-                     "-" if r.graphs is None else str(r.graphs), _remark(r.error, r.note)])
+                     fmt_ratio(section.eager_speedup(r)), "-" if r.graphs is None else str(r.graphs),
+                     _remark(r.error, r.note)])
     return rows
 
 
@@ -298,11 +299,13 @@ def step_caption(report: BenchReport) -> str:
             f"phase of the host weighs on all (where the copies do not fit the device together, each is timed "
             f"alone and the note says so); moe-tune + CUDA graphs: eager moe-tune with MOE_TUNE_CUDA_GRAPHS=1, "
             f"the experts block replayed as CUDA graphs where it applies (see the README). Modes: full "
-            f"fine-tuning; experts frozen (no gradient for the expert weights); LoRA r={m.get('lora_rank')} on both expert weight stacks (PEFT "
-            f"target_parameters). Peak MiB: the highest allocation of one step timed in a window of its own, "
-            f"above what was allocated before the copy (weights, gradients, optimizer state, activations). "
+            f"fine-tuning; experts frozen (no gradient for the expert weights); LoRA r={m.get('lora_rank')} on "
+            f"both expert weight stacks (PEFT target_parameters). Peak MiB: the highest allocation of one step "
+            f"timed in a window of its own, above what was allocated before the copy (weights, gradients, "
+            f"optimizer state, activations). "
             f"First-step losses of a (T, mode) must agree within {report.step.loss_tolerance} relative. "
-            f"Forward matmul FLOPs: {parts}. graphs: graphs torch.compile made (1: no graph break).")
+            f"Forward matmul FLOPs: {parts}. Eager rows also against eager grouped_mm (what an eager loop gains "
+            f"by switching the experts alone). graphs: graphs torch.compile made (1: no graph break).")
 
 
 def step_mode_notes(report: BenchReport) -> list[str]:

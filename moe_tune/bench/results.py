@@ -481,6 +481,15 @@ class StepSection:
             return None
         return base.step.ms / row.step.ms
 
+    def eager_speedup(self, row: StepRow) -> float | None:
+        """Eager grouped_mm's step time / ``row``'s, for an eager row (what an eager training loop
+        gains by switching the experts alone); None for a compiled row."""
+        base = next((r for r in self.rows if r.tokens == row.tokens and r.mode == row.mode
+                     and r.implementation == BLOCK_BASELINE and not r.compiled and r.step is not None), None)
+        if base is None or row.step is None or row.compiled:
+            return None
+        return base.step.ms / row.step.ms
+
     def to_dict(self) -> dict[str, Any]:
         rows = []
         for r in self.rows:
@@ -488,6 +497,7 @@ class StepSection:
             best = self.best_baseline(r.tokens, r.mode)
             item["best_grouped_mm"] = best.label if best else None
             item["vs_best_grouped_mm"] = self.speedup(r)
+            item["vs_grouped_mm_eager"] = self.eager_speedup(r)
             item["loss_difference"] = self.loss_difference(r)
             rows.append(item)
         return {"skipped": self.skipped, "model": dict(self.model), "mode_skipped": dict(self.mode_skipped),

@@ -140,6 +140,11 @@ def test_json_takes_speedups_against_the_best_baseline(rng):
                      and b["implementation"] == "grouped_mm"]
         fastest = min(baselines, key=lambda b: b["step"]["ms"])
         assert item["vs_best_grouped_mm"] == pytest.approx(fastest["step"]["ms"] / item["step"]["ms"])
+        eager = [b for b in baselines if not b["compiled"]]
+        if item["compiled"]:
+            assert item["vs_grouped_mm_eager"] is None
+        else:
+            assert item["vs_grouped_mm_eager"] == pytest.approx(eager[0]["step"]["ms"] / item["step"]["ms"])
         assert item["tokens_per_s"] == pytest.approx(item["tokens"] / (item["step"]["ms"] * 1e-3))
 
 
@@ -242,6 +247,8 @@ def test_markdown_training_steps(rng):
         assert float(cells[4].replace(",", "")) == pytest.approx(row.tokens_per_s, abs=1)
         assert float(cells[7]) == pytest.approx(row.loss, abs=1e-5)
         assert cells[8] == f"{report.step.speedup(row):.2f}x"
+        eager = next(r for r in report.step.rows if (r.tokens, r.mode, r.label) == (row.tokens, row.mode, "grouped_mm"))
+        assert cells[9] == ("-" if row.compiled else f"{eager.step.ms / row.step.ms:.2f}x")
     assert "vocabulary 16384 (kept moderate so the LM head does not dominate)" in text
     assert "LoRA r=16" in text and "experts 55%" in text
     # Every section that BENCHMARKS.md takes whole repeats the card and date under its heading.
@@ -308,7 +315,7 @@ def test_row_errors_are_reported_not_fatal(rng):
     assert tables[0][1][tables[0][0].index("grouped_mm+compile TFLOP/s")] == "failed"
     assert tables[3][1][4] == "failed"  # the summary's moe-tune + compile cell at the first T
     assert tables[5][2][5] == "FAILED: OutOfMemoryError: CUDA out of memory"
-    assert any(c[10] == "FAILED: AssertionError: guard failed" for c in tables[6][1:])
+    assert any(c[11] == "FAILED: AssertionError: guard failed" for c in tables[6][1:])
 
 
 def test_a_row_needs_timings_or_an_error():
